@@ -1,0 +1,359 @@
+"""The broker: places runtimes on daemons and routes every message by runtime id.
+
+Two ROUTER sockets: the frontend (clients) and the backend (daemons). The broker never sees
+body bytes beyond small inline bodies: streams go directly between client and daemon. Its whole
+state is four maps (daemons, clients, runtimes, pending requests in both directions), and each
+incoming message is handled by one short function below.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+
+from wire import protocol as P
+from wire import sockets
+
+log = logging.getLogger("broker")
+
+#: How many lost runtime ids are remembered, so late callers get "runtime_lost", not "unknown".
+TOMBSTONES = 10_000
+
+
+@dataclass(slots=True)
+class Daemon:
+    ident: bytes
+    name: str
+    capacity: int
+    control: str
+    last_seen: float
+    load: int = 0
+    runtimes: set[str] = field(default_factory=set)
+
+    @property
+    def free(self) -> int:
+        return self.capacity - max(self.load, len(self.runtimes))
+
+
+@dataclass(slots=True)
+class Client:
+    ident: bytes
+    token: bytes
+    last_seen: float
+    runtimes: set[str] = field(default_factory=set)
+
+
+@dataclass(slots=True)
+class Runtime:
+    rt: str
+    owner: bytes
+    daemon: bytes
+    live: bool = False
+
+
+@dataclass(slots=True)
+class Pending:
+    """A request travelling client -> daemon (down) or daemon -> client (up)."""
+
+    peer: bytes  # the daemon (down) or the client (up) that must answer
+    rt: str
+    kind: str
+
+
+class Broker:
+    def __init__(
+        self,
+        frontend: str,
+        backend: str,
+        *,
+        heartbeat: float = 1.0,
+        daemon_liveness: int = 3,
+        client_liveness: int = 10,
+    ) -> None:
+        self.frontend_endpoint = frontend
+        self.backend_endpoint = backend
+        self.heartbeat = heartbeat
+        self.daemon_liveness = daemon_liveness
+        self.client_liveness = client_liveness
+        self.ctx = sockets.context()
+        self.daemons: dict[bytes, Daemon] = {}
+        self.clients: dict[bytes, Client] = {}
+        self.runtimes: dict[str, Runtime] = {}
+        self.down: dict[tuple[bytes, int], Pending] = {}  # (client, id) -> daemon
+        self.up: dict[tuple[bytes, int], Pending] = {}  # (daemon, id) -> client
+        self.tombstones: OrderedDict[tuple[bytes, str], tuple[str, str]] = OrderedDict()
+        self.front: zmq.asyncio.Socket | None = None
+        self.back: zmq.asyncio.Socket | None = None
+        self.ready = asyncio.Event()
+
+    # ---- I/O edges ---------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        self.front = sockets.router(self.ctx)
+        self.back = sockets.router(self.ctx)
+        for sock in (self.front, self.back):
+            sock.setsockopt(zmq.MAXMSGSIZE, 16 * P.MAX_FRAME)  # hard cap: libzmq drops the peer
+        try:
+            self.front.bind(self.frontend_endpoint)
+            self.back.bind(self.backend_endpoint)
+            self.frontend_endpoint = self.front.getsockopt(zmq.LAST_ENDPOINT).decode()
+            self.backend_endpoint = self.back.getsockopt(zmq.LAST_ENDPOINT).decode()
+            self.ready.set()
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._read(self.front, self._from_client), name="broker-frontend")
+                tg.create_task(self._read(self.back, self._from_daemon), name="broker-backend")
+                tg.create_task(self._heartbeats(), name="broker-heartbeat")
+        finally:
+            for sock in (self.front, self.back):
+                sock.close(0)
+
+    async def _read(self, sock: zmq.asyncio.Socket, handle: Any) -> None:
+        while True:
+            frames = await sock.recv_multipart(copy=False)
+            ident = frames[0].bytes
+            try:
+                handle(ident, frames[1:])
+            except Exception:
+                log.exception("failed to handle a message; dropped")
+
+    def _send(self, sock: zmq.asyncio.Socket | None, ident: bytes, frames: list[Any]) -> bool:
+        assert sock is not None
+        try:
+            sock.send_multipart([ident, *frames], flags=zmq.NOBLOCK, copy=False)
+            return True
+        except zmq.ZMQError as exc:
+            log.info("message to %s dropped: %s", ident.hex(), exc.strerror)
+            return False
+
+    def to_client(self, ident: bytes, frames: list[Any]) -> None:
+        if not self._send(self.front, ident, frames) and ident in self.clients:
+            self._client_lost(ident, "its connection is gone")
+
+    def to_daemon(self, ident: bytes, frames: list[Any]) -> None:
+        self._send(self.back, ident, frames)
+
+    def _decode(self, frames: list[Any], allowed: frozenset[str], reply: Any) -> P.Message | None:
+        """Decode or answer with an error; oversized frames are refused before decoding."""
+        try:
+            too_big = next((len(f) for f in frames if len(f) > P.MAX_FRAME), None)
+            if too_big is not None:
+                raise P.ProtocolError(P.E_TOO_LARGE, f"a frame of {too_big} bytes exceeds {P.MAX_FRAME}")
+            return P.decode(frames, allowed)
+        except P.ProtocolError as exc:
+            log.warning("refused a message: %s", exc.message)
+            reply(P.error_frames(exc.code, exc.message, _peek_id(frames)))
+            return None
+
+    # ---- clients -------------------------------------------------------------------------------------
+
+    def _from_client(self, ident: bytes, frames: list[Any]) -> None:
+        msg = self._decode(frames, P.CLIENT_TO_BROKER, lambda f: self.to_client(ident, f))
+        if msg is None:
+            return
+        try:
+            self._client_message(ident, msg)
+        except P.ProtocolError as exc:
+            self.to_client(ident, P.error_frames(exc.code, exc.message, msg.id))
+
+    def _client_message(self, ident: bytes, msg: P.Message) -> None:
+        now = time.monotonic()
+        client = self.clients.get(ident)
+        if msg.type == "hello":
+            if client is None:
+                client = self.clients[ident] = Client(ident, P.new_id(), now)
+            self.to_client(ident, P.encode("welcome", id=msg.id, token=client.token,
+                                           heartbeat_ms=int(self.heartbeat * 1000)))  # fmt: skip
+            return
+        if client is None:
+            raise P.ProtocolError(P.E_BAD_MESSAGE, "unknown client: send hello first (or reconnect)")
+        client.last_seen = now
+        t = msg.type
+        if t == "hb":
+            return
+        if t == "bye":
+            self._client_lost(ident, "it said goodbye")
+            return
+        req_id = P.require(msg, "id", int)
+        if t == "create_runtime":
+            self._create(client, msg, req_id)
+            return
+        rt = self._owned(client, P.require(msg, "rt", str))
+        if t in P.RUNTIME_REQUESTS:
+            self.down[(ident, req_id)] = Pending(rt.daemon, rt.rt, t)
+            self.to_daemon(rt.daemon, P.reencode(msg, c=ident))
+        else:  # ok / error answering a daemon's fetch callback
+            pending = self.up.pop((rt.daemon, req_id), None)
+            if pending is None or pending.peer != ident:
+                raise P.ProtocolError(P.E_BAD_MESSAGE, f"no callback {req_id} is waiting for an answer")
+            self.to_daemon(rt.daemon, P.reencode(msg, rt=None))
+
+    def _owned(self, client: Client, rt_id: str) -> Runtime:
+        rt = self.runtimes.get(rt_id)
+        if rt is not None and rt.owner == client.ident:
+            return rt
+        lost = self.tombstones.get((client.ident, rt_id))
+        if lost is not None:
+            raise P.ProtocolError(P.E_RUNTIME_LOST, f"runtime {rt_id} is gone: {lost[1]}")
+        raise P.ProtocolError(P.E_UNKNOWN_RUNTIME, f"no runtime {rt_id} belongs to this client")
+
+    def _create(self, client: Client, msg: P.Message, req_id: int) -> None:
+        live = [d for d in self.daemons.values() if d.free > 0]
+        if not live:
+            reason = "no daemon is connected" if not self.daemons else "every daemon is at capacity"
+            raise P.ProtocolError(P.E_NO_DAEMON, f"cannot place a runtime: {reason}")
+        daemon = max(live, key=lambda d: d.free)
+        rt = Runtime(uuid.uuid4().hex, client.ident, daemon.ident)
+        self.runtimes[rt.rt] = rt
+        daemon.runtimes.add(rt.rt)
+        client.runtimes.add(rt.rt)
+        self.down[(client.ident, req_id)] = Pending(daemon.ident, rt.rt, "create_runtime")
+        self.to_daemon(daemon.ident, P.reencode(msg, c=client.ident, rt=rt.rt, owner=client.token))
+
+    def _client_lost(self, ident: bytes, why: str) -> None:
+        client = self.clients.pop(ident, None)
+        if client is None:
+            return
+        log.info("client %s lost (%s); disposing %d runtimes", ident.hex(), why, len(client.runtimes))
+        for rt_id in list(client.runtimes):
+            rt = self.runtimes.get(rt_id)
+            if rt is not None:
+                self.to_daemon(rt.daemon, P.encode("dispose", rt=rt_id))
+                self._forget(rt_id)
+        for key, pending in list(self.up.items()):
+            if pending.peer == ident:
+                del self.up[key]
+                self.to_daemon(key[0], P.error_frames(P.E_RUNTIME_LOST, "the client is gone", key[1]))
+        for key in [k for k in self.down if k[0] == ident]:
+            del self.down[key]
+
+    # ---- daemons -------------------------------------------------------------------------------------
+
+    def _from_daemon(self, ident: bytes, frames: list[Any]) -> None:
+        msg = self._decode(frames, P.DAEMON_TO_BROKER, lambda f: self.to_daemon(ident, f))
+        if msg is None:
+            return
+        try:
+            self._daemon_message(ident, msg)
+        except P.ProtocolError as exc:
+            log.warning("refused %s from daemon %s: %s", msg.type, ident.hex(), exc.message)
+
+    def _daemon_message(self, ident: bytes, msg: P.Message) -> None:
+        now = time.monotonic()
+        t = msg.type
+        if t == "ready":
+            if ident in self.daemons:
+                self._daemon_lost(ident, "it registered again")
+            self.daemons[ident] = Daemon(
+                ident,
+                str(msg.get("name", ident.hex())),
+                max(0, P.require(msg, "capacity", int)),
+                P.require(msg, "control", str),
+                now,
+                load=P.optional(msg, "load", int, 0),
+            )
+            log.info("daemon %s joined (capacity %d)", self.daemons[ident].name, self.daemons[ident].capacity)
+            self.to_daemon(ident, P.encode("welcome", heartbeat_ms=int(self.heartbeat * 1000)))
+            return
+        daemon = self.daemons.get(ident)
+        if daemon is None:
+            return  # not registered (the broker restarted): silence makes it register again
+        daemon.last_seen = now
+        if t == "hb":
+            daemon.load = P.optional(msg, "load", int, daemon.load)
+        elif t in ("ok", "error"):
+            self._daemon_reply(daemon, msg)
+        else:  # fetch, console, runtime_lost: about one of this daemon's runtimes
+            rt = self.runtimes.get(P.require(msg, "rt", str))
+            if rt is None or rt.daemon != ident:
+                if t == "fetch" and msg.id is not None:
+                    self.to_daemon(ident, P.error_frames(P.E_UNKNOWN_RUNTIME, "no such runtime", msg.id))
+                return
+            if t == "fetch":
+                self.up[(ident, P.require(msg, "id", int))] = Pending(rt.owner, rt.rt, "fetch")
+            elif t == "runtime_lost":
+                self._bury(rt, str(msg.get("code", P.E_RUNTIME_LOST)), str(msg.get("message", "")))
+            self.to_client(rt.owner, msg.frames())
+
+    def _daemon_reply(self, daemon: Daemon, msg: P.Message) -> None:
+        client = P.require(msg, "c", bytes)
+        pending = self.down.pop((client, P.require(msg, "id", int)), None)
+        if pending is None or pending.peer != daemon.ident:
+            return  # the client is gone, or the request was already answered
+        rt = self.runtimes.get(pending.rt)
+        if pending.kind == "create_runtime" and rt is not None:
+            if msg.type == "ok":
+                rt.live = True
+                msg = P.Message(msg.type, {**msg.header, "control": daemon.control, "daemon": daemon.name}, [])
+            else:
+                self._forget(rt.rt)
+        elif pending.kind == "dispose" and msg.type == "ok":
+            self._forget(pending.rt)
+        self.to_client(client, P.reencode(msg, c=None))
+
+    def _daemon_lost(self, ident: bytes, why: str) -> None:
+        daemon = self.daemons.pop(ident, None)
+        if daemon is None:
+            return
+        message = f"daemon {daemon.name} was lost ({why})"
+        log.warning("%s; %d runtimes lost", message, len(daemon.runtimes))
+        for key, pending in list(self.down.items()):
+            if pending.peer == ident:
+                del self.down[key]
+                self.to_client(key[0], P.error_frames(P.E_RUNTIME_LOST, message, key[1]))
+        for key in [k for k in self.up if k[0] == ident]:
+            del self.up[key]
+        for rt_id in list(daemon.runtimes):
+            rt = self.runtimes.get(rt_id)
+            if rt is not None:
+                self._bury(rt, P.E_RUNTIME_LOST, message)
+                self.to_client(rt.owner, P.encode("runtime_lost", rt=rt_id, code=P.E_RUNTIME_LOST, message=message))
+
+    # ---- bookkeeping ---------------------------------------------------------------------------------
+
+    def _bury(self, rt: Runtime, code: str, message: str) -> None:
+        self.tombstones[(rt.owner, rt.rt)] = (code, message)
+        while len(self.tombstones) > TOMBSTONES:
+            self.tombstones.popitem(last=False)
+        self._forget(rt.rt)
+
+    def _forget(self, rt_id: str) -> None:
+        rt = self.runtimes.pop(rt_id, None)
+        if rt is None:
+            return
+        if (d := self.daemons.get(rt.daemon)) is not None:
+            d.runtimes.discard(rt_id)
+        if (c := self.clients.get(rt.owner)) is not None:
+            c.runtimes.discard(rt_id)
+
+    async def _heartbeats(self) -> None:
+        hb = P.encode("hb")
+        while True:
+            await asyncio.sleep(self.heartbeat)
+            now = time.monotonic()
+            for ident, daemon in list(self.daemons.items()):
+                if now - daemon.last_seen > self.heartbeat * self.daemon_liveness:
+                    self._daemon_lost(ident, f"no heartbeat for {now - daemon.last_seen:.1f}s")
+                else:
+                    self.to_daemon(ident, hb)
+            for ident, client in list(self.clients.items()):
+                if now - client.last_seen > self.heartbeat * self.client_liveness:
+                    self._client_lost(ident, f"no heartbeat for {now - client.last_seen:.1f}s")
+                else:
+                    self.to_client(ident, hb)
+
+
+def _peek_id(frames: list[Any]) -> int | None:
+    """The request id of a message that failed validation, if one can be read, for the error reply."""
+    try:
+        header = P.msgpack.unpackb(frames[0].bytes if hasattr(frames[0], "bytes") else frames[0])
+        mid = header.get("id") if isinstance(header, dict) else None
+        return mid if isinstance(mid, int) and not isinstance(mid, bool) and mid >= 0 else None
+    except Exception:
+        return None

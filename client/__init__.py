@@ -1,0 +1,48 @@
+"""The Python client: create sandboxed JavaScript runtimes through a broker and talk to them.
+
+    conn = await client.connect("tcp://127.0.0.1:5555")
+    rt = await conn.create_runtime(fetch=client.forward_fetch(), console=print)
+    await rt.eval("serve({ fetch: (req) => new Response('hi') })")
+    resp = await rt.dispatch_request(client.Request("GET", "http://localhost/"))
+"""
+
+from client.connection import Connection, connect
+from client.errors import (
+    ConnectionLost,
+    Error,
+    GuestError,
+    MemoryLimitExceeded,
+    NoCapacity,
+    NoHandler,
+    RequestRejected,
+    RuntimeLost,
+    StreamError,
+    Timeout,
+    UnknownRuntime,
+)
+from client.glue import aiohttp_handler, forward_fetch
+from client.http import Body, Request, Response
+from client.runtime import ConsoleEntry, Runtime
+
+__all__ = [
+    "Body",
+    "Connection",
+    "ConnectionLost",
+    "ConsoleEntry",
+    "Error",
+    "GuestError",
+    "MemoryLimitExceeded",
+    "NoCapacity",
+    "NoHandler",
+    "Request",
+    "RequestRejected",
+    "Response",
+    "Runtime",
+    "RuntimeLost",
+    "StreamError",
+    "Timeout",
+    "UnknownRuntime",
+    "aiohttp_handler",
+    "connect",
+    "forward_fetch",
+]

@@ -1,0 +1,100 @@
+"""Every exception the client raises derives from ``client.Error``; ``code`` is the wire error code."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from wire import protocol as P
+
+
+class Error(Exception):
+    code = P.E_INTERNAL
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+
+class GuestError(Error):
+    """The guest's JavaScript threw; ``name``, ``message`` and ``stack`` are the JS error's."""
+
+    code = P.E_GUEST
+
+    def __init__(self, name: str, message: str, stack: str = "") -> None:
+        super().__init__(f"{name}: {message}")
+        self.name = name
+        self.message = message
+        self.stack = stack
+
+
+class NoHandler(Error):
+    """dispatch_request on a runtime whose guest has not called serve()."""
+
+    code = P.E_NO_HANDLER
+
+
+class RuntimeLost(Error):
+    """The runtime is gone: disposed, crashed, stopped after a timeout, or its daemon died."""
+
+    code = P.E_RUNTIME_LOST
+
+
+class MemoryLimitExceeded(RuntimeLost):
+    code = P.E_MEMORY_LIMIT
+
+
+class Timeout(Error, TimeoutError):
+    code = P.E_TIMEOUT
+
+
+class UnknownRuntime(Error):
+    """The runtime id is not one this client created."""
+
+    code = P.E_UNKNOWN_RUNTIME
+
+
+class NoCapacity(Error):
+    code = P.E_NO_DAEMON
+
+
+class ConnectionLost(Error):
+    """The broker stopped answering, or the connection was closed."""
+
+    code = "connection_lost"
+
+
+class StreamError(Error):
+    """A body stream ended abnormally (producer error, cancel, lost peer)."""
+
+    code = "stream_error"
+
+
+class RequestRejected(Error):
+    """The broker or daemon refused a request as malformed or too large."""
+
+
+_BY_CODE: dict[str, type[Error]] = {
+    P.E_NO_HANDLER: NoHandler,
+    P.E_RUNTIME_LOST: RuntimeLost,
+    P.E_MEMORY_LIMIT: MemoryLimitExceeded,
+    P.E_TIMEOUT: Timeout,
+    P.E_UNKNOWN_RUNTIME: UnknownRuntime,
+    P.E_NO_DAEMON: NoCapacity,
+    P.E_CAPACITY: NoCapacity,
+}
+
+
+def from_reply(header: dict[str, Any]) -> Error:
+    """The exception an ``error`` reply stands for."""
+    code = str(header.get("code", P.E_INTERNAL))
+    message = str(header.get("message", ""))
+    if code == P.E_GUEST:
+        return GuestError(str(header.get("name", "Error")), message, str(header.get("stack", "")))
+    cls = _BY_CODE.get(code, RequestRejected)
+    return cls(message, code)
+
+
+def lost(code: str, message: str) -> RuntimeLost:
+    return MemoryLimitExceeded(message, code) if code == P.E_MEMORY_LIMIT else RuntimeLost(message, code)

@@ -1,0 +1,154 @@
+"""aiohttp on both sides of a runtime: perform guest fetches for real, and serve a runtime over HTTP.
+
+Both stream: bodies move chunk by chunk (``iter_any``) and only as fast as the other side takes
+them, and closing one side closes the other (an end client hanging up cancels the guest's body;
+the guest cancelling its fetch body closes the upstream connection).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import aiohttp
+from aiohttp import web
+
+from client.errors import Error
+from client.http import Request, Response, close_body
+
+#: Headers that describe one hop's framing, not the message: never forwarded.
+HOP_BY_HOP = frozenset(
+    {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade",
+     "proxy-authenticate", "proxy-authorization"}
+)  # fmt: skip
+
+
+def forward_fetch(
+    session: aiohttp.ClientSession | None = None,
+) -> Callable[[Request], Awaitable[Response]]:
+    """A fetch callback that performs the guest's request with aiohttp, streaming both bodies.
+
+    Responses are decoded like a browser's fetch (gzip etc. removed), so content-encoding and
+    content-length are dropped from the headers the guest sees. Without ``session`` one is
+    created on first use and closed with the event loop's shutdown of the owning runtime.
+    """
+    state: dict[str, aiohttp.ClientSession] = {}
+
+    async def fetch(request: Request) -> Response:
+        s = session or state.get("s")
+        if s is None or s.closed:
+            s = state["s"] = aiohttp.ClientSession(auto_decompress=True)
+        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP | {"host"}]
+        body = request.body
+        upstream = await s.request(
+            request.method,
+            request.url,
+            headers=headers,
+            data=body if body is not None else None,
+            allow_redirects=request.redirect == "follow",
+        )
+        return Response(
+            status=upstream.status,
+            headers=[
+                (k, v)
+                for k, v in upstream.headers.items()
+                if k.lower() not in HOP_BY_HOP | {"content-encoding", "content-length"}
+            ],
+            body=_stream(upstream),
+            status_text=upstream.reason or "",
+            url=str(upstream.url),
+            redirected=bool(upstream.history),
+        )
+
+    fetch.sessions = state  # type: ignore[attr-defined]
+    return fetch
+
+
+class _UpstreamBody:
+    """The upstream body as an async iterator whose ``aclose`` closes the upstream connection."""
+
+    def __init__(self, upstream: aiohttp.ClientResponse) -> None:
+        self.upstream = upstream
+        self._it: AsyncIterator[bytes] = upstream.content.iter_any().__aiter__()
+
+    def __aiter__(self) -> _UpstreamBody:
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            return await self._it.__anext__()
+        except StopAsyncIteration:
+            self.upstream.release()
+            raise
+
+    async def aclose(self) -> None:
+        if not self.upstream.content.at_eof():
+            self.upstream.close()  # not release: an unfinished body must not be reused
+        else:
+            self.upstream.release()
+
+
+def _stream(upstream: aiohttp.ClientResponse) -> _UpstreamBody:
+    return _UpstreamBody(upstream)
+
+
+def aiohttp_handler(runtime: object, *, poll: float = 0.1) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """An aiohttp.web handler that serves HTTP with the runtime's serve() handler.
+
+    The request body streams to the guest; the guest's response streams back, each chunk
+    flushed as it arrives. If the guest's body fails midway the connection is aborted (the end
+    client sees a truncated response, not a false success); if the end client disconnects, the
+    guest's body is cancelled.
+    """
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        body = request.content.iter_any() if request.can_read_body else None
+        req = Request(request.method, str(request.url), list(request.headers.items()), body)
+        try:
+            resp = await runtime.dispatch_request(req)  # type: ignore[attr-defined]
+        except Error as exc:
+            return web.Response(status=502, text=f"{type(exc).__name__}: {exc}\n")
+        out = web.StreamResponse(status=resp.status, reason=resp.status_text or None)
+        for k, v in resp.headers.items():
+            if k.lower() not in HOP_BY_HOP | {"content-length"}:
+                out.headers.add(k, v)
+        watcher = asyncio.create_task(_watch_disconnect(request, poll))
+        forward = asyncio.create_task(_forward(request, out, resp))
+        try:
+            done, _ = await asyncio.wait({watcher, forward}, return_when=asyncio.FIRST_COMPLETED)
+            if forward in done:
+                forward.result()
+            else:
+                forward.cancel()
+                with contextlib.suppress(BaseException):
+                    await forward
+        except Exception:
+            if request.transport is not None:
+                request.transport.abort()  # a truncated body must look truncated
+        finally:
+            watcher.cancel()
+            await close_body(resp.body)
+        return out
+
+    return handler
+
+
+async def _forward(request: web.Request, out: web.StreamResponse, resp: Response) -> None:
+    await out.prepare(request)
+    body = resp.body
+    if isinstance(body, (bytes, bytearray, memoryview)):
+        await out.write(bytes(body))
+    elif body is not None:
+        async for chunk in body:
+            await out.write(chunk)
+    await out.write_eof()
+
+
+async def _watch_disconnect(request: web.Request, poll: float) -> None:
+    """Return once the end client's connection is gone (aiohttp does not cancel handlers by default)."""
+    while True:
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            return
+        await asyncio.sleep(poll)

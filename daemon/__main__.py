@@ -1,0 +1,50 @@
+"""``python -m daemon --broker ENDPOINT``: join a broker, possibly from another host."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from daemon.daemon import Daemon
+from wire.service import configure_logging, run_until_signalled
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m daemon", description=__doc__)
+    p.add_argument("--broker", required=True, help="the broker's backend endpoint, e.g. tcp://10.0.0.5:5556")
+    p.add_argument("--max-runtimes", type=int, default=64, help="runtimes this daemon hosts at most")
+    p.add_argument("--bind-host", default=None, help="interface for the control socket and pipes "
+                   "(default: the advertised host)")  # fmt: skip
+    p.add_argument("--advertise-host", default="127.0.0.1", help="address clients use to reach this daemon")
+    p.add_argument("--control-port", type=int, default=0, help="control socket port (default: any free port)")
+    p.add_argument("--pool-size", type=int, default=2, help="pre-started runtimes kept warm")
+    p.add_argument("--memory-mb", type=int, default=128, help="default runtime heap limit in MB")
+    p.add_argument("--eval-timeout", type=float, default=30.0, help="default eval timeout in seconds")
+    p.add_argument("--heartbeat", type=float, default=1.0, help="heartbeat interval in seconds")
+    p.add_argument("--liveness", type=int, default=3, help="missed broker heartbeats before re-registering")
+    p.add_argument("--name", default=None, help="name shown in logs and errors")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    configure_logging(args.verbose)
+    daemon = Daemon(
+        args.broker,
+        max_runtimes=args.max_runtimes,
+        bind_host=args.bind_host or args.advertise_host,
+        advertise_host=args.advertise_host,
+        control_port=args.control_port,
+        pool_size=args.pool_size,
+        default_memory_mb=args.memory_mb,
+        eval_timeout=args.eval_timeout,
+        heartbeat=args.heartbeat,
+        liveness=args.liveness,
+        name=args.name,
+    )
+    return run_until_signalled(daemon.run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

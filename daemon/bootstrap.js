@@ -1,0 +1,400 @@
+// The bridge between one Deno process and its daemon. It runs before any guest code, takes the
+// only references to stdin/stdout (the daemon channel), hides every way back to them from the
+// guest, and then offers the guest serve(), fetch() and console, all mediated by the daemon.
+//
+// Channel framing (both directions): u32 BE length of the rest, u32 BE length of the JSON header,
+// the header (UTF-8 JSON, field "op"), then the raw body bytes. protocol.md, "Guest channel".
+//
+// This module exports nothing: a guest that imports it again gets an empty namespace.
+
+const D = globalThis.Deno;
+const stdin = D.stdin;
+const stdout = D.stdout;
+const inspect = D.inspect;
+const exit = D.exit;
+
+// The guest may replace globals later; keep our own references.
+const { Response, Request, ReadableStream, Headers, Promise, JSON, Uint8Array, DataView, TextEncoder,
+  TextDecoder, Blob, URL, Error, TypeError, Map, Object, String, setTimeout, DOMException } = globalThis;
+const addEventListener = globalThis.addEventListener.bind(globalThis);
+
+const MAX_CHUNK = 256 * 1024; // protocol.md: largest chunk on a pipe
+const INLINE_MAX = 64 * 1024; // bodies complete within this size travel with their head
+const WINDOW = 4; // chunks a guest-produced stream may have in flight to the daemon
+const MAX_FRAME = 16 * 1024 * 1024;
+
+const enc = new TextEncoder();
+const dec = new TextDecoder();
+
+// ---- hide the channel -----------------------------------------------------------------------
+// `process` must go before `Deno`: Deno's node layer reads Deno lazily when `process` is touched.
+const HIDDEN = ["process", "Deno", "Worker", "alert", "confirm", "prompt", "close", "localStorage",
+  "sessionStorage", "caches", "Buffer", "global", "setImmediate", "clearImmediate", "require"];
+for (const name of HIDDEN) {
+  try { delete globalThis[name]; } catch { /* checked below */ }
+}
+for (const name of HIDDEN) {
+  if (name in globalThis) {
+    stdout.writeSync(enc.encode(`bootstrap: could not hide ${name}\n`));
+    exit(70);
+  }
+}
+
+// ---- channel --------------------------------------------------------------------------------
+function send(header, body) {
+  const h = enc.encode(JSON.stringify(header));
+  const blen = body ? body.byteLength : 0;
+  const frame = new Uint8Array(8 + h.length + blen);
+  const dv = new DataView(frame.buffer);
+  dv.setUint32(0, 4 + h.length + blen);
+  dv.setUint32(4, h.length);
+  frame.set(h, 8);
+  if (body) frame.set(body, 8 + h.length);
+  let off = 0;
+  while (off < frame.length) off += stdout.writeSync(frame.subarray(off));
+}
+
+async function readLoop() {
+  let buf = new Uint8Array(1 << 20);
+  let start = 0;
+  let end = 0;
+  for (;;) {
+    let need = 4;
+    while (end - start >= 4) {
+      const dv = new DataView(buf.buffer, buf.byteOffset + start, end - start);
+      const len = dv.getUint32(0);
+      if (len > MAX_FRAME + 8) fatal(`frame of ${len} bytes from the daemon`);
+      if (end - start - 4 < len) { need = len + 4; break; }
+      const hlen = dv.getUint32(4);
+      const header = JSON.parse(dec.decode(buf.subarray(start + 8, start + 8 + hlen)));
+      const body = buf.slice(start + 8 + hlen, start + 4 + len);
+      start += 4 + len;
+      try { handle(header, body); } catch (e) { fatal(`handling ${header.op}: ${e?.stack ?? e}`); }
+    }
+    if (start > 0) { buf.copyWithin(0, start, end); end -= start; start = 0; }
+    if (need > buf.length) { const grown = new Uint8Array(need * 2); grown.set(buf.subarray(0, end)); buf = grown; }
+    if (buf.length - end < 65536) { const grown = new Uint8Array(buf.length * 2); grown.set(buf.subarray(0, end)); buf = grown; }
+    const n = await stdin.read(buf.subarray(end));
+    if (n === null) exit(0); // the daemon is gone: so are we
+    end += n;
+  }
+}
+
+function fatal(message) {
+  try { send({ op: "fatal", message: String(message) }); } finally { exit(70); }
+}
+
+// ---- helpers ------------------------------------------------------------------------------------
+function describe(e) {
+  if (e instanceof Error || (e && typeof e === "object" && "message" in e)) {
+    return { name: String(e.name ?? "Error"), message: String(e.message ?? ""), stack: String(e.stack ?? "") };
+  }
+  let text;
+  try { text = typeof e === "string" ? e : inspect(e); } catch { text = "<uninspectable value>"; }
+  return { name: "Error", message: `Uncaught ${text}`, stack: "" };
+}
+
+function bytesOf(value) {
+  if (value instanceof Uint8Array) return value;
+  if (ArrayBuffer.isView(value)) return new Uint8Array(value.buffer, value.byteOffset, value.byteLength);
+  if (value instanceof ArrayBuffer) return new Uint8Array(value);
+  throw new TypeError("body chunks must be Uint8Array (or another ArrayBuffer view)");
+}
+
+function concat(chunks, size) {
+  if (chunks.length === 1) return chunks[0];
+  const out = new Uint8Array(size);
+  let off = 0;
+  for (const c of chunks) { out.set(c, off); off += c.byteLength; }
+  return out;
+}
+
+const TICK = Symbol("tick");
+
+// ---- outbound streams: guest-produced bodies (serve responses, fetch uploads) ----------------
+let nextOut = 1;
+const outStreams = new Map(); // sid -> {credits, wake, cancelled, reader}
+
+// Send `head` with the body. A body already complete and small travels inline; anything else
+// gets a stream whose chunks go out as the guest produces them, `WINDOW` at a time.
+async function sendWithBody(head, stream) {
+  if (stream === null) { send({ ...head, body: null }); return; }
+  const reader = stream.getReader();
+  const chunks = [];
+  let size = 0;
+  let pending = null;
+  let done = false;
+  const tick = new Promise((r) => setTimeout(() => r(TICK), 0));
+  while (size <= INLINE_MAX) {
+    const p = reader.read();
+    let r;
+    try { r = await Promise.race([p, tick]); } catch (e) { send({ ...head, body: null, body_error: describe(e) }); return; }
+    if (r === TICK) { pending = p; break; }
+    if (r.done) { done = true; break; }
+    const chunk = bytesOf(r.value);
+    chunks.push(chunk);
+    size += chunk.byteLength;
+  }
+  if (done && size <= INLINE_MAX) { send({ ...head, body: "inline" }, concat(chunks, size)); return; }
+  const sid = nextOut++;
+  const out = { credits: WINDOW, wake: null, cancelled: false, reader };
+  outStreams.set(sid, out);
+  send({ ...head, body: { sid } });
+  try {
+    for (const c of chunks) await sendChunk(out, sid, c);
+    for (;;) {
+      const r = await (pending ?? reader.read());
+      pending = null;
+      if (out.cancelled) return;
+      if (r.done) break;
+      await sendChunk(out, sid, bytesOf(r.value));
+    }
+    if (!out.cancelled) send({ op: "end", sid });
+  } catch (e) {
+    if (!out.cancelled) {
+      send({ op: "error", sid, error: describe(e) });
+      try { reader.cancel(e); } catch { /* already errored */ }
+    }
+  } finally {
+    outStreams.delete(sid);
+  }
+}
+
+async function sendChunk(out, sid, chunk) {
+  for (let off = 0; off < chunk.byteLength; off += MAX_CHUNK) {
+    while (out.credits === 0 && !out.cancelled) await new Promise((r) => { out.wake = r; });
+    if (out.cancelled) return;
+    out.credits--;
+    send({ op: "chunk", sid }, chunk.subarray(off, off + MAX_CHUNK));
+  }
+}
+
+function onAck(h) {
+  const out = outStreams.get(h.sid);
+  if (!out) return;
+  out.credits++;
+  if (out.wake) { const w = out.wake; out.wake = null; w(); }
+}
+
+function onOutCancel(h) {
+  const out = outStreams.get(h.sid);
+  if (!out) return;
+  out.cancelled = true;
+  outStreams.delete(h.sid);
+  out.reader.cancel(new DOMException("the consumer cancelled the stream", "AbortError")).catch(() => {});
+  if (out.wake) { const w = out.wake; out.wake = null; w(); }
+}
+
+// ---- inbound streams: host-produced bodies (fetch responses, serve requests) ------------------
+const inStreams = new Map(); // sid -> {controller, resolve, reject}
+
+function inboundStream(sid, signal) {
+  const st = { controller: null, resolve: null, done: false };
+  const finish = () => { st.done = true; inStreams.delete(sid); };
+  const stream = new ReadableStream({
+    start(controller) { st.controller = controller; inStreams.set(sid, st); },
+    pull() {
+      return new Promise((resolve) => { st.resolve = resolve; send({ op: "read", sid }); });
+    },
+    cancel() {
+      if (!st.done) { finish(); send({ op: "cancel", sid }); }
+    },
+  });
+  if (signal) {
+    signal.addEventListener("abort", () => {
+      if (st.done) return;
+      finish();
+      send({ op: "cancel", sid });
+      try { st.controller.error(signal.reason); } catch { /* closed */ }
+      if (st.resolve) st.resolve();
+    }, { once: true });
+  }
+  st.finish = finish;
+  return stream;
+}
+
+function onInbound(h, body) {
+  const st = inStreams.get(h.sid);
+  if (!st) return; // cancelled meanwhile: the daemon will drop the stream
+  const resolve = st.resolve;
+  st.resolve = null;
+  if (h.op === "chunk") {
+    st.controller.enqueue(body);
+  } else if (h.op === "end") {
+    st.finish();
+    st.controller.close();
+  } else {
+    st.finish();
+    st.controller.error(new TypeError(h.message || "the body stream failed"));
+  }
+  if (resolve) resolve();
+}
+
+// ---- eval ----------------------------------------------------------------------------------------
+async function runEval(h) {
+  const url = URL.createObjectURL(new Blob([h.code], { type: "text/javascript" }));
+  try {
+    const mod = await import(url);
+    let value = null;
+    if ("default" in mod) {
+      try { value = JSON.parse(JSON.stringify(mod.default ?? null) ?? "null"); } catch { value = null; }
+    }
+    send({ op: "eval_ok", id: h.id, value });
+  } catch (e) {
+    send({ op: "eval_error", id: h.id, error: describe(e) });
+  } finally {
+    URL.revokeObjectURL(url);
+  }
+}
+
+// ---- serve() -------------------------------------------------------------------------------------
+let handler = null;
+const dispatches = new Map(); // id -> AbortController
+
+globalThis.serve = function serve(arg) {
+  if (typeof arg === "function") handler = arg;
+  else if (arg && typeof arg.fetch === "function") handler = (req) => arg.fetch(req);
+  else throw new TypeError("serve() takes a function or an object with a fetch(request) method");
+  return { stop() { handler = null; } };
+};
+
+async function handleRequest(h, body) {
+  const ac = new AbortController();
+  dispatches.set(h.id, ac);
+  try {
+    if (handler === null) {
+      send({ op: "response_error", id: h.id, code: "no_handler",
+        error: { name: "Error", message: "the guest has not registered a serve() handler", stack: "" } });
+      return;
+    }
+    let reqBody = null;
+    if (h.body === "inline") reqBody = body;
+    else if (h.body) reqBody = inboundStream(h.body.sid, ac.signal);
+    const init = { method: h.method, headers: h.headers, signal: ac.signal };
+    if (reqBody !== null) { init.body = reqBody; init.duplex = "half"; }
+    const req = new Request(h.url, init);
+    const resp = await handler(req);
+    if (!(resp instanceof Response)) throw new TypeError("the serve() handler must return a Response");
+    const head = { op: "response", id: h.id, status: resp.status, statusText: resp.statusText,
+      headers: [...resp.headers] };
+    await sendWithBody(head, resp.body);
+  } catch (e) {
+    send({ op: "response_error", id: h.id, error: describe(e) });
+  } finally {
+    dispatches.delete(h.id);
+  }
+}
+
+// ---- fetch() -------------------------------------------------------------------------------------
+let nextFetch = 1;
+const fetches = new Map(); // id -> {resolve, reject, signal}
+const NULL_BODY_STATUS = new Set([101, 103, 204, 205, 304]);
+
+globalThis.fetch = async function fetch(input, init = undefined) {
+  if (!config.fetch) {
+    throw new TypeError("fetch() is unavailable: no fetch callback was given to this runtime by the host");
+  }
+  const req = new Request(input, init);
+  const signal = req.signal;
+  signal.throwIfAborted();
+  const id = nextFetch++;
+  const head = { op: "fetch", id, method: req.method, url: req.url, headers: [...req.headers],
+    redirect: req.redirect };
+  return await new Promise((resolve, reject) => {
+    const entry = { resolve, reject, signal };
+    fetches.set(id, entry);
+    entry.onAbort = () => {
+      if (fetches.delete(id)) { send({ op: "fetch_abort", id }); reject(signal.reason); }
+    };
+    signal.addEventListener("abort", entry.onAbort, { once: true });
+    sendWithBody(head, req.body).catch((e) => {
+      if (fetches.delete(id)) { send({ op: "fetch_abort", id }); reject(e); }
+    });
+  });
+};
+
+function onFetchResponse(h, body) {
+  const entry = fetches.get(h.id);
+  if (!entry) { if (h.body && h.body.sid) send({ op: "cancel", sid: h.body.sid }); return; }
+  fetches.delete(h.id);
+  if (h.op === "fetch_error") {
+    entry.signal.removeEventListener("abort", entry.onAbort);
+    entry.reject(new TypeError(h.message));
+    return;
+  }
+  let stream = null;
+  if (h.body === "inline") stream = body;
+  else if (h.body) stream = inboundStream(h.body.sid, entry.signal);
+  if (NULL_BODY_STATUS.has(h.status)) {
+    if (stream instanceof ReadableStream) stream.cancel();
+    stream = null;
+  }
+  entry.signal.removeEventListener("abort", entry.onAbort);
+  try {
+    const resp = new Response(stream, { status: h.status, statusText: h.statusText ?? "", headers: h.headers });
+    Object.defineProperty(resp, "url", { value: h.url ?? "", enumerable: true });
+    Object.defineProperty(resp, "redirected", { value: !!h.redirected, enumerable: true });
+    entry.resolve(resp);
+  } catch (e) {
+    if (stream instanceof ReadableStream) stream.cancel();
+    entry.reject(new TypeError(`invalid response from the fetch callback: ${e.message}`));
+  }
+}
+
+// ---- console -------------------------------------------------------------------------------------
+function format(arg) {
+  if (typeof arg === "string") return arg;
+  try { return inspect(arg, { depth: 4, colors: false }); } catch { return String(arg); }
+}
+
+function log(level, args) {
+  if (!config.console) return;
+  send({ op: "console", level, args: args.map(format) });
+}
+
+const counts = new Map();
+const timers = new Map();
+const guestConsole = {
+  log: (...a) => log("log", a), info: (...a) => log("info", a), warn: (...a) => log("warn", a),
+  error: (...a) => log("error", a), debug: (...a) => log("debug", a), dir: (o) => log("log", [o]),
+  table: (...a) => log("log", a), group: (...a) => log("log", a), groupCollapsed: (...a) => log("log", a),
+  groupEnd: () => {},
+  trace: (...a) => log("trace", [...a, new Error("trace").stack.split("\n").slice(2).join("\n")]),
+  assert: (cond, ...a) => { if (!cond) log("error", ["Assertion failed", ...a]); },
+  count: (label = "default") => { const n = (counts.get(label) ?? 0) + 1; counts.set(label, n); log("log", [`${label}: ${n}`]); },
+  countReset: (label = "default") => counts.delete(label),
+  time: (label = "default") => timers.set(label, performance.now()),
+  timeLog: (label = "default", ...a) => log("log", [`${label}: ${(performance.now() - (timers.get(label) ?? 0)).toFixed(3)}ms`, ...a]),
+  timeEnd: (label = "default") => { log("log", [`${label}: ${(performance.now() - (timers.get(label) ?? 0)).toFixed(3)}ms`]); timers.delete(label); },
+};
+globalThis.console = guestConsole;
+
+// Deno ends the process on an unhandled rejection or uncaught error; a sandbox reports it instead.
+addEventListener("unhandledrejection", (e) => {
+  e.preventDefault();
+  log("error", ["Uncaught (in promise)", e.reason]);
+});
+addEventListener("error", (e) => {
+  e.preventDefault();
+  log("error", ["Uncaught", e.error ?? e.message]);
+});
+
+// ---- dispatch of daemon messages -------------------------------------------------------------
+let config = { fetch: false, console: false };
+
+function handle(h, body) {
+  switch (h.op) {
+    case "init": config = { fetch: !!h.fetch, console: !!h.console }; send({ op: "init_ok" }); break;
+    case "eval": runEval(h); break;
+    case "request": handleRequest(h, body); break;
+    case "abort": dispatches.get(h.id)?.abort(new DOMException("the client went away", "AbortError")); break;
+    case "fetch_response": case "fetch_error": onFetchResponse(h, body); break;
+    case "chunk": case "end": case "error": onInbound(h, body); break;
+    case "ack": onAck(h); break;
+    case "cancel": onOutCancel(h); break;
+    default: fatal(`unknown op ${h.op}`);
+  }
+}
+
+send({ op: "ready" });
+readLoop();

@@ -1,0 +1,101 @@
+"""Pre-started guest processes, so create_runtime does not pay Deno's start-up on the request path.
+
+Only the default memory limit is pooled (the heap limit is fixed when the process starts);
+other limits start cold.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import subprocess
+from pathlib import Path
+
+from daemon.guest import GuestProcess
+
+log = logging.getLogger("daemon.pool")
+
+#: node: built-ins a guest may import: pure helpers that reach no I/O of the process.
+ALLOWED_NODE_MODULES = frozenset(
+    {
+        "buffer", "events", "path", "path/posix", "path/win32", "url", "util", "util/types",
+        "string_decoder", "querystring", "assert", "assert/strict", "punycode", "stream/web",
+    }
+)  # fmt: skip
+
+
+def write_import_map(deno: str, path: Path, deno_dir: Path) -> None:
+    """Map every other node: built-in (and its bare name) to a module that throws on import.
+
+    The list comes from the installed Deno itself, so a module added by a later Deno is blocked
+    too. Without this, ``import("node:process")`` reaches the daemon channel on stdout.
+    """
+    out = subprocess.run(
+        [deno, "eval", "--quiet", "--no-config", "import {builtinModules} from 'node:module';"
+         "console.log(JSON.stringify(builtinModules))"],
+        capture_output=True, check=True, timeout=60, env={"DENO_DIR": str(deno_dir), "NO_COLOR": "1"},
+    )  # fmt: skip
+    names = {n.removeprefix("node:") for n in json.loads(out.stdout)}
+    names |= {"sqlite", "test", "test/reporters", "sea"}
+    imports = {}
+    for name in sorted(names - ALLOWED_NODE_MODULES):
+        message = f"module node:{name} is not available in this sandbox"
+        stub = "data:text/javascript," + f"throw new TypeError({json.dumps(message)})".replace("%", "%25")
+        imports[f"node:{name}"] = stub
+        imports[name] = stub
+    path.write_text(json.dumps({"imports": imports}))
+
+
+class WarmPool:
+    def __init__(self, deno: str, import_map: Path, deno_dir: Path, memory_limit_mb: int, size: int) -> None:
+        self.deno = deno
+        self.import_map = import_map
+        self.deno_dir = deno_dir
+        self.memory_limit_mb = memory_limit_mb
+        self.size = size
+        self._ready: list[GuestProcess] = []
+        self._filling: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    def fill(self) -> None:
+        while not self._closed and len(self._ready) + len(self._filling) < self.size:
+            task = asyncio.create_task(self._start_one(), name="pool-fill")
+            self._filling.add(task)
+            task.add_done_callback(self._filling.discard)
+
+    async def _start_one(self) -> None:
+        try:
+            guest = await self._start(self.memory_limit_mb)
+        except Exception as exc:
+            log.warning("could not pre-start a runtime: %s", exc)
+            await asyncio.sleep(1.0)
+            return
+        if self._closed:
+            await guest.kill("pool closed")
+        else:
+            self._ready.append(guest)
+
+    async def _start(self, memory_limit_mb: int) -> GuestProcess:
+        return await GuestProcess.start(self.deno, self.import_map, self.deno_dir, memory_limit_mb)
+
+    async def claim(self, memory_limit_mb: int) -> GuestProcess:
+        """A started guest with this heap limit: from the pool when it matches, else a cold start."""
+        if memory_limit_mb == self.memory_limit_mb:
+            while self._ready:
+                guest = self._ready.pop()
+                if guest.alive:
+                    self.fill()
+                    return guest
+        self.fill()
+        return await self._start(memory_limit_mb)
+
+    async def close(self) -> None:
+        self._closed = True
+        for task in list(self._filling):
+            task.cancel()
+        with contextlib.suppress(Exception):
+            await asyncio.gather(*self._filling, return_exceptions=True)
+        await asyncio.gather(*(g.kill("pool closed") for g in self._ready), return_exceptions=True)
+        self._ready.clear()

@@ -1,0 +1,458 @@
+"""One runtime as the daemon sees it: a guest process plus every exchange in flight with it.
+
+The broker-facing side (eval, dispatch, fetch callbacks) and the guest-facing side (frames on
+the stdio channel) meet here. Every guest frame is checked before it is acted on; a runtime can
+name only its own exchanges and streams, because all ids it uses are looked up in its own maps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import zmq
+
+from daemon.guest import GuestProcess, GuestProtocolError
+from daemon.streams import InboundStream, OutboundStream
+from wire import protocol as P
+from wire.pipes import PipeReader, PipeWriter
+
+if TYPE_CHECKING:
+    from daemon.daemon import Daemon
+
+log = logging.getLogger("daemon.runtime")
+
+CONSOLE_LEVELS = frozenset({"log", "info", "warn", "error", "debug", "trace"})
+MAX_CONSOLE_ARG = 64 * 1024
+#: How long the daemon waits for a client to answer a guest fetch (the head, not the body).
+FETCH_REPLY_TIMEOUT = 300.0
+
+
+@dataclass(slots=True)
+class Call:
+    """A client request waiting for the guest (eval or dispatch)."""
+
+    route: bytes  # the broker's route to the client ("c")
+    req_id: int
+    timer: asyncio.TimerHandle | None = None
+    resp_sid: bytes | None = None
+    request_body: InboundStream | None = None
+    answered: bool = False
+
+
+@dataclass(slots=True)
+class GuestFetch:
+    """A guest fetch() waiting for the client's callback."""
+
+    gid: int
+    fid: int
+    resp_sid: bytes
+    resp_reader: PipeReader
+    upload: OutboundStream | None = None
+    timer: asyncio.TimerHandle | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _int(h: dict[str, Any], key: str) -> int:
+    v = h.get(key)
+    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        raise GuestProtocolError(f"{h.get('op')!r} needs a non-negative integer {key!r}")
+    return v
+
+
+def _str(h: dict[str, Any], key: str, limit: int = 64 * 1024) -> str:
+    v = h.get(key)
+    if not isinstance(v, str) or len(v) > limit:
+        raise GuestProtocolError(f"{h.get('op')!r} needs a string {key!r}")
+    return v
+
+
+def _headers(h: dict[str, Any]) -> list[tuple[str, str]]:
+    try:
+        return P.check_headers(h.get("headers"))
+    except P.ProtocolError as exc:
+        raise GuestProtocolError(exc.message) from None
+
+
+def _guest_error(h: dict[str, Any]) -> dict[str, str]:
+    err = h.get("error")
+    if not isinstance(err, dict):
+        raise GuestProtocolError(f"{h.get('op')!r} needs an 'error' object")
+    return {k: str(err.get(k, ""))[:MAX_CONSOLE_ARG] for k in ("name", "message", "stack")}
+
+
+class Runtime:
+    def __init__(
+        self,
+        daemon: Daemon,
+        rt: str,
+        owner: bytes,
+        guest: GuestProcess,
+        eval_timeout: float,
+    ) -> None:
+        self.daemon = daemon
+        self.rt = rt
+        self.owner = owner
+        self.guest = guest
+        self.eval_timeout = eval_timeout
+        self.evals: dict[int, Call] = {}
+        self.dispatches: dict[int, Call] = {}
+        self.fetches: dict[int, GuestFetch] = {}
+        self.inbound: dict[int, InboundStream] = {}
+        self.outbound: dict[int, OutboundStream] = {}
+        self._next = 0
+        self.disposing = False
+        self.lost_code: str | None = None
+        self.lost_message = ""
+        self.closed = asyncio.get_running_loop().create_future()
+        guest.on_frame = self._on_frame
+        guest.on_exit = self._on_exit
+
+    def _gid(self) -> int:
+        self._next += 1
+        return self._next
+
+    # ---- broker -> runtime ---------------------------------------------------------------------
+
+    def eval(self, route: bytes, req_id: int, code: str, timeout: float | None) -> None:
+        gid = self._gid()
+        call = Call(route, req_id)
+        limit = self.eval_timeout if timeout is None else timeout
+        call.timer = asyncio.get_running_loop().call_later(limit, self._eval_timed_out, gid, limit)
+        self.evals[gid] = call
+        self.guest.send({"op": "eval", "id": gid, "code": code})
+
+    def _eval_timed_out(self, gid: int, limit: float) -> None:
+        call = self.evals.pop(gid, None)
+        if call is None:
+            return
+        message = f"eval did not finish within {limit:g}s; the runtime was stopped"
+        self.daemon.reply_error(call.route, call.req_id, P.E_TIMEOUT, message)
+        self.lose(P.E_TIMEOUT, message)
+
+    def dispatch(self, msg: P.Message) -> None:
+        route, req_id = msg.header["c"], msg.id
+        gid = self._gid()
+        call = Call(route, req_id, resp_sid=msg.header["resp_sid"])
+        head: dict[str, Any] = {
+            "op": "request",
+            "id": gid,
+            "method": msg.header["method"],
+            "url": msg.header["url"],
+            "headers": msg.header["headers"],
+        }
+        body = P.check_body(msg)
+        payload = None
+        if body == P.BODY_INLINE:
+            head["body"] = "inline"
+            payload = msg.payload[0]
+        elif isinstance(body, P.StreamRef):
+            reader, ep = self.daemon.bind_reader(body.sid)
+            stream = self._add_inbound(reader)
+            call.request_body = stream
+            head["body"] = {"sid": stream.gsid}
+            self.daemon.control_send(self.owner, P.encode("pipe_ready", sid=body.sid, ep=ep))
+        else:
+            head["body"] = None
+        self.dispatches[gid] = call
+        self.daemon.register_stream(call.resp_sid, self, ("dispatch", gid))
+        self.guest.send(head, payload)
+
+    def fetch_reply(self, fid: int, msg: P.Message) -> None:
+        """The client answered one of our guest's fetches (``ok`` with a head, or ``error``)."""
+        gid = self.daemon.callbacks.pop(fid, (None, None))[1]
+        f = self.fetches.pop(gid, None) if gid is not None else None
+        if f is None:
+            return
+        if f.timer:
+            f.timer.cancel()
+        if msg.type == "error":
+            self._fetch_failed(f, str(msg.get("message", "fetch failed")))
+            return
+        try:
+            status = P.require(msg, "status", int)
+            if not 200 <= status <= 599:
+                raise P.ProtocolError(P.E_BAD_MESSAGE, f"status {status} is outside 200-599")
+            headers = P.check_headers(msg.get("headers", []))
+            body = P.check_body(msg)
+            if isinstance(body, P.StreamRef) and body.sid != f.resp_sid:
+                raise P.ProtocolError(P.E_BAD_MESSAGE, "response stream id does not match the one offered")
+        except P.ProtocolError as exc:
+            self._fetch_failed(f, f"invalid response from the fetch callback: {exc.message}")
+            return
+        head: dict[str, Any] = {
+            "op": "fetch_response",
+            "id": f.gid,
+            "status": status,
+            "statusText": str(msg.get("status_text") or ""),
+            "headers": headers,
+            "url": str(msg.get("url") or ""),
+            "redirected": bool(msg.get("redirected")),
+        }
+        payload = None
+        if isinstance(body, P.StreamRef):
+            stream = self._add_inbound(f.resp_reader)
+            head["body"] = {"sid": stream.gsid}
+        else:
+            f.resp_reader.abort(P.ProtocolError(P.E_CANCELLED, "unused"))
+            if body == P.BODY_INLINE:
+                head["body"] = "inline"
+                payload = msg.payload[0]
+            else:
+                head["body"] = None
+        self.guest.send(head, payload)
+
+    def _fetch_failed(self, f: GuestFetch, message: str) -> None:
+        f.resp_reader.abort(P.ProtocolError(P.E_CANCELLED, message))
+        if f.upload is not None:
+            f.upload.cancel()
+        self.guest.send({"op": "fetch_error", "id": f.gid, "message": message})
+
+    def _fetch_timed_out(self, gid: int) -> None:
+        f = self.fetches.pop(gid, None)
+        if f is not None:
+            self.daemon.callbacks.pop(f.fid, None)
+            self.cancel_upstream(f.resp_sid)
+            self._fetch_failed(f, f"the host did not answer fetch() within {FETCH_REPLY_TIMEOUT:g}s")
+
+    # ---- control: a client cancelled a stream it consumes or produces -------------------------
+
+    def cancel_stream(self, target: Any) -> None:
+        if isinstance(target, (InboundStream, OutboundStream)):
+            target.cancel()
+        elif isinstance(target, tuple) and target[0] == "dispatch":
+            # the response was cancelled before its head: abort the guest's request signal
+            call = self.dispatches.get(target[1])
+            if call is not None:
+                self.guest.send({"op": "abort", "id": target[1]})
+
+    def cancel_upstream(self, wire_sid: bytes) -> None:
+        self.daemon.unregister_stream(wire_sid)
+        self.daemon.control_send(self.owner, P.encode("cancel", sid=wire_sid))
+
+    # ---- guest -> runtime ----------------------------------------------------------------------
+
+    def _on_frame(self, h: dict[str, Any], body: bytes) -> None:
+        op = h["op"]
+        if op == "read":
+            stream = self.inbound.get(_int(h, "sid"))
+            if stream is not None:
+                stream.want()
+        elif op == "chunk" or op == "end" or op == "error":
+            sid = _int(h, "sid")
+            out = self.outbound.get(sid)
+            if out is None:
+                return  # cancelled meanwhile; the guest learns through "cancel"
+            value: Any = body if op == "chunk" else (None if op == "end" else self._stream_error(h))
+            if not out.put(op, value):
+                raise GuestProtocolError(f"guest overran the window of stream {sid}")
+        elif op == "cancel":
+            stream = self.inbound.get(_int(h, "sid"))
+            if stream is not None:
+                stream.cancel()
+        elif op == "eval_ok" or op == "eval_error":
+            call = self.evals.pop(_int(h, "id"), None)
+            if call is None:
+                return
+            if call.timer:
+                call.timer.cancel()
+            if op == "eval_ok":
+                self.daemon.reply(call.route, call.req_id, value=h.get("value"))
+            else:
+                err = _guest_error(h)
+                self.daemon.reply_error(call.route, call.req_id, P.E_GUEST, err["message"], name=err["name"],
+                                        stack=err["stack"])
+        elif op == "response" or op == "response_error":
+            self._on_response(h, body)
+        elif op == "fetch":
+            self._on_fetch(h, body)
+        elif op == "fetch_abort":
+            f = self.fetches.pop(_int(h, "id"), None)
+            if f is not None:
+                if f.timer:
+                    f.timer.cancel()
+                self.daemon.callbacks.pop(f.fid, None)
+                self.cancel_upstream(f.resp_sid)
+                f.resp_reader.abort(P.ProtocolError(P.E_CANCELLED, "aborted"))
+                if f.upload is not None:
+                    f.upload.cancel()
+        elif op == "console":
+            level = h.get("level")
+            args = h.get("args")
+            if level not in CONSOLE_LEVELS or not isinstance(args, list):
+                raise GuestProtocolError("malformed console entry")
+            args = [str(a)[:MAX_CONSOLE_ARG] for a in args[:64]]
+            self.daemon.to_broker(P.encode("console", rt=self.rt, level=level, args=args))
+        elif op == "init_ok":
+            pass
+        else:
+            raise GuestProtocolError(f"op {op!r} is not valid from a claimed runtime")
+
+    def _stream_error(self, h: dict[str, Any]) -> str:
+        err = h.get("error")
+        if isinstance(err, dict):
+            return f"{err.get('name', 'Error')}: {err.get('message', '')}"[:4096]
+        return "the guest's body stream failed"
+
+    def _on_response(self, h: dict[str, Any], body: bytes) -> None:
+        gid = _int(h, "id")
+        call = self.dispatches.pop(gid, None)
+        if call is None:
+            return
+        if h["op"] == "response_error":
+            self._end_dispatch(call)
+            err = _guest_error(h)
+            code = P.E_NO_HANDLER if h.get("code") == "no_handler" else P.E_GUEST
+            self.daemon.reply_error(call.route, call.req_id, code, err["message"], name=err["name"],
+                                    stack=err["stack"])
+            return
+        status = _int(h, "status")
+        if not 200 <= status <= 599:
+            raise GuestProtocolError(f"response status {status} out of range")
+        fields: dict[str, Any] = {
+            "status": status,
+            "status_text": _str(h, "statusText", 1024) if "statusText" in h else "",
+            "headers": _headers(h),
+        }
+        b = h.get("body")
+        assert call.resp_sid is not None
+        if isinstance(b, dict):
+            gsid = _int(b, "sid")
+            if gsid in self.outbound:
+                raise GuestProtocolError(f"stream id {gsid} reused")
+            writer, ep = self.daemon.bind_writer(call.resp_sid)
+            stream = OutboundStream(self, gsid, writer, on_done=lambda: self._end_dispatch(call))
+            self.outbound[gsid] = stream
+            self.daemon.register_stream(call.resp_sid, self, stream)
+            fields["body"] = {"sid": call.resp_sid, "ep": ep}
+            self.daemon.reply(call.route, call.req_id, **fields)
+        else:
+            self._end_dispatch(call)
+            if b == "inline":
+                fields["body"] = "inline"
+                self.daemon.reply(call.route, call.req_id, [body], **fields)
+            else:
+                self.daemon.reply(call.route, call.req_id, **fields)
+
+    def _end_dispatch(self, call: Call) -> None:
+        if call.resp_sid is not None:
+            self.daemon.unregister_stream(call.resp_sid)
+        if call.request_body is not None and not call.request_body.closed:
+            call.request_body.cancel()
+
+    def _on_fetch(self, h: dict[str, Any], body: bytes) -> None:
+        gid = _int(h, "id")
+        if gid in self.fetches:
+            raise GuestProtocolError(f"fetch id {gid} reused")
+        fields: dict[str, Any] = {
+            "rt": self.rt,
+            "method": _str(h, "method", 64),
+            "url": _str(h, "url", 64 * 1024),
+            "headers": _headers(h),
+            "redirect": h.get("redirect") if h.get("redirect") in ("follow", "manual", "error") else "follow",
+        }
+        payload: list[Any] = []
+        b = h.get("body")
+        upload = None
+        if b == "inline":
+            fields["body"] = "inline"
+            payload = [body]
+        elif isinstance(b, dict):
+            gsid = _int(b, "sid")
+            if gsid in self.outbound:
+                raise GuestProtocolError(f"stream id {gsid} reused")
+            wire_sid = P.new_id()
+            writer, ep = self.daemon.bind_writer(wire_sid)
+            upload = OutboundStream(self, gsid, writer, on_done=lambda: self.daemon.unregister_stream(wire_sid))
+            self.outbound[gsid] = upload
+            self.daemon.register_stream(wire_sid, self, upload)
+            fields["body"] = {"sid": wire_sid, "ep": ep}
+        resp_sid = P.new_id()
+        reader, resp_ep = self.daemon.bind_reader(resp_sid)
+        fields["resp"] = {"sid": resp_sid, "ep": resp_ep}
+        fid = self.daemon.next_id()
+        f = GuestFetch(gid, fid, resp_sid, reader, upload)
+        f.timer = asyncio.get_running_loop().call_later(FETCH_REPLY_TIMEOUT, self._fetch_timed_out, gid)
+        self.fetches[gid] = f
+        self.daemon.callbacks[fid] = (self, gid)
+        self.daemon.to_broker(P.encode("fetch", payload, id=fid, **fields))
+
+    # ---- streams ---------------------------------------------------------------------------------
+
+    def _add_inbound(self, reader: PipeReader) -> InboundStream:
+        stream = InboundStream(self, self._gid(), reader)
+        self.inbound[stream.gsid] = stream
+        self.daemon.register_stream(reader.sid, self, stream)
+        return stream
+
+    def forget_inbound(self, stream: InboundStream) -> None:
+        self.inbound.pop(stream.gsid, None)
+        self.daemon.unregister_stream(stream.wire_sid)
+
+    def forget_outbound(self, stream: OutboundStream) -> None:
+        self.outbound.pop(stream.gsid, None)
+        self.daemon.unregister_stream(stream.wire_sid)
+
+    # ---- end of life -----------------------------------------------------------------------------
+
+    def lose(self, code: str, message: str) -> None:
+        """Stop the runtime because of ``code`` (timeout, memory limit...)."""
+        if self.lost_code is None:
+            self.lost_code, self.lost_message = code, message
+        asyncio.get_running_loop().create_task(self.guest.kill(message))
+
+    async def dispose(self) -> None:
+        self.disposing = True
+        await self.guest.kill("the runtime was disposed")
+        await self.closed
+
+    def _on_exit(self, reason: str) -> None:
+        if self.lost_code is None:
+            if self.disposing:
+                self.lost_code, self.lost_message = P.E_RUNTIME_LOST, "the runtime was disposed"
+            elif self.guest.ran_out_of_memory():
+                self.lost_code = P.E_MEMORY_LIMIT
+                self.lost_message = (
+                    f"the runtime exceeded its memory limit of {self.guest.memory_limit_mb} MB and was stopped"
+                )
+            else:
+                self.lost_code, self.lost_message = P.E_RUNTIME_LOST, reason
+        code, message = self.lost_code, self.lost_message
+        for call in [*self.evals.values(), *self.dispatches.values()]:
+            if call.timer:
+                call.timer.cancel()
+            self.daemon.reply_error(call.route, call.req_id, code, message)
+            if call.resp_sid is not None:
+                self.daemon.unregister_stream(call.resp_sid)
+        self.evals.clear()
+        self.dispatches.clear()
+        for f in self.fetches.values():
+            if f.timer:
+                f.timer.cancel()
+            self.daemon.callbacks.pop(f.fid, None)
+            self.cancel_upstream(f.resp_sid)
+            f.resp_reader.abort(P.ProtocolError(code, message))
+        self.fetches.clear()
+        for stream in list(self.inbound.values()):
+            stream.cancel()
+        outs = list(self.outbound.values())
+        self.daemon.spawn(self._finish(outs, code, message))
+
+    async def _finish(self, outs: list[OutboundStream], code: str, message: str) -> None:
+        await asyncio.gather(*(o.fail(message) for o in outs), return_exceptions=True)
+        if not self.disposing:
+            self.daemon.to_broker(P.encode("runtime_lost", rt=self.rt, code=code, message=message))
+        self.daemon.forget_runtime(self)
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+
+def close_quietly(sock: zmq.Socket) -> None:
+    with contextlib.suppress(Exception):
+        sock.close(0)
+
+
+__all__ = ["PipeReader", "PipeWriter", "Runtime"]

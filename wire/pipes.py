@@ -1,0 +1,138 @@
+"""The two ends of a per-stream PUSH/PULL pipe, shared by client and daemon.
+
+Backpressure is the point: the reader receives one message only when its consumer asks for
+the next chunk, and the writer's send blocks once the small high-water marks are full, so a
+slow consumer stalls the producer instead of growing a buffer. END and ERROR travel in-band
+after the data, so they can never overtake it.
+
+Cancellation follows the rule from notes-zeromq.md: a pending recv on a data socket is never
+cancelled on purpose; instead the socket is closed (``abort``), and the pending read raises the
+reason it was closed with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from wire.protocol import MAX_CHUNK, PIPE_DATA, PIPE_END, PIPE_ERROR, ProtocolError, parse_pipe, pipe_frames
+
+#: How long a finished pipe keeps flushing its last messages after the producer is done (ms).
+END_LINGER_MS = 10_000
+
+
+class StreamError(Exception):
+    """A body stream ended abnormally: the producer failed, was cancelled, or its peer was lost."""
+
+
+class PipeReader:
+    """The consuming end (PULL) of one stream."""
+
+    def __init__(self, sock: zmq.asyncio.Socket, sid: bytes) -> None:
+        self.sock = sock
+        self.sid = sid
+        self.finished = False
+        self._abort_reason: BaseException | None = None
+
+    async def read_frame(self) -> zmq.Frame | None:
+        """The next chunk as a zmq.Frame (zero-copy), or None at the end of the stream."""
+        if self.finished:
+            return None
+        if self._abort_reason is not None:
+            raise self._abort_reason
+        try:
+            frames = await self.sock.recv_multipart(copy=False)
+        except (asyncio.CancelledError, zmq.ZMQError) as exc:
+            task = asyncio.current_task()
+            cancelled_by_us = isinstance(exc, asyncio.CancelledError) and task is not None and task.cancelling()
+            if self._abort_reason is not None and not cancelled_by_us:
+                raise self._abort_reason from None
+            raise
+        try:
+            kind, payload = parse_pipe(frames, self.sid)
+        except ProtocolError as exc:
+            self.abort(StreamError(f"malformed pipe message: {exc.message}"))
+            raise self._abort_reason from None  # type: ignore[misc]
+        if kind == PIPE_DATA:
+            return payload
+        self.finished = True
+        self.sock.close(0)
+        if kind == PIPE_END:
+            return None
+        assert kind == PIPE_ERROR
+        raise StreamError(bytes(payload.buffer).decode("utf-8", "replace") or "stream failed")
+
+    async def read(self) -> bytes | None:
+        frame = await self.read_frame()
+        return None if frame is None else frame.bytes
+
+    def abort(self, reason: BaseException) -> None:
+        """Stop reading for good: close the socket so a pending read raises ``reason``."""
+        if self._abort_reason is None and not self.finished:
+            self._abort_reason = reason
+        if not self.sock.closed:
+            self.sock.close(0)
+
+    @property
+    def closed(self) -> bool:
+        return self.sock.closed
+
+
+class PipeWriter:
+    """The producing end (PUSH) of one stream."""
+
+    def __init__(self, sock: zmq.asyncio.Socket, sid: bytes, connect_timeout: float = 30.0) -> None:
+        self.sock = sock
+        self.sid = sid
+        self.connect_timeout = connect_timeout
+        self._connected = False
+        self._data_tag = PIPE_DATA + sid
+
+    async def _send(self, frames: list[Any]) -> None:
+        if self._connected:
+            await self.sock.send_multipart(frames, copy=False)
+            return
+        # the first send blocks until the consumer has connected: bound it
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                await self.sock.send_multipart(frames, copy=False)
+        except TimeoutError:
+            raise StreamError(f"the consumer did not connect within {self.connect_timeout:g}s") from None
+        self._connected = True
+
+    async def send(self, data: Any) -> None:
+        """Send one chunk, split to MAX_CHUNK; waits while the consumer is behind (backpressure)."""
+        view = memoryview(data)
+        if view.nbytes <= MAX_CHUNK:
+            if view.nbytes:
+                await self._send([self._data_tag, data])
+            return
+        view = view.cast("B")
+        for start in range(0, view.nbytes, MAX_CHUNK):
+            await self._send([self._data_tag, view[start : start + MAX_CHUNK]])
+
+    async def end(self) -> None:
+        """Mark the end in-band, then let the socket flush in the background."""
+        await self._send(pipe_frames(PIPE_END, self.sid))
+        self.sock.close(END_LINGER_MS)
+
+    async def fail(self, message: str, timeout: float = 1.0) -> None:
+        """Tell the consumer the stream failed (best effort), then close."""
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(timeout):
+                await self.sock.send_multipart(pipe_frames(PIPE_ERROR, self.sid, message.encode()))
+        if not self.sock.closed:
+            self.sock.close(END_LINGER_MS)
+
+    def abort(self) -> None:
+        """Drop the stream at once (the consumer cancelled, or the runtime is gone)."""
+        if not self.sock.closed:
+            self.sock.close(0)
+
+    @property
+    def closed(self) -> bool:
+        return self.sock.closed

@@ -1,0 +1,101 @@
+"""Socket set-up shared by every process: one context, and the options each socket role needs.
+
+The numbers here are the ones protocol.md documents; change them together.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import resource
+
+import zmq
+import zmq.asyncio
+
+from wire.protocol import MAX_CHUNK, MAX_FRAME
+
+#: Messages a pipe socket queues on each side; with MAX_CHUNK this bounds a stalled stream.
+PIPE_HWM = 4
+#: Kernel socket buffer per pipe socket (bytes); part of the per-stream memory bound.
+PIPE_KERNEL_BUFFER = 256 * 1024
+#: ZMTP heartbeats detect a dead TCP peer on long-lived links (milliseconds).
+ZMTP_HEARTBEAT_IVL = 1000
+ZMTP_HEARTBEAT_TIMEOUT = 5000
+
+_context: zmq.asyncio.Context | None = None
+
+
+def context() -> zmq.asyncio.Context:
+    """The process-wide asyncio context, sized for thousands of concurrent pipes."""
+    global _context
+    if _context is None or _context.closed:
+        _raise_fd_limit()
+        _context = zmq.asyncio.Context()
+        _context.set(zmq.MAX_SOCKETS, 32768)
+    return _context
+
+
+def _raise_fd_limit() -> None:
+    # each pipe costs about five descriptors (notes-zeromq.md); 1,000 streams need more than 1,024
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 65536
+    if soft < target:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(target, 1 << 20), hard))
+
+
+def router(ctx: zmq.asyncio.Context) -> zmq.asyncio.Socket:
+    """A ROUTER that reports unroutable peers instead of dropping silently and refuses huge frames."""
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, 10000)
+    sock.setsockopt(zmq.RCVHWM, 10000)
+    _heartbeats(sock)
+    return sock
+
+
+def dealer(ctx: zmq.asyncio.Context, identity: bytes | None = None) -> zmq.asyncio.Socket:
+    sock = ctx.socket(zmq.DEALER)
+    if identity is not None:
+        sock.setsockopt(zmq.ROUTING_ID, identity)
+    sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, 10000)
+    sock.setsockopt(zmq.RCVHWM, 10000)
+    _heartbeats(sock)
+    return sock
+
+
+def pipe(ctx: zmq.asyncio.Context, kind: int) -> zmq.asyncio.Socket:
+    """A PUSH or PULL end of one body stream: small queues so backpressure reaches the producer."""
+    sock = ctx.socket(kind)
+    sock.setsockopt(zmq.SNDHWM, PIPE_HWM)
+    sock.setsockopt(zmq.RCVHWM, PIPE_HWM)
+    sock.setsockopt(zmq.SNDBUF, PIPE_KERNEL_BUFFER)
+    sock.setsockopt(zmq.RCVBUF, PIPE_KERNEL_BUFFER)
+    sock.setsockopt(zmq.MAXMSGSIZE, MAX_CHUNK + 1024)
+    sock.setsockopt(zmq.LINGER, 0)
+    if kind == zmq.PUSH:
+        sock.setsockopt(zmq.IMMEDIATE, 1)
+    _heartbeats(sock)
+    return sock
+
+
+def bind_pipe(ctx: zmq.asyncio.Context, kind: int, bind_host: str, advertise_host: str) -> tuple[
+    zmq.asyncio.Socket, str
+]:
+    """Bind a pipe on an ephemeral port; returns the socket and the endpoint peers should connect to."""
+    sock = pipe(ctx, kind)
+    try:
+        sock.bind(f"tcp://{bind_host}:*")  # the kernel picks a free ephemeral port
+    except Exception:
+        sock.close(0)
+        raise
+    port = sock.getsockopt(zmq.LAST_ENDPOINT).decode().rsplit(":", 1)[1]
+    return sock, f"tcp://{advertise_host}:{port}"
+
+
+def _heartbeats(sock: zmq.Socket) -> None:
+    sock.setsockopt(zmq.HEARTBEAT_IVL, ZMTP_HEARTBEAT_IVL)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, ZMTP_HEARTBEAT_TIMEOUT)
