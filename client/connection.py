@@ -249,6 +249,8 @@ class Connection:
                 self.send(P.encode("bye"))
             await asyncio.sleep(0)
         self._fail(ConnectionLost("the connection was closed"))
+        for runtime in list(self.runtimes.values()):
+            await runtime.release()
         tasks = [t for t in (self._reader, self._beater, *self._tasks, *self.producers.values()) if t]
         for task in tasks:
             task.cancel()

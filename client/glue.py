@@ -24,28 +24,32 @@ HOP_BY_HOP = frozenset(
 )  # fmt: skip
 
 
-def forward_fetch(
-    session: aiohttp.ClientSession | None = None,
-) -> Callable[[Request], Awaitable[Response]]:
+class ForwardFetch:
     """A fetch callback that performs the guest's request with aiohttp, streaming both bodies.
 
     Responses are decoded like a browser's fetch (gzip etc. removed), so content-encoding and
-    content-length are dropped from the headers the guest sees. Without ``session`` one is
-    created on first use and closed with the event loop's shutdown of the owning runtime.
+    content-length are dropped from the headers the guest sees. A session it creates itself is
+    closed by ``aclose()``, which the runtime calls when it is disposed.
     """
-    state: dict[str, aiohttp.ClientSession] = {}
 
-    async def fetch(request: Request) -> Response:
-        s = session or state.get("s")
-        if s is None or s.closed:
-            s = state["s"] = aiohttp.ClientSession(auto_decompress=True)
+    def __init__(self, session: aiohttp.ClientSession | None = None) -> None:
+        self._session = session
+        self._own: aiohttp.ClientSession | None = None
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is not None:
+            return self._session
+        if self._own is None or self._own.closed:
+            self._own = aiohttp.ClientSession(auto_decompress=True)
+        return self._own
+
+    async def __call__(self, request: Request) -> Response:
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP | {"host"}]
-        body = request.body
-        upstream = await s.request(
+        upstream = await self._client().request(
             request.method,
             request.url,
             headers=headers,
-            data=body if body is not None else None,
+            data=request.body,
             allow_redirects=request.redirect == "follow",
         )
         return Response(
@@ -55,14 +59,21 @@ def forward_fetch(
                 for k, v in upstream.headers.items()
                 if k.lower() not in HOP_BY_HOP | {"content-encoding", "content-length"}
             ],
-            body=_stream(upstream),
+            body=_UpstreamBody(upstream),
             status_text=upstream.reason or "",
             url=str(upstream.url),
             redirected=bool(upstream.history),
         )
 
-    fetch.sessions = state  # type: ignore[attr-defined]
-    return fetch
+    async def aclose(self) -> None:
+        if self._own is not None:
+            await self._own.close()
+            self._own = None
+
+
+def forward_fetch(session: aiohttp.ClientSession | None = None) -> ForwardFetch:
+    """A fetch callback that performs guest fetches for real with aiohttp (see ForwardFetch)."""
+    return ForwardFetch(session)
 
 
 class _UpstreamBody:
@@ -87,10 +98,6 @@ class _UpstreamBody:
             self.upstream.close()  # not release: an unfinished body must not be reused
         else:
             self.upstream.release()
-
-
-def _stream(upstream: aiohttp.ClientResponse) -> _UpstreamBody:
-    return _UpstreamBody(upstream)
 
 
 def aiohttp_handler(runtime: object, *, poll: float = 0.1) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:

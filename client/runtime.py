@@ -185,7 +185,15 @@ class Runtime:
         except RuntimeLost:
             pass
         self.on_lost(P.E_RUNTIME_LOST, "the runtime was disposed")
+        await self.release()
+
+    async def release(self) -> None:
+        """Forget the runtime locally and close what its fetch callback holds (an aiohttp session)."""
         self.conn.runtimes.pop(self.id, None)
+        aclose = getattr(self._fetch, "aclose", None)
+        if aclose is not None:
+            with contextlib.suppress(Exception):
+                await aclose()
 
     # ---- callbacks from the guest ------------------------------------------------------------------
 

@@ -241,7 +241,13 @@ async function runEval(h) {
     }
     send({ op: "eval_ok", id: h.id, value });
   } catch (e) {
-    send({ op: "eval_error", id: h.id, error: describe(e) });
+    const err = describe(e);
+    // Deno reports a module that fails to parse as a TypeError wrapping the SyntaxError
+    if (err.name === "TypeError" && err.message.startsWith("SyntaxError: ")) {
+      err.name = "SyntaxError";
+      err.message = err.message.slice("SyntaxError: ".length);
+    }
+    send({ op: "eval_error", id: h.id, error: err });
   } finally {
     URL.revokeObjectURL(url);
   }
