@@ -200,7 +200,8 @@ class Broker:
             return rt
         lost = self.tombstones.get((client.ident, rt_id))
         if lost is not None:
-            raise P.ProtocolError(P.E_RUNTIME_LOST, f"runtime {rt_id} is gone: {lost[1]}")
+            code = lost[0] if lost[0] == P.E_MEMORY_LIMIT else P.E_RUNTIME_LOST
+            raise P.ProtocolError(code, f"runtime {rt_id} is gone: {lost[1]}")
         raise P.ProtocolError(P.E_UNKNOWN_RUNTIME, f"no runtime {rt_id} belongs to this client")
 
     def _create(self, client: Client, msg: P.Message, req_id: int) -> None:

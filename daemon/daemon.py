@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections import OrderedDict
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,8 @@ class Daemon:
         self.runtimes: dict[str, Runtime] = {}
         self.streams: dict[bytes, tuple[Runtime, Any]] = {}
         self.callbacks: dict[int, tuple[Runtime, int]] = {}
+        #: recently ended runtimes, so a call racing the broker's notice gets "runtime_lost"
+        self.ended: OrderedDict[str, tuple[str, str]] = OrderedDict()
         self.control_endpoint = ""
         self._starting = 0
         self._ids = 0
@@ -146,6 +149,9 @@ class Daemon:
     def forget_runtime(self, runtime: Runtime) -> None:
         if self.runtimes.get(runtime.rt) is runtime:
             del self.runtimes[runtime.rt]
+        self.ended[runtime.rt] = (runtime.lost_code or P.E_RUNTIME_LOST, runtime.lost_message)
+        while len(self.ended) > 1000:
+            self.ended.popitem(last=False)
 
     # ---- main ------------------------------------------------------------------------------------
 
@@ -162,6 +168,7 @@ class Daemon:
             self._control.bind(f"tcp://{self.bind_host}:{self.control_port or '*'}")
             port = self._control.getsockopt(zmq.LAST_ENDPOINT).decode().rsplit(":", 1)[1]
             self.control_endpoint = f"tcp://{self.advertise_host}:{port}"
+            log.info("daemon %s: control=%s broker=%s", self.name, self.control_endpoint, self.broker)
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._control_loop(), name="daemon-control")
                 tg.create_task(self._broker_loop(), name="daemon-broker")
@@ -260,6 +267,10 @@ class Daemon:
             return
         runtime = self.runtimes.get(rt_id)
         if runtime is None:
+            if rt_id in self.ended:
+                code, why = self.ended[rt_id]
+                code = code if code == P.E_MEMORY_LIMIT else P.E_RUNTIME_LOST
+                raise P.ProtocolError(code, f"runtime {rt_id} is gone: {why}")
             raise P.ProtocolError(P.E_UNKNOWN_RUNTIME, f"no runtime {rt_id} on this daemon")
         if t == "eval":
             if len(msg.payload) != 1:

@@ -117,7 +117,14 @@ class Runtime:
 
     # ---- broker -> runtime ---------------------------------------------------------------------
 
+    def ensure_alive(self) -> None:
+        """Refuse new work once the runtime is going away (its process may already be gone)."""
+        if self.lost_code is not None or self.disposing or not self.guest.alive:
+            code = P.E_MEMORY_LIMIT if self.lost_code == P.E_MEMORY_LIMIT else P.E_RUNTIME_LOST
+            raise P.ProtocolError(code, f"runtime {self.rt} is gone: {self.lost_message or 'it stopped'}")
+
     def eval(self, route: bytes, req_id: int, code: str, timeout: float | None) -> None:
+        self.ensure_alive()
         gid = self._gid()
         call = Call(route, req_id)
         limit = self.eval_timeout if timeout is None else timeout
@@ -134,6 +141,7 @@ class Runtime:
         self.lose(P.E_TIMEOUT, message)
 
     def dispatch(self, msg: P.Message) -> None:
+        self.ensure_alive()
         route, req_id = msg.header["c"], msg.id
         gid = self._gid()
         call = Call(route, req_id, resp_sid=msg.header["resp_sid"])

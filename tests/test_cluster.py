@@ -1,0 +1,140 @@
+"""Issue 2: placement over several daemons, daemon loss, ownership, limits and clean shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import client
+from tests.conftest import Broker, Daemon, children_of, deno_pids, wait_until
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[tuple[Broker, Daemon, Daemon]]:
+    """A broker without a local daemon, and two daemon processes (heartbeat 0.2 s, liveness 3)."""
+    b = Broker(tmp_path, "--no-local-daemon", "--heartbeat", "0.2", "--liveness", "3")
+    d1 = Daemon(tmp_path, b, "d1", "--heartbeat", "0.2", "--max-runtimes", "8", "--pool-size", "1")
+    d2 = Daemon(tmp_path, b, "d2", "--heartbeat", "0.2", "--max-runtimes", "8", "--pool-size", "1")
+    try:
+        yield b, d1, d2
+    finally:
+        for p in (d1, d2, b):
+            p.stop()
+
+
+async def _create_when_ready(conn: client.Connection, **kw) -> client.Runtime:
+    """Daemons register shortly after they start; retry placement until one is there."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            return await conn.create_runtime(**kw)
+        except client.NoCapacity:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.1)
+
+
+async def test_runtimes_spread_over_two_daemons(cluster) -> None:
+    b, d1, d2 = cluster
+    async with await client.connect(b.frontend, timeout=10) as conn:
+        first = await _create_when_ready(conn)
+        # wait until both daemons are registered: the broker places on the one with most free room
+        others = []
+        deadline = time.monotonic() + 30
+        while len({r.daemon for r in [first, *others]}) < 2 and time.monotonic() < deadline:
+            others.append(await conn.create_runtime())
+            await asyncio.sleep(0.05)
+        rts = [first, *others]
+        assert {r.daemon for r in rts} == {"d1", "d2"}
+        # every runtime works, wherever it is
+        vals = await asyncio.gather(*(r.eval(f"export default '{r.id}'") for r in rts))
+        assert vals == [r.id for r in rts]
+        counts = {d: sum(r.daemon == d for r in rts) for d in ("d1", "d2")}
+        assert abs(counts["d1"] - counts["d2"]) <= 1
+
+
+async def test_killed_daemon_gives_owner_a_clear_error(cluster) -> None:
+    b, d1, d2 = cluster
+    async with await client.connect(b.frontend, timeout=10) as conn:
+        rts = [await _create_when_ready(conn)]
+        while len({r.daemon for r in rts}) < 2:
+            rts.append(await conn.create_runtime())
+        victim = next(r for r in rts if r.daemon == "d1")
+        survivor = next(r for r in rts if r.daemon == "d2")
+        await victim.eval("serve(() => new Promise(() => {}))")  # a dispatch that never answers
+        pending = asyncio.ensure_future(victim.dispatch_request(client.Request("GET", "http://x/")))
+        await asyncio.sleep(0.2)
+        guests_of_d1 = children_of(d1.pid)
+        assert guests_of_d1, "daemon d1 should have Deno children"
+        d1.stop(signal.SIGKILL)
+        t0 = time.monotonic()
+        with pytest.raises(client.RuntimeLost) as info:
+            await asyncio.wait_for(pending, 10)
+        waited = time.monotonic() - t0
+        assert "d1" in str(info.value)
+        assert waited < 5, f"pending call took {waited:.1f}s to fail (heartbeat 0.2s x 3)"
+        with pytest.raises(client.RuntimeLost):
+            await victim.eval("1")
+        assert await survivor.eval("export default 'still here'") == "still here"
+        # the killed daemon's Deno processes die with it (PR_SET_PDEATHSIG)
+        assert wait_until(lambda: not (set(guests_of_d1) & deno_pids()), 5)
+
+
+async def test_client_cannot_touch_another_clients_runtime(broker) -> None:
+    async with await client.connect(broker.frontend) as alice, await client.connect(broker.frontend) as mallory:
+        rt = await alice.create_runtime()
+        await rt.eval("globalThis.secret = 's3cret'")
+        # mallory forges requests naming alice's runtime id
+        for type_, fields in [("eval", {}), ("dispose", {}), ("dispatch", {"method": "GET", "url": "http://x/",
+                                                                          "headers": [], "resp_sid": b"0" * 16})]:
+            with pytest.raises(client.UnknownRuntime):
+                await mallory.request(type_, [b"export default globalThis.secret"] if type_ == "eval" else [],
+                                      rt=rt.id, **fields)
+        assert await rt.eval("export default globalThis.secret") == "s3cret"
+        await rt.dispose()
+
+
+async def test_memory_limit_kills_only_that_runtime(conn: client.Connection) -> None:
+    hog = await conn.create_runtime(memory_limit_mb=64)
+    bystander = await conn.create_runtime()
+    with pytest.raises(client.MemoryLimitExceeded) as info:
+        await hog.eval("const keep = []; while (true) keep.push(new Array(1e6).fill(Math.random()));", timeout=60)
+    assert "64 MB" in str(info.value)
+    with pytest.raises(client.MemoryLimitExceeded):
+        await hog.eval("1")
+    assert await bystander.eval("export default 7") == 7
+    await bystander.dispose()
+
+
+async def test_eval_timeout_stops_a_runaway_guest(conn: client.Connection) -> None:
+    rt = await conn.create_runtime(eval_timeout=0.5)
+    t0 = time.monotonic()
+    with pytest.raises(client.Timeout) as info:
+        await rt.eval("while (true) {}")
+    assert time.monotonic() - t0 < 10
+    assert "0.5s" in str(info.value)
+    with pytest.raises(client.RuntimeLost):
+        await rt.eval("1")
+    # a per-call timeout overrides the runtime's default
+    rt2 = await conn.create_runtime(eval_timeout=30)
+    with pytest.raises(client.Timeout):
+        await rt2.eval("await new Promise(() => {})", timeout=0.3)
+
+
+async def test_broker_sigterm_leaves_no_deno_behind(tmp_path: Path) -> None:
+    b = Broker(tmp_path, "--pool-size", "2")
+    try:
+        async with await client.connect(b.frontend) as conn:
+            rts = [await conn.create_runtime() for _ in range(3)]
+            assert [await r.eval("export default 1") for r in rts] == [1, 1, 1]
+            kids = set(children_of(b.pid))
+            assert len(kids & deno_pids()) >= 3
+    finally:
+        rc = b.stop(signal.SIGTERM)
+    assert rc == 0
+    assert wait_until(lambda: not (kids & deno_pids()), 5), "Deno processes outlived the broker"
