@@ -1,0 +1,420 @@
+"""Issue 3: every body streams, in all four directions, with backpressure, cancel and errors."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import zlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+import client
+from tests.conftest import Broker, Daemon
+from tests.upstream import BLOCK, JS_HELPERS, Upstream, stream_crc
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[Upstream]:
+    u = await Upstream().start()
+    yield u
+    await u.stop()
+
+
+async def serve_runtime(rt: client.Runtime) -> tuple[web.AppRunner, str]:
+    """An aiohttp server in front of the runtime (the end client talks to this)."""
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", client.aiohttp_handler(rt))
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    return runner, f"http://127.0.0.1:{runner.addresses[0][1]}"
+
+
+@pytest.fixture
+async def front():
+    runners: list[web.AppRunner] = []
+
+    async def make(rt: client.Runtime) -> str:
+        runner, url = await serve_runtime(rt)
+        runners.append(runner)
+        return url
+
+    yield make
+    for r in runners:
+        await r.cleanup()
+
+
+PASSTHROUGH = """
+serve({ async fetch(req) {
+  const u = new URL(req.url);
+  const up = await fetch(UPSTREAM + "/sse?n=8&gap=0.1&type=text/event-stream&key=" + u.searchParams.get("key"));
+  const mode = u.searchParams.get("mode");
+  globalThis.teeType = typeof up.body.tee;
+  let body = up.body;
+  if (mode === "tee") {
+    const [a, b] = up.body.tee();
+    globalThis.consumed = 0;
+    (async () => { for await (const c of b) globalThis.consumed += c.length; })();
+    body = a;
+  } else if (mode === "transform") {
+    body = up.body.pipeThrough(new TransformStream({ transform(chunk, c) { c.enqueue(chunk); } }));
+  } else if (mode === "reenqueue") {
+    const reader = up.body.getReader();
+    body = new ReadableStream({ async pull(c) {
+      const { done, value } = await reader.read();
+      if (done) c.close(); else c.enqueue(new TextEncoder().encode(new TextDecoder().decode(value)));
+    } });
+  }
+  return new Response(body, { headers: { "content-type": "text/event-stream" } });
+} });
+"""
+
+
+@pytest.mark.parametrize("mode", ["plain", "tee", "transform", "reenqueue"])
+async def test_llm_stream_chunks_arrive_as_produced(conn, upstream, front, mode) -> None:
+    rt = await conn.create_runtime(fetch=client.forward_fetch())
+    await rt.eval(f"const UPSTREAM = {upstream.url!r};\n" + PASSTHROUGH.replace("UPSTREAM", repr(upstream.url)))
+    url = await front(rt)
+    arrivals = []
+    async with aiohttp.ClientSession() as s, s.get(f"{url}/chat?mode={mode}&key={mode}") as r:
+        assert r.status == 200
+        t0 = time.monotonic()
+        buf = b""
+        async for chunk in r.content.iter_any():
+            buf += chunk
+            while b"\n\n" in buf:
+                event, buf = buf.split(b"\n\n", 1)
+                arrivals.append((time.monotonic() - t0, event))
+    assert len(arrivals) == 8, arrivals
+    times = [t for t, _ in arrivals]
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    # each gap close to the upstream's 100 ms (generous margins: this is a test, not a benchmark)
+    assert all(0.05 < g < 0.2 for g in gaps), gaps
+    # the first event arrives long before the last one is produced (~700 ms after the first)
+    assert times[-1] - times[0] > 0.5
+    assert await rt.eval("export default globalThis.teeType") == "function"
+    if mode == "tee":
+        await asyncio.sleep(0.1)
+        assert await rt.eval("export default globalThis.consumed") > 0
+    await rt.dispose()
+
+
+async def test_fetched_body_is_a_real_readable_stream(conn, upstream) -> None:
+    rt = await conn.create_runtime(fetch=client.forward_fetch())
+    result = await rt.eval(
+        f"""
+        const base = {upstream.url!r};
+        const r1 = await fetch(base + "/sse?n=3&gap=0.01");
+        const [a, b] = r1.body.tee();
+        const ta = await new Response(a).text(), tb = await new Response(b).text();
+        const r2 = await fetch(base + "/sse?n=2&gap=0.01");
+        let parts = 0; for await (const c of r2.body) parts++;
+        const r3 = await fetch(base + "/bytes?size=1000");
+        const ab = await r3.arrayBuffer();
+        const r4 = await fetch(base + "/sse?n=2&gap=0");
+        let piped = 0;
+        await r4.body.pipeTo(new WritableStream({{ write(c) {{ piped += c.length; }} }}));
+        export default {{
+          isStream: r1.body instanceof ReadableStream, same: ta === tb, events: ta.split("\\n\\n").length - 1,
+          parts, ab: ab.byteLength, piped: piped > 0,
+        }};
+        """
+    )
+    assert result == {"isStream": True, "same": True, "events": 3, "parts": 2, "ab": 1000, "piped": True}
+    await rt.dispose()
+
+
+async def test_large_bodies_intact_in_all_four_directions(conn, upstream) -> None:
+    size = 48 * MiB + 12345
+    rt = await conn.create_runtime(fetch=client.forward_fetch())
+    await rt.eval(JS_HELPERS)
+    # 1. fetch response body: upstream -> client callback -> daemon -> guest
+    got = await rt.eval(
+        f"""
+        const r = await fetch({upstream.url!r} + "/bytes?size={size}");
+        let crc = 0, n = 0;
+        for await (const c of r.body) {{ crc = crc32(c, crc); n += c.length; }}
+        export default {{ n, crc }};
+        """,
+        timeout=120,
+    )
+    assert got == {"n": size, "crc": stream_crc(size)}
+    # 2. fetch request body (upload): guest -> daemon -> client callback -> upstream
+    got = await rt.eval(
+        f"""
+        let crc = 0, n = 0;
+        const body = patternStream({size}, 3).pipeThrough(new TransformStream({{
+          transform(c, ctl) {{ crc = crc32(c, crc); n += c.length; ctl.enqueue(c); }} }}));
+        const r = await fetch({upstream.url!r} + "/upload?key=up", {{ method: "POST", body, duplex: "half" }});
+        export default {{ server: await r.json(), n, crc }};
+        """,
+        timeout=120,
+    )
+    assert got["server"] == {"size": size, "crc": got["crc"]} and got["n"] == size
+    # 3. serve() response body: guest -> daemon -> client
+    await rt.eval(
+        """serve({ async fetch(req) {
+             if (req.method === "POST") {
+               let crc = 0, n = 0;
+               for await (const c of req.body) { crc = crc32(c, crc); n += c.length; }
+               return Response.json({ n, crc });
+             }
+             let crc = 0;
+             const size = Number(new URL(req.url).searchParams.get("size"));
+             const body = patternStream(size, 5).pipeThrough(new TransformStream({
+               transform(c, ctl) { crc = crc32(c, crc); ctl.enqueue(c); }, flush() { globalThis.sentCrc = crc; } }));
+             return new Response(body);
+        } })"""
+    )
+    resp = await rt.dispatch_request(client.Request("GET", f"http://x/?size={size}"))
+    crc, n = 0, 0
+    async for chunk in resp.body:
+        crc = zlib.crc32(chunk, crc)
+        n += len(chunk)
+    assert n == size
+    assert crc == await rt.eval("export default globalThis.sentCrc")
+    # 4. dispatch request body: client -> daemon -> guest
+    sent = {"crc": 0, "n": 0}
+
+    async def upload():
+        left = size
+        while left:
+            piece = BLOCK[: min(left, len(BLOCK))]
+            sent["crc"] = zlib.crc32(piece, sent["crc"])
+            sent["n"] += len(piece)
+            left -= len(piece)
+            yield piece
+
+    resp = await rt.dispatch_request(client.Request("POST", "http://x/", body=upload()))
+    assert await resp.json() == {"n": size, "crc": sent["crc"]}
+    await rt.dispose()
+
+
+async def test_guest_cancel_closes_the_upstream_connection(conn, upstream) -> None:
+    rt = await conn.create_runtime(fetch=client.forward_fetch())
+    await rt.eval(
+        f"""
+        const r = await fetch({upstream.url!r} + "/sse?n=1000&gap=0.02&key=cancelme");
+        const reader = r.body.getReader();
+        await reader.read();
+        await reader.cancel();
+        """
+    )
+    t0 = time.monotonic()
+    rec = upstream.records["cancelme"]
+    while rec.closed_at is None and time.monotonic() - t0 < 5:
+        await asyncio.sleep(0.01)
+    assert rec.closed_at is not None, "the upstream never saw its connection closed"
+    assert not rec.finished
+    assert rec.written < 1000 * 20
+    # AbortController works the same way
+    await rt.eval(
+        f"""
+        const ac = new AbortController();
+        const r = await fetch({upstream.url!r} + "/sse?n=1000&gap=0.02&key=abortme", {{ signal: ac.signal }});
+        const reader = r.body.getReader();
+        await reader.read();
+        ac.abort();
+        let name; try {{ await reader.read(); }} catch (e) {{ name = e.name; }}
+        globalThis.abortName = name;
+        """
+    )
+    assert await rt.eval("export default globalThis.abortName") == "AbortError"
+    t0 = time.monotonic()
+    while upstream.records["abortme"].closed_at is None and time.monotonic() - t0 < 5:
+        await asyncio.sleep(0.01)
+    assert upstream.records["abortme"].closed_at is not None
+    await rt.dispose()
+
+
+async def test_end_client_disconnect_cancels_the_guest_body(conn, upstream, front) -> None:
+    rt = await conn.create_runtime(fetch=client.forward_fetch())
+    await rt.eval(
+        f"""
+        globalThis.cancelled = null;
+        serve({{ async fetch(req) {{
+          if (new URL(req.url).pathname === "/own") {{
+            let i = 0;
+            return new Response(new ReadableStream({{
+              async pull(c) {{ await new Promise(r => setTimeout(r, 20)); c.enqueue(new TextEncoder().encode("tick " + i++ + "\\n")); }},
+              cancel(reason) {{ globalThis.cancelled = String(reason); }},
+            }}));
+          }}
+          const up = await fetch({upstream.url!r} + "/sse?n=1000&gap=0.02&key=endclient");
+          return new Response(up.body);
+        }} }});
+        """
+    )
+    url = await front(rt)
+    for path in ("/own", "/proxy"):
+        async with aiohttp.ClientSession() as s:
+            r = await s.get(url + path)
+            await r.content.readany()
+            r.close()  # the end client hangs up mid-stream
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 5:
+        if await rt.eval("export default globalThis.cancelled") and upstream.records["endclient"].closed_at:
+            break
+        await asyncio.sleep(0.05)
+    assert await rt.eval("export default globalThis.cancelled") is not None
+    assert upstream.records["endclient"].closed_at is not None
+    assert not upstream.records["endclient"].finished
+    await rt.dispose()
+
+
+async def test_upstream_failure_mid_body_rejects_guest_read_with_type_error(conn, upstream) -> None:
+    rt = await conn.create_runtime(fetch=client.forward_fetch())
+    result = await rt.eval(
+        f"""
+        const r = await fetch({upstream.url!r} + "/fail");
+        const reader = r.body.getReader();
+        const first = new TextDecoder().decode((await reader.read()).value);
+        let err; try {{ while (!(await reader.read()).done); }} catch (e) {{ err = e; }}
+        export default {{ first, name: err?.name, message: err?.message }};
+        """
+    )
+    assert result["first"] == "partial body "
+    assert result["name"] == "TypeError", result
+    await rt.dispose()
+
+
+async def test_guest_error_mid_body_fails_the_clients_body(conn, front) -> None:
+    rt = await conn.create_runtime()
+    await rt.eval(
+        """serve(() => new Response(new ReadableStream({
+             n: 0,
+             async pull(c) {
+               await new Promise(r => setTimeout(r, 10));
+               if (this.n++ === 3) c.error(new RangeError("generator broke"));
+               else c.enqueue(new TextEncoder().encode("chunk\\n"));
+             } })))"""
+    )
+    resp = await rt.dispatch_request(client.Request("GET", "http://x/"))
+    chunks = []
+    with pytest.raises(client.StreamError) as info:
+        async for c in resp.body:
+            chunks.append(c)
+    assert b"".join(chunks) == b"chunk\n" * 3
+    assert "generator broke" in str(info.value)
+    # through aiohttp the end client sees a broken response, not a clean end
+    url = await front(rt)
+    async with aiohttp.ClientSession() as s, s.get(url) as r:
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await r.read()
+    await rt.dispose()
+
+
+async def test_guest_upload_error_reaches_the_fetch_callback(conn) -> None:
+    seen = {}
+
+    async def on_fetch(req: client.Request) -> client.Response:
+        try:
+            await req.read()
+        except client.StreamError as exc:
+            seen["error"] = str(exc)
+            raise
+        return client.Response(200)
+
+    rt = await conn.create_runtime(fetch=on_fetch)
+    result = await rt.eval(
+        """
+        const body = new ReadableStream({ n: 0, pull(c) {
+          if (this.n++ < 2) c.enqueue(new Uint8Array(100000)); else c.error(new Error("upload source failed")); } });
+        let name; try { await fetch("http://x/", { method: "POST", body, duplex: "half" }); } catch (e) { name = e.name; }
+        export default name;
+        """
+    )
+    assert result == "TypeError"
+    assert "upload source failed" in seen["error"]
+    await rt.dispose()
+
+
+async def test_backpressure_slow_guest_bounds_upstream_and_memory(conn, upstream, broker) -> None:
+    import os
+
+    size = 256 * MiB
+    client_rss_start = rss_mb(os.getpid())
+    rt = await conn.create_runtime(fetch=client.forward_fetch())
+    await rt.eval(
+        f"""
+        globalThis.got = 0;
+        globalThis.resume = null;
+        const r = await fetch({upstream.url!r} + "/bytes?size={size}&key=slow");
+        globalThis.reader = r.body.getReader();
+        // read 4 MiB, then stop until told to go on
+        while (globalThis.got < 4 * 1024 * 1024) globalThis.got += (await reader.read()).value.length;
+        """
+    )
+    rec = upstream.records["slow"]
+    await asyncio.sleep(1.0)
+    stalled_at = rec.written
+    broker_rss_stalled = rss_mb(broker.pid)
+    await asyncio.sleep(1.0)
+    got = await rt.eval("export default globalThis.got")
+    # the upstream is blocked: it wrote nothing more while the guest was not reading ...
+    assert rec.written == stalled_at, (rec.written, stalled_at)
+    # ... and what it wrote beyond what the guest consumed is bounded (pipes + socket buffers)
+    buffered = rec.written - got
+    print(f"\nstalled: upstream wrote {rec.written / MiB:.1f} MiB, guest read {got / MiB:.1f} MiB, "
+          f"in flight {buffered / MiB:.1f} MiB; broker+daemon RSS {broker_rss_stalled:.0f} MB")
+    assert buffered < 24 * MiB
+    # now drain the rest slowly-ish and check the total; memory stays bounded meanwhile
+    await rt.eval(
+        """
+        let n = 0;
+        for (;;) { const { done, value } = await reader.read(); if (done) break; globalThis.got += value.length;
+                   if (++n % 64 === 0) await new Promise(r => setTimeout(r, 1)); }
+        """,
+        timeout=300,
+    )
+    assert await rt.eval("export default globalThis.got") == size
+    peak = rss_mb(broker.pid)
+    client_growth = rss_mb(os.getpid()) - client_rss_start
+    print(f"after 256 MiB: broker+daemon RSS {peak:.0f} MB; client (+upstream) RSS grew {client_growth:.0f} MB")
+    assert peak < broker_rss_stalled + 64
+    assert client_growth < 64
+    await rt.dispose()
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+async def test_daemon_killed_mid_stream_fails_the_body(tmp_path: Path) -> None:
+    import signal
+
+    b = Broker(tmp_path, "--no-local-daemon", "--heartbeat", "0.2")
+    d = Daemon(tmp_path, b, "d1", "--heartbeat", "0.2", "--pool-size", "1")
+    try:
+        async with await client.connect(b.frontend) as conn:
+            for _ in range(200):
+                try:
+                    rt = await conn.create_runtime()
+                    break
+                except client.NoCapacity:
+                    await asyncio.sleep(0.05)
+            await rt.eval(
+                """serve(() => new Response(new ReadableStream({ async pull(c) {
+                     await new Promise(r => setTimeout(r, 20)); c.enqueue(new Uint8Array(10)); } })))"""
+            )
+            resp = await rt.dispatch_request(client.Request("GET", "http://x/"))
+            assert len(await resp.body.read_chunk()) == 10
+            d.stop(signal.SIGKILL)
+            t0 = time.monotonic()
+            with pytest.raises(client.StreamError):
+                async with asyncio.timeout(10):
+                    async for _ in resp.body:
+                        pass
+            assert time.monotonic() - t0 < 5
+    finally:
+        d.stop()
+        b.stop()
