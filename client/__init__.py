@@ -1,9 +1,9 @@
 """The Python client: create sandboxed JavaScript runtimes through a broker and talk to them.
 
-    conn = await client.connect("tcp://127.0.0.1:5555")
-    rt = await conn.create_runtime(fetch=client.forward_fetch(), console=print)
-    await rt.eval("serve({ fetch: (req) => new Response('hi') })")
-    resp = await rt.dispatch_request(client.Request("GET", "http://localhost/"))
+conn = await client.connect("tcp://127.0.0.1:5555")
+rt = await conn.create_runtime(fetch=client.forward_fetch(), console=print)
+await rt.eval("serve({ fetch: (req) => new Response('hi') })")
+resp = await rt.dispatch_request(client.Request("GET", "http://localhost/"))
 """
 
 from client.connection import Connection, connect

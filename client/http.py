@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 from multidict import CIMultiDict
 
@@ -18,8 +18,8 @@ from client.errors import StreamError
 from wire.pipes import PipeReader
 from wire.pipes import StreamError as PipeStreamError
 
-BodyType = Union[None, bytes, bytearray, memoryview, AsyncIterable[bytes]]
-HeadersLike = Union[Mapping[str, str], Iterable[tuple[str, str]], None]
+BodyType = bytes | bytearray | memoryview | AsyncIterable[bytes] | None
+HeadersLike = Mapping[str, str] | Iterable[tuple[str, str]] | None
 
 
 def make_headers(headers: HeadersLike) -> CIMultiDict[str]:

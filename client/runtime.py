@@ -312,4 +312,3 @@ async def _aclose(body: BodyType) -> None:
         if aclose is not None:
             with contextlib.suppress(Exception):
                 await aclose()
-

@@ -8,7 +8,6 @@ and one bound PUSH or PULL per body stream.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import shutil
@@ -316,9 +315,7 @@ class Daemon:
             return
         finally:
             self._starting -= 1
-        runtime = Runtime(
-            self, rt_id, owner, guest, self.eval_timeout if eval_ms is None else eval_ms / 1000
-        )
+        runtime = Runtime(self, rt_id, owner, guest, self.eval_timeout if eval_ms is None else eval_ms / 1000)
         self.runtimes[rt_id] = runtime
         guest.send({"op": "init", "fetch": bool(msg.get("fetch")), "console": bool(msg.get("console"))})
         self.reply(route, req_id, rt=rt_id, pid=guest.pid)

@@ -54,8 +54,9 @@ def decode_header(raw: bytes) -> dict[str, Any]:
         header = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise GuestProtocolError(f"frame header is not JSON: {exc}") from None
-    if not isinstance(header, dict) or header.get("op") not in GUEST_OPS:
-        raise GuestProtocolError(f"unknown guest op {str(header.get('op') if isinstance(header, dict) else header)[:40]!r}")
+    op = header.get("op") if isinstance(header, dict) else header
+    if not isinstance(header, dict) or op not in GUEST_OPS:
+        raise GuestProtocolError(f"unknown guest op {str(op)[:40]!r}")
     return header
 
 

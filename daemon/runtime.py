@@ -271,8 +271,9 @@ class Runtime:
                 self.daemon.reply(call.route, call.req_id, value=h.get("value"))
             else:
                 err = _guest_error(h)
-                self.daemon.reply_error(call.route, call.req_id, P.E_GUEST, err["message"], name=err["name"],
-                                        stack=err["stack"])
+                self.daemon.reply_error(
+                    call.route, call.req_id, P.E_GUEST, err["message"], name=err["name"], stack=err["stack"]
+                )
         elif op == "response" or op == "response_error":
             self._on_response(h, body)
         elif op == "fetch":
@@ -314,8 +315,7 @@ class Runtime:
             self._end_dispatch(call)
             err = _guest_error(h)
             code = P.E_NO_HANDLER if h.get("code") == "no_handler" else P.E_GUEST
-            self.daemon.reply_error(call.route, call.req_id, code, err["message"], name=err["name"],
-                                    stack=err["stack"])
+            self.daemon.reply_error(call.route, call.req_id, code, err["message"], name=err["name"], stack=err["stack"])
             return
         status = _int(h, "status")
         if not 200 <= status <= 599:

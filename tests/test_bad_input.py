@@ -129,8 +129,19 @@ async def test_daemon_survives_malformed_messages(fake_broker) -> None:
     send = lambda *frames: sock.send_multipart([ident, *frames])  # noqa: E731
     await send(b"garbage")
     await send(msgpack.packb({"v": 1, "t": "format_disk", "id": 1, "c": route}))
-    await send(msgpack.packb({"v": 1, "t": "create_runtime", "id": 2, "c": route, "rt": "r1", "owner": b"o" * 16,
-                              "memory_limit_mb": 10**9}))
+    await send(
+        msgpack.packb(
+            {
+                "v": 1,
+                "t": "create_runtime",
+                "id": 2,
+                "c": route,
+                "rt": "r1",
+                "owner": b"o" * 16,
+                "memory_limit_mb": 10**9,
+            }
+        )
+    )
     assert (await _reply_to(sock, 2))["code"] == P.E_BAD_MESSAGE
     await send(msgpack.packb({"v": 1, "t": "eval", "id": 3, "c": route, "rt": "nope"}), b"1")
     assert (await _reply_to(sock, 3))["code"] == P.E_UNKNOWN_RUNTIME
@@ -140,13 +151,16 @@ async def test_daemon_survives_malformed_messages(fake_broker) -> None:
     await send(msgpack.packb({"v": 1, "t": "eval", "id": 5, "c": route, "rt": "r1"}))
     assert (await _reply_to(sock, 5))["code"] == P.E_BAD_MESSAGE
     base = {"v": 1, "t": "dispatch", "c": route, "rt": "r1", "method": "GET", "url": "http://x/"}
-    for i, extra in enumerate([
-        {"headers": "nope", "resp_sid": b"s" * 16},
-        {"headers": [["a", 1]], "resp_sid": b"s" * 16},
-        {"headers": [], "resp_sid": b"short"},
-        {"headers": [], "resp_sid": b"s" * 16, "body": {"sid": b"bad"}},
-        {"headers": [], "resp_sid": b"s" * 16, "body": "inline"},  # inline without its frame
-    ], start=6):
+    for i, extra in enumerate(
+        [
+            {"headers": "nope", "resp_sid": b"s" * 16},
+            {"headers": [["a", 1]], "resp_sid": b"s" * 16},
+            {"headers": [], "resp_sid": b"short"},
+            {"headers": [], "resp_sid": b"s" * 16, "body": {"sid": b"bad"}},
+            {"headers": [], "resp_sid": b"s" * 16, "body": "inline"},  # inline without its frame
+        ],
+        start=6,
+    ):
         await send(msgpack.packb({**base, "id": i, **extra}))
         assert (await _reply_to(sock, i))["code"] == P.E_BAD_MESSAGE, extra
     await send(msgpack.packb({"v": 1, "t": "eval", "id": 20, "c": route, "rt": "r1"}), b"\xff\xfe not utf8")
@@ -163,19 +177,23 @@ async def test_daemon_survives_malformed_messages(fake_broker) -> None:
 async def test_daemon_control_socket_ignores_garbage_and_foreign_cancels(fake_broker) -> None:
     sock, ident, d = fake_broker
     route = b"client-1"
-    await sock.send_multipart([ident, msgpack.packb({"v": 1, "t": "create_runtime", "id": 1, "c": route, "rt": "r1",
-                                                     "owner": b"o" * 16})])
+    await sock.send_multipart(
+        [ident, msgpack.packb({"v": 1, "t": "create_runtime", "id": 1, "c": route, "rt": "r1", "owner": b"o" * 16})]
+    )
     assert (await _reply_to(sock, 1))["t"] == "ok"
     ctx = zmq.asyncio.Context()
     ctl = ctx.socket(zmq.DEALER)
     ctl.setsockopt(zmq.LINGER, 0)
     ctl.connect(d.control)
-    for frames in ([b"junk"], [msgpack.packb({"v": 1, "t": "cancel"})], [msgpack.packb({"v": 1, "t": "cancel",
-                                                                                        "sid": b"x" * 16})]):
+    for frames in (
+        [b"junk"],
+        [msgpack.packb({"v": 1, "t": "cancel"})],
+        [msgpack.packb({"v": 1, "t": "cancel", "sid": b"x" * 16})],
+    ):
         await ctl.send_multipart(frames)
     ctl.close(0)
     ctx.term()
-    await sock.send_multipart([ident, msgpack.packb({"v": 1, "t": "eval", "id": 2, "c": route, "rt": "r1"}),
-                               b"export default 'ok'"])
+    await sock.send_multipart(
+        [ident, msgpack.packb({"v": 1, "t": "eval", "id": 2, "c": route, "rt": "r1"}), b"export default 'ok'"]
+    )
     assert (await _reply_to(sock, 2))["value"] == "ok"
-

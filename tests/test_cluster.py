@@ -40,7 +40,7 @@ async def _create_when_ready(conn: client.Connection, **kw) -> client.Runtime:
 
 
 async def test_runtimes_spread_over_two_daemons(cluster) -> None:
-    b, d1, d2 = cluster
+    b, _d1, _d2 = cluster
     async with await client.connect(b.frontend, timeout=10) as conn:
         first = await _create_when_ready(conn)
         # wait until both daemons are registered: the broker places on the one with most free room
@@ -59,7 +59,7 @@ async def test_runtimes_spread_over_two_daemons(cluster) -> None:
 
 
 async def test_killed_daemon_gives_owner_a_clear_error(cluster) -> None:
-    b, d1, d2 = cluster
+    b, d1, _d2 = cluster
     async with await client.connect(b.frontend, timeout=10) as conn:
         rts = [await _create_when_ready(conn)]
         while len({r.daemon for r in rts}) < 2:
@@ -90,11 +90,15 @@ async def test_client_cannot_touch_another_clients_runtime(broker) -> None:
         rt = await alice.create_runtime()
         await rt.eval("globalThis.secret = 's3cret'")
         # mallory forges requests naming alice's runtime id
-        for type_, fields in [("eval", {}), ("dispose", {}), ("dispatch", {"method": "GET", "url": "http://x/",
-                                                                          "headers": [], "resp_sid": b"0" * 16})]:
+        for type_, fields in [
+            ("eval", {}),
+            ("dispose", {}),
+            ("dispatch", {"method": "GET", "url": "http://x/", "headers": [], "resp_sid": b"0" * 16}),
+        ]:
             with pytest.raises(client.UnknownRuntime):
-                await mallory.request(type_, [b"export default globalThis.secret"] if type_ == "eval" else [],
-                                      rt=rt.id, **fields)
+                await mallory.request(
+                    type_, [b"export default globalThis.secret"] if type_ == "eval" else [], rt=rt.id, **fields
+                )
         assert await rt.eval("export default globalThis.secret") == "s3cret"
         await rt.dispose()
 

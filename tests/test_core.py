@@ -69,7 +69,9 @@ async def test_serve_dispatch_status_headers_and_body(conn: client.Connection) -
 
 async def test_serve_accepts_a_bare_function_and_promises(conn: client.Connection) -> None:
     rt = await conn.create_runtime()
-    await rt.eval("serve(async (req) => { await new Promise(r => setTimeout(r, 10)); return new Response(null, {status: 204}); })")
+    await rt.eval(
+        "serve(async (req) => { await new Promise(r => setTimeout(r, 10)); return new Response(null, {status: 204}); })"
+    )
     resp = await rt.dispatch_request(client.Request("GET", "http://x/"))
     assert resp.status == 204
     assert await resp.read() == b""

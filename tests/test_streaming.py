@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 import zlib
 from collections.abc import AsyncIterator
@@ -93,7 +94,7 @@ async def test_llm_stream_chunks_arrive_as_produced(conn, upstream, front, mode)
                 arrivals.append((time.monotonic() - t0, event))
     assert len(arrivals) == 8, arrivals
     times = [t for t, _ in arrivals]
-    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
     # each gap close to the upstream's 100 ms (generous margins: this is a test, not a benchmark)
     assert all(0.05 < g < 0.2 for g in gaps), gaps
     # the first event arrives long before the last one is produced (~700 ms after the first)
@@ -361,8 +362,10 @@ async def test_backpressure_slow_guest_bounds_upstream_and_memory(conn, upstream
     assert rec.written == stalled_at, (rec.written, stalled_at)
     # ... and what it wrote beyond what the guest consumed is bounded (pipes + socket buffers)
     buffered = rec.written - got
-    print(f"\nstalled: upstream wrote {rec.written / MiB:.1f} MiB, guest read {got / MiB:.1f} MiB, "
-          f"in flight {buffered / MiB:.1f} MiB; broker+daemon RSS {broker_rss_stalled:.0f} MB")
+    print(
+        f"\nstalled: upstream wrote {rec.written / MiB:.1f} MiB, guest read {got / MiB:.1f} MiB, "
+        f"in flight {buffered / MiB:.1f} MiB; broker+daemon RSS {broker_rss_stalled:.0f} MB"
+    )
     assert buffered < 24 * MiB
     # now drain the rest slowly-ish and check the total; memory stays bounded meanwhile
     await rt.eval(

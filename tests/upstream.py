@@ -82,7 +82,7 @@ class Upstream:
         n = int(request.query.get("n", "5"))
         gap = float(request.query.get("gap", "0.1"))
         key = request.query.get("key", "sse")
-        chunks = (f"data: {{\"i\": {i}, \"t\": {time.time():.4f}}}\n\n".encode() for i in range(n))
+        chunks = (f'data: {{"i": {i}, "t": {time.time():.4f}}}\n\n'.encode() for i in range(n))
         return await self._stream(request, key, chunks, gap)
 
     async def bytes(self, request: web.Request) -> web.StreamResponse:

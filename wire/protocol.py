@@ -211,7 +211,7 @@ class StreamRef:
         return {"sid": self.sid} if self.ep is None else {"sid": self.sid, "ep": self.ep}
 
 
-def check_body(msg: Message, key: str = "body") -> None | str | StreamRef:
+def check_body(msg: Message, key: str = "body") -> str | StreamRef | None:
     """Decode a body descriptor; an inline body must come with exactly one payload frame."""
     value = msg.header.get(key)
     if value is None:

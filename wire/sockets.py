@@ -82,9 +82,9 @@ def pipe(ctx: zmq.asyncio.Context, kind: int) -> zmq.asyncio.Socket:
     return sock
 
 
-def bind_pipe(ctx: zmq.asyncio.Context, kind: int, bind_host: str, advertise_host: str) -> tuple[
-    zmq.asyncio.Socket, str
-]:
+def bind_pipe(
+    ctx: zmq.asyncio.Context, kind: int, bind_host: str, advertise_host: str
+) -> tuple[zmq.asyncio.Socket, str]:
     """Bind a pipe on an ephemeral port; returns the socket and the endpoint peers should connect to."""
     sock = pipe(ctx, kind)
     try:
