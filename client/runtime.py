@@ -176,6 +176,24 @@ class Runtime:
             body.abort(self.lost.message)
         return body
 
+    async def stats(self) -> dict[str, dict[str, int]]:
+        """What this runtime has in flight on each hop: ``client``, ``daemon`` and ``guest`` counts.
+
+        After every exchange has finished (completed, cancelled or failed) they are all zero.
+        """
+        self._check()
+        reply = await self.conn.request("stats", rt=self.id)
+        return {
+            "client": {
+                "bodies": len(self.bodies),
+                "tasks": sum(not t.done() for t in self.tasks),
+                "producers": sum(not t.done() for t in self.conn.producers.values()),
+                "pipe_waiters": len(self.conn.pipe_waiters),
+            },
+            "daemon": dict(reply.get("daemon") or {}),
+            "guest": dict(reply.get("guest") or {}),
+        }
+
     async def dispose(self) -> None:
         """Stop the runtime; its process ends and every stream of it is closed."""
         if self.lost is not None:

@@ -398,6 +398,10 @@ function handle(h, body) {
     case "chunk": case "end": case "error": onInbound(h, body); break;
     case "ack": onAck(h); break;
     case "cancel": onOutCancel(h); break;
+    case "stats":
+      send({ op: "stats", id: h.id, inbound: inStreams.size, outbound: outStreams.size, fetches: fetches.size,
+        dispatches: dispatches.size });
+      break;
     default: fatal(`unknown op ${h.op}`);
   }
 }

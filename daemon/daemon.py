@@ -289,6 +289,8 @@ class Daemon:
                 raise P.ProtocolError(P.E_BAD_MESSAGE, "resp_sid must be 16 bytes")
             P.check_body(msg)
             runtime.dispatch(msg)
+        elif t == "stats":
+            runtime.stats(route, req_id)
         elif t == "dispose":
             self.spawn(self._dispose(runtime, route, req_id))
 

@@ -28,7 +28,7 @@ MAX_GUEST_FRAME = 1024 * 1024
 GUEST_OPS = frozenset(
     {
         "ready", "init_ok", "fatal", "eval_ok", "eval_error", "response", "response_error", "fetch",
-        "fetch_abort", "read", "cancel", "chunk", "end", "error", "console",
+        "fetch_abort", "read", "cancel", "chunk", "end", "error", "console", "stats",
     }
 )  # fmt: skip
 STDERR_TAIL = 8192

@@ -101,6 +101,7 @@ class Runtime:
         self.evals: dict[int, Call] = {}
         self.dispatches: dict[int, Call] = {}
         self.fetches: dict[int, GuestFetch] = {}
+        self.stat_calls: dict[int, Call] = {}
         self.inbound: dict[int, InboundStream] = {}
         self.outbound: dict[int, OutboundStream] = {}
         self._next = 0
@@ -139,6 +140,28 @@ class Runtime:
         message = f"eval did not finish within {limit:g}s; the runtime was stopped"
         self.daemon.reply_error(call.route, call.req_id, P.E_TIMEOUT, message)
         self.lose(P.E_TIMEOUT, message)
+
+    def stats(self, route: bytes, req_id: int) -> None:
+        """Counts of everything in flight, from the daemon and from inside the guest (for leak checks)."""
+        self.ensure_alive()
+        gid = self._gid()
+        self.stat_calls[gid] = Call(route, req_id)
+        self.guest.send({"op": "stats", "id": gid})
+
+    def _daemon_counts(self) -> dict[str, int]:
+        return {
+            "inbound": len(self.inbound),
+            "outbound": len(self.outbound),
+            "fetches": len(self.fetches),
+            "dispatches": len(self.dispatches),
+            "evals": len(self.evals),
+            "registered_streams": sum(1 for rt, _ in self.daemon.streams.values() if rt is self),
+            "callbacks": sum(1 for rt, _ in self.daemon.callbacks.values() if rt is self),
+            "open_pipes": sum(not s.reader.closed for s in self.inbound.values())
+            + sum(not s.writer.closed for s in self.outbound.values())
+            + sum(not f.resp_reader.closed for f in self.fetches.values()),
+            "tasks": sum(not s.task.done() for s in [*self.inbound.values(), *self.outbound.values()]),
+        }
 
     def dispatch(self, msg: P.Message) -> None:
         self.ensure_alive()
@@ -295,6 +318,11 @@ class Runtime:
                 raise GuestProtocolError("malformed console entry")
             args = [str(a)[:MAX_CONSOLE_ARG] for a in args[:64]]
             self.daemon.to_broker(P.encode("console", rt=self.rt, level=level, args=args))
+        elif op == "stats":
+            call = self.stat_calls.pop(_int(h, "id"), None)
+            if call is not None:
+                guest = {k: _int(h, k) for k in ("inbound", "outbound", "fetches", "dispatches")}
+                self.daemon.reply(call.route, call.req_id, daemon=self._daemon_counts(), guest=guest)
         elif op == "init_ok":
             pass
         else:
@@ -429,7 +457,7 @@ class Runtime:
             else:
                 self.lost_code, self.lost_message = P.E_RUNTIME_LOST, reason
         code, message = self.lost_code, self.lost_message
-        for call in [*self.evals.values(), *self.dispatches.values()]:
+        for call in [*self.evals.values(), *self.dispatches.values(), *self.stat_calls.values()]:
             if call.timer:
                 call.timer.cancel()
             self.daemon.reply_error(call.route, call.req_id, code, message)
@@ -437,6 +465,7 @@ class Runtime:
                 self.daemon.unregister_stream(call.resp_sid)
         self.evals.clear()
         self.dispatches.clear()
+        self.stat_calls.clear()
         for f in self.fetches.values():
             if f.timer:
                 f.timer.cancel()

@@ -20,6 +20,20 @@ from tests.upstream import BLOCK, JS_HELPERS, Upstream, stream_crc
 MiB = 1 << 20
 
 
+async def assert_nothing_left(rt: client.Runtime, timeout: float = 5.0) -> None:
+    """Every stream, socket, reader and task of the runtime is gone, on every hop (polls: cleanup
+    after a cancel is asynchronous)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = await rt.stats()
+        left = {f"{hop}.{k}": v for hop, counts in stats.items() for k, v in counts.items() if v}
+        if not left:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"left behind: {left}")
+        await asyncio.sleep(0.05)
+
+
 @pytest.fixture
 async def upstream() -> AsyncIterator[Upstream]:
     u = await Upstream().start()
@@ -103,6 +117,7 @@ async def test_llm_stream_chunks_arrive_as_produced(conn, upstream, front, mode)
     if mode == "tee":
         await asyncio.sleep(0.1)
         assert await rt.eval("export default globalThis.consumed") > 0
+    await assert_nothing_left(rt)
     await rt.dispose()
 
 
@@ -128,6 +143,7 @@ async def test_fetched_body_is_a_real_readable_stream(conn, upstream) -> None:
         """
     )
     assert result == {"isStream": True, "same": True, "events": 3, "parts": 2, "ab": 1000, "piped": True}
+    await assert_nothing_left(rt)
     await rt.dispose()
 
 
@@ -194,6 +210,7 @@ async def test_large_bodies_intact_in_all_four_directions(conn, upstream) -> Non
 
     resp = await rt.dispatch_request(client.Request("POST", "http://x/", body=upload()))
     assert await resp.json() == {"n": size, "crc": sent["crc"]}
+    await assert_nothing_left(rt)
     await rt.dispose()
 
 
@@ -231,6 +248,7 @@ async def test_guest_cancel_closes_the_upstream_connection(conn, upstream) -> No
     while upstream.records["abortme"].closed_at is None and time.monotonic() - t0 < 5:
         await asyncio.sleep(0.01)
     assert upstream.records["abortme"].closed_at is not None
+    await assert_nothing_left(rt)
     await rt.dispose()
 
 
@@ -266,6 +284,7 @@ async def test_end_client_disconnect_cancels_the_guest_body(conn, upstream, fron
     assert await rt.eval("export default globalThis.cancelled") is not None
     assert upstream.records["endclient"].closed_at is not None
     assert not upstream.records["endclient"].finished
+    await assert_nothing_left(rt)
     await rt.dispose()
 
 
@@ -282,6 +301,7 @@ async def test_upstream_failure_mid_body_rejects_guest_read_with_type_error(conn
     )
     assert result["first"] == "partial body "
     assert result["name"] == "TypeError", result
+    await assert_nothing_left(rt)
     await rt.dispose()
 
 
@@ -308,6 +328,7 @@ async def test_guest_error_mid_body_fails_the_clients_body(conn, front) -> None:
     async with aiohttp.ClientSession() as s, s.get(url) as r:
         with pytest.raises(aiohttp.ClientPayloadError):
             await r.read()
+    await assert_nothing_left(rt)
     await rt.dispose()
 
 
@@ -333,6 +354,7 @@ async def test_guest_upload_error_reaches_the_fetch_callback(conn) -> None:
     )
     assert result == "TypeError"
     assert "upload source failed" in seen["error"]
+    await assert_nothing_left(rt)
     await rt.dispose()
 
 
@@ -367,6 +389,10 @@ async def test_backpressure_slow_guest_bounds_upstream_and_memory(conn, upstream
         f"in flight {buffered / MiB:.1f} MiB; broker+daemon RSS {broker_rss_stalled:.0f} MB"
     )
     assert buffered < 24 * MiB
+    # mid-stream the counts show the open stream on every hop (so the zero checks can fail)
+    mid = await rt.stats()
+    assert mid["daemon"]["inbound"] == 1 and mid["daemon"]["open_pipes"] == 1 and mid["guest"]["inbound"] == 1
+    assert mid["client"]["producers"] == 1 and mid["client"]["tasks"] == 1
     # now drain the rest slowly-ish and check the total; memory stays bounded meanwhile
     await rt.eval(
         """
@@ -382,6 +408,7 @@ async def test_backpressure_slow_guest_bounds_upstream_and_memory(conn, upstream
     print(f"after 256 MiB: broker+daemon RSS {peak:.0f} MB; client (+upstream) RSS grew {client_growth:.0f} MB")
     assert peak < broker_rss_stalled + 64
     assert client_growth < 64
+    await assert_nothing_left(rt)
     await rt.dispose()
 
 

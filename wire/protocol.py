@@ -56,17 +56,17 @@ E_CANCELLED = "cancelled"
 E_INTERNAL = "internal"
 
 # Message types per link (protocol.md, "Messages").
-CLIENT_TO_BROKER = frozenset({"hello", "hb", "bye", "create_runtime", "eval", "dispatch", "dispose", "ok", "error"})
+CLIENT_TO_BROKER = frozenset(
+    {"hello", "hb", "bye", "create_runtime", "eval", "dispatch", "stats", "dispose", "ok", "error"}
+)
 BROKER_TO_CLIENT = frozenset({"welcome", "hb", "ok", "error", "fetch", "console", "runtime_lost"})
 DAEMON_TO_BROKER = frozenset({"ready", "hb", "ok", "error", "fetch", "console", "runtime_lost"})
-BROKER_TO_DAEMON = frozenset(
-    {"welcome", "hb", "create_runtime", "eval", "dispatch", "dispose", "ok", "error", "client_gone"}
-)
+BROKER_TO_DAEMON = frozenset({"welcome", "hb", "create_runtime", "eval", "dispatch", "stats", "dispose", "ok", "error"})
 CONTROL_TO_DAEMON = frozenset({"hello", "cancel"})
 CONTROL_TO_CLIENT = frozenset({"cancel", "pipe_ready"})
 
 #: Requests on the client link that must name a runtime the client owns.
-RUNTIME_REQUESTS = frozenset({"eval", "dispatch", "dispose"})
+RUNTIME_REQUESTS = frozenset({"eval", "dispatch", "stats", "dispose"})
 
 
 @dataclass(slots=True)
