@@ -14,13 +14,14 @@ const inspect = D.inspect;
 const exit = D.exit;
 
 // The guest may replace globals later; keep our own references.
-const { Response, Request, ReadableStream, Headers, Promise, JSON, Uint8Array, DataView, TextEncoder,
-  TextDecoder, Blob, URL, Error, TypeError, Map, Object, String, setTimeout, DOMException } = globalThis;
+const { Response, Request, ReadableStream, CountQueuingStrategy, Headers, Promise, JSON, Uint8Array, DataView, TextEncoder,
+  TextDecoder, Blob, URL, Error, TypeError, Map, Object, String, setTimeout, DOMException, ArrayBuffer,
+  Function } = globalThis;
 const addEventListener = globalThis.addEventListener.bind(globalThis);
 
 const MAX_CHUNK = 256 * 1024; // protocol.md: largest chunk on a pipe
 const INLINE_MAX = 64 * 1024; // bodies complete within this size travel with their head
-const WINDOW = 4; // chunks a guest-produced stream may have in flight to the daemon
+const WINDOW = 4; // chunks a stream may have in flight between daemon and guest, either way
 const MAX_FRAME = 16 * 1024 * 1024;
 
 const enc = new TextEncoder();
@@ -41,17 +42,37 @@ for (const name of HIDDEN) {
 }
 
 // ---- channel --------------------------------------------------------------------------------
+// The guest can replace any prototype method or accessor (Uint8Array.prototype.subarray, the
+// typed-array `length`/`buffer` getters, Uint8Array.prototype.constructor[Symbol.species],
+// TextEncoder.prototype.encode, JSON.stringify, a `toJSON` on Object.prototype...). send() only
+// uses what it captured here, before any guest code ran, so the guest cannot choose the bytes
+// written to stdout: every frame is well formed and its header is the JSON object built here.
+const uncurry = (fn) => Function.prototype.call.bind(fn);
+const TypedArrayPrototype = Object.getPrototypeOf(Uint8Array.prototype);
+const byteLengthOf = uncurry(Object.getOwnPropertyDescriptor(TypedArrayPrototype, "byteLength").get);
+const copyInto = uncurry(TypedArrayPrototype.set);
+const encodeText = uncurry(TextEncoder.prototype.encode);
+const stringify = JSON.stringify;
+function asStored(key) { return this[key]; } // JSON.stringify replacer: ignores any guest toJSON
+
+function putU32(frame, at, n) { // element writes on a typed array consult no prototype
+  frame[at] = n >>> 24; frame[at + 1] = (n >>> 16) & 255; frame[at + 2] = (n >>> 8) & 255; frame[at + 3] = n & 255;
+}
+
 function send(header, body) {
-  const h = enc.encode(JSON.stringify(header));
-  const blen = body ? body.byteLength : 0;
-  const frame = new Uint8Array(8 + h.length + blen);
-  const dv = new DataView(frame.buffer);
-  dv.setUint32(0, 4 + h.length + blen);
-  dv.setUint32(4, h.length);
-  frame.set(h, 8);
-  if (body) frame.set(body, 8 + h.length);
+  const h = encodeText(enc, stringify(header, asStored));
+  const hlen = byteLengthOf(h);
+  const blen = body ? byteLengthOf(body) : 0;
+  const size = 8 + hlen + blen;
+  const buffer = new ArrayBuffer(size);
+  const frame = new Uint8Array(buffer);
+  putU32(frame, 0, 4 + hlen + blen);
+  putU32(frame, 4, hlen);
+  copyInto(frame, h, 8);
+  if (body) copyInto(frame, body, 8 + hlen);
   let off = 0;
-  while (off < frame.length) off += stdout.writeSync(frame.subarray(off));
+  // a new view rather than subarray(), which would create its result through the guest's species
+  while (off < size) off += stdout.writeSync(off === 0 ? frame : new Uint8Array(buffer, off));
 }
 
 async function readLoop() {
@@ -189,24 +210,27 @@ function onOutCancel(h) {
 const inStreams = new Map(); // sid -> {controller, resolve, reject}
 
 function inboundStream(sid, signal) {
-  const st = { controller: null, resolve: null, done: false };
+  // Credit-based: the daemon sends a chunk only against credit, and credit is granted only while
+  // the stream's queue (plus chunks in flight) is below WINDOW: a reader that stops reading stops
+  // the flow, and one that reads gets the next chunks without a round trip each.
+  const st = { controller: null, outstanding: 0, done: false };
   const finish = () => { st.done = true; inStreams.delete(sid); };
   const stream = new ReadableStream({
     start(controller) { st.controller = controller; inStreams.set(sid, st); },
-    pull() {
-      return new Promise((resolve) => { st.resolve = resolve; send({ op: "read", sid }); });
+    pull(controller) {
+      const want = controller.desiredSize - st.outstanding;
+      if (want > 0 && !st.done) { st.outstanding += want; send({ op: "read", sid, n: want }); }
     },
     cancel() {
       if (!st.done) { finish(); send({ op: "cancel", sid }); }
     },
-  });
+  }, new CountQueuingStrategy({ highWaterMark: WINDOW }));
   if (signal) {
     signal.addEventListener("abort", () => {
       if (st.done) return;
       finish();
       send({ op: "cancel", sid });
       try { st.controller.error(signal.reason); } catch { /* closed */ }
-      if (st.resolve) st.resolve();
     }, { once: true });
   }
   st.finish = finish;
@@ -216,9 +240,8 @@ function inboundStream(sid, signal) {
 function onInbound(h, body) {
   const st = inStreams.get(h.sid);
   if (!st) return; // cancelled meanwhile: the daemon will drop the stream
-  const resolve = st.resolve;
-  st.resolve = null;
   if (h.op === "chunk") {
+    st.outstanding--;
     st.controller.enqueue(body);
   } else if (h.op === "end") {
     st.finish();
@@ -227,7 +250,6 @@ function onInbound(h, body) {
     st.finish();
     st.controller.error(new TypeError(h.message || "the body stream failed"));
   }
-  if (resolve) resolve();
 }
 
 // ---- eval ----------------------------------------------------------------------------------------

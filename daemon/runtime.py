@@ -270,8 +270,8 @@ class Runtime:
         op = h["op"]
         if op == "read":
             stream = self.inbound.get(_int(h, "sid"))
-            if stream is not None:
-                stream.want()
+            if stream is not None and not stream.want(_int(h, "n") if "n" in h else 1):
+                raise GuestProtocolError(f"guest overran the read window of stream {stream.gsid}")
         elif op == "chunk" or op == "end" or op == "error":
             sid = _int(h, "sid")
             out = self.outbound.get(sid)

@@ -1,9 +1,10 @@
 """Bridges between a body pipe (ZeroMQ, to the client) and a guest stream (the stdio channel).
 
-Inbound (client produces, guest consumes): the guest asks for each chunk with ``read``; only
-then does the bridge receive one message from the PULL pipe. Outbound (guest produces, client
-consumes): the guest may have ``WINDOW`` chunks in flight; each is acknowledged once the PUSH
-pipe has accepted it. Either way nothing accumulates in the daemon beyond one window.
+Inbound (client produces, guest consumes): the guest grants credit with ``read`` (at most
+``WINDOW`` chunks outstanding); only against credit does the bridge receive from the PULL pipe.
+Outbound (guest produces, client consumes): the guest may have ``WINDOW`` chunks in flight;
+each is acknowledged once the PUSH pipe has accepted it. Either way nothing accumulates in the
+daemon beyond one window.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("daemon.streams")
 
-#: Chunks a guest-produced stream may have in flight (must match WINDOW in bootstrap.js).
+#: Chunks a stream may have in flight between daemon and guest (must match WINDOW in bootstrap.js).
 WINDOW = 4
 
 
@@ -34,19 +35,26 @@ class InboundStream:
         self.reader = reader
         self.wire_sid = reader.sid
         self._credit = asyncio.Event()
+        self._credits = 0
         self.closed = False
         self.task = asyncio.create_task(self._pump(), name=f"inbound-{gsid}")
 
-    def want(self) -> None:
-        """The guest pulled: forward exactly one message."""
+    def want(self, n: int) -> bool:
+        """The guest granted ``n`` more chunks; False if that overruns the window (a protocol violation)."""
+        if not 1 <= n <= WINDOW or self._credits + n > WINDOW:
+            return False
+        self._credits += n
         self._credit.set()
+        return True
 
     async def _pump(self) -> None:
         send = self.runtime.guest.send
         try:
             while True:
-                await self._credit.wait()
-                self._credit.clear()
+                if not self._credits:
+                    self._credit.clear()
+                    await self._credit.wait()
+                self._credits -= 1
                 frame = await self.reader.read_frame()
                 if frame is None:
                     send({"op": "end", "sid": self.gsid})
