@@ -124,13 +124,14 @@ class Broker:
                 log.exception("failed to handle a message; dropped")
 
     def _send(self, sock: zmq.asyncio.Socket | None, ident: bytes, frames: list[Any]) -> bool:
+        """Send without ever blocking the router; False only if the peer is gone (not merely slow)."""
         assert sock is not None
         try:
             sock.send_multipart([ident, *frames], flags=zmq.NOBLOCK, copy=False)
             return True
         except zmq.ZMQError as exc:
-            log.info("message to %s dropped: %s", ident.hex(), exc.strerror)
-            return False
+            log.warning("message to %s dropped: %s", ident.hex(), exc.strerror)
+            return exc.errno != zmq.EHOSTUNREACH
 
     def to_client(self, ident: bytes, frames: list[Any]) -> None:
         if not self._send(self.front, ident, frames) and ident in self.clients:

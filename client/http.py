@@ -7,6 +7,7 @@ backpressure), and that cancel the producer when closed early.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -105,6 +106,12 @@ class Body:
             if self._on_cancel is not None:
                 self._on_cancel()
         self._done()
+
+    def __del__(self) -> None:
+        # an abandoned, unfinished body must not keep its pipe (and the producer) open forever
+        if not self.finished and self._reader is not None:
+            with contextlib.suppress(Exception):
+                self.cancel()
 
     def abort(self, reason: str) -> None:
         """The producer is gone (runtime or daemon lost): a pending read raises StreamError."""

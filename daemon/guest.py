@@ -90,7 +90,8 @@ class GuestProcess:
         self.on_exit: Callable[[str], None] | None = None
         self._stderr: deque[bytes] = deque()
         self._stderr_len = 0
-        self._ready = asyncio.get_running_loop().create_future()
+        self._ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._ready.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved even if unawaited
         self._reader = asyncio.create_task(self._read_frames(), name=f"guest-{proc.pid}-stdout")
         self._err_reader = asyncio.create_task(self._read_stderr(), name=f"guest-{proc.pid}-stderr")
         self.exit_reason: str | None = None
@@ -220,7 +221,3 @@ class GuestProcess:
             self._reader.cancel()
         if first and self.on_exit is not None:
             self.on_exit(reason)
-
-    async def wait_exit(self) -> None:
-        """Called by the reader when stdout closes: the process exited on its own."""
-        await self.proc.wait()
