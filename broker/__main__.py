@@ -7,6 +7,7 @@ import asyncio
 import sys
 
 from broker.broker import Broker
+from wire.auth import load_authorized, load_keypair
 from wire.service import configure_logging, run_until_signalled
 
 DEFAULT_FRONTEND = "tcp://127.0.0.1:5555"
@@ -23,17 +24,32 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--client-liveness", type=int, default=10, help="missed heartbeats before a client is dropped")
     p.add_argument("--max-runtimes", type=int, default=64, help="capacity of the local daemon (%(default)s)")
     p.add_argument("--pool-size", type=int, default=2, help="pre-started runtimes in the local daemon")
+    p.add_argument(
+        "--curve-keypair",
+        help="this broker's CURVE key pair (NAME.key_secret from "
+        "`python -m wire.auth`); turns on authentication and encryption",
+    )
+    p.add_argument(
+        "--authorized-keys",
+        help="directory (or file) of public keys of the clients and daemons allowed in (with --curve-keypair)",
+    )
     p.add_argument("-v", "--verbose", action="store_true")
     return p.parse_args(argv)
 
 
 async def serve(args: argparse.Namespace) -> None:
+    keys = load_keypair(args.curve_keypair) if args.curve_keypair else None
+    authorized = load_authorized(args.authorized_keys) if args.authorized_keys else set()
+    if keys is not None:
+        authorized.add(keys.public)  # the embedded daemon uses the broker's own key pair
     broker = Broker(
         args.frontend,
         args.backend,
         heartbeat=args.heartbeat,
         daemon_liveness=args.liveness,
         client_liveness=args.client_liveness,
+        keys=keys,
+        authorized=authorized,
     )
     async with asyncio.TaskGroup() as tg:
         tg.create_task(broker.run())
@@ -48,6 +64,8 @@ async def serve(args: argparse.Namespace) -> None:
                 heartbeat=args.heartbeat,
                 liveness=args.liveness,
                 name="local",
+                keys=keys,
+                broker_key=keys.public if keys else None,
             )
             tg.create_task(local.run())
             await local.registered.wait()

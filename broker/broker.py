@@ -20,6 +20,7 @@ import zmq
 
 from wire import protocol as P
 from wire import sockets
+from wire.auth import Gate, KeyPair, user_key
 
 log = logging.getLogger("broker")
 
@@ -35,6 +36,7 @@ class Daemon:
     control: str
     last_seen: float
     load: int = 0
+    key: str | None = None  # CURVE public key (Z85), handed to clients for the direct sockets
     runtimes: set[str] = field(default_factory=set)
 
     @property
@@ -48,6 +50,7 @@ class Client:
     token: bytes
     last_seen: float
     runtimes: set[str] = field(default_factory=set)
+    key: bytes | None = None  # CURVE public key the gate admitted it with
 
 
 @dataclass(slots=True)
@@ -76,12 +79,16 @@ class Broker:
         heartbeat: float = 1.0,
         daemon_liveness: int = 3,
         client_liveness: int = 10,
+        keys: KeyPair | None = None,
+        authorized: set[bytes] | None = None,
     ) -> None:
         self.frontend_endpoint = frontend
         self.backend_endpoint = backend
         self.heartbeat = heartbeat
         self.daemon_liveness = daemon_liveness
         self.client_liveness = client_liveness
+        self.keys = keys
+        self.authorized = authorized or set()
         self.ctx = sockets.context()
         self.daemons: dict[bytes, Daemon] = {}
         self.clients: dict[bytes, Client] = {}
@@ -98,8 +105,11 @@ class Broker:
     async def run(self) -> None:
         self.front = sockets.router(self.ctx)
         self.back = sockets.router(self.ctx)
+        gate = Gate(self.ctx, self.keys, self.authorized) if self.keys is not None else None
         for sock in (self.front, self.back):
             sock.setsockopt(zmq.MAXMSGSIZE, 16 * P.MAX_FRAME)  # hard cap: libzmq drops the peer
+            if gate is not None:
+                gate.serve(sock)
         try:
             self.front.bind(self.frontend_endpoint)
             self.back.bind(self.backend_endpoint)
@@ -113,6 +123,8 @@ class Broker:
         finally:
             for sock in (self.front, self.back):
                 sock.close(0)
+            if gate is not None:
+                gate.stop()
 
     async def _read(self, sock: zmq.asyncio.Socket, handle: Any) -> None:
         while True:
@@ -127,7 +139,7 @@ class Broker:
         """Send without ever blocking the router; False only if the peer is gone (not merely slow)."""
         assert sock is not None
         try:
-            sock.send_multipart([ident, *frames], flags=zmq.NOBLOCK, copy=False)
+            sockets.send_now(sock, [ident, *frames])
             return True
         except zmq.ZMQError as exc:
             log.warning("message to %s dropped: %s", ident.hex(), exc.strerror)
@@ -146,7 +158,9 @@ class Broker:
             too_big = next((len(f) for f in frames if len(f) > P.MAX_FRAME), None)
             if too_big is not None:
                 raise P.ProtocolError(P.E_TOO_LARGE, f"a frame of {too_big} bytes exceeds {P.MAX_FRAME}")
-            return P.decode(frames, allowed)
+            msg = P.decode(frames, allowed)
+            msg.sender_key = user_key(frames[0]) if self.keys is not None else None
+            return msg
         except P.ProtocolError as exc:
             log.warning("refused a message: %s", exc.message)
             reply(P.error_frames(exc.code, exc.message, _peek_id(frames)))
@@ -168,7 +182,7 @@ class Broker:
         client = self.clients.get(ident)
         if msg.type == "hello":
             if client is None:
-                client = self.clients[ident] = Client(ident, P.new_id(), now)
+                client = self.clients[ident] = Client(ident, P.new_id(), now, key=msg.sender_key)
             self.to_client(ident, P.encode("welcome", id=msg.id, token=client.token,
                                            heartbeat_ms=int(self.heartbeat * 1000)))  # fmt: skip
             return
@@ -216,7 +230,9 @@ class Broker:
         daemon.runtimes.add(rt.rt)
         client.runtimes.add(rt.rt)
         self.down[(client.ident, req_id)] = Pending(daemon.ident, rt.rt, "create_runtime")
-        self.to_daemon(daemon.ident, P.reencode(msg, c=client.ident, rt=rt.rt, owner=client.token))
+        self.to_daemon(
+            daemon.ident, P.reencode(msg, c=client.ident, rt=rt.rt, owner=client.token, owner_key=client.key)
+        )
 
     def _client_lost(self, ident: bytes, why: str) -> None:
         client = self.clients.pop(ident, None)
@@ -259,6 +275,7 @@ class Broker:
                 P.require(msg, "control", str),
                 now,
                 load=P.optional(msg, "load", int, 0),
+                key=P.optional(msg, "key", str),
             )
             log.info("daemon %s joined (capacity %d)", self.daemons[ident].name, self.daemons[ident].capacity)
             self.to_daemon(ident, P.encode("welcome", heartbeat_ms=int(self.heartbeat * 1000)))
@@ -292,7 +309,8 @@ class Broker:
         if pending.kind == "create_runtime" and rt is not None:
             if msg.type == "ok":
                 rt.live = True
-                msg = P.Message(msg.type, {**msg.header, "control": daemon.control, "daemon": daemon.name}, [])
+                extra = {"control": daemon.control, "daemon": daemon.name, "daemon_key": daemon.key}
+                msg = P.Message(msg.type, {**msg.header, **{k: v for k, v in extra.items() if v}}, [])
             else:
                 self._forget(rt.rt)
         elif pending.kind == "dispose" and msg.type == "ok":
@@ -338,6 +356,10 @@ class Broker:
         hb = P.encode("hb")
         while True:
             await asyncio.sleep(self.heartbeat)
+            for _ in range(100):  # judge peers once the messages already queued have been read
+                if not (sockets.has_input(self.front) or sockets.has_input(self.back)):
+                    break
+                await asyncio.sleep(0)
             now = time.monotonic()
             for ident, daemon in list(self.daemons.items()):
                 if now - daemon.last_seen > self.heartbeat * self.daemon_liveness:

@@ -19,6 +19,7 @@ import zmq
 from client.errors import ConnectionLost, Error, Timeout, from_reply
 from wire import protocol as P
 from wire import sockets
+from wire.auth import KeyPair, connect_with
 
 log = logging.getLogger("client")
 
@@ -28,17 +29,18 @@ DEFAULT_TIMEOUT = 30.0
 class ControlLink:
     """The control DEALER to one daemon; its identity is the client's token."""
 
-    def __init__(self, conn: Connection, endpoint: str) -> None:
+    def __init__(self, conn: Connection, endpoint: str, daemon_key: bytes | None) -> None:
         self.conn = conn
         self.endpoint = endpoint
         self.sock = sockets.dealer(conn.ctx, identity=conn.token)
+        connect_with(self.sock, conn.keypair, daemon_key)
         self.sock.connect(endpoint)
         self.send(P.encode("hello"))
         self.task = asyncio.create_task(self._read(), name=f"client-control-{endpoint}")
 
     def send(self, frames: list[Any]) -> None:
         with contextlib.suppress(zmq.ZMQError):
-            self.sock.send_multipart(frames, flags=zmq.NOBLOCK)
+            sockets.send_now(self.sock, frames)
 
     def cancel(self, sid: bytes) -> None:
         self.send(P.encode("cancel", sid=sid))
@@ -68,13 +70,17 @@ class ControlLink:
 
 
 class Connection:
-    def __init__(self, endpoint: str, timeout: float, heartbeat: float | None) -> None:
+    def __init__(
+        self, endpoint: str, timeout: float, keypair: KeyPair | None = None, broker_key: bytes | None = None
+    ) -> None:
         self.endpoint = endpoint
         self.timeout = timeout
+        self.keypair = keypair
         self.ctx = sockets.context()
         self.sock = sockets.dealer(self.ctx)
+        connect_with(self.sock, keypair, broker_key)
         self.token = b""
-        self.heartbeat = heartbeat or 1.0
+        self.heartbeat = 1.0
         self.liveness = 5
         self._ids = 0
         self._waiting: dict[int, asyncio.Future[P.Message]] = {}
@@ -113,7 +119,7 @@ class Connection:
         if self.closed is not None:
             raise self.closed
         try:
-            self.sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+            sockets.send_now(self.sock, frames)
         except zmq.ZMQError as exc:
             raise ConnectionLost(f"cannot reach the broker at {self.endpoint}: {exc}") from None
 
@@ -144,10 +150,10 @@ class Connection:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    def control(self, endpoint: str) -> ControlLink:
+    def control(self, endpoint: str, daemon_key: bytes | None) -> ControlLink:
         link = self.controls.get(endpoint)
         if link is None:
-            link = self.controls[endpoint] = ControlLink(self, endpoint)
+            link = self.controls[endpoint] = ControlLink(self, endpoint, daemon_key)
         return link
 
     def expect_pipe(self, sid: bytes) -> asyncio.Future[str]:
@@ -203,6 +209,8 @@ class Connection:
         hb = P.encode("hb")
         while self.closed is None:
             await asyncio.sleep(self.heartbeat)
+            if sockets.has_input(self.sock):
+                self._last_seen = time.monotonic()
             if time.monotonic() - self._last_seen > self.heartbeat * self.liveness:
                 self._fail(ConnectionLost(f"the broker at {self.endpoint} stopped answering"))
                 return
@@ -268,8 +276,19 @@ class Connection:
         await self.close()
 
 
-async def connect(endpoint: str = "tcp://127.0.0.1:5555", *, timeout: float = DEFAULT_TIMEOUT) -> Connection:
-    """Connect to a broker's frontend; fails with Timeout if it does not answer within ``timeout``."""
-    conn = Connection(endpoint, timeout, None)
+async def connect(
+    endpoint: str = "tcp://127.0.0.1:5555",
+    *,
+    timeout: float = DEFAULT_TIMEOUT,
+    keypair: KeyPair | None = None,
+    broker_key: bytes | None = None,
+) -> Connection:
+    """Connect to a broker's frontend; fails with Timeout if it does not answer within ``timeout``.
+
+    With ``keypair`` and ``broker_key`` (see wire.auth) every socket of this client uses CURVE:
+    the broker admits it only if its public key is authorized, and the daemons it uses admit it
+    because the broker vouches for it.
+    """
+    conn = Connection(endpoint, timeout, keypair, broker_key)
     await conn._open()
     return conn

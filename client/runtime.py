@@ -22,6 +22,7 @@ from client.errors import Error, RequestRejected, RuntimeLost, lost
 from client.http import Body, BodyType, Request, Response, header_pairs
 from wire import protocol as P
 from wire import sockets
+from wire.auth import connect_with
 from wire.pipes import PipeReader, PipeWriter
 
 log = logging.getLogger("client.runtime")
@@ -52,7 +53,9 @@ class Runtime:
         self.conn = conn
         self.id: str = created["rt"]
         self.daemon: str = str(created.get("daemon", ""))
-        self.control: ControlLink = conn.control(str(created["control"]))
+        key = created.get("daemon_key")
+        self.daemon_key: bytes | None = key.encode() if isinstance(key, str) else None
+        self.control: ControlLink = conn.control(str(created["control"]), self.daemon_key)
         self._fetch = fetch
         self._console = console
         self.eval_timeout = eval_timeout
@@ -130,6 +133,7 @@ class Runtime:
     async def _produce(self, sid: bytes, ep: str, body: BodyType) -> None:
         """Write ``body`` to the daemon's pipe at ``ep``; cancellation closes it (and the source)."""
         sock = sockets.pipe(self.conn.ctx, zmq.PUSH)
+        connect_with(sock, self.conn.keypair, self.daemon_key)
         sock.connect(ep)
         writer = PipeWriter(sock, sid, connect_timeout=self.conn.timeout)
         try:
@@ -165,6 +169,7 @@ class Runtime:
 
     def _open_body(self, sid: bytes, ep: str) -> Body:
         sock = sockets.pipe(self.conn.ctx, zmq.PULL)
+        connect_with(sock, self.conn.keypair, self.daemon_key)
         sock.connect(ep)
         body = Body(
             PipeReader(sock, sid),

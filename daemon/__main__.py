@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from daemon.daemon import Daemon
+from wire.auth import load_keypair, load_public_key
 from wire.service import configure_logging, run_until_signalled
 
 
@@ -23,6 +24,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--heartbeat", type=float, default=1.0, help="heartbeat interval in seconds")
     p.add_argument("--liveness", type=int, default=3, help="missed broker heartbeats before re-registering")
     p.add_argument("--name", default=None, help="name shown in logs and errors")
+    p.add_argument(
+        "--curve-keypair",
+        help="this daemon's CURVE key pair (NAME.key_secret from `python -m wire.auth`); needs --broker-key",
+    )
+    p.add_argument("--broker-key", help="the broker's public key file (NAME.key)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p.parse_args(argv)
 
@@ -42,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         heartbeat=args.heartbeat,
         liveness=args.liveness,
         name=args.name,
+        keys=load_keypair(args.curve_keypair) if args.curve_keypair else None,
+        broker_key=load_public_key(args.broker_key) if args.broker_key else None,
     )
     return run_until_signalled(daemon.run)
 

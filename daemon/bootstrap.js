@@ -51,6 +51,10 @@ const uncurry = (fn) => Function.prototype.call.bind(fn);
 const TypedArrayPrototype = Object.getPrototypeOf(Uint8Array.prototype);
 const byteLengthOf = uncurry(Object.getOwnPropertyDescriptor(TypedArrayPrototype, "byteLength").get);
 const copyInto = uncurry(TypedArrayPrototype.set);
+const bufferOf = uncurry(Object.getOwnPropertyDescriptor(TypedArrayPrototype, "buffer").get);
+const byteOffsetOf = uncurry(Object.getOwnPropertyDescriptor(TypedArrayPrototype, "byteOffset").get);
+// a view of part of a chunk built without subarray(), which the guest may have replaced
+const sliceView = (chunk, off, n) => new Uint8Array(bufferOf(chunk), byteOffsetOf(chunk) + off, n);
 const encodeText = uncurry(TextEncoder.prototype.encode);
 const stringify = JSON.stringify;
 function asStored(key) { return this[key]; } // JSON.stringify replacer: ignores any guest toJSON
@@ -182,11 +186,11 @@ async function sendWithBody(head, stream) {
 }
 
 async function sendChunk(out, sid, chunk) {
-  for (let off = 0; off < chunk.byteLength; off += MAX_CHUNK) {
+  for (let off = 0; off < byteLengthOf(chunk); off += MAX_CHUNK) {
     while (out.credits === 0 && !out.cancelled) await new Promise((r) => { out.wake = r; });
     if (out.cancelled) return;
     out.credits--;
-    send({ op: "chunk", sid }, chunk.subarray(off, off + MAX_CHUNK));
+    send({ op: "chunk", sid }, sliceView(chunk, off, Math.min(MAX_CHUNK, byteLengthOf(chunk) - off)));
   }
 }
 

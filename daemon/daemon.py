@@ -25,6 +25,7 @@ from daemon.pool import WarmPool, write_import_map
 from daemon.runtime import Runtime
 from wire import protocol as P
 from wire import sockets
+from wire.auth import Gate, KeyPair, connect_with
 from wire.pipes import PipeReader, PipeWriter
 
 log = logging.getLogger("daemon")
@@ -49,8 +50,13 @@ class Daemon:
         heartbeat: float = 1.0,
         liveness: int = 3,
         name: str | None = None,
+        keys: KeyPair | None = None,
+        broker_key: bytes | None = None,
     ) -> None:
         self.broker = broker
+        self.keys = keys
+        self.broker_key = broker_key
+        self.gate: Gate | None = None
         self.max_runtimes = max_runtimes
         self.bind_host = bind_host
         self.advertise_host = advertise_host or bind_host
@@ -99,7 +105,7 @@ class Daemon:
         if sock is None or sock.closed:
             return
         try:
-            sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+            sockets.send_now(sock, frames)
         except zmq.ZMQError as exc:
             log.warning("message to the broker dropped: %s", exc)
 
@@ -114,7 +120,7 @@ class Daemon:
         if self._control is None or self._control.closed:
             return
         try:
-            self._control.send_multipart([token, *frames], flags=zmq.NOBLOCK)
+            sockets.send_now(self._control, [token, *frames])
         except zmq.ZMQError:
             self.spawn(self._control_retry(token, frames))
 
@@ -125,18 +131,18 @@ class Daemon:
             if self._control is None or self._control.closed:
                 return
             try:
-                self._control.send_multipart([token, *frames], flags=zmq.NOBLOCK)
+                sockets.send_now(self._control, [token, *frames])
                 return
             except zmq.ZMQError:
                 continue
         log.warning("control message to a client dropped: it never connected")
 
     def bind_reader(self, sid: bytes) -> tuple[PipeReader, str]:
-        sock, ep = sockets.bind_pipe(self.ctx, zmq.PULL, self.bind_host, self.advertise_host)
+        sock, ep = sockets.bind_pipe(self.ctx, zmq.PULL, self.bind_host, self.advertise_host, self.gate)
         return PipeReader(sock, sid), ep
 
     def bind_writer(self, sid: bytes) -> tuple[PipeWriter, str]:
-        sock, ep = sockets.bind_pipe(self.ctx, zmq.PUSH, self.bind_host, self.advertise_host)
+        sock, ep = sockets.bind_pipe(self.ctx, zmq.PUSH, self.bind_host, self.advertise_host, self.gate)
         return PipeWriter(sock, sid), ep
 
     def register_stream(self, sid: bytes, runtime: Runtime, target: Any) -> None:
@@ -148,6 +154,8 @@ class Daemon:
     def forget_runtime(self, runtime: Runtime) -> None:
         if self.runtimes.get(runtime.rt) is runtime:
             del self.runtimes[runtime.rt]
+            if self.gate is not None and runtime.owner_key:
+                self.gate.revoke(runtime.owner_key)
         self.ended[runtime.rt] = (runtime.lost_code or P.E_RUNTIME_LOST, runtime.lost_message)
         while len(self.ended) > 1000:
             self.ended.popitem(last=False)
@@ -163,7 +171,11 @@ class Daemon:
             await asyncio.to_thread(write_import_map, deno_bin, import_map, workdir)
             self.pool = WarmPool(deno_bin, import_map, workdir, self.default_memory_mb, self.pool_size)
             self.pool.fill()
+            if self.keys is not None:
+                self.gate = Gate(self.ctx, self.keys)
             self._control = sockets.router(self.ctx)
+            if self.gate is not None:
+                self.gate.serve(self._control)
             self._control.bind(f"tcp://{self.bind_host}:{self.control_port or '*'}")
             port = self._control.getsockopt(zmq.LAST_ENDPOINT).decode().rsplit(":", 1)[1]
             self.control_endpoint = f"tcp://{self.advertise_host}:{port}"
@@ -186,11 +198,14 @@ class Daemon:
         for sock in (self._control, self._broker_sock):
             if sock is not None:
                 sock.close(0)
+        if self.gate is not None:
+            self.gate.stop()
 
     async def _broker_loop(self) -> None:
         """Register with the broker and serve it; start over if it falls silent."""
         while True:
             sock = sockets.dealer(self.ctx)
+            connect_with(sock, self.keys, self.broker_key)
             sock.connect(self.broker)
             self._broker_sock = sock
             self._last_seen = time.monotonic()
@@ -201,6 +216,7 @@ class Daemon:
                         capacity=self.max_runtimes,
                         control=self.control_endpoint,
                         name=self.name,
+                        key=self.keys.public.decode() if self.keys else None,
                         load=len(self.runtimes),
                     )
                 )
@@ -219,6 +235,8 @@ class Daemon:
     async def _heartbeat(self, sock: zmq.asyncio.Socket) -> None:
         while True:
             await asyncio.sleep(self.heartbeat)
+            if sockets.has_input(sock):
+                self._last_seen = time.monotonic()
             if time.monotonic() - self._last_seen > self.heartbeat * self.liveness:
                 raise _BrokerLost()
             self.to_broker(P.encode("hb", load=len(self.runtimes) + self._starting))
@@ -297,6 +315,7 @@ class Daemon:
     async def _create(self, msg: P.Message, route: bytes, req_id: int, rt_id: str) -> None:
         try:
             owner = P.require(msg, "owner", bytes)
+            owner_key = P.optional(msg, "owner_key", bytes)
             limit = P.optional(msg, "memory_limit_mb", int, self.default_memory_mb)
             if not MIN_MEMORY_MB <= limit <= MAX_MEMORY_MB:
                 raise P.ProtocolError(P.E_BAD_MESSAGE, f"memory_limit_mb must be {MIN_MEMORY_MB}-{MAX_MEMORY_MB}")
@@ -319,6 +338,9 @@ class Daemon:
             self._starting -= 1
         runtime = Runtime(self, rt_id, owner, guest, self.eval_timeout if eval_ms is None else eval_ms / 1000)
         self.runtimes[rt_id] = runtime
+        if self.gate is not None and owner_key:
+            runtime.owner_key = owner_key
+            self.gate.allow(owner_key)
         guest.send({"op": "init", "fetch": bool(msg.get("fetch")), "console": bool(msg.get("console"))})
         self.reply(route, req_id, rt=rt_id, pid=guest.pid)
 

@@ -154,8 +154,12 @@ class GuestProcess:
         stdout = self.proc.stdout
         assert stdout is not None
         reason = "the runtime process exited"
+        count = 0
         try:
             while True:
+                count += 1
+                if count % 32 == 0:
+                    await asyncio.sleep(0)  # buffered frames never suspend: let others run
                 prefix = await stdout.readexactly(8)
                 total, hlen = _U32x2.unpack(prefix)
                 if total > MAX_GUEST_FRAME or hlen > total - 4:

@@ -96,6 +96,7 @@ class Runtime:
         self.daemon = daemon
         self.rt = rt
         self.owner = owner
+        self.owner_key: bytes | None = None  # the owner's CURVE key, admitted while this runtime lives
         self.guest = guest
         self.eval_timeout = eval_timeout
         self.evals: dict[int, Call] = {}

@@ -4,6 +4,7 @@ Deno runtimes, and real aiohttp servers on 127.0.0.1."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import socket
@@ -21,6 +22,12 @@ import client
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _die_with_us() -> None:
+    """Product processes die with the test run, even if pytest is killed (PR_SET_PDEATHSIG)."""
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)
+    os.setsid()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -34,7 +41,7 @@ class Proc:
         self.log = tmp / f"{name}.log"
         self.logf = self.log.open("wb")
         self.p = subprocess.Popen(
-            [sys.executable, *argv], cwd=ROOT, stdout=subprocess.PIPE, stderr=self.logf, start_new_session=True
+            [sys.executable, *argv], cwd=ROOT, stdout=subprocess.PIPE, stderr=self.logf, preexec_fn=_die_with_us
         )
         self.ready_line = ""
         if ready is not None:
@@ -133,7 +140,7 @@ def wait_until(pred, timeout: float = 10.0, interval: float = 0.05) -> bool:
 @pytest.fixture(scope="session")
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
     """One broker with its embedded local daemon, shared by the tests that need no special set-up."""
-    b = Broker(tmp_path_factory.mktemp("broker"), "--heartbeat", "0.5", "--max-runtimes", "200")
+    b = Broker(tmp_path_factory.mktemp("broker"), "--heartbeat", "1.0", "--max-runtimes", "200")
     yield b
     b.stop()
 

@@ -23,6 +23,9 @@ from wire.protocol import MAX_CHUNK, PIPE_DATA, PIPE_END, PIPE_ERROR, ProtocolEr
 
 #: How long a finished pipe keeps flushing its last messages after the producer is done (ms).
 END_LINGER_MS = 10_000
+#: Awaiting a socket that is always ready never suspends; yield to the event loop this often so a
+#: busy stream cannot starve heartbeats and other streams.
+YIELD_EVERY = 8
 
 
 class StreamError(Exception):
@@ -37,6 +40,7 @@ class PipeReader:
         self.sid = sid
         self.finished = False
         self._abort_reason: BaseException | None = None
+        self._count = 0
 
     async def read_frame(self) -> zmq.Frame | None:
         """The next chunk as a zmq.Frame (zero-copy), or None at the end of the stream."""
@@ -45,7 +49,7 @@ class PipeReader:
         if self._abort_reason is not None:
             raise self._abort_reason
         try:
-            frames = await self.sock.recv_multipart(copy=False)
+            frames = await self._recv()
         except (asyncio.CancelledError, zmq.ZMQError) as exc:
             task = asyncio.current_task()
             cancelled_by_us = isinstance(exc, asyncio.CancelledError) and task is not None and task.cancelling()
@@ -65,6 +69,18 @@ class PipeReader:
             return None
         assert kind == PIPE_ERROR
         raise StreamError(bytes(payload.buffer).decode("utf-8", "replace") or "stream failed")
+
+    async def _recv(self) -> list[zmq.Frame]:
+        self._count += 1
+        if self._count % YIELD_EVERY == 0:
+            await asyncio.sleep(0)
+        while True:
+            try:
+                return await self.sock.recv_multipart(copy=False)
+            except zmq.Again:
+                # libzmq can report POLLIN before a CURVE-encrypted message is complete (seen with a
+                # ZAP handler in the same context); the message follows, so wait again
+                await asyncio.sleep(0)
 
     async def read(self) -> bytes | None:
         frame = await self.read_frame()
@@ -91,8 +107,12 @@ class PipeWriter:
         self.connect_timeout = connect_timeout
         self._connected = False
         self._data_tag = PIPE_DATA + sid
+        self._count = 0
 
     async def _send(self, frames: list[Any]) -> None:
+        self._count += 1
+        if self._count % YIELD_EVERY == 0:
+            await asyncio.sleep(0)
         if self._connected:
             await self.sock.send_multipart(frames, copy=False)
             return

@@ -77,6 +77,7 @@ class Message:
     header: dict[str, Any]
     payload: list[Any] = field(default_factory=list)
     raw: Any = None  # the header frame as received, so a router can forward without re-encoding
+    sender_key: bytes | None = None  # the CURVE key the sender was admitted with (wire.auth)
 
     def frames(self) -> list[Any]:
         """The message as frames again (the received header frame when unchanged)."""

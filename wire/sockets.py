@@ -6,11 +6,14 @@ The numbers here are the ones protocol.md documents; change them together.
 from __future__ import annotations
 
 import contextlib
+import logging
 import resource
+from typing import Any
 
 import zmq
 import zmq.asyncio
 
+from wire.auth import Gate
 from wire.protocol import MAX_CHUNK, MAX_FRAME
 
 #: Messages a pipe socket queues on each side; with MAX_CHUNK this bounds a stalled stream.
@@ -78,15 +81,19 @@ def pipe(ctx: zmq.asyncio.Context, kind: int) -> zmq.asyncio.Socket:
     sock.setsockopt(zmq.LINGER, 0)
     if kind == zmq.PUSH:
         sock.setsockopt(zmq.IMMEDIATE, 1)
-    _heartbeats(sock)
+    # no ZMTP heartbeats here: a consumer that stops reading stops reading the pongs too, and
+    # libzmq would then drop a healthy but stalled stream (losing data). Peer loss reaches a pipe
+    # through the runtime instead (runtime_lost, client loss at the broker).
     return sock
 
 
 def bind_pipe(
-    ctx: zmq.asyncio.Context, kind: int, bind_host: str, advertise_host: str
+    ctx: zmq.asyncio.Context, kind: int, bind_host: str, advertise_host: str, gate: Gate | None = None
 ) -> tuple[zmq.asyncio.Socket, str]:
     """Bind a pipe on an ephemeral port; returns the socket and the endpoint peers should connect to."""
     sock = pipe(ctx, kind)
+    if gate is not None:
+        gate.serve(sock)
     try:
         sock.bind(f"tcp://{bind_host}:*")  # the kernel picks a free ephemeral port
     except Exception:
@@ -99,3 +106,33 @@ def bind_pipe(
 def _heartbeats(sock: zmq.Socket) -> None:
     sock.setsockopt(zmq.HEARTBEAT_IVL, ZMTP_HEARTBEAT_IVL)
     sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, ZMTP_HEARTBEAT_TIMEOUT)
+
+
+def send_now(sock: zmq.asyncio.Socket, frames: list[Any]) -> None:
+    """Send without waiting: raises zmq.Again (queue full) or EHOSTUNREACH (unknown peer) at once.
+
+    An asyncio socket reports such errors in the future it returns; with DONTWAIT and no other
+    send queued that future is already done, so the error can be raised here. (Sending through a
+    synchronous shadow instead would bypass pyzmq's edge-triggered event bookkeeping and stall
+    pending receives.)
+    """
+    fut = sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+    if fut.done():
+        exc = fut.exception()
+        if exc is not None:
+            raise exc
+    else:  # another send was queued first: let it finish on its own, but never lose its error
+        fut.add_done_callback(_log_send_failure)
+
+
+def _log_send_failure(fut: Any) -> None:
+    if not fut.cancelled() and fut.exception() is not None:
+        logging.getLogger("wire").warning("queued send failed: %s", fut.exception())
+
+
+def has_input(sock: zmq.asyncio.Socket) -> bool:
+    """A message is waiting that the reader has not taken yet: the peer is not silent, we were slow.
+
+    Liveness checks ask this first, so a stall of our own event loop never reads as a dead peer.
+    """
+    return not sock.closed and bool(sock.getsockopt(zmq.EVENTS) & zmq.POLLIN)

@@ -1,0 +1,70 @@
+"""Peers on other hosts can be authenticated: with CURVE keys, only authorized clients and daemons
+get in, and the direct control socket and body pipes are encrypted and admit the owner only."""
+
+from __future__ import annotations
+
+import asyncio
+import zlib
+from pathlib import Path
+
+import pytest
+
+import client
+from tests.conftest import Broker, Daemon
+from wire.auth import load_keypair, load_public_key
+from wire.auth import main as keygen
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> Path:
+    secrets, public = tmp_path / "secrets", tmp_path / "authorized"
+    for name in ("broker", "daemon", "alice", "eve"):
+        assert keygen([str(secrets), name]) == 0
+    public.mkdir()
+    for name in ("daemon", "alice"):  # eve is not authorized
+        (public / f"{name}.key").write_bytes((secrets / f"{name}.key").read_bytes())
+    return tmp_path
+
+
+async def test_only_authorized_peers_get_in_and_everything_works_over_curve(keys: Path) -> None:
+    s = keys / "secrets"
+    b = Broker(keys, "--no-local-daemon", "--curve-keypair", str(s / "broker.key_secret"),
+               "--authorized-keys", str(keys / "authorized"), "--heartbeat", "0.5")  # fmt: skip
+    d = Daemon(keys, b, "secure", "--curve-keypair", str(s / "daemon.key_secret"),
+               "--broker-key", str(s / "broker.key"), "--pool-size", "1")  # fmt: skip
+    broker_key = load_public_key(s / "broker.key")
+    try:
+        alice = await client.connect(b.frontend, keypair=load_keypair(s / "alice.key_secret"), broker_key=broker_key)
+        async with alice:
+            for _ in range(300):
+                try:
+                    rt = await alice.create_runtime()
+                    break
+                except client.NoCapacity:
+                    await asyncio.sleep(0.05)
+            assert rt.daemon_key == load_public_key(s / "daemon.key")
+            # streams both ways over the encrypted, authenticated pipes
+            await rt.eval(
+                """serve(async (req) => { const b = new Uint8Array(await req.arrayBuffer());
+                     return new Response(new ReadableStream({ n: 0, pull(c) {
+                       if (this.n++ < 8) c.enqueue(b); else c.close(); } })); })"""
+            )
+            payload = bytes(range(256)) * 1024
+
+            async def body():
+                for _ in range(4):
+                    yield payload
+
+            resp = await rt.dispatch_request(client.Request("POST", "http://x/", body=body()))
+            data = await resp.read()
+            assert len(data) == 8 * 4 * len(payload)
+            assert zlib.crc32(data) == zlib.crc32((payload * 4) * 8)
+        # eve has keys, but not authorized ones; a client without keys is refused too
+        with pytest.raises(client.Timeout):
+            await client.connect(b.frontend, keypair=load_keypair(s / "eve.key_secret"), broker_key=broker_key,
+                                 timeout=1.5)  # fmt: skip
+        with pytest.raises(client.Timeout):
+            await client.connect(b.frontend, timeout=1.5)
+    finally:
+        d.stop()
+        b.stop()

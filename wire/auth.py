@@ -1,0 +1,112 @@
+"""Authenticating peers on other hosts: CURVE (libzmq's public-key encryption) plus a ZAP gate.
+
+Off by default: on one host everything binds to loopback. With keys, the broker is the trust
+anchor. It admits clients and daemons whose public keys are in its authorized set; it tells each
+daemon the public key of the client that owns a runtime (``owner_key`` in create_runtime) and
+each client the daemon's public key (``daemon_key`` in the create reply). The daemon's control
+socket and body pipes are then encrypted and admit only the clients that own runtimes on it.
+
+Keys are the certificate files ``zmq.auth.create_certificates`` writes: ``NAME.key`` (public)
+and ``NAME.key_secret`` (both halves). ``python -m wire.auth DIR NAME`` makes a pair.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import zmq
+import zmq.auth
+from zmq.auth.asyncio import AsyncioAuthenticator
+
+
+@dataclass(frozen=True, slots=True)
+class KeyPair:
+    public: bytes  # Z85, 40 bytes
+    secret: bytes
+
+
+def load_keypair(path: str | Path) -> KeyPair:
+    public, secret = zmq.auth.load_certificate(str(path))
+    if not secret:
+        raise ValueError(f"{path} holds no secret key (use the .key_secret file)")
+    return KeyPair(public, secret)
+
+
+def load_public_key(path: str | Path) -> bytes:
+    return zmq.auth.load_certificate(str(path))[0]
+
+
+def load_authorized(path: str | Path) -> set[bytes]:
+    """Public keys from a directory of certificate files (or one file)."""
+    p = Path(path)
+    if p.is_dir():
+        return set(zmq.auth.load_certificates(str(p)))
+    return {load_public_key(p)}
+
+
+def user_key(frame: zmq.Frame) -> bytes | None:
+    """The CURVE public key (Z85) the ZAP gate admitted the sender of ``frame`` with, if any."""
+    try:
+        uid = frame.get("User-Id")
+    except (zmq.ZMQError, AttributeError):
+        return None
+    return uid.encode() if uid else None
+
+
+class Gate:
+    """The ZAP handler of one process: CURVE peers get in only if their public key is allowed."""
+
+    def __init__(self, ctx: zmq.asyncio.Context, keys: KeyPair, allowed: set[bytes] | None = None) -> None:
+        self.keys = keys
+        self.allowed: dict[bytes, int] = dict.fromkeys(allowed or (), 1)
+        self._auth = AsyncioAuthenticator(ctx)
+        self._auth.start()
+        self._auth.configure_curve_callback("*", self)
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        return key in self.allowed
+
+    def allow(self, key: bytes) -> None:
+        self.allowed[key] = self.allowed.get(key, 0) + 1
+
+    def revoke(self, key: bytes) -> None:
+        """Undo one ``allow``; the key stays admitted while other grants remain."""
+        n = self.allowed.get(key, 0) - 1
+        if n > 0:
+            self.allowed[key] = n
+        else:
+            self.allowed.pop(key, None)
+
+    def serve(self, sock: zmq.Socket) -> None:
+        """Make ``sock`` a CURVE server whose peers pass this gate (call before bind)."""
+        sock.curve_secretkey = self.keys.secret
+        sock.curve_publickey = self.keys.public
+        sock.curve_server = True
+
+    def stop(self) -> None:
+        self._auth.stop()
+
+
+def connect_with(sock: zmq.Socket, keys: KeyPair | None, server_key: bytes | None) -> None:
+    """Make ``sock`` a CURVE client of ``server_key`` (call before connect); no-op without keys."""
+    if keys is None or server_key is None:
+        return
+    sock.curve_secretkey = keys.secret
+    sock.curve_publickey = keys.public
+    sock.curve_serverkey = server_key
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2:
+        print("usage: python -m wire.auth DIR NAME   (writes DIR/NAME.key and DIR/NAME.key_secret)")
+        return 2
+    Path(argv[0]).mkdir(parents=True, exist_ok=True)
+    public, secret = zmq.auth.create_certificates(argv[0], argv[1])
+    print(f"public: {public}\nsecret: {secret}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
