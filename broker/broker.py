@@ -68,6 +68,7 @@ class Pending:
     peer: bytes  # the daemon (down) or the client (up) that must answer
     rt: str
     kind: str
+    orphan: bool = False  # a create_runtime whose client is gone: dispose what it creates
 
 
 class Broker:
@@ -152,30 +153,40 @@ class Broker:
     def to_daemon(self, ident: bytes, frames: list[Any]) -> None:
         self._send(self.back, ident, frames)
 
-    def _decode(self, frames: list[Any], allowed: frozenset[str], reply: Any) -> P.Message | None:
-        """Decode or answer with an error; oversized frames are refused before decoding."""
-        try:
-            too_big = next((len(f) for f in frames if len(f) > P.MAX_FRAME), None)
-            if too_big is not None:
-                raise P.ProtocolError(P.E_TOO_LARGE, f"a frame of {too_big} bytes exceeds {P.MAX_FRAME}")
-            msg = P.decode(frames, allowed)
-            msg.sender_key = user_key(frames[0]) if self.keys is not None else None
-            return msg
-        except P.ProtocolError as exc:
-            log.warning("refused a message: %s", exc.message)
-            reply(P.error_frames(exc.code, exc.message, _peek_id(frames)))
-            return None
+    def _decode(self, frames: list[Any], allowed: frozenset[str]) -> P.Message:
+        """Decode, refusing oversized frames before even looking at them."""
+        too_big = next((len(f) for f in frames if len(f) > P.MAX_FRAME), None)
+        if too_big is not None:
+            raise P.ProtocolError(P.E_TOO_LARGE, f"a frame of {too_big} bytes exceeds {P.MAX_FRAME}")
+        msg = P.decode(frames, allowed)
+        msg.sender_key = user_key(frames[0]) if self.keys is not None else None
+        return msg
 
     # ---- clients -------------------------------------------------------------------------------------
 
     def _from_client(self, ident: bytes, frames: list[Any]) -> None:
-        msg = self._decode(frames, P.CLIENT_TO_BROKER, lambda f: self.to_client(ident, f))
-        if msg is None:
-            return
         try:
-            self._client_message(ident, msg)
+            self._client_message(ident, self._decode(frames, P.CLIENT_TO_BROKER))
         except P.ProtocolError as exc:
-            self.to_client(ident, P.error_frames(exc.code, exc.message, msg.id))
+            self._refuse_client(ident, frames, exc)
+
+    def _refuse_client(self, ident: bytes, frames: list[Any], exc: P.ProtocolError) -> None:
+        """Answer a refused client message. A refused answer to a daemon's callback fails that
+        callback, and the client hears of it without an id: its own request ids are another space."""
+        log.warning("refused a message from client %s: %s", ident.hex(), exc.message)
+        h = _peek(frames)
+        mid = _valid_id(h.get("id"))
+        if h.get("t") not in ("ok", "error"):
+            self.to_client(ident, P.error_frames(exc.code, exc.message, mid))
+            return
+        rt = self.runtimes.get(h["rt"]) if isinstance(h.get("rt"), str) else None
+        if rt is not None and rt.owner == ident and mid is not None:
+            pending = self.up.get((rt.daemon, mid))
+            if pending is not None and pending.peer == ident:
+                del self.up[(rt.daemon, mid)]
+                why = f"the client's answer was refused: {exc.message}"
+                self.to_daemon(rt.daemon, P.error_frames(exc.code, why, mid))
+        self.to_client(ident, P.error_frames(exc.code, exc.message))
 
     def _client_message(self, ident: bytes, msg: P.Message) -> None:
         now = time.monotonic()
@@ -187,7 +198,11 @@ class Broker:
                                            heartbeat_ms=int(self.heartbeat * 1000)))  # fmt: skip
             return
         if client is None:
-            raise P.ProtocolError(P.E_BAD_MESSAGE, "unknown client: send hello first (or reconnect)")
+            raise P.ProtocolError(
+                P.E_UNKNOWN_CLIENT,
+                "unknown client: say hello first (the broker may have "
+                "restarted, or dropped this client after missed heartbeats)",
+            )
         client.last_seen = now
         t = msg.type
         if t == "hb":
@@ -204,9 +219,10 @@ class Broker:
             self.down[(ident, req_id)] = Pending(rt.daemon, rt.rt, t)
             self.to_daemon(rt.daemon, P.reencode(msg, c=ident))
         else:  # ok / error answering a daemon's fetch callback
-            pending = self.up.pop((rt.daemon, req_id), None)
+            pending = self.up.get((rt.daemon, req_id))
             if pending is None or pending.peer != ident:
                 raise P.ProtocolError(P.E_BAD_MESSAGE, f"no callback {req_id} is waiting for an answer")
+            del self.up[(rt.daemon, req_id)]
             self.to_daemon(rt.daemon, P.reencode(msg, rt=None))
 
     def _owned(self, client: Client, rt_id: str) -> Runtime:
@@ -248,19 +264,34 @@ class Broker:
             if pending.peer == ident:
                 del self.up[key]
                 self.to_daemon(key[0], P.error_frames(P.E_RUNTIME_LOST, "the client is gone", key[1]))
-        for key in [k for k in self.down if k[0] == ident]:
-            del self.down[key]
+        for key, pending in list(self.down.items()):
+            if key[0] == ident:
+                if pending.kind == "create_runtime":
+                    pending.orphan = True  # the runtime it creates must not outlive its client
+                else:
+                    del self.down[key]
 
     # ---- daemons -------------------------------------------------------------------------------------
 
     def _from_daemon(self, ident: bytes, frames: list[Any]) -> None:
-        msg = self._decode(frames, P.DAEMON_TO_BROKER, lambda f: self.to_daemon(ident, f))
-        if msg is None:
-            return
         try:
-            self._daemon_message(ident, msg)
+            self._daemon_message(ident, self._decode(frames, P.DAEMON_TO_BROKER))
         except P.ProtocolError as exc:
-            log.warning("refused %s from daemon %s: %s", msg.type, ident.hex(), exc.message)
+            self._refuse_daemon(ident, frames, exc)
+
+    def _refuse_daemon(self, ident: bytes, frames: list[Any], exc: P.ProtocolError) -> None:
+        """A refused reply fails the client request it answers; a refused fetch fails at the daemon."""
+        log.warning("refused a message from daemon %s: %s", ident.hex(), exc.message)
+        h = _peek(frames)
+        mid = _valid_id(h.get("id"))
+        if h.get("t") in ("ok", "error"):
+            c = h.get("c")
+            pending = self.down.get((c, mid)) if isinstance(c, bytes) and mid is not None else None
+            if pending is not None and pending.peer == ident:
+                del self.down[(c, mid)]  # type: ignore[index]
+                self.to_client(c, P.error_frames(exc.code, f"the daemon's reply was refused: {exc.message}", mid))
+        elif h.get("t") == "fetch" and mid is not None:
+            self.to_daemon(ident, P.error_frames(exc.code, exc.message, mid))
 
     def _daemon_message(self, ident: bytes, msg: P.Message) -> None:
         now = time.monotonic()
@@ -302,9 +333,15 @@ class Broker:
 
     def _daemon_reply(self, daemon: Daemon, msg: P.Message) -> None:
         client = P.require(msg, "c", bytes)
-        pending = self.down.pop((client, P.require(msg, "id", int)), None)
+        key = (client, P.require(msg, "id", int))
+        pending = self.down.get(key)
         if pending is None or pending.peer != daemon.ident:
             return  # the client is gone, or the request was already answered
+        del self.down[key]
+        if pending.orphan:  # its client left while the runtime was being created
+            if msg.type == "ok":
+                self.to_daemon(daemon.ident, P.encode("dispose", rt=pending.rt))
+            return
         rt = self.runtimes.get(pending.rt)
         if pending.kind == "create_runtime" and rt is not None:
             if msg.type == "ok":
@@ -347,6 +384,8 @@ class Broker:
         rt = self.runtimes.pop(rt_id, None)
         if rt is None:
             return
+        for key in [k for k, p in self.up.items() if p.rt == rt_id]:
+            del self.up[key]  # callbacks of a runtime that is gone will never be answered
         if (d := self.daemons.get(rt.daemon)) is not None:
             d.runtimes.discard(rt_id)
         if (c := self.clients.get(rt.owner)) is not None:
@@ -373,11 +412,14 @@ class Broker:
                     self.to_client(ident, hb)
 
 
-def _peek_id(frames: list[Any]) -> int | None:
-    """The request id of a message that failed validation, if one can be read, for the error reply."""
+def _peek(frames: list[Any]) -> dict[Any, Any]:
+    """The header of a message that failed validation, as far as it can be read (else empty)."""
     try:
         header = P.msgpack.unpackb(frames[0].bytes if hasattr(frames[0], "bytes") else frames[0])
-        mid = header.get("id") if isinstance(header, dict) else None
-        return mid if isinstance(mid, int) and not isinstance(mid, bool) and mid >= 0 else None
     except Exception:
-        return None
+        return {}
+    return header if isinstance(header, dict) else {}
+
+
+def _valid_id(mid: Any) -> int | None:
+    return mid if type(mid) is int and 0 <= mid < 2**63 else None

@@ -77,7 +77,8 @@ class Connection:
         self.timeout = timeout
         self.keypair = keypair
         self.ctx = sockets.context()
-        self.sock = sockets.dealer(self.ctx)
+        # an explicit identity survives a TCP reconnect, so the broker still knows us afterwards
+        self.sock = sockets.dealer(self.ctx, identity=P.new_id())
         connect_with(self.sock, keypair, broker_key)
         self.token = b""
         self.heartbeat = 1.0
@@ -186,6 +187,10 @@ class Connection:
         if t == "hb":
             return
         if t in ("ok", "error", "welcome"):
+            if t == "error" and msg.get("code") == P.E_UNKNOWN_CLIENT and self.token:
+                self._fail(ConnectionLost(f"the broker at {self.endpoint} no longer knows this client: "
+                                          f"{msg.get('message')}"))  # fmt: skip
+                return
             fut = self._waiting.get(msg.id) if msg.id is not None else None
             if fut is not None and not fut.done():
                 fut.set_result(msg)

@@ -83,6 +83,7 @@ _BY_CODE: dict[str, type[Error]] = {
     P.E_UNKNOWN_RUNTIME: UnknownRuntime,
     P.E_NO_DAEMON: NoCapacity,
     P.E_CAPACITY: NoCapacity,
+    P.E_UNKNOWN_CLIENT: ConnectionLost,
 }
 
 

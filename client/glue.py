@@ -52,6 +52,9 @@ class ForwardFetch:
             data=request.body,
             allow_redirects=request.redirect == "follow",
         )
+        if request.redirect == "error" and 300 <= upstream.status < 400 and "location" in upstream.headers:
+            upstream.close()
+            raise ValueError(f"{request.url} redirected, and the request's redirect mode is 'error'")
         return Response(
             status=upstream.status,
             headers=[

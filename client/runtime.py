@@ -271,7 +271,11 @@ class Runtime:
                 redirect=str(msg.get("redirect", "follow")),
             )
             assert self._fetch is not None, "the daemon sent fetch to a runtime without a fetch callback"
-            response = await self._fetch(request)
+            try:
+                response = await self._fetch(request)
+            except asyncio.CancelledError:
+                self._reply_fetch_error(fid, "the fetch was cancelled")  # the broker stops waiting
+                raise
             if not isinstance(response, Response):
                 raise TypeError(f"the fetch callback returned {type(response).__name__}, not client.Response")
             if not 200 <= response.status <= 599:

@@ -23,6 +23,15 @@ const MAX_CHUNK = 256 * 1024; // protocol.md: largest chunk on a pipe
 const INLINE_MAX = 64 * 1024; // bodies complete within this size travel with their head
 const WINDOW = 4; // chunks a stream may have in flight between daemon and guest, either way
 const MAX_FRAME = 16 * 1024 * 1024;
+const MAX_VALUE = 48 * 1024; // characters of JSON an eval may return (the reply header is 64 KiB at most)
+const MAX_CONSOLE = 48 * 1024; // characters of text in one console entry
+const MAX_HEAD = 32 * 1024; // characters of URL plus headers in one request or response head
+
+function checkHead(url, headers) {
+  let size = url.length;
+  for (const [k, v] of headers) size += k.length + v.length + 4;
+  if (size > MAX_HEAD) throw new TypeError(`the URL and headers take ${size} characters; the limit is ${MAX_HEAD}`);
+}
 
 const enc = new TextEncoder();
 const dec = new TextDecoder();
@@ -149,23 +158,31 @@ async function sendWithBody(head, stream) {
   let size = 0;
   let pending = null;
   let done = false;
+  let failure = null;
   const tick = new Promise((r) => setTimeout(() => r(TICK), 0));
-  while (size <= INLINE_MAX) {
-    const p = reader.read();
-    let r;
-    try { r = await Promise.race([p, tick]); } catch (e) { send({ ...head, body: null, body_error: describe(e) }); return; }
-    if (r === TICK) { pending = p; break; }
-    if (r.done) { done = true; break; }
-    const chunk = bytesOf(r.value);
-    chunks.push(chunk);
-    size += chunk.byteLength;
+  try {
+    while (size <= INLINE_MAX) {
+      const p = reader.read();
+      const r = await Promise.race([p, tick]);
+      if (r === TICK) { pending = p; break; }
+      if (r.done) { done = true; break; }
+      const chunk = bytesOf(r.value);
+      chunks.push(chunk);
+      size += chunk.byteLength;
+    }
+  } catch (e) {
+    failure = e; // a body that fails early still fails as a stream: the consumer must see an error
   }
-  if (done && size <= INLINE_MAX) { send({ ...head, body: "inline" }, concat(chunks, size)); return; }
+  if (failure === null && done && size <= INLINE_MAX) {
+    send({ ...head, body: "inline" }, concat(chunks, size));
+    return;
+  }
   const sid = nextOut++;
   const out = { credits: WINDOW, wake: null, cancelled: false, reader };
   outStreams.set(sid, out);
   send({ ...head, body: { sid } });
   try {
+    if (failure !== null) throw failure;
     for (const c of chunks) await sendChunk(out, sid, c);
     for (;;) {
       const r = await (pending ?? reader.read());
@@ -263,7 +280,13 @@ async function runEval(h) {
     const mod = await import(url);
     let value = null;
     if ("default" in mod) {
-      try { value = JSON.parse(JSON.stringify(mod.default ?? null) ?? "null"); } catch { value = null; }
+      let json = "null";
+      try { json = JSON.stringify(mod.default ?? null) ?? "null"; } catch { /* not JSON-able: null */ }
+      if (json.length > MAX_VALUE) {
+        throw new RangeError(`the default export is too large to return (${json.length} characters of JSON; `
+          + `the limit is ${MAX_VALUE})`);
+      }
+      value = JSON.parse(json);
     }
     send({ op: "eval_ok", id: h.id, value });
   } catch (e) {
@@ -307,8 +330,9 @@ async function handleRequest(h, body) {
     const req = new Request(h.url, init);
     const resp = await handler(req);
     if (!(resp instanceof Response)) throw new TypeError("the serve() handler must return a Response");
-    const head = { op: "response", id: h.id, status: resp.status, statusText: resp.statusText,
+    const head = { op: "response", id: h.id, status: resp.status, statusText: resp.statusText.slice(0, 1024),
       headers: [...resp.headers] };
+    checkHead("", head.headers);
     await sendWithBody(head, resp.body);
   } catch (e) {
     send({ op: "response_error", id: h.id, error: describe(e) });
@@ -332,6 +356,7 @@ globalThis.fetch = async function fetch(input, init = undefined) {
   const id = nextFetch++;
   const head = { op: "fetch", id, method: req.method, url: req.url, headers: [...req.headers],
     redirect: req.redirect };
+  checkHead(head.url, head.headers);
   return await new Promise((resolve, reject) => {
     const entry = { resolve, reject, signal };
     fetches.set(id, entry);
@@ -381,7 +406,17 @@ function format(arg) {
 
 function log(level, args) {
   if (!config.console) return;
-  send({ op: "console", level, args: args.map(format) });
+  // entries are bounded so that legitimate logging can never exceed a frame limit downstream
+  const out = [];
+  let room = MAX_CONSOLE;
+  for (const arg of args) {
+    if (out.length === 64 || room <= 0) { out.push("…[more arguments dropped]"); break; }
+    let text = format(arg);
+    if (text.length > room) text = text.slice(0, room) + "…[truncated]";
+    room -= text.length;
+    out.push(text);
+  }
+  send({ op: "console", level, args: out });
 }
 
 const counts = new Map();

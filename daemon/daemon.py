@@ -31,6 +31,7 @@ from wire.pipes import PipeReader, PipeWriter
 log = logging.getLogger("daemon")
 
 DEFAULT_MEMORY_MB = 128
+MEMORY_CHECK_INTERVAL = 0.25
 MIN_MEMORY_MB = 16
 MAX_MEMORY_MB = 16384
 
@@ -110,7 +111,11 @@ class Daemon:
             log.warning("message to the broker dropped: %s", exc)
 
     def reply(self, route: bytes, req_id: int, payload: list[Any] | None = None, **fields: Any) -> None:
-        self.to_broker(P.encode("ok", payload or [], id=req_id, c=route, **fields))
+        frames = P.encode("ok", payload or [], id=req_id, c=route, **fields)
+        if len(frames[0]) > P.MAX_HEADER:  # e.g. a huge eval result: refuse it here, not at the broker
+            message = f"the reply ({len(frames[0])} bytes of header) exceeds the {P.MAX_HEADER}-byte limit"
+            frames = P.error_frames(P.E_TOO_LARGE, message, req_id, c=route)
+        self.to_broker(frames)
 
     def reply_error(self, route: bytes, req_id: int, code: str, message: str, **fields: Any) -> None:
         self.to_broker(P.error_frames(code, message, req_id, c=route, **fields))
@@ -182,6 +187,7 @@ class Daemon:
             log.info("daemon %s: control=%s broker=%s", self.name, self.control_endpoint, self.broker)
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._control_loop(), name="daemon-control")
+                tg.create_task(self._watch_memory(), name="daemon-memory")
                 tg.create_task(self._broker_loop(), name="daemon-broker")
         finally:
             await self._shutdown()
@@ -201,10 +207,24 @@ class Daemon:
         if self.gate is not None:
             self.gate.stop()
 
+    async def _watch_memory(self) -> None:
+        """Stop runtimes whose process outgrows its memory limit outside the V8 heap."""
+        while True:
+            await asyncio.sleep(MEMORY_CHECK_INTERVAL)
+            for runtime in list(self.runtimes.values()):
+                guest = runtime.guest
+                rss = guest.rss_mb()
+                if rss > guest.rss_limit_mb and runtime.lost_code is None:
+                    runtime.lose(
+                        P.E_MEMORY_LIMIT,
+                        f"the runtime exceeded its memory limit of {guest.memory_limit_mb} MB "
+                        f"(process memory {rss:.0f} MB, allowed {guest.rss_limit_mb} MB) and was stopped",
+                    )
+
     async def _broker_loop(self) -> None:
         """Register with the broker and serve it; start over if it falls silent."""
         while True:
-            sock = sockets.dealer(self.ctx)
+            sock = sockets.dealer(self.ctx, identity=P.new_id())
             connect_with(sock, self.keys, self.broker_key)
             sock.connect(self.broker)
             self._broker_sock = sock
@@ -297,6 +317,8 @@ class Daemon:
             except UnicodeDecodeError:
                 raise P.ProtocolError(P.E_BAD_MESSAGE, "the eval source is not UTF-8") from None
             timeout_ms = P.optional(msg, "timeout_ms", int)
+            if timeout_ms is not None and timeout_ms <= 0:
+                raise P.ProtocolError(P.E_BAD_MESSAGE, "timeout_ms must be positive")
             runtime.eval(route, req_id, code, None if timeout_ms is None else timeout_ms / 1000)
         elif t == "dispatch":
             P.require(msg, "method", str)
@@ -305,7 +327,10 @@ class Daemon:
             sid = P.require(msg, "resp_sid", bytes)
             if len(sid) != 16:
                 raise P.ProtocolError(P.E_BAD_MESSAGE, "resp_sid must be 16 bytes")
-            P.check_body(msg)
+            body = P.check_body(msg)
+            for s in (sid, body.sid if isinstance(body, P.StreamRef) else None):
+                if s is not None and s in self.streams:
+                    raise P.ProtocolError(P.E_BAD_MESSAGE, "stream id already in use")
             runtime.dispatch(msg)
         elif t == "stats":
             runtime.stats(route, req_id)
@@ -320,6 +345,8 @@ class Daemon:
             if not MIN_MEMORY_MB <= limit <= MAX_MEMORY_MB:
                 raise P.ProtocolError(P.E_BAD_MESSAGE, f"memory_limit_mb must be {MIN_MEMORY_MB}-{MAX_MEMORY_MB}")
             eval_ms = P.optional(msg, "eval_timeout_ms", int)
+            if eval_ms is not None and eval_ms <= 0:
+                raise P.ProtocolError(P.E_BAD_MESSAGE, "eval_timeout_ms must be positive")
             if rt_id in self.runtimes:
                 raise P.ProtocolError(P.E_BAD_MESSAGE, f"runtime {rt_id} exists")
             if len(self.runtimes) + self._starting >= self.max_runtimes:

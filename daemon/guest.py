@@ -33,6 +33,7 @@ GUEST_OPS = frozenset(
     }
 )  # fmt: skip
 STDERR_TAIL = 8192
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 F_SETPIPE_SZ = 1031  # linux/fcntl.h
 PIPE_SIZE = 1024 * 1024
 START_TIMEOUT = 20.0
@@ -194,6 +195,20 @@ class GuestProcess:
                 self._stderr_len += len(chunk)
                 while self._stderr_len > STDERR_TAIL and len(self._stderr) > 1:
                     self._stderr_len -= len(self._stderr.popleft())
+
+    def rss_mb(self) -> float:
+        """Resident memory of the process (V8 heap plus everything outside it, e.g. ArrayBuffers)."""
+        try:
+            with open(f"/proc/{self.proc.pid}/statm") as f:
+                return int(f.read().split()[1]) * PAGE_SIZE / (1 << 20)
+        except (OSError, ValueError, IndexError):
+            return 0.0
+
+    @property
+    def rss_limit_mb(self) -> int:
+        """The V8 flag bounds only the JS heap; ArrayBuffers live outside it. The daemon stops a
+        runtime whose whole process outgrows this (protocol.md, "Limits")."""
+        return 2 * self.memory_limit_mb + 128
 
     def stderr_tail(self) -> str:
         return b"".join(self._stderr).decode("utf-8", "replace")

@@ -63,16 +63,37 @@ def _int(h: dict[str, Any], key: str) -> int:
     return v
 
 
-def _str(h: dict[str, Any], key: str, limit: int = 64 * 1024) -> str:
+def clean(value: Any) -> Any:
+    """A JSON value from the guest made encodable as msgpack: lone UTF-16 surrogates (legal in JS
+    strings) become U+FFFD, integers beyond 64 bits become floats. Legal guest values must never
+    break an encoder on the daemon's side."""
+    if isinstance(value, str):
+        try:
+            value.encode()
+            return value
+        except UnicodeEncodeError:
+            return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    if isinstance(value, bool) or value is None or isinstance(value, float):
+        return value
+    if isinstance(value, int):
+        return value if -(2**63) <= value < 2**64 else float(value)
+    if isinstance(value, list):
+        return [clean(v) for v in value]
+    if isinstance(value, dict):
+        return {clean(str(k)): clean(v) for k, v in value.items()}
+    return None
+
+
+def _str(h: dict[str, Any], key: str) -> str:
     v = h.get(key)
-    if not isinstance(v, str) or len(v) > limit:
+    if not isinstance(v, str):
         raise GuestProtocolError(f"{h.get('op')!r} needs a string {key!r}")
-    return v
+    return clean(v)
 
 
 def _headers(h: dict[str, Any]) -> list[tuple[str, str]]:
     try:
-        return P.check_headers(h.get("headers"))
+        return [(clean(k), clean(v)) for k, v in P.check_headers(h.get("headers"))]
     except P.ProtocolError as exc:
         raise GuestProtocolError(exc.message) from None
 
@@ -81,7 +102,7 @@ def _guest_error(h: dict[str, Any]) -> dict[str, str]:
     err = h.get("error")
     if not isinstance(err, dict):
         raise GuestProtocolError(f"{h.get('op')!r} needs an 'error' object")
-    return {k: str(err.get(k, ""))[:MAX_CONSOLE_ARG] for k in ("name", "message", "stack")}
+    return {k: clean(str(err.get(k, ""))[:MAX_CONSOLE_ARG]) for k in ("name", "message", "stack")}
 
 
 class Runtime:
@@ -256,10 +277,13 @@ class Runtime:
         if isinstance(target, (InboundStream, OutboundStream)):
             target.cancel()
         elif isinstance(target, tuple) and target[0] == "dispatch":
-            # the response was cancelled before its head: abort the guest's request signal
-            call = self.dispatches.get(target[1])
+            # the response was cancelled before its head: abort the guest's request signal, and
+            # answer now (the client has given up), whatever the guest does later
+            call = self.dispatches.pop(target[1], None)
             if call is not None:
                 self.guest.send({"op": "abort", "id": target[1]})
+                self._end_dispatch(call)
+                self.daemon.reply_error(call.route, call.req_id, P.E_CANCELLED, "the client cancelled the request")
 
     def cancel_upstream(self, wire_sid: bytes) -> None:
         self.daemon.unregister_stream(wire_sid)
@@ -292,7 +316,7 @@ class Runtime:
             if call.timer:
                 call.timer.cancel()
             if op == "eval_ok":
-                self.daemon.reply(call.route, call.req_id, value=h.get("value"))
+                self.daemon.reply(call.route, call.req_id, value=clean(h.get("value")))
             else:
                 err = _guest_error(h)
                 self.daemon.reply_error(
@@ -317,7 +341,7 @@ class Runtime:
             args = h.get("args")
             if level not in CONSOLE_LEVELS or not isinstance(args, list):
                 raise GuestProtocolError("malformed console entry")
-            args = [str(a)[:MAX_CONSOLE_ARG] for a in args[:64]]
+            args = [clean(str(a)[:MAX_CONSOLE_ARG]) for a in args[:64]]
             self.daemon.to_broker(P.encode("console", rt=self.rt, level=level, args=args))
         elif op == "stats":
             call = self.stat_calls.pop(_int(h, "id"), None)
@@ -339,6 +363,9 @@ class Runtime:
         gid = _int(h, "id")
         call = self.dispatches.pop(gid, None)
         if call is None:
+            b = h.get("body")
+            if isinstance(b, dict):  # a response nobody waits for: stop the guest producing it
+                self.guest.send({"op": "cancel", "sid": _int(b, "sid")})
             return
         if h["op"] == "response_error":
             self._end_dispatch(call)
@@ -351,7 +378,7 @@ class Runtime:
             raise GuestProtocolError(f"response status {status} out of range")
         fields: dict[str, Any] = {
             "status": status,
-            "status_text": _str(h, "statusText", 1024) if "statusText" in h else "",
+            "status_text": _str(h, "statusText")[:1024] if "statusText" in h else "",
             "headers": _headers(h),
         }
         b = h.get("body")
@@ -378,7 +405,7 @@ class Runtime:
         if call.resp_sid is not None:
             self.daemon.unregister_stream(call.resp_sid)
         if call.request_body is not None and not call.request_body.closed:
-            call.request_body.cancel()
+            call.request_body.cancel(tell_guest=True)
 
     def _on_fetch(self, h: dict[str, Any], body: bytes) -> None:
         gid = _int(h, "id")
@@ -386,8 +413,8 @@ class Runtime:
             raise GuestProtocolError(f"fetch id {gid} reused")
         fields: dict[str, Any] = {
             "rt": self.rt,
-            "method": _str(h, "method", 64),
-            "url": _str(h, "url", 64 * 1024),
+            "method": _str(h, "method"),
+            "url": _str(h, "url"),
             "headers": _headers(h),
             "redirect": h.get("redirect") if h.get("redirect") in ("follow", "manual", "error") else "follow",
         }
@@ -439,7 +466,7 @@ class Runtime:
         """Stop the runtime because of ``code`` (timeout, memory limit...)."""
         if self.lost_code is None:
             self.lost_code, self.lost_message = code, message
-        asyncio.get_running_loop().create_task(self.guest.kill(message))
+        self.daemon.spawn(self.guest.kill(message))
 
     async def dispose(self) -> None:
         self.disposing = True

@@ -78,8 +78,9 @@ class InboundStream:
             self.reader.abort(StreamError("stream closed"))
             self.runtime.forget_inbound(self)
 
-    def cancel(self, tell_producer: bool = True) -> None:
-        """The guest cancelled (or the runtime is going away): stop and tell the producer."""
+    def cancel(self, tell_producer: bool = True, tell_guest: bool = False) -> None:
+        """Stop the stream and tell the producer (the guest cancelled, or the runtime is going away);
+        with ``tell_guest``, a guest still reading sees the stream fail instead of waiting forever."""
         if self.closed:
             return
         self.closed = True
@@ -88,6 +89,8 @@ class InboundStream:
         self.runtime.forget_inbound(self)
         if tell_producer:
             self.runtime.cancel_upstream(self.wire_sid)
+        if tell_guest:
+            self.runtime.guest.send({"op": "error", "sid": self.gsid, "message": "the body was cancelled"})
 
 
 class OutboundStream:

@@ -46,7 +46,8 @@ async def test_broker_answers_garbage_with_errors_and_keeps_serving(broker, raw_
         ([msgpack.packb([1, 2, 3])], P.E_BAD_MESSAGE),
         ([msgpack.packb({"v": 99, "t": "hello", "id": 1})], P.E_UNSUPPORTED_VERSION),
         ([msgpack.packb({"v": 1, "t": "launch_missiles", "id": 2})], P.E_UNKNOWN_TYPE),
-        ([msgpack.packb({"v": 1, "t": "eval", "id": 3, "rt": "x"})], P.E_BAD_MESSAGE),  # no hello first
+        ([msgpack.packb({"v": 1, "t": "eval", "id": 3, "rt": "x"})], P.E_UNKNOWN_CLIENT),  # no hello first
+        ([msgpack.packb({"v": True, "t": "hello", "id": 5})], P.E_UNSUPPORTED_VERSION),
         ([msgpack.packb({"v": 1, "t": "hello", "id": 4}), b"x" * (P.MAX_FRAME + 1)], P.E_TOO_LARGE),
         ([msgpack.packb({"v": 1, "t": "hello", "id": "nope"})], P.E_BAD_MESSAGE),
     ]

@@ -115,6 +115,18 @@ async def test_memory_limit_kills_only_that_runtime(conn: client.Connection) -> 
     await bystander.dispose()
 
 
+async def test_memory_outside_the_js_heap_is_limited_too(conn: client.Connection) -> None:
+    """ArrayBuffers live outside V8's heap limit; the daemon watches the whole process."""
+    hog = await conn.create_runtime(memory_limit_mb=64)
+    with pytest.raises(client.MemoryLimitExceeded) as info:
+        await hog.eval(
+            "const keep = []; for (let i = 0; i < 100; i++) { keep.push(new Uint8Array(16 << 20).fill(1));"
+            " await new Promise(r => setTimeout(r, 20)); }",
+            timeout=60,
+        )
+    assert "64 MB" in str(info.value)
+
+
 async def test_eval_timeout_stops_a_runaway_guest(conn: client.Connection) -> None:
     rt = await conn.create_runtime(eval_timeout=0.5)
     t0 = time.monotonic()

@@ -188,3 +188,30 @@ async def test_many_runtimes_concurrently(conn: client.Connection) -> None:
     assert values == [i * 3 for i in range(8)]
     assert len({rt.id for rt in rts}) == 8
     await asyncio.gather(*(rt.dispose() for rt in rts))
+
+
+async def test_legitimate_but_awkward_guest_values_never_break_the_runtime(conn: client.Connection) -> None:
+    """Values that are legal JS but awkward for the wire (lone surrogates, huge integers, huge
+    results or log lines, oversized heads) give clear errors or clean values, never a dead runtime."""
+    entries: list[client.ConsoleEntry] = []
+    rt = await conn.create_runtime(console=entries.append, fetch=lambda req: None)
+    assert await rt.eval("export default 1e20") == 1e20
+    assert await rt.eval("export default '\\ud800x'") == "\ufffdx"
+    await rt.eval("console.log('\\ud800', 'x'.repeat(200000))")
+    await rt.eval("export default 0")
+    assert entries[0].args[0] == "\ufffd"
+    assert len(entries[0].text) < 64 * 1024 and entries[0].args[1].endswith("[truncated]")
+    with pytest.raises(client.GuestError) as info:
+        await rt.eval("export default 'y'.repeat(1000000)")
+    assert info.value.name == "RangeError" and "too large" in info.value.message
+    result = await rt.eval(
+        "let e; try { await fetch('http://x/' + 'a'.repeat(100000)); } catch (err) { e = err; }\n"
+        "export default [e.name, e.message];"
+    )
+    assert result[0] == "TypeError" and "limit" in result[1]
+    await rt.eval("serve(() => new Response(new ReadableStream({ start(c) { c.error(new Error('early')); } })))")
+    resp = await rt.dispatch_request(client.Request("GET", "http://x/"))
+    with pytest.raises(client.StreamError, match="early"):
+        await resp.read()
+    assert await rt.eval("export default 'alive'") == "alive"
+    await rt.dispose()

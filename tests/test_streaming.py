@@ -412,6 +412,31 @@ async def test_backpressure_slow_guest_bounds_upstream_and_memory(conn, upstream
     await rt.dispose()
 
 
+async def test_a_long_stall_loses_nothing(conn, upstream) -> None:
+    """A consumer that stops reading for longer than any keep-alive timeout still gets every byte."""
+    size = 8 * MiB
+    rt = await conn.create_runtime(fetch=client.forward_fetch())
+    await rt.eval(JS_HELPERS)
+    got = await rt.eval(
+        f"""
+        const r = await fetch({upstream.url!r} + "/bytes?size={size}");
+        const reader = r.body.getReader();
+        let crc = 0, n = 0, first = true;
+        for (;;) {{
+          const {{ done, value }} = await reader.read();
+          if (done) break;
+          crc = crc32(value, crc); n += value.length;
+          if (first) {{ first = false; await new Promise(r => setTimeout(r, 7000)); }}
+        }}
+        export default {{ n, crc }};
+        """,
+        timeout=60,
+    )
+    assert got == {"n": size, "crc": stream_crc(size)}
+    await assert_nothing_left(rt)
+    await rt.dispose()
+
+
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):

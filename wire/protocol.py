@@ -21,7 +21,8 @@ VERSION = 1
 MAX_HEADER = 64 * 1024
 #: Largest single payload frame on a request/reply link (an inline body).
 MAX_INLINE_BODY = 64 * 1024
-#: Largest whole message a ROUTER socket accepts (libzmq ZMQ_MAXMSGSIZE is per frame).
+#: Largest frame the broker accepts (checked per frame, with an error reply; libzmq's own hard
+#: cap, ZMQ_MAXMSGSIZE, is 16 times this and drops the connection).
 MAX_FRAME = 1024 * 1024
 #: Largest chunk carried by one pipe message; producers split bigger chunks.
 MAX_CHUNK = 256 * 1024
@@ -44,6 +45,7 @@ E_UNSUPPORTED_VERSION = "unsupported_version"
 E_UNKNOWN_TYPE = "unknown_type"
 E_TOO_LARGE = "too_large"
 E_UNKNOWN_RUNTIME = "unknown_runtime"
+E_UNKNOWN_CLIENT = "unknown_client"
 E_RUNTIME_LOST = "runtime_lost"
 E_NO_DAEMON = "no_daemon"
 E_CAPACITY = "capacity"
@@ -128,7 +130,7 @@ def decode(frames: list[Any], allowed: frozenset[str]) -> Message:
         raise ProtocolError(E_BAD_MESSAGE, f"header frame is not msgpack: {exc}") from None
     if not isinstance(header, dict):
         raise ProtocolError(E_BAD_MESSAGE, "header frame is not a msgpack map")
-    if header.get("v") != VERSION:
+    if type(header.get("v")) is not int or header["v"] != VERSION:
         raise ProtocolError(E_UNSUPPORTED_VERSION, f"protocol version {header.get('v')!r} is not {VERSION}")
     type_ = header.get("t")
     if not isinstance(type_, str):
@@ -157,9 +159,10 @@ def require(msg: Message, key: str, kind: type | tuple[type, ...]) -> Any:
 
 
 def optional(msg: Message, key: str, kind: type | tuple[type, ...], default: Any = None) -> Any:
-    value = msg.header.get(key, default)
-    if value is default:
-        return value
+    """An optional header field: absent or nil gives ``default``; anything else must be ``kind``."""
+    value = msg.header.get(key)
+    if value is None:
+        return default
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise ProtocolError(E_BAD_MESSAGE, f"{msg.type!r} field {key!r} must be {_kind_name(kind)}")
     return value

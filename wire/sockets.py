@@ -50,6 +50,7 @@ def router(ctx: zmq.asyncio.Context) -> zmq.asyncio.Socket:
     """A ROUTER that reports unroutable peers instead of dropping silently and refuses huge frames."""
     sock = ctx.socket(zmq.ROUTER)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a peer that reconnects with its identity takes it over
     sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, 10000)
