@@ -17,6 +17,8 @@ from daemon.guest import GuestProcess
 
 log = logging.getLogger("daemon.pool")
 
+REFILL_DELAY = 0.05
+
 #: node: built-ins a guest may import: pure helpers that reach no I/O of the process.
 ALLOWED_NODE_MODULES = frozenset(
     {
@@ -86,7 +88,9 @@ class WarmPool:
             while self._ready:
                 guest = self._ready.pop()
                 if guest.alive:
-                    self.fill()
+                    # refill a moment later: starting a process forks this one, which stalls the
+                    # event loop for a few ms, and the reply for this claim should leave first
+                    asyncio.get_running_loop().call_later(REFILL_DELAY, self.fill)
                     return guest
         self.fill()
         return await self._start(memory_limit_mb)
