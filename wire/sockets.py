@@ -46,11 +46,9 @@ def _raise_fd_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (min(target, 1 << 20), hard))
 
 
-def router(ctx: zmq.asyncio.Context) -> zmq.asyncio.Socket:
-    """A ROUTER that reports unroutable peers instead of dropping silently and refuses huge frames."""
-    sock = ctx.socket(zmq.ROUTER)
-    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-    sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a peer that reconnects with its identity takes it over
+def _link(ctx: zmq.asyncio.Context, kind: int) -> zmq.asyncio.Socket:
+    """A request/reply link socket: deep queues (messages are small), bounded frames, heartbeats."""
+    sock = ctx.socket(kind)
     sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, 10000)
@@ -59,15 +57,18 @@ def router(ctx: zmq.asyncio.Context) -> zmq.asyncio.Socket:
     return sock
 
 
+def router(ctx: zmq.asyncio.Context) -> zmq.asyncio.Socket:
+    """A ROUTER that reports unroutable peers instead of dropping silently and refuses huge frames."""
+    sock = _link(ctx, zmq.ROUTER)
+    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a peer that reconnects with its identity takes it over
+    return sock
+
+
 def dealer(ctx: zmq.asyncio.Context, identity: bytes | None = None) -> zmq.asyncio.Socket:
-    sock = ctx.socket(zmq.DEALER)
+    sock = _link(ctx, zmq.DEALER)
     if identity is not None:
         sock.setsockopt(zmq.ROUTING_ID, identity)
-    sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.SNDHWM, 10000)
-    sock.setsockopt(zmq.RCVHWM, 10000)
-    _heartbeats(sock)
     return sock
 
 
