@@ -198,3 +198,19 @@ async def test_daemon_control_socket_ignores_garbage_and_foreign_cancels(fake_br
         [ident, msgpack.packb({"v": 1, "t": "eval", "id": 2, "c": route, "rt": "r1"}), b"export default 'ok'"]
     )
     assert (await _reply_to(sock, 2))["value"] == "ok"
+
+
+async def test_a_refused_callback_answer_fails_that_callback_only(conn: client.Connection) -> None:
+    """The broker refuses an oversized fetch answer; the guest's fetch fails, nothing else does."""
+
+    async def on_fetch(req: client.Request) -> client.Response:
+        return client.Response(200, [("x-huge", "h" * (P.MAX_HEADER + 10))], b"never delivered")
+
+    rt = await conn.create_runtime(fetch=on_fetch)
+    slow = asyncio.ensure_future(rt.eval("await new Promise(r => setTimeout(r, 300)); export default 'other'"))
+    result = await rt.eval(
+        "let e; try { await fetch('http://x/'); } catch (err) { e = err; }\nexport default [e?.name, e?.message];"
+    )
+    assert result[0] == "TypeError" and "too_large" not in result[1] and "refused" in result[1]
+    assert await slow == "other"  # an unrelated request with a colliding id space is untouched
+    await rt.dispose()
