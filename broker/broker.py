@@ -106,7 +106,7 @@ class Broker:
     async def run(self) -> None:
         self.front = sockets.router(self.ctx)
         self.back = sockets.router(self.ctx)
-        gate = Gate(self.ctx, self.keys, self.authorized) if self.keys is not None else None
+        gate = Gate.for_context(self.ctx, self.keys, self.authorized) if self.keys is not None else None
         for sock in (self.front, self.back):
             sock.setsockopt(zmq.MAXMSGSIZE, 16 * P.MAX_FRAME)  # hard cap: libzmq drops the peer
             if gate is not None:
@@ -259,11 +259,7 @@ class Broker:
             rt = self.runtimes.get(rt_id)
             if rt is not None:
                 self.to_daemon(rt.daemon, P.encode("dispose", rt=rt_id))
-                self._forget(rt_id)
-        for key, pending in list(self.up.items()):
-            if pending.peer == ident:
-                del self.up[key]
-                self.to_daemon(key[0], P.error_frames(P.E_RUNTIME_LOST, "the client is gone", key[1]))
+                self._forget(rt_id)  # also drops its callbacks: the dispose ends them at the daemon
         for key, pending in list(self.down.items()):
             if key[0] == ident:
                 if pending.kind == "create_runtime":
@@ -289,7 +285,12 @@ class Broker:
             pending = self.down.get((c, mid)) if isinstance(c, bytes) and mid is not None else None
             if pending is not None and pending.peer == ident:
                 del self.down[(c, mid)]  # type: ignore[index]
-                self.to_client(c, P.error_frames(exc.code, f"the daemon's reply was refused: {exc.message}", mid))
+                if pending.kind in ("create_runtime", "dispose"):  # the runtime must not stay half-known
+                    self.to_daemon(ident, P.encode("dispose", rt=pending.rt))
+                    self._forget(pending.rt)
+                if not pending.orphan:
+                    why = f"the daemon's reply was refused: {exc.message}"
+                    self.to_client(c, P.error_frames(exc.code, why, mid))
         elif h.get("t") == "fetch" and mid is not None:
             self.to_daemon(ident, P.error_frames(exc.code, exc.message, mid))
 

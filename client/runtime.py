@@ -145,6 +145,7 @@ class Runtime:
             await writer.end()
         except asyncio.CancelledError:
             writer.abort()
+            self.control.cancel(sid)  # the consumer must not wait for bytes that will never come
             raise
         except Exception as exc:
             await writer.fail(f"{type(exc).__name__}: {exc}")

@@ -24,11 +24,12 @@ const INLINE_MAX = 64 * 1024; // bodies complete within this size travel with th
 const WINDOW = 4; // chunks a stream may have in flight between daemon and guest, either way
 const MAX_FRAME = 16 * 1024 * 1024;
 const MAX_VALUE = 48 * 1024; // characters of JSON an eval may return (the reply header is 64 KiB at most)
-const MAX_CONSOLE = 48 * 1024; // characters of text in one console entry
+const MAX_CONSOLE = 16 * 1024; // UTF-16 units of text in one console entry (at most 48 KiB of UTF-8)
+const MAX_ERROR_TEXT = 16 * 1024; // UTF-16 units kept of an error's message and of its stack
 const MAX_HEAD = 32 * 1024; // characters of URL plus headers in one request or response head
 
-function checkHead(url, headers) {
-  let size = url.length;
+function checkHead(url, headers, method = "") {
+  let size = url.length + method.length;
   for (const [k, v] of headers) size += k.length + v.length + 4;
   if (size > MAX_HEAD) throw new TypeError(`the URL and headers take ${size} characters; the limit is ${MAX_HEAD}`);
 }
@@ -120,12 +121,15 @@ function fatal(message) {
 
 // ---- helpers ------------------------------------------------------------------------------------
 function describe(e) {
+  // bounded, so that an error with a huge message cannot make a frame the daemon must refuse
+  const cut = (text) => (text.length > MAX_ERROR_TEXT ? text.slice(0, MAX_ERROR_TEXT) + "…[truncated]" : text);
   if (e instanceof Error || (e && typeof e === "object" && "message" in e)) {
-    return { name: String(e.name ?? "Error"), message: String(e.message ?? ""), stack: String(e.stack ?? "") };
+    return { name: cut(String(e.name ?? "Error")).slice(0, 256), message: cut(String(e.message ?? "")),
+      stack: cut(String(e.stack ?? "")) };
   }
   let text;
   try { text = typeof e === "string" ? e : inspect(e); } catch { text = "<uninspectable value>"; }
-  return { name: "Error", message: `Uncaught ${text}`, stack: "" };
+  return { name: "Error", message: cut(`Uncaught ${text}`), stack: "" };
 }
 
 function bytesOf(value) {
@@ -356,7 +360,7 @@ globalThis.fetch = async function fetch(input, init = undefined) {
   const id = nextFetch++;
   const head = { op: "fetch", id, method: req.method, url: req.url, headers: [...req.headers],
     redirect: req.redirect };
-  checkHead(head.url, head.headers);
+  checkHead(head.url, head.headers, head.method);
   return await new Promise((resolve, reject) => {
     const entry = { resolve, reject, signal };
     fetches.set(id, entry);

@@ -177,7 +177,7 @@ class Daemon:
             self.pool = WarmPool(deno_bin, import_map, workdir, self.default_memory_mb, self.pool_size)
             self.pool.fill()
             if self.keys is not None:
-                self.gate = Gate(self.ctx, self.keys)
+                self.gate = Gate.for_context(self.ctx, self.keys)
             self._control = sockets.router(self.ctx)
             if self.gate is not None:
                 self.gate.serve(self._control)
@@ -328,9 +328,9 @@ class Daemon:
             if len(sid) != 16:
                 raise P.ProtocolError(P.E_BAD_MESSAGE, "resp_sid must be 16 bytes")
             body = P.check_body(msg)
-            for s in (sid, body.sid if isinstance(body, P.StreamRef) else None):
-                if s is not None and s in self.streams:
-                    raise P.ProtocolError(P.E_BAD_MESSAGE, "stream id already in use")
+            body_sid = body.sid if isinstance(body, P.StreamRef) else None
+            if sid in self.streams or body_sid in self.streams or body_sid == sid:
+                raise P.ProtocolError(P.E_BAD_MESSAGE, "stream id already in use")
             runtime.dispatch(msg)
         elif t == "stats":
             runtime.stats(route, req_id)

@@ -274,7 +274,9 @@ class Runtime:
     # ---- control: a client cancelled a stream it consumes or produces -------------------------
 
     def cancel_stream(self, target: Any) -> None:
-        if isinstance(target, (InboundStream, OutboundStream)):
+        if isinstance(target, InboundStream):  # the client stopped producing: the guest must hear of it
+            target.cancel(tell_producer=False, tell_guest=True)
+        elif isinstance(target, OutboundStream):  # the client stopped consuming: the guest stops producing
             target.cancel()
         elif isinstance(target, tuple) and target[0] == "dispatch":
             # the response was cancelled before its head: abort the guest's request signal, and
@@ -341,7 +343,7 @@ class Runtime:
             args = h.get("args")
             if level not in CONSOLE_LEVELS or not isinstance(args, list):
                 raise GuestProtocolError("malformed console entry")
-            args = [clean(str(a)[:MAX_CONSOLE_ARG]) for a in args[:64]]
+            args = [clean(str(a)[:MAX_CONSOLE_ARG]) for a in args[:65]]
             self.daemon.to_broker(P.encode("console", rt=self.rt, level=level, args=args))
         elif op == "stats":
             call = self.stat_calls.pop(_int(h, "id"), None)
@@ -356,7 +358,7 @@ class Runtime:
     def _stream_error(self, h: dict[str, Any]) -> str:
         err = h.get("error")
         if isinstance(err, dict):
-            return f"{err.get('name', 'Error')}: {err.get('message', '')}"[:4096]
+            return clean(f"{err.get('name', 'Error')}: {err.get('message', '')}"[:4096])
         return "the guest's body stream failed"
 
     def _on_response(self, h: dict[str, Any], body: bytes) -> None:

@@ -68,3 +68,20 @@ async def test_only_authorized_peers_get_in_and_everything_works_over_curve(keys
     finally:
         d.stop()
         b.stop()
+
+
+async def test_broker_with_keys_and_its_embedded_daemon(keys: Path) -> None:
+    """The embedded daemon shares the broker's process (and ZAP handler) and key pair."""
+    s = keys / "secrets"
+    b = Broker(keys, "--curve-keypair", str(s / "broker.key_secret"), "--authorized-keys", str(keys / "authorized"))
+    try:
+        alice = await client.connect(
+            b.frontend, keypair=load_keypair(s / "alice.key_secret"), broker_key=load_public_key(s / "broker.key")
+        )
+        async with alice:
+            rt = await alice.create_runtime()
+            await rt.eval("serve(() => new Response(new Blob([new Uint8Array(300000)]).stream()))")
+            resp = await rt.dispatch_request(client.Request("GET", "http://x/"))
+            assert len(await resp.read()) == 300000
+    finally:
+        b.stop()

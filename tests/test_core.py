@@ -213,5 +213,14 @@ async def test_legitimate_but_awkward_guest_values_never_break_the_runtime(conn:
     resp = await rt.dispatch_request(client.Request("GET", "http://x/"))
     with pytest.raises(client.StreamError, match="early"):
         await resp.read()
+    await rt.eval(
+        "serve(() => new Response(new ReadableStream({ async pull(c) { await null; c.error(new Error('\\ud800 bad')); } })))"
+    )
+    resp = await rt.dispatch_request(client.Request("GET", "http://x/"))
+    with pytest.raises(client.StreamError, match="\ufffd bad"):
+        await resp.read()
+    with pytest.raises(client.GuestError) as info:
+        await rt.eval("throw new Error('z'.repeat(600000))")
+    assert info.value.message.endswith("[truncated]") and len(info.value.message) < 20000
     assert await rt.eval("export default 'alive'") == "alive"
     await rt.dispose()

@@ -56,14 +56,35 @@ def user_key(frame: zmq.Frame) -> bytes | None:
 
 
 class Gate:
-    """The ZAP handler of one process: CURVE peers get in only if their public key is allowed."""
+    """The ZAP handler of one process: CURVE peers get in only if their public key is allowed.
+
+    libzmq allows one ZAP handler per context, so a broker and its embedded daemon share one gate
+    (``for_context``); both then serve the same key pair.
+    """
+
+    _by_context: dict[int, Gate] = {}
 
     def __init__(self, ctx: zmq.asyncio.Context, keys: KeyPair, allowed: set[bytes] | None = None) -> None:
         self.keys = keys
         self.allowed: dict[bytes, int] = dict.fromkeys(allowed or (), 1)
+        self._ctx_id = id(ctx)
+        self._users = 1
         self._auth = AsyncioAuthenticator(ctx)
         self._auth.start()
         self._auth.configure_curve_callback("*", self)
+
+    @classmethod
+    def for_context(cls, ctx: zmq.asyncio.Context, keys: KeyPair, allowed: set[bytes] | None = None) -> Gate:
+        gate = cls._by_context.get(id(ctx))
+        if gate is None:
+            gate = cls._by_context[id(ctx)] = cls(ctx, keys, allowed)
+            return gate
+        if gate.keys != keys:
+            raise ValueError("one process serves one CURVE key pair")
+        gate._users += 1
+        for key in allowed or ():
+            gate.allow(key)
+        return gate
 
     def callback(self, domain: str, key: bytes) -> bool:
         return key in self.allowed
@@ -86,7 +107,10 @@ class Gate:
         sock.curve_server = True
 
     def stop(self) -> None:
-        self._auth.stop()
+        self._users -= 1
+        if self._users == 0:
+            self._by_context.pop(self._ctx_id, None)
+            self._auth.stop()
 
 
 def connect_with(sock: zmq.Socket, keys: KeyPair | None, server_key: bytes | None) -> None:

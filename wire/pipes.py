@@ -144,7 +144,8 @@ class PipeWriter:
         """Tell the consumer the stream failed (best effort), then close."""
         with contextlib.suppress(Exception):
             async with asyncio.timeout(timeout):
-                await self.sock.send_multipart(pipe_frames(PIPE_ERROR, self.sid, message.encode()))
+                payload = message.encode("utf-8", "replace")
+                await self.sock.send_multipart(pipe_frames(PIPE_ERROR, self.sid, payload))
         if not self.sock.closed:
             self.sock.close(END_LINGER_MS)
 
