@@ -18,8 +18,8 @@ from typing import Any
 
 import zmq
 
+from wire import liveness, sockets
 from wire import protocol as P
-from wire import sockets
 from wire.auth import Gate, KeyPair, user_key
 
 log = logging.getLogger("broker")
@@ -395,7 +395,9 @@ class Broker:
     async def _heartbeats(self) -> None:
         hb = P.encode("hb")
         while True:
-            await asyncio.sleep(self.heartbeat)
+            stall = await liveness.tick(self.heartbeat)
+            for peer in [*self.daemons.values(), *self.clients.values()]:
+                peer.last_seen += stall
             for _ in range(100):  # judge peers once the messages already queued have been read
                 if not (sockets.has_input(self.front) or sockets.has_input(self.back)):
                     break
