@@ -9,13 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import aiohttp
 from aiohttp import web
 
 from client.errors import Error
 from client.http import Request, Response, close_body
+
+#: Kernel receive buffer for upstream connections (bytes): part of the per-stream memory bound.
+UPSTREAM_RCVBUF = 256 * 1024
 
 #: Headers that describe one hop's framing, not the message: never forwarded.
 HOP_BY_HOP = frozenset(
@@ -32,16 +37,27 @@ class ForwardFetch:
     closed by ``aclose()``, which the runtime calls when it is disposed.
     """
 
-    def __init__(self, session: aiohttp.ClientSession | None = None) -> None:
+    def __init__(self, session: aiohttp.ClientSession | None = None, rcvbuf: int = UPSTREAM_RCVBUF) -> None:
         self._session = session
         self._own: aiohttp.ClientSession | None = None
+        self._rcvbuf = rcvbuf
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is not None:
             return self._session
         if self._own is None or self._own.closed:
-            self._own = aiohttp.ClientSession(auto_decompress=True)
+            connector = aiohttp.TCPConnector(socket_factory=self._socket)
+            self._own = aiohttp.ClientSession(connector=connector, auto_decompress=True)
         return self._own
+
+    def _socket(self, addr_info: Any) -> socket.socket:
+        """Upstream sockets with a bounded receive buffer: the kernel would otherwise auto-tune it
+        to several MiB, and those bytes sit beyond the reach of the guest's backpressure."""
+        family, type_, proto, _, _ = addr_info
+        sock = socket.socket(family=family, type=type_, proto=proto)
+        if self._rcvbuf:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self._rcvbuf)
+        return sock
 
     async def __call__(self, request: Request) -> Response:
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP | {"host"}]
@@ -74,9 +90,13 @@ class ForwardFetch:
             self._own = None
 
 
-def forward_fetch(session: aiohttp.ClientSession | None = None) -> ForwardFetch:
-    """A fetch callback that performs guest fetches for real with aiohttp (see ForwardFetch)."""
-    return ForwardFetch(session)
+def forward_fetch(session: aiohttp.ClientSession | None = None, *, rcvbuf: int = UPSTREAM_RCVBUF) -> ForwardFetch:
+    """A fetch callback that performs guest fetches for real with aiohttp (see ForwardFetch).
+
+    ``rcvbuf`` bounds the kernel receive buffer of upstream connections (0: the kernel's default);
+    it does not apply to a ``session`` you pass in.
+    """
+    return ForwardFetch(session, rcvbuf)
 
 
 class _UpstreamBody:

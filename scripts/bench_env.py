@@ -196,18 +196,16 @@ def cpu_seconds(pid: int) -> float:
 
 
 def tcp_queued(port: int) -> int:
-    """Bytes in the kernel queues (send + receive) of established TCP connections to/from ``port``."""
+    """Bytes in the send queues of the server ``port``'s own established TCP connections: what the
+    upstream has written that is still in *its* kernel, not yet with any component of ours."""
     total = 0
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         with contextlib.suppress(OSError):
             for line in Path(table).read_text().splitlines()[1:]:
                 cols = line.split()
-                local, remote, state, queues = cols[1], cols[2], cols[3], cols[4]
-                if state != "01":  # ESTABLISHED
-                    continue
-                if int(local.rsplit(":", 1)[1], 16) == port or int(remote.rsplit(":", 1)[1], 16) == port:
-                    tx, rx = queues.split(":")
-                    total += int(tx, 16) + int(rx, 16)
+                local, state, queues = cols[1], cols[3], cols[4]
+                if state == "01" and int(local.rsplit(":", 1)[1], 16) == port:  # ESTABLISHED, server side
+                    total += int(queues.split(":")[0], 16)
     return total
 
 
