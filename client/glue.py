@@ -18,6 +18,7 @@ from aiohttp import web
 
 from client.errors import Error
 from client.http import Request, Response, close_body
+from wire.protocol import MAX_CHUNK
 
 #: Kernel receive buffer for upstream connections (bytes): part of the per-stream memory bound.
 UPSTREAM_RCVBUF = 256 * 1024
@@ -47,7 +48,9 @@ class ForwardFetch:
             return self._session
         if self._own is None or self._own.closed:
             connector = aiohttp.TCPConnector(socket_factory=self._socket)
-            self._own = aiohttp.ClientSession(connector=connector, auto_decompress=True)
+            # a read buffer of one pipe chunk: iter_any() then yields ~MAX_CHUNK pieces, half the
+            # per-chunk work of the default 64 KiB buffer on every hop after this one
+            self._own = aiohttp.ClientSession(connector=connector, auto_decompress=True, read_bufsize=MAX_CHUNK)
         return self._own
 
     def _socket(self, addr_info: Any) -> socket.socket:

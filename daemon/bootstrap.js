@@ -77,16 +77,22 @@ function send(header, body) {
   const h = encodeText(enc, stringify(header, asStored));
   const hlen = byteLengthOf(h);
   const blen = body ? byteLengthOf(body) : 0;
-  const size = 8 + hlen + blen;
-  const buffer = new ArrayBuffer(size);
-  const frame = new Uint8Array(buffer);
-  putU32(frame, 0, 4 + hlen + blen);
-  putU32(frame, 4, hlen);
-  copyInto(frame, h, 8);
-  if (body) copyInto(frame, body, 8 + hlen);
-  let off = 0;
-  // a new view rather than subarray(), which would create its result through the guest's species
-  while (off < size) off += stdout.writeSync(off === 0 ? frame : new Uint8Array(buffer, off));
+  const head = new Uint8Array(8 + hlen);
+  putU32(head, 0, 4 + hlen + blen);
+  putU32(head, 4, hlen);
+  copyInto(head, h, 8);
+  writeAll(head, 0, 8 + hlen);
+  // the body goes out as it is, never copied into a frame buffer (writeSync is synchronous, so
+  // nothing else can write in between)
+  if (blen) writeAll(body, 0, blen);
+}
+
+function writeAll(bytes, off, size) {
+  const buffer = bufferOf(bytes);
+  const base = byteOffsetOf(bytes);
+  // new views rather than subarray(), which would create its result through the guest's species
+  while (off < size) off += stdout.writeSync(off === 0 && base === 0 && size === byteLengthOf(bytes)
+    ? bytes : new Uint8Array(buffer, base + off, size - off));
 }
 
 async function readLoop() {

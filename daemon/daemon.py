@@ -273,11 +273,15 @@ class Daemon:
                 continue
             try:
                 self._on_broker(msg)
-            except P.ProtocolError as exc:
-                log.warning("rejected %s from the broker: %s", msg.type, exc.message)
+            except Exception as exc:  # one bad message must never take the daemon down
+                code, text = (exc.code, exc.message) if isinstance(exc, P.ProtocolError) else (P.E_INTERNAL, repr(exc))
+                if code == P.E_INTERNAL:
+                    log.exception("failed to handle %s from the broker", msg.type)
+                else:
+                    log.warning("rejected %s from the broker: %s", msg.type, text)
                 route = msg.get("c")
                 if isinstance(route, bytes) and msg.id is not None:
-                    self.reply_error(route, msg.id, exc.code, exc.message)
+                    self.reply_error(route, msg.id, code, text)
 
     def _on_broker(self, msg: P.Message) -> None:
         t = msg.type
@@ -393,6 +397,8 @@ class Daemon:
                         entry[0].cancel_stream(entry[1])
             except P.ProtocolError as exc:
                 log.warning("bad control message: %s", exc.message)
+            except Exception:
+                log.exception("failed to handle a control message")
 
 
 class _BrokerLost(Exception):

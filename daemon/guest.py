@@ -10,68 +10,31 @@ import asyncio
 import contextlib
 import ctypes
 import fcntl
-import json
 import logging
 import os
 import signal
-import struct
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from daemon.channel import FrameReader, GuestProtocolError, encode_frame
+
 log = logging.getLogger("daemon.guest")
 
 BOOTSTRAP = Path(__file__).with_name("bootstrap.js")
-#: Largest frame a guest may send (a chunk is at most 256 KiB; headers are small).
-MAX_GUEST_FRAME = 1024 * 1024
-#: ops a guest may send (protocol.md, "Guest channel").
-GUEST_OPS = frozenset(
-    {
-        "ready", "init_ok", "fatal", "eval_ok", "eval_error", "response", "response_error", "fetch",
-        "fetch_abort", "read", "cancel", "chunk", "end", "error", "console", "stats",
-    }
-)  # fmt: skip
 STDERR_TAIL = 8192
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 F_SETPIPE_SZ = 1031  # linux/fcntl.h
 PIPE_SIZE = 1024 * 1024
 START_TIMEOUT = 20.0
 
-_U32 = struct.Struct(">I")
-_U32x2 = struct.Struct(">II")
 
-
-class GuestProtocolError(Exception):
-    """The guest process broke the channel framing or sent an impossible message."""
-
-
-def encode_frame(header: dict[str, Any], body: Any = None) -> tuple[bytes, Any]:
-    """The two buffers of one daemon->guest frame (prefix+header, body) so the body is never copied."""
-    h = json.dumps(header, separators=(",", ":")).encode()
-    blen = 0 if body is None else memoryview(body).nbytes
-    return _U32x2.pack(4 + len(h) + blen, len(h)) + h, body
-
-
-def decode_header(raw: bytes) -> dict[str, Any]:
-    try:
-        header = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise GuestProtocolError(f"frame header is not JSON: {exc}") from None
-    op = header.get("op") if isinstance(header, dict) else header
-    if not isinstance(header, dict) or op not in GUEST_OPS:
-        raise GuestProtocolError(f"unknown guest op {str(op)[:40]!r}")
-    return header
-
-
-def _widen_pipe(stream: Any) -> None:
-    """Give the stdio pipe 1 MiB of kernel buffer (default 64 KiB): a 256 KiB chunk then crosses in
+def _widen_pipe(fd: int) -> None:
+    """Give a stdio pipe 1 MiB of kernel buffer (default 64 KiB): a 256 KiB chunk then crosses in
     one write instead of several wake-ups on each side."""
-    transport = getattr(stream, "transport", None) or getattr(stream, "_transport", None)
-    fileobj = transport.get_extra_info("pipe") if transport is not None else None
-    if fileobj is not None:
-        with contextlib.suppress(OSError):
-            fcntl.fcntl(fileobj.fileno(), F_SETPIPE_SZ, PIPE_SIZE)
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(fd, F_SETPIPE_SZ, PIPE_SIZE)
 
 
 def _die_with_parent() -> None:
@@ -84,17 +47,21 @@ def _die_with_parent() -> None:
 class GuestProcess:
     """A started Deno process; ``on_frame`` receives every validated frame from it."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, memory_limit_mb: int) -> None:
+    def __init__(self, proc: asyncio.subprocess.Process, stdout_fd: int, memory_limit_mb: int) -> None:
         self.proc = proc
         self.memory_limit_mb = memory_limit_mb
-        self.on_frame: Callable[[dict[str, Any], bytes], None] | None = None
+        self.on_frame: Callable[[dict[str, Any], Any], None] | None = None
         self.on_exit: Callable[[str], None] | None = None
         self._stderr: deque[bytes] = deque()
         self._stderr_len = 0
         self._ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._ready.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved even if unawaited
-        self._reader = asyncio.create_task(self._read_frames(), name=f"guest-{proc.pid}-stdout")
+        self._stdout_fd = stdout_fd
+        self._frames = FrameReader(stdout_fd)
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(stdout_fd, self._on_readable)
         self._err_reader = asyncio.create_task(self._read_stderr(), name=f"guest-{proc.pid}-stderr")
+        self._killer: asyncio.Task[None] | None = None
         self.exit_reason: str | None = None
 
     @classmethod
@@ -105,19 +72,30 @@ class GuestProcess:
             str(BOOTSTRAP),
         ]  # fmt: skip
         env = {"DENO_DIR": str(deno_dir), "NO_COLOR": "1", "DENO_NO_UPDATE_CHECK": "1", "PATH": "/usr/bin:/bin"}
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env=env,
-            cwd=str(deno_dir),
-            preexec_fn=_die_with_parent,
-            limit=2 * MAX_GUEST_FRAME,
-        )
-        for pipe in (proc.stdin, proc.stdout):
-            _widen_pipe(pipe)
-        guest = cls(proc, memory_limit_mb)
+        # stdout is a pipe of our own, read with FrameReader (see daemon.channel), not a StreamReader
+        read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+        try:
+            _widen_pipe(read_fd)
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=write_fd,
+                stderr=asyncio.subprocess.PIPE,
+                env=env,
+                cwd=str(deno_dir),
+                preexec_fn=_die_with_parent,
+            )
+        except BaseException:
+            os.close(read_fd)
+            raise
+        finally:
+            os.close(write_fd)
+        os.set_blocking(read_fd, False)
+        transport = proc.stdin.transport if proc.stdin is not None else None  # type: ignore[attr-defined]
+        pipe = transport.get_extra_info("pipe") if transport is not None else None
+        if pipe is not None:
+            _widen_pipe(pipe.fileno())
+        guest = cls(proc, read_fd, memory_limit_mb)
         try:
             async with asyncio.timeout(START_TIMEOUT):
                 await asyncio.shield(guest._ready)
@@ -140,10 +118,9 @@ class GuestProcess:
         if stdin is None or stdin.is_closing():
             return
         head, body = encode_frame(header, body)
-        if body is None:
-            stdin.write(head)
-        else:
-            stdin.writelines((head, body))
+        stdin.write(head)
+        if body is not None:
+            stdin.write(memoryview(body))  # not writelines(): that joins, i.e. copies, the body
 
     async def drain(self) -> None:
         stdin = self.proc.stdin
@@ -151,40 +128,40 @@ class GuestProcess:
             with contextlib.suppress(ConnectionError):
                 await stdin.drain()
 
-    async def _read_frames(self) -> None:
-        stdout = self.proc.stdout
-        assert stdout is not None
-        reason = "the runtime process exited"
-        count = 0
+    def _on_readable(self) -> None:
+        """The stdout pipe has data: hand every whole frame on; any violation ends the process."""
         try:
-            while True:
-                count += 1
-                if count % 32 == 0:
-                    await asyncio.sleep(0)  # buffered frames never suspend: let others run
-                prefix = await stdout.readexactly(8)
-                total, hlen = _U32x2.unpack(prefix)
-                if total > MAX_GUEST_FRAME or hlen > total - 4:
-                    raise GuestProtocolError(f"frame length {total} (header {hlen}) out of bounds")
-                header = decode_header(await stdout.readexactly(hlen))
-                body = await stdout.readexactly(total - 4 - hlen) if total - 4 - hlen else b""
-                if header["op"] == "ready":
+            frames, eof = self._frames.feed()
+            for header, body in frames:
+                op = header["op"]
+                if op == "ready":
                     if not self._ready.done():
                         self._ready.set_result(None)
-                    continue
-                if header["op"] == "fatal":
+                elif op == "fatal":
                     raise GuestProtocolError(f"bootstrap failed: {str(header.get('message'))[:500]}")
-                if self.on_frame is None:
-                    raise GuestProtocolError(f"unexpected {header['op']!r} before the runtime was claimed")
-                self.on_frame(header, body)
-        except asyncio.IncompleteReadError:
-            pass
+                elif self.on_frame is None:
+                    raise GuestProtocolError(f"unexpected {op!r} before the runtime was claimed")
+                else:
+                    self.on_frame(header, body)
+            if eof:
+                self._stop("the runtime process exited")
         except GuestProtocolError as exc:
-            reason = f"the runtime broke the guest channel: {exc}"
-            log.warning("guest %s: %s", self.pid, reason)
+            log.warning("guest %s: the runtime broke the guest channel: %s", self.pid, exc)
+            self._stop(f"the runtime broke the guest channel: {exc}")
         except Exception as exc:
-            reason = f"the runtime was stopped after an internal error: {exc!r}"
             log.exception("guest %s: frame handler failed", self.pid)
-        await self.kill(reason)
+            self._stop(f"the runtime was stopped after an internal error: {exc!r}")
+
+    def _stop(self, reason: str) -> None:
+        self._close_stdout()
+        if self._killer is None:
+            self._killer = self._loop.create_task(self.kill(reason))
+
+    def _close_stdout(self) -> None:
+        if self._stdout_fd >= 0:
+            self._loop.remove_reader(self._stdout_fd)
+            os.close(self._stdout_fd)
+            self._stdout_fd = -1
 
     async def _read_stderr(self) -> None:
         stderr = self.proc.stderr
@@ -232,11 +209,9 @@ class GuestProcess:
                 await self.proc.wait()
         if not self._ready.done():
             self._ready.set_exception(RuntimeError(f"runtime process did not start: {reason}: {self.stderr_tail()}"))
-        current = asyncio.current_task()
         with contextlib.suppress(Exception):
             async with asyncio.timeout(1):
-                await asyncio.gather(*(t for t in (self._err_reader,) if t is not current), return_exceptions=True)
-        if self._reader is not current:
-            self._reader.cancel()
+                await asyncio.gather(self._err_reader, return_exceptions=True)
+        self._close_stdout()
         if first and self.on_exit is not None:
             self.on_exit(reason)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import msgpack
 import pytest
 
-from daemon.guest import GuestProtocolError, decode_header, encode_frame
+from daemon.channel import FrameReader, GuestProtocolError, decode_header, encode_frame
 from wire import protocol as P
 
 
@@ -85,3 +85,44 @@ def test_guest_channel_frames() -> None:
     for raw in (b"not json", b"[1]", b'{"op": "format_disk"}', b"\xff"):
         with pytest.raises(GuestProtocolError):
             decode_header(raw)
+
+
+def test_frame_reader_reassembles_frames_of_every_size_from_a_pipe() -> None:
+    """Small frames come out of the staging buffer, large bodies are read straight into their own."""
+    import os
+    import threading
+
+    sizes = [0, 1, 100, 16 * 1024 - 30, 70_000, 256 * 1024, 3, 256 * 1024 + 7]
+    frames = [encode_frame({"op": "chunk", "sid": i}, bytes([i]) * n if n else None) for i, n in enumerate(sizes)]
+    wire = b"".join(h + (b or b"") for h, b in frames)
+    r, w = os.pipe()
+    os.set_blocking(r, False)
+
+    def write() -> None:
+        with os.fdopen(w, "wb") as f:
+            for i in range(0, len(wire), 5000):  # dribble it in, splitting frames anywhere
+                f.write(wire[i : i + 5000])
+                f.flush()
+
+    t = threading.Thread(target=write)
+    t.start()
+    reader, got, eof = FrameReader(r), [], False
+    while not eof:
+        more, eof = reader.feed()
+        got += more
+    t.join()
+    os.close(r)
+    assert [h["sid"] for h, _ in got] == list(range(len(sizes)))
+    assert [bytes(b) for _, b in got] == [bytes([i]) * n for i, n in enumerate(sizes)]
+
+
+def test_frame_reader_refuses_oversized_frames() -> None:
+    import os
+
+    r, w = os.pipe()
+    os.write(w, (10**8).to_bytes(4, "big") + (10).to_bytes(4, "big"))
+    os.set_blocking(r, False)
+    with pytest.raises(GuestProtocolError, match="out of bounds"):
+        FrameReader(r).feed()
+    os.close(r)
+    os.close(w)
