@@ -23,6 +23,7 @@ from client.errors import (
 from client.glue import aiohttp_handler, forward_fetch
 from client.http import Body, Request, Response
 from client.runtime import ConsoleEntry, Runtime
+from wire.auth import KeyPair, load_keypair, load_public_key
 
 __all__ = [
     "Body",
@@ -31,6 +32,7 @@ __all__ = [
     "ConsoleEntry",
     "Error",
     "GuestError",
+    "KeyPair",
     "MemoryLimitExceeded",
     "NoCapacity",
     "NoHandler",
@@ -45,4 +47,6 @@ __all__ = [
     "aiohttp_handler",
     "connect",
     "forward_fetch",
+    "load_keypair",
+    "load_public_key",
 ]
