@@ -59,8 +59,8 @@ class NoCapacity(Error):
     code = P.E_NO_DAEMON
 
 
-class ConnectionLost(Error):
-    """The broker stopped answering, or the connection was closed."""
+class ConnectionLost(RuntimeLost):
+    """The broker stopped answering, or the connection was closed: every runtime of it is lost too."""
 
     code = "connection_lost"
 
@@ -98,4 +98,8 @@ def from_reply(header: dict[str, Any]) -> Error:
 
 
 def lost(code: str, message: str) -> RuntimeLost:
-    return MemoryLimitExceeded(message, code) if code == P.E_MEMORY_LIMIT else RuntimeLost(message, code)
+    if code == P.E_MEMORY_LIMIT:
+        return MemoryLimitExceeded(message, code)
+    if code == ConnectionLost.code:
+        return ConnectionLost(message, code)
+    return RuntimeLost(message, code)

@@ -154,3 +154,22 @@ async def test_broker_sigterm_leaves_no_deno_behind(tmp_path: Path) -> None:
         rc = b.stop(signal.SIGTERM)
     assert rc == 0
     assert wait_until(lambda: not (kids & deno_pids()), 5), "Deno processes outlived the broker"
+
+
+async def test_broker_killed_fails_pending_calls_and_leaves_no_deno(tmp_path: Path) -> None:
+    b = Broker(tmp_path, "--heartbeat", "0.3")
+    async with await client.connect(b.frontend) as conn:
+        rt = await conn.create_runtime()
+        kids = set(children_of(b.pid)) & deno_pids()
+        assert kids
+        pending = asyncio.ensure_future(rt.eval("await new Promise(() => {})", timeout=60))
+        await asyncio.sleep(0.2)
+        b.stop(signal.SIGKILL)
+        t0 = time.monotonic()
+        with pytest.raises(client.ConnectionLost):
+            await asyncio.wait_for(pending, 15)
+        assert time.monotonic() - t0 < 5, "heartbeat 0.3 s x 5 should notice the broker is gone"
+        with pytest.raises(client.ConnectionLost):
+            await rt.eval("1")
+    # the embedded daemon died with the broker; its Deno processes follow (PR_SET_PDEATHSIG)
+    assert wait_until(lambda: not (kids & deno_pids()), 5)
