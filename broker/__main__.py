@@ -31,7 +31,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--authorized-keys",
-        help="directory (or file) of public keys of the clients and daemons allowed in (with --curve-keypair)",
+        help="directory (or file) of public keys of the clients (and, without --daemon-keys, daemons) "
+        "allowed in (with --curve-keypair)",
+    )
+    p.add_argument(
+        "--daemon-keys",
+        help="directory (or file) of the public keys of the daemons allowed to join; without it, "
+        "--authorized-keys admits daemons too",
     )
     p.add_argument("-v", "--verbose", action="store_true")
     return p.parse_args(argv)
@@ -40,8 +46,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 async def serve(args: argparse.Namespace) -> None:
     keys = load_keypair(args.curve_keypair) if args.curve_keypair else None
     authorized = load_authorized(args.authorized_keys) if args.authorized_keys else set()
-    if keys is not None:
-        authorized.add(keys.public)  # the embedded daemon uses the broker's own key pair
+    daemon_keys = load_authorized(args.daemon_keys) if args.daemon_keys else None
+    if keys is not None:  # the embedded daemon uses the broker's own key pair
+        (authorized if daemon_keys is None else daemon_keys).add(keys.public)
     broker = Broker(
         args.frontend,
         args.backend,
@@ -50,6 +57,7 @@ async def serve(args: argparse.Namespace) -> None:
         client_liveness=args.client_liveness,
         keys=keys,
         authorized=authorized,
+        daemon_keys=daemon_keys,
     )
     async with asyncio.TaskGroup() as tg:
         tg.create_task(broker.run())

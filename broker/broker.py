@@ -82,6 +82,7 @@ class Broker:
         client_liveness: int = 10,
         keys: KeyPair | None = None,
         authorized: set[bytes] | None = None,
+        daemon_keys: set[bytes] | None = None,
     ) -> None:
         self.frontend_endpoint = frontend
         self.backend_endpoint = backend
@@ -89,7 +90,8 @@ class Broker:
         self.daemon_liveness = daemon_liveness
         self.client_liveness = client_liveness
         self.keys = keys
-        self.authorized = authorized or set()
+        self.authorized = authorized or set()  # client keys (and daemon keys, unless daemon_keys)
+        self.daemon_keys = daemon_keys if daemon_keys is not None else self.authorized
         self.ctx = sockets.context()
         self.daemons: dict[bytes, Daemon] = {}
         self.clients: dict[bytes, Client] = {}
@@ -109,8 +111,9 @@ class Broker:
         gate = Gate.for_context(self.ctx, self.keys, self.authorized) if self.keys is not None else None
         for sock in (self.front, self.back):
             sock.setsockopt(zmq.MAXMSGSIZE, 16 * P.MAX_FRAME)  # hard cap: libzmq drops the peer
-            if gate is not None:
-                gate.serve(sock)
+        if gate is not None:
+            gate.serve(self.front, "clients", self.authorized)
+            gate.serve(self.back, "daemons", self.daemon_keys)
         try:
             self.front.bind(self.frontend_endpoint)
             self.back.bind(self.backend_endpoint)
@@ -307,7 +310,8 @@ class Broker:
                 P.require(msg, "control", str),
                 now,
                 load=P.optional(msg, "load", int, 0),
-                key=P.optional(msg, "key", str),
+                # with CURVE, the key it authenticated with, never one it merely claims
+                key=msg.sender_key.decode() if msg.sender_key else P.optional(msg, "key", str),
             )
             log.info("daemon %s joined (capacity %d)", self.daemons[ident].name, self.daemons[ident].capacity)
             self.to_daemon(ident, P.encode("welcome", heartbeat_ms=int(self.heartbeat * 1000)))

@@ -85,3 +85,37 @@ async def test_broker_with_keys_and_its_embedded_daemon(keys: Path) -> None:
             assert len(await resp.read()) == 300000
     finally:
         b.stop()
+
+
+async def test_a_client_key_cannot_join_as_a_daemon(keys: Path) -> None:
+    """With --daemon-keys, the backend admits daemon keys only; a client's key is refused there."""
+    s = keys / "secrets"
+    daemons = keys / "daemons"
+    daemons.mkdir()
+    (daemons / "daemon.key").write_bytes((s / "daemon.key").read_bytes())
+    b = Broker(keys, "--no-local-daemon", "--curve-keypair", str(s / "broker.key_secret"),
+               "--authorized-keys", str(keys / "authorized"), "--daemon-keys", str(daemons))  # fmt: skip
+    rogue = Daemon(keys, b, "rogue", "--curve-keypair", str(s / "alice.key_secret"),
+                   "--broker-key", str(s / "broker.key"), "--pool-size", "0")  # fmt: skip
+    good = Daemon(keys, b, "good", "--curve-keypair", str(s / "daemon.key_secret"),
+                  "--broker-key", str(s / "broker.key"), "--pool-size", "0")  # fmt: skip
+    try:
+        async with await client.connect(
+            b.frontend, keypair=load_keypair(s / "alice.key_secret"), broker_key=load_public_key(s / "broker.key")
+        ) as alice:
+            placed = set()
+            for _ in range(300):  # until the good daemon has registered
+                try:
+                    placed.add((await alice.create_runtime()).daemon)
+                    break
+                except client.NoCapacity:
+                    await asyncio.sleep(0.05)
+            await asyncio.sleep(1.0)  # give the rogue every chance to register too
+            for _ in range(6):  # with two daemons, placement would alternate between them
+                placed.add((await alice.create_runtime()).daemon)
+            assert placed == {"good"}
+        assert "daemon rogue joined" not in b.log.read_text()
+    finally:
+        rogue.stop()
+        good.stop()
+        b.stop()

@@ -67,6 +67,7 @@ class Gate:
     def __init__(self, ctx: zmq.asyncio.Context, keys: KeyPair, allowed: set[bytes] | None = None) -> None:
         self.keys = keys
         self.allowed: dict[bytes, int] = dict.fromkeys(allowed or (), 1)
+        self.domains: dict[str, set[bytes]] = {}
         self._ctx_id = id(ctx)
         self._users = 1
         self._auth = AsyncioAuthenticator(ctx)
@@ -87,6 +88,9 @@ class Gate:
         return gate
 
     def callback(self, domain: str, key: bytes) -> bool:
+        """A socket served with a ZAP ``domain`` admits that domain's keys; others, ``allowed``."""
+        if domain in self.domains:
+            return key in self.domains[domain]
         return key in self.allowed
 
     def allow(self, key: bytes) -> None:
@@ -100,11 +104,16 @@ class Gate:
         else:
             self.allowed.pop(key, None)
 
-    def serve(self, sock: zmq.Socket) -> None:
-        """Make ``sock`` a CURVE server whose peers pass this gate (call before bind)."""
+    def serve(self, sock: zmq.Socket, domain: str | None = None, keys: set[bytes] | None = None) -> None:
+        """Make ``sock`` a CURVE server whose peers pass this gate (call before bind); with a
+        ``domain``, only ``keys`` get in through it."""
         sock.curve_secretkey = self.keys.secret
         sock.curve_publickey = self.keys.public
         sock.curve_server = True
+        if domain is not None:
+            self.domains[domain] = set(keys or ())
+            self._auth.configure_curve_callback(domain, self)  # pyzmq looks providers up by domain
+            sock.zap_domain = domain.encode()
 
     def stop(self) -> None:
         self._users -= 1
