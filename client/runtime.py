@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import weakref
 from collections.abc import AsyncIterable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -60,7 +61,8 @@ class Runtime:
         self._console = console
         self.eval_timeout = eval_timeout
         self.lost: RuntimeLost | None = None
-        self.bodies: set[Body] = set()
+        # weak: an abandoned Body must be collectable, so that its __del__ cancels the producer
+        self.bodies: weakref.WeakSet[Body] = weakref.WeakSet()
         self.tasks: set[asyncio.Task[Any]] = set()
 
     def __repr__(self) -> str:
@@ -298,13 +300,14 @@ class Runtime:
                 raise TypeError(f"the fetch callback returned {type(response).__name__}, not client.Response")
             if not 200 <= response.status <= 599:
                 raise ValueError(f"the fetch callback returned status {response.status} (must be 200-599)")
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            self._reply_fetch_error(fid, f"{type(exc).__name__}: {exc}")
+        except BaseException as exc:
+            if not isinstance(exc, asyncio.CancelledError):
+                self._reply_fetch_error(fid, f"{type(exc).__name__}: {exc}")
             if request_body is not None:
-                request_body.cancel()
-            return
+                request_body.cancel()  # the guest's upload stops too
+            if isinstance(exc, Exception):
+                return
+            raise
         fields: dict[str, Any] = {
             "rt": self.id,
             "status": response.status,

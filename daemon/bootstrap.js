@@ -255,7 +255,12 @@ function inboundStream(sid, signal) {
   // the stream's queue (plus chunks in flight) is below WINDOW: a reader that stops reading stops
   // the flow, and one that reads gets the next chunks without a round trip each.
   const st = { controller: null, outstanding: 0, done: false };
-  const finish = () => { st.done = true; inStreams.delete(sid); };
+  let onAbort = null;
+  const finish = () => {
+    st.done = true;
+    inStreams.delete(sid);
+    if (onAbort) signal.removeEventListener("abort", onAbort); // a reused signal must not collect these
+  };
   const stream = new ReadableStream({
     start(controller) { st.controller = controller; inStreams.set(sid, st); },
     pull(controller) {
@@ -267,12 +272,13 @@ function inboundStream(sid, signal) {
     },
   }, new CountQueuingStrategy({ highWaterMark: WINDOW }));
   if (signal) {
-    signal.addEventListener("abort", () => {
+    onAbort = () => {
       if (st.done) return;
       finish();
       send({ op: "cancel", sid });
       try { st.controller.error(signal.reason); } catch { /* closed */ }
-    }, { once: true });
+    };
+    signal.addEventListener("abort", onAbort, { once: true });
   }
   st.finish = finish;
   return stream;
@@ -424,8 +430,24 @@ function format(arg) {
   try { return inspect(arg, { depth: 4, colors: false }); } catch { return String(arg); }
 }
 
+// A guest that logs without end must not flood its daemon (and, through it, every other runtime
+// there): at most CONSOLE_RATE entries per second reach the host; the rest are counted, and the
+// count is reported with the next entry that gets through.
+const CONSOLE_RATE = 200;
+let consoleWindow = 0;
+let consoleSent = 0;
+let consoleDropped = 0;
+
 function log(level, args) {
   if (!config.console) return;
+  const now = Math.floor(performance.now() / 1000);
+  if (now !== consoleWindow) { consoleWindow = now; consoleSent = 0; }
+  if (consoleSent >= CONSOLE_RATE) { consoleDropped++; return; }
+  consoleSent++;
+  if (consoleDropped) {
+    send({ op: "console", level: "warn", args: [`…[${consoleDropped} console entries dropped: over ${CONSOLE_RATE}/s]`] });
+    consoleDropped = 0;
+  }
   // entries are bounded so that legitimate logging can never exceed a frame limit downstream
   const out = [];
   let room = MAX_CONSOLE;
@@ -474,7 +496,10 @@ function handle(h, body) {
     case "init": config = { fetch: !!h.fetch, console: !!h.console }; send({ op: "init_ok" }); break;
     case "eval": runEval(h); break;
     case "request": handleRequest(h, body); break;
-    case "abort": dispatches.get(h.id)?.abort(new DOMException("the client went away", "AbortError")); break;
+    case "abort": // the client gave up: the daemon has answered for us, so forget the exchange
+      dispatches.get(h.id)?.abort(new DOMException("the client went away", "AbortError"));
+      dispatches.delete(h.id);
+      break;
     case "fetch_response": case "fetch_error": onFetchResponse(h, body); break;
     case "chunk": case "end": case "error": onInbound(h, body); break;
     case "ack": onAck(h); break;

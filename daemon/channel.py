@@ -65,10 +65,12 @@ class FrameReader:
         self._body_pos = 0
         self._body_header: dict[str, Any] = {}
 
-    def feed(self) -> tuple[list[tuple[dict[str, Any], Any]], bool]:
-        """Read everything the fd has now: (whole frames, whether the pipe reached its end)."""
+    def feed(self, max_frames: int = 256) -> tuple[list[tuple[dict[str, Any], Any]], bool]:
+        """Read what the fd has now, up to ``max_frames`` whole frames: (frames, whether the pipe
+        reached its end). The cap keeps one chatty guest from monopolising the event loop; the fd
+        stays readable, so the caller is simply called again."""
         frames: list[tuple[dict[str, Any], Any]] = []
-        while True:
+        while len(frames) < max_frames:
             if self._body is not None:
                 n = self._read(memoryview(self._body)[self._body_pos :])
                 if n is None or n == 0:
@@ -78,8 +80,8 @@ class FrameReader:
                     frames.append((self._body_header, self._body))
                     self._body = None
                 continue
-            self._parse(frames)
-            if self._body is not None:
+            self._parse(frames, max_frames)
+            if self._body is not None or len(frames) >= max_frames:
                 continue
             if self._start == self._end:
                 self._start = self._end = 0
@@ -91,6 +93,7 @@ class FrameReader:
             if n is None or n == 0:
                 return frames, n == 0
             self._end += n
+        return frames, False  # capped: frames may wait in the staging buffer, so call again soon
 
     def _read(self, into: memoryview) -> int | None:
         try:
@@ -98,9 +101,9 @@ class FrameReader:
         except BlockingIOError:
             return None
 
-    def _parse(self, frames: list[tuple[dict[str, Any], Any]]) -> None:
+    def _parse(self, frames: list[tuple[dict[str, Any], Any]], max_frames: int) -> None:
         stage = self._stage
-        while self._end - self._start >= 8:
+        while self._end - self._start >= 8 and len(frames) < max_frames:
             total, hlen = _U32x2.unpack_from(stage, self._start)
             if total > MAX_GUEST_FRAME or hlen > total - 4 or hlen > MAX_GUEST_HEADER:
                 raise GuestProtocolError(f"frame length {total} (header {hlen}) out of bounds")

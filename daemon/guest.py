@@ -24,6 +24,8 @@ log = logging.getLogger("daemon.guest")
 
 BOOTSTRAP = Path(__file__).with_name("bootstrap.js")
 STDERR_TAIL = 8192
+#: Frames handled per event-loop turn for one guest, so a chatty guest cannot starve the rest.
+FRAMES_PER_TURN = 64
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 F_SETPIPE_SZ = 1031  # linux/fcntl.h
 PIPE_SIZE = 1024 * 1024
@@ -130,8 +132,13 @@ class GuestProcess:
 
     def _on_readable(self) -> None:
         """The stdout pipe has data: hand every whole frame on; any violation ends the process."""
+        if self._stdout_fd < 0:
+            return
         try:
-            frames, eof = self._frames.feed()
+            frames, eof = self._frames.feed(FRAMES_PER_TURN)
+            if len(frames) == FRAMES_PER_TURN and self._stdout_fd >= 0:
+                # more may be staged already, with nothing left in the pipe to wake the reader
+                self._loop.call_soon(self._on_readable)
             for header, body in frames:
                 op = header["op"]
                 if op == "ready":

@@ -27,6 +27,8 @@ log = logging.getLogger("daemon.runtime")
 
 CONSOLE_LEVELS = frozenset({"log", "info", "warn", "error", "debug", "trace"})
 MAX_CONSOLE_ARG = 64 * 1024
+#: Console entries per second and runtime the daemon forwards (the bootstrap allows 200/s).
+CONSOLE_RATE = 400
 #: How long the daemon waits for a client to answer a guest fetch (the head, not the body).
 FETCH_REPLY_TIMEOUT = 300.0
 
@@ -127,6 +129,9 @@ class Runtime:
         self.inbound: dict[int, InboundStream] = {}
         self.outbound: dict[int, OutboundStream] = {}
         self._next = 0
+        self._console_window = 0.0
+        self._console_count = 0
+        self._console_dropped = 0
         self.disposing = False
         self.lost_code: str | None = None
         self.lost_message = ""
@@ -344,6 +349,8 @@ class Runtime:
             if level not in CONSOLE_LEVELS or not isinstance(args, list):
                 raise GuestProtocolError("malformed console entry")
             args = [clean(str(a)[:MAX_CONSOLE_ARG]) for a in args[:65]]
+            if not self._console_allowed():
+                return
             self.daemon.to_broker(P.encode("console", rt=self.rt, level=level, args=args))
         elif op == "stats":
             call = self.stat_calls.pop(_int(h, "id"), None)
@@ -354,6 +361,20 @@ class Runtime:
             pass
         else:
             raise GuestProtocolError(f"op {op!r} is not valid from a claimed runtime")
+
+    def _console_allowed(self) -> bool:
+        """At most CONSOLE_RATE entries per second leave the daemon per runtime, whatever the guest
+        did to the bootstrap's own limit: the daemon->broker link is shared by every runtime."""
+        now = asyncio.get_running_loop().time()
+        if now - self._console_window >= 1.0:
+            if self._console_dropped:
+                log.info("runtime %s: %d console entries dropped", self.rt, self._console_dropped)
+            self._console_window, self._console_count, self._console_dropped = now, 0, 0
+        if self._console_count >= CONSOLE_RATE:
+            self._console_dropped += 1
+            return False
+        self._console_count += 1
+        return True
 
     def _stream_error(self, h: dict[str, Any]) -> str:
         err = h.get("error")

@@ -224,3 +224,23 @@ async def test_legitimate_but_awkward_guest_values_never_break_the_runtime(conn:
     assert info.value.message.endswith("[truncated]") and len(info.value.message) < 20000
     assert await rt.eval("export default 'alive'") == "alive"
     await rt.dispose()
+
+
+async def test_a_console_flood_is_rate_limited_and_spares_other_runtimes(conn: client.Connection) -> None:
+    entries: list[client.ConsoleEntry] = []
+    flood = await conn.create_runtime(console=entries.append)
+    other = await conn.create_runtime()
+    await flood.eval(
+        "globalThis.stop = false; (async () => { while (!globalThis.stop) {"
+        " for (let i = 0; i < 1000; i++) console.log('x'.repeat(1000)); await new Promise(r => setTimeout(r, 0)); } })();"
+    )
+    t0 = asyncio.get_running_loop().time()
+    for _ in range(10):  # the other runtime answers promptly throughout
+        assert await asyncio.wait_for(other.eval("export default 1"), 5) == 1
+        await asyncio.sleep(0.2)
+    elapsed = asyncio.get_running_loop().time() - t0
+    await flood.eval("globalThis.stop = true;")
+    assert len(entries) <= 250 * (elapsed + 1)
+    assert any("console entries dropped" in e.text for e in entries)
+    await flood.dispose()
+    await other.dispose()

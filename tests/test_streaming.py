@@ -473,3 +473,19 @@ async def test_daemon_killed_mid_stream_fails_the_body(tmp_path: Path) -> None:
     finally:
         d.stop()
         b.stop()
+
+
+async def test_an_abandoned_response_body_is_cancelled(conn) -> None:
+    import gc
+
+    rt = await conn.create_runtime()
+    await rt.eval(
+        """serve(() => new Response(new ReadableStream({ async pull(c) {
+             await new Promise(r => setTimeout(r, 5)); c.enqueue(new Uint8Array(1000)); } })))"""
+    )
+    resp = await rt.dispatch_request(client.Request("GET", "http://x/"))
+    assert await resp.body.read_chunk()
+    del resp  # never read to the end, never closed
+    gc.collect()
+    await assert_nothing_left(rt)
+    await rt.dispose()

@@ -20,9 +20,6 @@ from wire.protocol import MAX_CHUNK, MAX_FRAME
 PIPE_HWM = 4
 #: Kernel socket buffer per pipe socket (bytes); part of the per-stream memory bound.
 PIPE_KERNEL_BUFFER = 256 * 1024
-#: ZMTP heartbeats detect a dead TCP peer on long-lived links (milliseconds).
-ZMTP_HEARTBEAT_IVL = 1000
-ZMTP_HEARTBEAT_TIMEOUT = 5000
 
 _context: zmq.asyncio.Context | None = None
 
@@ -47,13 +44,15 @@ def _raise_fd_limit() -> None:
 
 
 def _link(ctx: zmq.asyncio.Context, kind: int) -> zmq.asyncio.Socket:
-    """A request/reply link socket: deep queues (messages are small), bounded frames, heartbeats."""
+    """A request/reply link socket: deep queues (messages are small), bounded frames."""
     sock = ctx.socket(kind)
     sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, 10000)
     sock.setsockopt(zmq.RCVHWM, 10000)
-    _heartbeats(sock)
+    # no ZMTP heartbeats: the application heartbeats already judge peers (wire.liveness), and
+    # libzmq 4.3.5 can abort the process (stream_engine_base.cpp:310 `!_io_error`) when a
+    # heartbeat timeout meets a busy connection
     return sock
 
 
@@ -103,11 +102,6 @@ def bind_pipe(
         raise
     port = sock.getsockopt(zmq.LAST_ENDPOINT).decode().rsplit(":", 1)[1]
     return sock, f"tcp://{advertise_host}:{port}"
-
-
-def _heartbeats(sock: zmq.Socket) -> None:
-    sock.setsockopt(zmq.HEARTBEAT_IVL, ZMTP_HEARTBEAT_IVL)
-    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, ZMTP_HEARTBEAT_TIMEOUT)
 
 
 def send_now(sock: zmq.asyncio.Socket, frames: list[Any]) -> None:
