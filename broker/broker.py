@@ -108,7 +108,9 @@ class Broker:
     async def run(self) -> None:
         self.front = sockets.router(self.ctx)
         self.back = sockets.router(self.ctx)
-        gate = Gate.for_context(self.ctx, self.keys, self.authorized) if self.keys is not None else None
+        # the gate's default set stays empty here: the broker's sockets have their own per-domain
+        # sets, and an embedded daemon's control socket and pipes admit runtime owners only
+        gate = Gate.for_context(self.ctx, self.keys) if self.keys is not None else None
         for sock in (self.front, self.back):
             sock.setsockopt(zmq.MAXMSGSIZE, 16 * P.MAX_FRAME)  # hard cap: libzmq drops the peer
         if gate is not None:

@@ -25,8 +25,11 @@ GUEST_OPS = frozenset(
 #: Largest frame a guest may send (a chunk is at most 256 KiB; headers are small).
 MAX_GUEST_FRAME = 1024 * 1024
 #: Largest JSON header in a guest frame.
-MAX_GUEST_HEADER = 64 * 1024
-STAGE = 2 * MAX_GUEST_HEADER + 8
+#: (JSON escapes can make a header 6 bytes per character: the bootstrap's character limits, e.g.
+#: 48 Ki characters of eval result, must always fit.)
+MAX_GUEST_HEADER = 512 * 1024
+#: Initial staging buffer; it grows only for a header that does not fit.
+STAGE = 128 * 1024
 #: Staging reads are small, so most of a large body is read straight into its own buffer.
 READ_STEP = 16 * 1024
 
@@ -89,6 +92,8 @@ class FrameReader:
                 rest = self._stage[self._start : self._end]
                 self._stage[: len(rest)] = rest
                 self._start, self._end = 0, len(rest)
+                if self._end == len(self._stage):  # one header fills it: grow (bounded by _parse)
+                    self._stage.extend(bytes(len(self._stage)))
             n = self._read(memoryview(self._stage)[self._end : self._end + READ_STEP])
             if n is None or n == 0:
                 return frames, n == 0

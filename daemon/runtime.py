@@ -26,7 +26,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("daemon.runtime")
 
 CONSOLE_LEVELS = frozenset({"log", "info", "warn", "error", "debug", "trace"})
-MAX_CONSOLE_ARG = 64 * 1024
+MAX_CONSOLE_BYTES = 48 * 1024  # UTF-8 bytes of text per console entry
+MAX_ERROR_BYTES = 16 * 1024  # UTF-8 bytes of a guest error's message, and of its stack
 #: Console entries per second and runtime the daemon forwards (the bootstrap allows 200/s).
 CONSOLE_RATE = 400
 #: How long the daemon waits for a client to answer a guest fetch (the head, not the body).
@@ -100,11 +101,18 @@ def _headers(h: dict[str, Any]) -> list[tuple[str, str]]:
         raise GuestProtocolError(exc.message) from None
 
 
+def cut_utf8(text: str, limit: int) -> str:
+    """``text`` within ``limit`` bytes of UTF-8 (headers to the broker are bounded in bytes)."""
+    raw = text.encode()
+    return text if len(raw) <= limit else raw[:limit].decode("utf-8", "ignore") + "…[truncated]"
+
+
 def _guest_error(h: dict[str, Any]) -> dict[str, str]:
     err = h.get("error")
     if not isinstance(err, dict):
         raise GuestProtocolError(f"{h.get('op')!r} needs an 'error' object")
-    return {k: clean(str(err.get(k, ""))[:MAX_CONSOLE_ARG]) for k in ("name", "message", "stack")}
+    limits = {"name": 256, "message": MAX_ERROR_BYTES, "stack": MAX_ERROR_BYTES}
+    return {k: cut_utf8(clean(str(err.get(k, ""))), n) for k, n in limits.items()}
 
 
 class Runtime:
@@ -348,7 +356,14 @@ class Runtime:
             args = h.get("args")
             if level not in CONSOLE_LEVELS or not isinstance(args, list):
                 raise GuestProtocolError("malformed console entry")
-            args = [clean(str(a)[:MAX_CONSOLE_ARG]) for a in args[:65]]
+            budget, out = MAX_CONSOLE_BYTES, []
+            for a in args[:65]:  # the whole entry must fit a broker header, counted in bytes
+                text = cut_utf8(clean(str(a)), budget)
+                budget -= len(text.encode())
+                out.append(text)
+                if budget <= 0:
+                    break
+            args = out
             if not self._console_allowed():
                 return
             self.daemon.to_broker(P.encode("console", rt=self.rt, level=level, args=args))

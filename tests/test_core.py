@@ -222,6 +222,17 @@ async def test_legitimate_but_awkward_guest_values_never_break_the_runtime(conn:
     with pytest.raises(client.GuestError) as info:
         await rt.eval("throw new Error('z'.repeat(600000))")
     assert info.value.message.endswith("[truncated]") and len(info.value.message) < 20000
+    # within the bootstrap's character limits, but many bytes once escaped or encoded
+    with pytest.raises(client.GuestError) as info:
+        await rt.eval("throw new Error('€'.repeat(16000))")
+    assert info.value.message.startswith("€€€")
+    with pytest.raises(client.RequestRejected) as info:
+        await rt.eval("export default 'é'.repeat(40000)")
+    assert info.value.code == "too_large"
+    await rt.eval("console.log('\\x01'.repeat(16000))")
+    await rt.eval("serve(() => new Response('ok', { headers: { 'x-big': '\\x01'.repeat(20000) } }))")
+    resp = await rt.dispatch_request(client.Request("GET", "http://x/"))
+    assert (resp.status, await resp.read()) == (200, b"ok")
     assert await rt.eval("export default 'alive'") == "alive"
     await rt.dispose()
 
