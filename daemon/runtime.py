@@ -8,17 +8,14 @@ name only its own exchanges and streams, because all ids it uses are looked up i
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-
-import zmq
 
 from daemon.guest import GuestProcess, GuestProtocolError
 from daemon.streams import InboundStream, OutboundStream
 from wire import protocol as P
-from wire.pipes import PipeReader, PipeWriter
+from wire.pipes import PipeReader
 
 if TYPE_CHECKING:
     from daemon.daemon import Daemon
@@ -56,7 +53,6 @@ class GuestFetch:
     resp_reader: PipeReader
     upload: OutboundStream | None = None
     timer: asyncio.TimerHandle | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _int(h: dict[str, Any], key: str) -> int:
@@ -551,11 +547,3 @@ class Runtime:
         self.daemon.forget_runtime(self)
         if not self.closed.done():
             self.closed.set_result(None)
-
-
-def close_quietly(sock: zmq.Socket) -> None:
-    with contextlib.suppress(Exception):
-        sock.close(0)
-
-
-__all__ = ["PipeReader", "PipeWriter", "Runtime"]
