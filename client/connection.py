@@ -157,6 +157,11 @@ class Connection:
             link = self.controls[endpoint] = ControlLink(self, endpoint, daemon_key)
         return link
 
+    def drop_control(self, link: ControlLink) -> None:
+        if self.controls.get(link.endpoint) is link:
+            del self.controls[link.endpoint]
+            link.close()
+
     def expect_pipe(self, sid: bytes) -> asyncio.Future[str]:
         fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self.pipe_waiters[sid] = fut

@@ -351,6 +351,8 @@ class Runtime:
             body.abort(message)
         for task in list(self.tasks):
             task.cancel()
+        if not any(r.control is self.control and r.lost is None for r in self.conn.runtimes.values()):
+            self.conn.drop_control(self.control)  # the daemon may be gone: do not keep dialling it
 
 
 async def _aclose(body: BodyType) -> None:

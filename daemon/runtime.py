@@ -27,6 +27,8 @@ MAX_CONSOLE_BYTES = 48 * 1024  # UTF-8 bytes of text per console entry
 MAX_ERROR_BYTES = 16 * 1024  # UTF-8 bytes of a guest error's message, and of its stack
 #: Console entries per second and runtime the daemon forwards (the bootstrap allows 200/s).
 CONSOLE_RATE = 400
+#: How long a stats call waits for the guest's own counts.
+STATS_TIMEOUT = 10.0
 #: How long the daemon waits for a client to answer a guest fetch (the head, not the body).
 FETCH_REPLY_TIMEOUT = 300.0
 
@@ -176,8 +178,14 @@ class Runtime:
         """Counts of everything in flight, from the daemon and from inside the guest (for leak checks)."""
         self.ensure_alive()
         gid = self._gid()
-        self.stat_calls[gid] = Call(route, req_id)
+        call = self.stat_calls[gid] = Call(route, req_id)
+        call.timer = asyncio.get_running_loop().call_later(STATS_TIMEOUT, self._stats_timed_out, gid)
         self.guest.send({"op": "stats", "id": gid})
+
+    def _stats_timed_out(self, gid: int) -> None:
+        call = self.stat_calls.pop(gid, None)
+        if call is not None:  # a guest busy in a loop does not answer; neither does it keep the entry
+            self.daemon.reply_error(call.route, call.req_id, P.E_TIMEOUT, "the guest did not answer stats")
 
     def _daemon_counts(self) -> dict[str, int]:
         return {
@@ -366,6 +374,8 @@ class Runtime:
         elif op == "stats":
             call = self.stat_calls.pop(_int(h, "id"), None)
             if call is not None:
+                if call.timer:
+                    call.timer.cancel()
                 guest = {k: _int(h, k) for k in ("inbound", "outbound", "fetches", "dispatches")}
                 self.daemon.reply(call.route, call.req_id, daemon=self._daemon_counts(), guest=guest)
         elif op == "init_ok":
