@@ -24,6 +24,8 @@ import zmq.asyncio
 from aiohttp import web
 from bench_upstream import BLOCK, block_chunks
 
+from tests.procs import descendants
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = Path(__file__).resolve().parent
 MiB = 1 << 20
@@ -207,23 +209,6 @@ def tcp_queued(port: int) -> int:
                 if state == "01" and int(local.rsplit(":", 1)[1], 16) == port:  # ESTABLISHED, server side
                     total += int(queues.split(":")[0], 16)
     return total
-
-
-def descendants(pid: int) -> list[int]:
-    kids: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            kids.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry))
-    found, todo = [], [pid]
-    while todo:
-        for k in kids.get(todo.pop(), []):
-            found.append(k)
-            todo.append(k)
-    return found
 
 
 def deno_children(pid: int) -> list[int]:

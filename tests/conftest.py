@@ -98,36 +98,6 @@ class Daemon(Proc):
         super().__init__(["-m", "daemon", "--broker", broker.backend, "--name", name, *extra], name, tmp, None)
 
 
-def children_of(pid: int) -> list[int]:
-    """Every live descendant of ``pid`` (via /proc), to check that nothing is orphaned."""
-    kids: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            kids.setdefault(ppid, []).append(int(entry))
-    found, todo = [], [pid]
-    while todo:
-        for k in kids.get(todo.pop(), []):
-            found.append(k)
-            todo.append(k)
-    return found
-
-
-def deno_pids() -> set[int]:
-    pids = set()
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError):
-                cmd = Path(f"/proc/{entry}/cmdline").read_bytes()
-                if b"bootstrap.js" in cmd and b"deno" in cmd:
-                    pids.add(int(entry))
-    return pids
-
-
 def wait_until(pred, timeout: float = 10.0, interval: float = 0.05) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 
 import client
-from tests.conftest import Broker, Daemon, children_of, deno_pids, wait_until
+from tests.conftest import Broker, Daemon, wait_until
+from tests.procs import deno_pids
+from tests.procs import descendants as children_of
 
 
 @pytest.fixture

@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import children_of, deno_pids
 
 import client
 from daemon.guest import BOOTSTRAP
+from tests.procs import deno_pids
+from tests.procs import descendants as children_of
 
 #: Defines ``attempt(name, fn)``: records ``{ok: true, value}`` or ``{ok: false, name, message}`` in ``out``.
 PROBE = """
