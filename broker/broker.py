@@ -58,7 +58,6 @@ class Runtime:
     rt: str
     owner: bytes
     daemon: bytes
-    live: bool = False
 
 
 @dataclass(slots=True)
@@ -352,7 +351,6 @@ class Broker:
         rt = self.runtimes.get(pending.rt)
         if pending.kind == "create_runtime" and rt is not None:
             if msg.type == "ok":
-                rt.live = True
                 extra = {"control": daemon.control, "daemon": daemon.name, "daemon_key": daemon.key}
                 msg = P.Message(msg.type, {**msg.header, **{k: v for k, v in extra.items() if v}}, [])
             else:

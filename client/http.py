@@ -51,7 +51,6 @@ class Body:
         self._on_cancel = on_cancel
         self._on_done = on_done
         self.finished = reader is None and data is None
-        self.bytes_read = 0
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self
@@ -69,7 +68,6 @@ class Body:
         if self._reader is None:
             data, self._data = self._data, None
             self._done()
-            self.bytes_read += len(data or b"")
             return data or None
         try:
             chunk = await self._reader.read()
@@ -78,8 +76,6 @@ class Body:
             raise StreamError(str(exc)) from None
         if chunk is None:
             self._done()
-        else:
-            self.bytes_read += len(chunk)
         return chunk
 
     async def read(self) -> bytes:

@@ -132,16 +132,11 @@ class Runtime:
             self.conn.pipe_waiters.pop(sid, None)
         await self._produce(sid, ep, body)
 
-    def _push_to(self, ep: str) -> zmq.asyncio.Socket:
+    async def _produce(self, sid: bytes, ep: str, body: BodyType) -> None:
+        """Write ``body`` to the daemon's pipe at ``ep``; cancellation closes it (and the source)."""
         sock = sockets.pipe(self.conn.ctx, zmq.PUSH)
         connect_with(sock, self.conn.keypair, self.daemon_key)
         sock.connect(ep)
-        return sock
-
-    async def _produce(self, sid: bytes, ep: str | zmq.asyncio.Socket, body: BodyType) -> None:
-        """Write ``body`` to the daemon's pipe at ``ep`` (or on a socket already connected there);
-        cancellation closes it (and the source)."""
-        sock = self._push_to(ep) if isinstance(ep, str) else ep
         writer = PipeWriter(sock, sid, connect_timeout=self.conn.timeout)
         try:
             if isinstance(body, (bytes, bytearray, memoryview)):
@@ -263,18 +258,6 @@ class Runtime:
         self.conn.add_producer(ref.sid, task)
 
     async def _serve_fetch(self, fid: int, msg: P.Message, resp_ref: P.StreamRef) -> None:
-        assert resp_ref.ep is not None
-        # connect the response pipe now: its handshake then overlaps the upstream request instead
-        # of delaying the first chunk; it is closed unused if the answer does not stream (a
-        # streamed answer closes it itself, after its END)
-        push = self._push_to(resp_ref.ep)
-        try:
-            await self._answer_fetch(fid, msg, resp_ref, push)
-        finally:
-            if not push.closed:
-                push.close(0)
-
-    async def _answer_fetch(self, fid: int, msg: P.Message, resp_ref: P.StreamRef, push: zmq.asyncio.Socket) -> None:
         request_body: Body | None = None
         try:
             desc = P.check_body(msg)
@@ -328,7 +311,8 @@ class Runtime:
                 return
             fields["body"] = {"sid": resp_ref.sid}
             self._send(P.encode("ok", id=fid, **fields))
-            await self._produce(resp_ref.sid, push, rbody)
+            assert resp_ref.ep is not None
+            await self._produce(resp_ref.sid, resp_ref.ep, rbody)
         finally:
             await _aclose(rbody)
             if request_body is not None and not request_body.finished:
