@@ -22,7 +22,7 @@ import resource
 import signal
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import asdict, dataclass, field
 
 from aiohttp import web
@@ -77,31 +77,35 @@ class Upstream:
         gap = float(request.query.get("gap", "0.05"))
         rec = self.record(request)
         resp = web.StreamResponse(headers={"content-type": "text/event-stream", "cache-control": "no-cache"})
-        await resp.prepare(request)
-        start = time.monotonic()
-        try:
+
+        async def events() -> AsyncIterator[bytes]:
+            start = time.monotonic()
             for i in range(n):
                 # on a fixed schedule, so the upstream's own jitter does not accumulate
                 await asyncio.sleep(max(0.0, start + i * gap - time.monotonic()))
                 rec.events.append(time.time())
-                data = f'data: {{"i": {i}, "text": "token {i}"}}\n\n'.encode()
-                await resp.write(data)
-                rec.written += len(data)
-            await resp.write_eof()
-            rec.finished = True
-        except (ConnectionError, asyncio.CancelledError):
-            rec.closed_at = time.time()
-            raise
-        return resp
+                yield f'data: {{"i": {i}, "text": "token {i}"}}\n\n'.encode()
+
+        return await self._send(request, resp, rec, events())
 
     async def bytes(self, request: web.Request) -> web.StreamResponse:
         size = int(request.query["size"])
-        rec = self.record(request)
         resp = web.StreamResponse(headers={"content-type": "application/octet-stream"})
         resp.content_length = size
+
+        async def blocks() -> AsyncIterator[bytes]:
+            for chunk in block_chunks(size):
+                yield chunk
+
+        return await self._send(request, resp, self.record(request), blocks())
+
+    async def _send(
+        self, request: web.Request, resp: web.StreamResponse, rec: Record, chunks: AsyncIterator[bytes]
+    ) -> web.StreamResponse:
+        """Stream ``chunks``, recording bytes written, a clean finish, or when the connection closed."""
         await resp.prepare(request)
         try:
-            for chunk in block_chunks(size):
+            async for chunk in chunks:
                 await resp.write(chunk)
                 rec.written += len(chunk)
             await resp.write_eof()
