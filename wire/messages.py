@@ -1,0 +1,351 @@
+"""Every message on every ROUTER/DEALER link, as one typed record per message type.
+
+protocol.md's message tables are generated from these classes (``python -m wire.spec``) and a
+test keeps them equal, so the specification cannot drift from the code. Field docs are the
+one-line meanings printed there.
+
+A record is the same on every link it travels; a link may need more of its optional fields than
+another (``c``, the client's route, is set by the broker on what it forwards to a daemon). The
+link tables at the end say which types each side accepts and which fields it needs.
+
+An ``ok`` is the one polymorphic type: what it carries depends on the request it answers, which
+only the waiting side knows. ``Link.parse`` gives a ``Reply`` for it; ``reply.parse(EvalOk)``
+finishes the validation once the request is known.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+from wire import protocol as P
+from wire.schema import (
+    ANY,
+    BIN,
+    BIN16,
+    BODY,
+    BOOL,
+    ENDPOINT,
+    HEADERS,
+    INT,
+    INT_MAP,
+    PIPE,
+    STR,
+    STRS,
+    U64,
+    Body,
+    F,
+    Inline,
+    Link,
+    Record,
+    Reply,
+    StreamRef,
+    on,
+    payload_frame,
+    peek,
+    record,
+    to_frames,
+)
+
+__all__ = [
+    "Body",
+    "Inline",
+    "Link",
+    "Record",
+    "Reply",
+    "StreamRef",
+    "peek",
+    "to_frames",
+]
+
+R = TypeVar("R", bound=Record)
+
+_ID = "request id; the reply carries it"
+_RT = "runtime id (32 hex characters, minted by the broker)"
+_C = "the client's route at the broker; set by the broker on what it forwards to a daemon, echoed in the reply"
+
+
+# ---- sessions and liveness -------------------------------------------------------------------------
+
+
+@record("hello")
+class Hello(Record):
+    """Client -> broker: start a session (also the first message on a control link)."""
+
+    id: int | None = F(U64, None, "echoed in `welcome`")
+
+
+@record("welcome")
+class Welcome(Record):
+    """Broker -> client (answer to `hello`) and broker -> daemon (answer to `ready`)."""
+
+    id: int | None = F(U64, None, "the `hello`'s id")
+    token: bytes | None = F(BIN16, None, "the client's secret token: its identity on control links (clients only)")
+    heartbeat_ms: int = F(INT, doc="the broker's heartbeat interval in ms")
+
+
+@record("hb")
+class Heartbeat(Record):
+    """Both directions on both broker links, every heartbeat interval."""
+
+    load: int | None = F(INT, None, "daemon -> broker: runtimes hosted plus starting")
+
+
+@record("bye")
+class Bye(Record):
+    """Client -> broker: the client leaves; the broker disposes its runtimes."""
+
+
+@record("ready")
+class Ready(Record):
+    """Daemon -> broker: register (again) with capacity and the control endpoint clients use."""
+
+    capacity: int = F(INT, doc="runtimes it hosts at most (negative is treated as 0)")
+    control: str = F(ENDPOINT, doc="its control ROUTER as clients reach it")
+    name: str | None = F(STR, None, "shown in logs and create replies")
+    load: int = F(INT, 0, "runtimes it already hosts")
+    key: str | None = F(STR, None, "its CURVE public key (Z85); with CURVE the broker uses the authenticated key")
+
+
+# ---- client requests (forwarded by the broker with `c` to the daemon) -----------------------------
+
+
+@record("create_runtime")
+class CreateRuntime(Record):
+    """Client -> broker -> daemon: place and start a runtime."""
+
+    id: int = F(U64, doc=_ID)
+    fetch: bool = F(BOOL, False, "the client answers `fetch` callbacks")
+    console: bool = F(BOOL, False, "the client wants `console` messages")
+    memory_limit_mb: int | None = F(INT, None, "V8 heap limit (MiB), 16..16384; default: the daemon's")
+    eval_timeout_ms: int | None = F(INT, None, "default eval timeout (ms, > 0); default: the daemon's")
+    c: bytes | None = F(BIN, None, _C)
+    rt: str | None = F(STR, None, "broker -> daemon: the id the broker minted")
+    owner: bytes | None = F(BIN, None, "broker -> daemon: the owner's token (identity on the control link)")
+    owner_key: bytes | None = F(BIN, None, "broker -> daemon, with CURVE: the owner's public key (Z85 bytes)")
+
+
+@record("eval")
+class Eval(Record):
+    """Client -> broker -> daemon: evaluate an ES module in the runtime."""
+
+    id: int = F(U64, doc=_ID)
+    rt: str = F(STR, doc=_RT)
+    source: Any = payload_frame("the source, UTF-8, as the one payload frame")
+    timeout_ms: int | None = F(INT, None, "timeout of this evaluation (ms, > 0); default: the runtime's")
+    c: bytes | None = F(BIN, None, _C)
+
+
+@record("dispatch")
+class Dispatch(Record):
+    """Client -> broker -> daemon: one HTTP request for the guest's serve() handler."""
+
+    id: int = F(U64, doc=_ID)
+    rt: str = F(STR, doc=_RT)
+    method: str = F(STR, doc="HTTP method")
+    url: str = F(STR, doc="absolute URL")
+    headers: tuple[tuple[str, str], ...] = F(HEADERS, (), "request headers")
+    resp_sid: bytes = F(BIN16, doc="stream id of the response body, chosen by the client; cancels the request")
+    body: Body = F(BODY, None, "request body: absent, inline, or {sid} (endpoint follows in `pipe_ready`)")
+    c: bytes | None = F(BIN, None, _C)
+
+
+@record("stats")
+class Stats(Record):
+    """Client -> broker -> daemon: what the runtime has in flight on each hop."""
+
+    id: int = F(U64, doc=_ID)
+    rt: str = F(STR, doc=_RT)
+    c: bytes | None = F(BIN, None, _C)
+
+
+@record("dispose")
+class Dispose(Record):
+    """Client -> broker -> daemon: stop the runtime. Without `c` and `id` (broker -> daemon): its
+    owner is gone, dispose without replying."""
+
+    rt: str = F(STR, doc=_RT)
+    id: int | None = F(U64, None, _ID)
+    c: bytes | None = F(BIN, None, _C)
+
+
+# ---- replies ---------------------------------------------------------------------------------------
+
+
+@record("error")
+class ErrorReply(Record):
+    """A failed request (any direction), or the client's refusal of a `fetch` callback."""
+
+    code: str = F(STR, doc="error code (protocol.md, Error codes)")
+    message: str = F(STR, doc="human-readable reason")
+    id: int | None = F(U64, None, "the request's id (absent when it could not be read)")
+    c: bytes | None = F(BIN, None, _C)
+    rt: str | None = F(STR, None, "client -> broker: the runtime whose callback this answers")
+    name: str | None = F(STR, None, "with `guest_error`: the JS error's name")
+    stack: str | None = F(STR, None, "with `guest_error`: the JS error's stack")
+
+
+@record("ok")
+class CreateOk(Record):
+    """`ok` to `create_runtime`."""
+
+    id: int = F(U64, doc=_ID)
+    rt: str = F(STR, doc=_RT)
+    pid: int = F(INT, 0, "the Deno process id on the daemon's host (informational)")
+    control: str | None = F(ENDPOINT, None, "broker -> client: the daemon's control endpoint")
+    daemon: str | None = F(STR, None, "broker -> client: the daemon's name")
+    daemon_key: str | None = F(STR, None, "broker -> client, with CURVE: the daemon's public key (Z85)")
+    c: bytes | None = F(BIN, None, _C)
+
+
+@record("ok")
+class EvalOk(Record):
+    """`ok` to `eval`."""
+
+    id: int = F(U64, doc=_ID)
+    value: Any = F(ANY, None, "the module's default export as JSON-able data")
+    c: bytes | None = F(BIN, None, _C)
+
+
+@record("ok")
+class DispatchOk(Record):
+    """`ok` to `dispatch`: the guest's response head (the body may still stream)."""
+
+    id: int = F(U64, doc=_ID)
+    status: int = F(INT, doc="200..599")
+    status_text: str = F(STR, "", "may be empty")
+    headers: tuple[tuple[str, str], ...] = F(HEADERS, (), "response headers")
+    body: Body = F(BODY, None, "absent, inline, or {sid: resp_sid, ep}")
+    c: bytes | None = F(BIN, None, _C)
+
+
+@record("ok")
+class StatsOk(Record):
+    """`ok` to `stats`."""
+
+    id: int = F(U64, doc=_ID)
+    daemon: dict[str, int] | None = F(INT_MAP, None, "the daemon's in-flight counts for the runtime")
+    guest: dict[str, int] | None = F(INT_MAP, None, "the guest's own in-flight counts")
+    c: bytes | None = F(BIN, None, _C)
+
+
+@record("ok")
+class DisposeOk(Record):
+    """`ok` to `dispose`."""
+
+    id: int = F(U64, doc=_ID)
+    rt: str | None = F(STR, None, _RT)
+    c: bytes | None = F(BIN, None, _C)
+
+
+@record("ok")
+class FetchOk(Record):
+    """Client -> broker -> daemon: the client's answer to a `fetch` callback (the response head)."""
+
+    id: int = F(U64, doc="the `fetch`'s id")
+    rt: str | None = F(STR, None, "client -> broker: the `fetch`'s runtime (the broker checks ownership)")
+    status: int = F(INT, doc="200..599")
+    status_text: str = F(STR, "", "")
+    headers: tuple[tuple[str, str], ...] = F(HEADERS, (), "response headers")
+    url: str = F(STR, "", "final URL after redirects")
+    redirected: bool = F(BOOL, False, "the response followed a redirect")
+    body: Body = F(BODY, None, "absent, inline, or {sid: resp.sid}")
+
+
+# ---- guest callbacks and notices (daemon -> broker -> client) ------------------------------------
+
+
+@record("fetch")
+class Fetch(Record):
+    """Daemon -> broker -> client: the guest called fetch(); answer with `ok` (FetchOk) or `error`."""
+
+    id: int = F(U64, doc="callback id (the daemon's id space); echo it in the answer")
+    rt: str = F(STR, doc="the runtime whose guest fetches")
+    method: str = F(STR, doc="the guest Request's method")
+    url: str = F(STR, doc="the guest Request's URL")
+    headers: tuple[tuple[str, str], ...] = F(HEADERS, (), "the guest Request's headers")
+    redirect: str = F(STR, "follow", "follow, manual or error")
+    body: Body = F(BODY, None, "upload body: absent, inline, or {sid, ep} (connect a PULL)")
+    resp: StreamRef = F(PIPE, doc="the response-body pipe the daemon bound: stream the answer's body there")
+
+
+@record("console")
+class Console(Record):
+    """Daemon -> broker -> client: one console entry of the guest."""
+
+    rt: str = F(STR, doc=_RT)
+    level: str = F(STR, "log", "log, info, warn, error, debug or trace")
+    args: tuple[str, ...] = F(STRS, (), "the formatted arguments")
+
+
+@record("runtime_lost")
+class RuntimeLost(Record):
+    """Daemon -> broker -> client (or broker -> client): the runtime is gone for good."""
+
+    rt: str = F(STR, doc=_RT)
+    code: str = F(STR, P.E_RUNTIME_LOST, "runtime_lost, timeout or memory_limit")
+    message: str = F(STR, "", "human-readable reason")
+
+
+# ---- control link (client DEALER <-> daemon ROUTER) -------------------------------------------------
+
+
+@record("cancel")
+class Cancel(Record):
+    """Control, both directions: cancel the stream `sid` (the receiver stops producing or consuming)."""
+
+    sid: bytes = F(BIN16, doc="the stream")
+
+
+@record("pipe_ready")
+class PipeReady(Record):
+    """Control, daemon -> client: the PULL for a dispatch request body is bound; connect and produce."""
+
+    sid: bytes = F(BIN16, doc="the request body's stream id")
+    ep: str = F(ENDPOINT, doc="where to connect a PUSH")
+
+
+# ---- links ----------------------------------------------------------------------------------------
+
+
+CLIENT_TO_BROKER = on(
+    "client -> broker",
+    Hello, Heartbeat, Bye, CreateRuntime, Eval, Dispatch, Stats, (Dispose, ("id",)),
+    (FetchOk, ("rt",)), (ErrorReply, ("id", "rt")),
+)  # fmt: skip
+BROKER_TO_CLIENT = on(
+    "broker -> client",
+    (Welcome, ("token",)), Heartbeat, ErrorReply, Fetch, Console, RuntimeLost,
+    replies=("id",),
+)  # fmt: skip
+DAEMON_TO_BROKER = on(
+    "daemon -> broker",
+    Ready, Heartbeat, (ErrorReply, ("id", "c")), Fetch, Console, RuntimeLost,
+    replies=("id", "c"),
+)  # fmt: skip
+BROKER_TO_DAEMON = on(
+    "broker -> daemon",
+    Welcome, Heartbeat, (CreateRuntime, ("c", "rt", "owner")), (Eval, ("c",)), (Dispatch, ("c",)),
+    (Stats, ("c",)), Dispose, FetchOk, (ErrorReply, ("id",)),
+)  # fmt: skip
+CONTROL_TO_DAEMON = on("control client -> daemon", Hello, Cancel)
+CONTROL_TO_CLIENT = on("control daemon -> client", Cancel, PipeReady)
+
+#: Requests on the client link that name a runtime the client must own.
+RUNTIME_REQUESTS = (Eval, Dispatch, Stats, Dispose)
+
+#: The reply record of each request, for the side that waits for it.
+REPLY_OF: dict[type[Record], type[Record]] = {
+    CreateRuntime: CreateOk,
+    Eval: EvalOk,
+    Dispatch: DispatchOk,
+    Stats: StatsOk,
+    Dispose: DisposeOk,
+    Hello: Welcome,
+}
+
+LINKS = (CLIENT_TO_BROKER, BROKER_TO_CLIENT, DAEMON_TO_BROKER, BROKER_TO_DAEMON, CONTROL_TO_DAEMON, CONTROL_TO_CLIENT)
+
+
+def error(code: str, message: str, id_: int | None = None, **fields: Any) -> ErrorReply:
+    """An ``error`` record (``id`` omitted when the offending message had none)."""
+    return ErrorReply(code=code, message=message, id=id_, **fields)
