@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m scripts.bench", description=DOC, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--quick", action="store_true", help="small sizes and 3 rounds (a few minutes)")
+    p.add_argument("--rounds", type=int, default=None, metavar="N", help="rounds per figure instead of the plan's")
     p.add_argument(
         "--only",
         action="append",
@@ -53,6 +54,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     unknown = [n for n in names if n not in SCENARIO_NAMES]
     if unknown:
         p.error(f"unknown scenario(s) {', '.join(unknown)}; choose from {', '.join(SCENARIO_NAMES)}")
+    if args.rounds is not None and args.rounds < 1:
+        p.error("--rounds must be at least 1")
     args.names = [n for n in SCENARIO_NAMES if n in names] if names else list(SCENARIO_NAMES)
     missing = [d for d in ("broker", "daemon", "client", "wire") if not (args.product_root / d).is_dir()]
     if missing:
@@ -81,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     from scripts.bench.run import run  # imports the product: after use_product
 
     plan = QUICK if args.quick else FULL
+    if args.rounds is not None:
+        plan = replace(plan, rounds=args.rounds)
     started = time.time()
     meta: dict[str, Any] = {"stamp": stamp(ROOT, args.product_root), "quick": args.quick, "plan": asdict(plan)}
     rows, extras, interrupted = run(plan, args.names, args.product_root)

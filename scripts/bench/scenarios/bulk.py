@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 
 import client
@@ -44,7 +45,8 @@ def cpu_rows(scenario: str, tallies: dict[str, CpuTally]) -> list[Row]:
             unit,
             prod.group(*CPU_GROUPS),
             baseline=("proxy", prox.group(*CPU_GROUPS)),
-            note="bench + broker+daemon + Deno + upstream; the proxy path has no broker, daemon or Deno",
+            note="bench + broker+daemon + Deno + upstream; the proxy path has no broker, daemon or Deno; "
+            f"resolution: one clock tick ({1000 / os.sysconf('SC_CLK_TCK'):g} ms) per process over a round's bytes",
         ),
     ]
 
