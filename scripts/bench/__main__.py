@@ -76,6 +76,13 @@ def report_only(args: argparse.Namespace) -> int:
     return 0
 
 
+def product_module_path() -> Path:
+    """Where ``import client`` found the product: proof of which checkout this process measures."""
+    import client
+
+    return Path(client.__file__).resolve()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     if args.compare or args.from_json:
@@ -83,11 +90,16 @@ def main(argv: list[str] | None = None) -> int:
     use_product(args.product_root)
     from scripts.bench.run import run  # imports the product: after use_product
 
+    product_client = product_module_path()
+    if not product_client.is_relative_to(args.product_root.resolve()):
+        sys.exit(f"import client found {product_client}, not the checkout {args.product_root}: not measuring")
+
     plan = QUICK if args.quick else FULL
     if args.rounds is not None:
         plan = replace(plan, rounds=args.rounds)
     started = time.time()
     meta: dict[str, Any] = {"stamp": stamp(ROOT, args.product_root), "quick": args.quick, "plan": asdict(plan)}
+    meta["stamp"]["client_module"] = str(product_client)
     rows, extras, interrupted = run(plan, args.names, args.product_root)
     finish(meta["stamp"])
     meta["seconds"] = round(time.time() - started, 1)
