@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 import client
+from scripts.kit.procs import deno_pids
+from scripts.kit.procs import descendants as children_of
 from tests.conftest import Broker, Daemon, wait_until
-from tests.procs import deno_pids
-from tests.procs import descendants as children_of
 
 
 @pytest.fixture

@@ -19,8 +19,8 @@ import pytest
 
 import client
 from daemon.guest import BOOTSTRAP
-from tests.procs import deno_pids
-from tests.procs import descendants as children_of
+from scripts.kit.procs import deno_pids
+from scripts.kit.procs import descendants as children_of
 
 #: Defines ``attempt(name, fn)``: records ``{ok: true, value}`` or ``{ok: false, name, message}`` in ``out``.
 PROBE = """

@@ -14,8 +14,8 @@ import pytest
 from aiohttp import web
 
 import client
+from scripts.kit.upstream import BLOCK, JS_HELPERS, Upstream, stream_crc
 from tests.conftest import Broker, Daemon
-from tests.upstream import BLOCK, JS_HELPERS, Upstream, stream_crc
 
 MiB = 1 << 20
 
