@@ -114,6 +114,8 @@ class Pending:
 
 
 class Core:
+    """The broker's state machine: feed it messages and heartbeat ticks, send what it returns."""
+
     def __init__(self, *, heartbeat: float = 1.0, daemon_liveness: int = 3, client_liveness: int = 10) -> None:
         self.heartbeat = heartbeat
         self.daemon_liveness = daemon_liveness
@@ -204,7 +206,7 @@ class Core:
             elif isinstance(msg, CreateRuntime):
                 self._create(client, msg)
             return
-        rt = self._owned(client, r)  # before the other fields: another client's runtime stays unknown
+        rt = self._owned(client, r)  # another client's runtime stays unknown, whatever the message holds
         msg = env.parse()
         if isinstance(msg, RUNTIME_REQUESTS):
             self.down[(ident, msg.id)] = Pending(rt.daemon, rt.rt, type(msg))
@@ -233,6 +235,7 @@ class Core:
         self._send(CLIENT, ident, error(exc.code, exc.message))
 
     def _owned(self, client: Client, r: Route) -> Runtime:
+        """The client's runtime a message names, judged before the message's other fields."""
         if r.id is None:
             raise ProtocolError(E_BAD_MESSAGE, f"{r.t!r} needs field 'id' (id)")
         if r.rt is None:
