@@ -385,6 +385,58 @@ class Reply:
 
 
 @dataclass(frozen=True, slots=True)
+class Route:
+    """Whom a message concerns: its type, ``id`` and the routing fields ``rt`` (str) and ``c`` (bin),
+    each None where absent or not of its kind."""
+
+    t: str | None = None
+    id: int | None = None
+    rt: str | None = None
+    c: bytes | None = None
+
+
+def _route(header: dict[str, Any]) -> Route:
+    t, mid, rt, c = (header.get(k) for k in ("t", "id", "rt", "c"))
+    return Route(
+        t if isinstance(t, str) else None,
+        mid if type(mid) is int and 0 <= mid < 2**63 else None,
+        rt if isinstance(rt, str) else None,
+        c if isinstance(c, bytes) else None,
+    )
+
+
+def route(frames: list[Any]) -> Route:
+    """The route of a message that failed validation, as far as its header can be read.
+
+    Used only to decide whom to tell about a refusal; never to act on the message."""
+    return _route(peek(frames)[2])
+
+
+class Envelope:
+    """A received message that passed the checks every link applies (protocol.md 2.2) and whose
+    type is legal on its link, before its own fields are checked.
+
+    A router decides whom a message concerns from ``route`` first (a request about another
+    client's runtime is refused as such, whatever its other fields hold); ``parse()`` then
+    validates the rest, once."""
+
+    __slots__ = ("_header", "_link", "frames")
+
+    def __init__(self, link: Link, header: dict[str, Any], frames: list[Any]) -> None:
+        self._link = link
+        self._header = header
+        self.frames = frames  # as received, so a router can forward without re-encoding
+
+    @property
+    def route(self) -> Route:
+        return _route(self._header)
+
+    def parse(self) -> Record | Reply:
+        """The message as its record (an ``ok`` on a reply link: a ``Reply``); raises ProtocolError."""
+        return self._link._fields(self._header, self.frames)
+
+
+@dataclass(frozen=True, slots=True)
 class Link:
     """What one side of a link may receive: message type -> (record class, fields this link needs).
 
@@ -396,14 +448,22 @@ class Link:
 
     def parse(self, frames: list[Any]) -> Record | Reply:
         """Validate and decode frames received on this link; raises ProtocolError, nothing else."""
+        return self.open(frames).parse()
+
+    def open(self, frames: list[Any]) -> Envelope:
+        """The checks every link applies and the type's legality here; the fields wait for
+        ``Envelope.parse``. Raises ProtocolError, nothing else."""
         header = header_of(frames)
         t = header["t"]
-        if t == "ok" and self.replies is not None:
-            return Reply(header, frames, self.replies)
-        entry = self.types.get(t)
-        if entry is None:
+        if t not in self.types and not (t == "ok" and self.replies is not None):
             raise ProtocolError(E_UNKNOWN_TYPE, f"message type {t!r} is not valid on {self.name}")
-        cls, required = entry
+        return Envelope(self, header, frames)
+
+    def _fields(self, header: dict[str, Any], frames: list[Any]) -> Record | Reply:
+        """Decode a header that ``open`` checked, with its frames."""
+        if header["t"] == "ok" and self.replies is not None:
+            return Reply(header, frames, self.replies)
+        cls, required = self.types[header["t"]]
         return from_header(cls, header, list(frames[1:]), required)
 
 
