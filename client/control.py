@@ -30,7 +30,7 @@ class ControlLink:
         self.closed = False
         self._leases = 0
         #: stream id -> what stops its producer when the daemon cancels it
-        self._producers: dict[bytes, Callable[[], None]] = {}
+        self._producers: dict[bytes, Callable[[], object]] = {}
         #: stream id -> resolved with the endpoint of the daemon's PULL when pipe_ready arrives
         self._pipes: dict[bytes, asyncio.Future[str]] = {}
         self._send(M.Hello())
@@ -51,7 +51,7 @@ class ControlLink:
         """Tell the daemon to stop stream ``sid`` (its producer or its consumer)."""
         self._send(M.Cancel(sid=sid))
 
-    def watch(self, sid: bytes, stop: Callable[[], None]) -> None:
+    def watch(self, sid: bytes, stop: Callable[[], object]) -> None:
         """Call ``stop`` if the daemon cancels stream ``sid`` (we produce it)."""
         self._producers[sid] = stop
 

@@ -4,6 +4,7 @@ leaves no unretrieved exception behind; an end client hanging up reaches the gue
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import signal
@@ -57,22 +58,24 @@ def one_daemon(tmp_path: Path) -> Iterator[tuple[Broker, Daemon]]:
         b.stop()
 
 
-async def _create_when_ready(conn: client.Connection, **kw: Any) -> client.Runtime:
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            return await conn.create_runtime(**kw)
-        except client.NoCapacity:
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.05)
-
-
 async def _until(pred: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not await pred():
         assert time.monotonic() < deadline, "condition not reached in time"
         await asyncio.sleep(0.02)
+
+
+async def _create_when_ready(conn: client.Connection) -> client.Runtime:
+    """The daemon registers shortly after it starts: place until it is there."""
+    created: list[client.Runtime] = []
+
+    async def placed() -> bool:
+        with contextlib.suppress(client.NoCapacity):
+            created.append(await conn.create_runtime())
+        return bool(created)
+
+    await _until(placed, 30)
+    return created[0]
 
 
 async def test_daemon_killed_under_a_pending_dispatch_leaves_no_unretrieved_error(
