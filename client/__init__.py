@@ -6,6 +6,7 @@ await rt.eval("serve({ fetch: (req) => new Response('hi') })")
 resp = await rt.dispatch_request(client.Request("GET", "http://localhost/"))
 """
 
+from client.bodies import Body
 from client.connection import Connection, connect
 from client.errors import (
     ConnectionLost,
@@ -21,7 +22,7 @@ from client.errors import (
     UnknownRuntime,
 )
 from client.glue import aiohttp_handler, forward_fetch
-from client.http import Body, Request, Response
+from client.http import Request, Response
 from client.runtime import ConsoleEntry, Runtime
 from wire.auth import KeyPair, load_keypair, load_public_key
 

@@ -1,8 +1,12 @@
-"""A client's connection: the DEALER to the broker, and one control DEALER per daemon in use.
+"""A client's connection: the DEALER to the broker, and one control link per daemon in use.
 
 One reader task per socket; replies resolve futures by request id; callbacks (fetch, console,
 runtime_lost) are handed to the runtime they name. The broker is watched with heartbeats: if it
 falls silent, every pending call fails with ConnectionLost instead of hanging.
+
+The connection owns a Scope (its reader, its heartbeats, the control links' readers) and its
+runtimes; ``close`` closes the runtimes first, then joins its own tasks. It is the ``Host`` of
+each Runtime: the dependency goes one way, connection -> runtime.
 """
 
 from __future__ import annotations
@@ -11,13 +15,19 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import zmq
+import zmq.asyncio
 
-from client.errors import ConnectionLost, Error, Timeout, from_reply
+from client.control import ControlLink
+from client.errors import ConnectionLost, Error, RequestRejected, Timeout, from_reply
+from client.http import Request, Response
+from client.runtime import ConsoleEntry, Runtime
+from client.scope import Scope
 from wire import liveness, sockets
+from wire import messages as M
 from wire import protocol as P
 from wire.auth import KeyPair, connect_with
 
@@ -25,48 +35,8 @@ log = logging.getLogger("client")
 
 DEFAULT_TIMEOUT = 30.0
 
-
-class ControlLink:
-    """The control DEALER to one daemon; its identity is the client's token."""
-
-    def __init__(self, conn: Connection, endpoint: str, daemon_key: bytes | None) -> None:
-        self.conn = conn
-        self.endpoint = endpoint
-        self.sock = sockets.dealer(conn.ctx, identity=conn.token)
-        connect_with(self.sock, conn.keypair, daemon_key)
-        self.sock.connect(endpoint)
-        self.send(P.encode("hello"))
-        self.task = asyncio.create_task(self._read(), name=f"client-control-{endpoint}")
-
-    def send(self, frames: list[Any]) -> None:
-        with contextlib.suppress(zmq.ZMQError):
-            sockets.send_now(self.sock, frames)
-
-    def cancel(self, sid: bytes) -> None:
-        self.send(P.encode("cancel", sid=sid))
-
-    async def _read(self) -> None:
-        while True:
-            frames = await self.sock.recv_multipart()
-            try:
-                msg = P.decode(frames, P.CONTROL_TO_CLIENT)
-                sid = P.require(msg, "sid", bytes)
-            except P.ProtocolError as exc:
-                log.warning("bad control message from %s: %s", self.endpoint, exc.message)
-                continue
-            if msg.type == "cancel":
-                producer = self.conn.producers.pop(sid, None)
-                if producer is not None:
-                    producer.cancel()
-            else:  # pipe_ready
-                waiter = self.conn.pipe_waiters.pop(sid, None)
-                ep = msg.get("ep")
-                if waiter is not None and not waiter.done() and isinstance(ep, str):
-                    waiter.set_result(ep)
-
-    def close(self) -> None:
-        self.task.cancel()
-        self.sock.close(0)
+R = TypeVar("R", bound=M.Record)
+Answer = M.Record | M.Reply
 
 
 class Connection:
@@ -83,40 +53,41 @@ class Connection:
         self.token = b""
         self.heartbeat = 1.0
         self.liveness = 5
-        self._ids = 0
-        self._waiting: dict[int, asyncio.Future[P.Message]] = {}
-        self.runtimes: dict[str, Any] = {}
-        self.controls: dict[str, ControlLink] = {}
-        #: stream id -> task producing it; a control "cancel" cancels the task
-        self.producers: dict[bytes, asyncio.Task[Any]] = {}
-        self.pipe_waiters: dict[bytes, asyncio.Future[str]] = {}
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._last_seen = time.monotonic()
+        self.runtimes: dict[str, Runtime] = {}
         self.closed: Error | None = None
-        self._reader: asyncio.Task[None] | None = None
-        self._beater: asyncio.Task[None] | None = None
+        self._ids = 0
+        self._waiting: dict[int, asyncio.Future[Answer]] = {}
+        self._controls: dict[str, ControlLink] = {}
+        self._scope = Scope("connection")
+        self._last_seen = time.monotonic()
+        self._shut = False
 
     async def _open(self) -> None:
         self.sock.connect(self.endpoint)
-        self._reader = asyncio.create_task(self._read(), name="client-broker")
+        self._scope.spawn(self._read(), name="client-broker")
         try:
-            welcome = await self.request("hello", timeout=self.timeout)
+            req_id = self._next_id()
+            welcome = await self._exchange(req_id, M.Hello(id=req_id).frames(), "hello", self.timeout)
+            if not isinstance(welcome, M.Welcome) or welcome.token is None:
+                raise RequestRejected("the broker did not answer hello with welcome", P.E_BAD_MESSAGE)
         except BaseException:
             await self.close()
             raise
-        self.token = welcome.header["token"]
-        hb_ms = welcome.get("heartbeat_ms")
-        if isinstance(hb_ms, int) and hb_ms > 0:
-            self.heartbeat = hb_ms / 1000
-        self._beater = asyncio.create_task(self._heartbeats(), name="client-heartbeat")
+        self.token = welcome.token
+        if welcome.heartbeat_ms > 0:
+            self.heartbeat = welcome.heartbeat_ms / 1000
+        self._scope.spawn(self._heartbeats(), name="client-heartbeat")
 
-    # ---- requests ------------------------------------------------------------------------------------
+    # ---- requests (the Host interface of client.runtime) ---------------------------------------------
 
-    def next_id(self) -> int:
+    def _next_id(self) -> int:
         self._ids += 1
         return self._ids
 
-    def send(self, frames: list[Any]) -> None:
+    def send(self, msg: M.Record) -> None:
+        self._send_frames(msg.frames())
+
+    def _send_frames(self, frames: list[Any]) -> None:
         if self.closed is not None:
             raise self.closed
         try:
@@ -124,52 +95,62 @@ class Connection:
         except zmq.ZMQError as exc:
             raise ConnectionLost(f"cannot reach the broker at {self.endpoint}: {exc}") from None
 
+    async def call(self, make: Callable[[int], M.Record], reply: type[R], *, timeout: float | None = None) -> R:
+        """Send the request ``make(id)`` and wait for its ``ok``; an ``error`` reply raises the matching Error."""
+        req_id = self._next_id()
+        msg = make(req_id)
+        answer = await self._exchange(req_id, msg.frames(), msg.T, timeout)
+        if not isinstance(answer, M.Reply):
+            raise RequestRejected(f"the broker answered {msg.T} with {answer.T}", P.E_BAD_MESSAGE)
+        try:
+            return answer.parse(reply)
+        except P.ProtocolError as exc:
+            raise RequestRejected(f"bad reply to {msg.T}: {exc.message}", exc.code) from None
+
     async def request(
         self, type_: str, payload: list[Any] | None = None, *, timeout: float | None = None, **fields: Any
-    ) -> P.Message:
-        """Send one request and wait for its reply; an ``error`` reply raises the matching Error."""
-        req_id = self.next_id()
-        fut: asyncio.Future[P.Message] = asyncio.get_running_loop().create_future()
+    ) -> Answer:
+        """Send a request spelled out by hand (type, fields) and wait for its answer, unparsed.
+
+        For probing the broker (tests forge requests with it); the API above uses ``call``."""
+        req_id = self._next_id()
+        return await self._exchange(req_id, P.encode(type_, payload or [], id=req_id, **fields), type_, timeout)
+
+    async def _exchange(self, req_id: int, frames: list[Any], what: str, timeout: float | None) -> Answer:
+        fut: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
         self._waiting[req_id] = fut
         try:
-            self.send(P.encode(type_, payload or [], id=req_id, **fields))
+            self._send_frames(frames)
             limit = self.timeout if timeout is None else timeout
             try:
                 async with asyncio.timeout(limit):
-                    msg = await fut
+                    answer = await fut
             except TimeoutError:
-                raise Timeout(f"no reply to {type_} within {limit:g}s") from None
+                raise Timeout(f"no reply to {what} within {limit:g}s") from None
         finally:
             self._waiting.pop(req_id, None)
-        if msg.type == "error":
-            raise from_reply(msg.header)
-        return msg
+        if isinstance(answer, M.ErrorReply):
+            raise from_reply(answer)
+        return answer
 
-    def spawn(self, coro: Any) -> asyncio.Task[Any]:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
+    def dial(self, kind: int, endpoint: str, server_key: bytes | None) -> zmq.asyncio.Socket:
+        sock = sockets.pipe(self.ctx, kind)
+        connect_with(sock, self.keypair, server_key)
+        sock.connect(endpoint)
+        return sock
 
-    def control(self, endpoint: str, daemon_key: bytes | None) -> ControlLink:
-        link = self.controls.get(endpoint)
-        if link is None:
-            link = self.controls[endpoint] = ControlLink(self, endpoint, daemon_key)
-        return link
+    def forget(self, runtime_id: str) -> None:
+        self.runtimes.pop(runtime_id, None)
 
-    def drop_control(self, link: ControlLink) -> None:
-        if self.controls.get(link.endpoint) is link:
-            del self.controls[link.endpoint]
-            link.close()
-
-    def expect_pipe(self, sid: bytes) -> asyncio.Future[str]:
-        fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        self.pipe_waiters[sid] = fut
-        return fut
-
-    def add_producer(self, sid: bytes, task: asyncio.Task[Any]) -> None:
-        self.producers[sid] = task
-        task.add_done_callback(lambda _t: self.producers.pop(sid, None))
+    def _control(self, endpoint: str, daemon_key: bytes | None) -> ControlLink:
+        """A lease on the control link to the daemon at ``endpoint`` (opened on first use)."""
+        link = self._controls.get(endpoint)
+        if link is None or link.closed:
+            sock = sockets.dealer(self.ctx, identity=self.token)
+            connect_with(sock, self.keypair, daemon_key)
+            sock.connect(endpoint)
+            link = self._controls[endpoint] = ControlLink(sock, endpoint, self._scope)
+        return link.acquire()
 
     # ---- reading -------------------------------------------------------------------------------------
 
@@ -178,45 +159,46 @@ class Connection:
             frames = await self.sock.recv_multipart(copy=False)
             self._last_seen = time.monotonic()
             try:
-                msg = P.decode(frames, P.BROKER_TO_CLIENT)
+                msg = M.BROKER_TO_CLIENT.parse(frames)
             except P.ProtocolError as exc:
                 log.warning("bad message from the broker: %s", exc.message)
                 continue
             try:
-                self._dispatch(msg)
+                self._route(msg)
             except Exception:
-                log.exception("failed to handle %s from the broker", msg.type)
+                log.exception("failed to handle %s from the broker", msg.T)
 
-    def _dispatch(self, msg: P.Message) -> None:
-        t = msg.type
-        if t == "hb":
+    def _route(self, msg: Answer) -> None:
+        if isinstance(msg, M.Heartbeat):
             return
-        if t in ("ok", "error", "welcome"):
-            if t == "error" and msg.get("code") == P.E_UNKNOWN_CLIENT and self.token:
-                self._fail(ConnectionLost(f"the broker at {self.endpoint} no longer knows this client: "
-                                          f"{msg.get('message')}"))  # fmt: skip
-                return
-            fut = self._waiting.get(msg.id) if msg.id is not None else None
-            if fut is not None and not fut.done():
-                fut.set_result(msg)
-            elif t == "error":
-                log.warning("broker error: %s: %s", msg.get("code"), msg.get("message"))
+        if isinstance(msg, (M.Reply, M.Welcome, M.ErrorReply)):
+            self._answer(msg)
             return
-        runtime = self.runtimes.get(msg.get("rt"))
+        assert isinstance(msg, (M.Fetch, M.Console, M.RuntimeLost))
+        runtime = self.runtimes.get(msg.rt)
         if runtime is None:
-            if t == "fetch" and msg.id is not None:
-                self.send(P.error_frames(P.E_UNKNOWN_RUNTIME, "this client has no such runtime", msg.id,
-                                         rt=msg.get("rt")))  # fmt: skip
-            return
-        if t == "fetch":
+            if isinstance(msg, M.Fetch):
+                with contextlib.suppress(Error):
+                    self.send(M.error(P.E_UNKNOWN_RUNTIME, "this client has no such runtime", msg.id, rt=msg.rt))
+        elif isinstance(msg, M.Fetch):
             runtime.on_fetch(msg)
-        elif t == "console":
+        elif isinstance(msg, M.Console):
             runtime.on_console(msg)
-        elif t == "runtime_lost":
-            runtime.on_lost(str(msg.get("code", P.E_RUNTIME_LOST)), str(msg.get("message", "")))
+        else:
+            runtime.on_lost(msg.code, msg.message)
+
+    def _answer(self, msg: M.Reply | M.Welcome | M.ErrorReply) -> None:
+        if isinstance(msg, M.ErrorReply) and msg.code == P.E_UNKNOWN_CLIENT and self.token:
+            self._fail(ConnectionLost(f"the broker at {self.endpoint} no longer knows this client: {msg.message}"))
+            return
+        fut = self._waiting.get(msg.id) if msg.id is not None else None
+        if fut is not None and not fut.done():
+            fut.set_result(msg)
+        elif isinstance(msg, M.ErrorReply):
+            log.warning("broker error: %s: %s", msg.code, msg.message)
 
     async def _heartbeats(self) -> None:
-        hb = P.encode("hb")
+        hb = M.Heartbeat()
         while self.closed is None:
             stall = await liveness.tick(self.heartbeat)  # not `x += await`: that reads x before sleeping
             self._last_seen += stall
@@ -242,41 +224,46 @@ class Connection:
     async def create_runtime(
         self,
         *,
-        fetch: Callable[..., Any] | None = None,
-        console: Callable[..., Any] | None = None,
+        fetch: Callable[[Request], Awaitable[Response]] | None = None,
+        console: Callable[[ConsoleEntry], Any] | None = None,
         memory_limit_mb: int | None = None,
         eval_timeout: float | None = None,
         timeout: float | None = None,
-    ) -> Any:
+    ) -> Runtime:
         """A new sandboxed runtime on the least loaded daemon."""
-        from client.runtime import Runtime
-
-        fields: dict[str, Any] = {"fetch": fetch is not None, "console": console is not None}
-        if memory_limit_mb is not None:
-            fields["memory_limit_mb"] = int(memory_limit_mb)
-        if eval_timeout is not None:
-            fields["eval_timeout_ms"] = int(eval_timeout * 1000)
-        reply = await self.request("create_runtime", timeout=timeout, **fields)
-        runtime = Runtime(self, reply.header, fetch, console, eval_timeout)
+        mem = None if memory_limit_mb is None else int(memory_limit_mb)
+        eval_ms = None if eval_timeout is None else int(eval_timeout * 1000)
+        created = await self.call(
+            lambda id_: M.CreateRuntime(
+                id=id_, fetch=fetch is not None, console=console is not None, memory_limit_mb=mem,
+                eval_timeout_ms=eval_ms,
+            ),
+            M.CreateOk,
+            timeout=timeout,
+        )  # fmt: skip
+        if created.control is None:
+            raise RequestRejected("the broker's create reply names no control endpoint", P.E_BAD_MESSAGE)
+        key = created.daemon_key.encode() if created.daemon_key else None
+        runtime = Runtime(self, self._control(created.control, key), created, fetch, console, eval_timeout)
         self.runtimes[runtime.id] = runtime
         return runtime
 
     async def close(self) -> None:
         """Dispose every runtime of this client (the broker does it on ``bye``) and close sockets."""
+        if self._shut:
+            return
+        self._shut = True
         if self.closed is None:
             with contextlib.suppress(Error):
-                self.send(P.encode("bye"))
+                self.send(M.Bye())
             await asyncio.sleep(0)
         self._fail(ConnectionLost("the connection was closed"))
         for runtime in list(self.runtimes.values()):
-            await runtime.release()
-        tasks = [t for t in (self._reader, self._beater, *self._tasks, *self.producers.values()) if t]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for link in self.controls.values():
+            await runtime.close()
+        for link in self._controls.values():
             link.close()
-        self.controls.clear()
+        self._controls.clear()
+        await self._scope.aclose()
         # give the "bye" a moment to leave before the socket goes
         self.sock.close(linger=200)
 

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from wire import protocol as P
+from wire.messages import ErrorReply
 
 
 class Error(Exception):
@@ -87,14 +86,12 @@ _BY_CODE: dict[str, type[Error]] = {
 }
 
 
-def from_reply(header: dict[str, Any]) -> Error:
+def from_reply(reply: ErrorReply) -> Error:
     """The exception an ``error`` reply stands for."""
-    code = str(header.get("code", P.E_INTERNAL))
-    message = str(header.get("message", ""))
-    if code == P.E_GUEST:
-        return GuestError(str(header.get("name", "Error")), message, str(header.get("stack", "")))
-    cls = _BY_CODE.get(code, RequestRejected)
-    return cls(message, code)
+    if reply.code == P.E_GUEST:
+        return GuestError(reply.name or "Error", reply.message, reply.stack or "")
+    cls = _BY_CODE.get(reply.code, RequestRejected)
+    return cls(reply.message, reply.code)
 
 
 def lost(code: str, message: str) -> RuntimeLost:

@@ -7,8 +7,6 @@ the guest cancelling its fetch body closes the upstream connection).
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -18,6 +16,7 @@ from aiohttp import web
 
 from client.errors import Error
 from client.http import Request, Response, close_body
+from client.runtime import Runtime
 from wire.protocol import MAX_CHUNK
 
 #: Kernel receive buffer for upstream connections (bytes): part of the per-stream memory bound.
@@ -126,41 +125,41 @@ class _UpstreamBody:
             self.upstream.release()
 
 
-def aiohttp_handler(runtime: object, *, poll: float = 0.1) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+def aiohttp_handler(runtime: Runtime) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     """An aiohttp.web handler that serves HTTP with the runtime's serve() handler.
 
     The request body streams to the guest; the guest's response streams back, each chunk
     flushed as it arrives. If the guest's body fails midway the connection is aborted (the end
     client sees a truncated response, not a false success); if the end client disconnects, the
     guest's body is cancelled.
+
+    The application must let aiohttp cancel handlers whose peer disconnected (aiohttp >= 3.9;
+    off by default): ``web.run_app(app, handler_cancellation=True)``,
+    ``web.AppRunner(app, handler_cancellation=True)`` or
+    ``web.Application(handler_args={"handler_cancellation": True})``. The cancellation reaches
+    this handler wherever it waits (for the response head, for the guest's next chunk, on a
+    write) and closing the body cancels the guest's stream. Without it, aiohttp tells a handler
+    only when its next write fails, so a guest that stalls keeps its stream open until it sends
+    again. (tests/test_streaming.py's ``serve_runtime`` uses the AppRunner form.)
     """
 
     async def handler(request: web.Request) -> web.StreamResponse:
         body = request.content.iter_any() if request.can_read_body else None
         req = Request(request.method, str(request.url), list(request.headers.items()), body)
         try:
-            resp = await runtime.dispatch_request(req)  # type: ignore[attr-defined]
+            resp = await runtime.dispatch_request(req)
         except Error as exc:
             return web.Response(status=502, text=f"{type(exc).__name__}: {exc}\n")
         out = web.StreamResponse(status=resp.status, reason=resp.status_text or None)
         for k, v in resp.headers.items():
             if k.lower() not in HOP_BY_HOP | {"content-length"}:
                 out.headers.add(k, v)
-        watcher = asyncio.create_task(_watch_disconnect(request, poll))
-        forward = asyncio.create_task(_forward(request, out, resp))
         try:
-            done, _ = await asyncio.wait({watcher, forward}, return_when=asyncio.FIRST_COMPLETED)
-            if forward in done:
-                forward.result()
-            else:
-                forward.cancel()
-                with contextlib.suppress(BaseException):
-                    await forward
+            await _forward(request, out, resp)
         except Exception:
             if request.transport is not None:
                 request.transport.abort()  # a truncated body must look truncated
         finally:
-            watcher.cancel()
             await close_body(resp.body)
         return out
 
@@ -176,12 +175,3 @@ async def _forward(request: web.Request, out: web.StreamResponse, resp: Response
         async for chunk in body:
             await out.write(chunk)
     await out.write_eof()
-
-
-async def _watch_disconnect(request: web.Request, poll: float) -> None:
-    """Return once the end client's connection is gone (aiohttp does not cancel handlers by default)."""
-    while True:
-        transport = request.transport
-        if transport is None or transport.is_closing():
-            return
-        await asyncio.sleep(poll)

@@ -3,6 +3,10 @@
 Bodies never pass through the broker unless they are small and complete: anything else gets its
 own pipe straight to the daemon (the daemon binds, the client connects), and the producing side
 sends only as fast as the consuming side reads.
+
+A Runtime knows its connection only as a ``Host`` (below) and its daemon only as a ``ControlLink``;
+it owns a Scope (every callback and producer task) and the registry of its open streams, and
+closes both when it is lost or disposed.
 """
 
 from __future__ import annotations
@@ -11,25 +15,52 @@ import asyncio
 import contextlib
 import inspect
 import logging
-import weakref
-from collections.abc import AsyncIterable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import zmq
+import zmq.asyncio
 
-from client.connection import Connection, ControlLink
+from client.bodies import Body, Inbound, aclose_quietly, send_body
+from client.control import ControlLink
 from client.errors import Error, RequestRejected, RuntimeLost, lost
-from client.http import Body, BodyType, Request, Response, header_pairs
+from client.http import BodyType, Request, Response
+from client.scope import Scope
+from wire import messages as M
 from wire import protocol as P
-from wire import sockets
-from wire.auth import connect_with
+from wire import streams
 from wire.pipes import PipeReader, PipeWriter
 
 log = logging.getLogger("client.runtime")
 
 #: How long a dispatch waits for the guest's response head (the body may take longer).
 DISPATCH_TIMEOUT = 60.0
+
+R = TypeVar("R", bound=M.Record)
+
+
+class Host(Protocol):
+    """What a Runtime needs from the connection that created it (client.Connection is one)."""
+
+    #: how long to wait for the broker's answers and for a pipe's peer (seconds)
+    timeout: float
+
+    async def call(self, make: Callable[[int], M.Record], reply: type[R], *, timeout: float | None = None) -> R:
+        """Send the request ``make(id)`` and return its reply as ``reply``; an error reply raises."""
+        ...
+
+    def send(self, msg: M.Record) -> None:
+        """Send a message that expects no reply; raises client.Error once the connection is gone."""
+        ...
+
+    def dial(self, kind: int, endpoint: str, server_key: bytes | None) -> zmq.asyncio.Socket:
+        """A pipe socket (PUSH or PULL) connected to a daemon's ``endpoint``."""
+        ...
+
+    def forget(self, runtime_id: str) -> None:
+        """The runtime is closed: route nothing more to it."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,25 +76,29 @@ class ConsoleEntry:
 class Runtime:
     def __init__(
         self,
-        conn: Connection,
-        created: dict[str, Any],
-        fetch: Callable[..., Any] | None,
-        console: Callable[..., Any] | None,
+        host: Host,
+        control: ControlLink,
+        created: M.CreateOk,
+        fetch: Callable[[Request], Awaitable[Response]] | None,
+        console: Callable[[ConsoleEntry], Any] | None,
         eval_timeout: float | None,
     ) -> None:
-        self.conn = conn
-        self.id: str = created["rt"]
-        self.daemon: str = str(created.get("daemon", ""))
-        key = created.get("daemon_key")
-        self.daemon_key: bytes | None = key.encode() if isinstance(key, str) else None
-        self.control: ControlLink = conn.control(str(created["control"]), self.daemon_key)
+        self._host = host
+        self._control = control
+        self.id = created.rt
+        self.daemon = created.daemon or ""
+        self.daemon_key: bytes | None = created.daemon_key.encode() if created.daemon_key else None
         self._fetch = fetch
         self._console = console
         self.eval_timeout = eval_timeout
         self.lost: RuntimeLost | None = None
-        # weak: an abandoned Body must be collectable, so that its __del__ cancels the producer
-        self.bodies: weakref.WeakSet[Body] = weakref.WeakSet()
-        self.tasks: set[asyncio.Task[Any]] = set()
+        self._scope = Scope(f"runtime {self.id}")
+        #: open streams the daemon produces for us (response bodies, fetch uploads)
+        self._inbound: dict[bytes, Inbound] = {}
+        #: stream id -> the task producing it for the daemon (upload, fetch answer)
+        self._outbound: dict[bytes, asyncio.Task[Any]] = {}
+        #: stream id -> an upload's wait for the daemon's pipe_ready
+        self._ready: dict[bytes, asyncio.Future[str]] = {}
 
     def __repr__(self) -> str:
         return f"<Runtime {self.id} on {self.daemon}{' lost' if self.lost else ''}>"
@@ -80,109 +115,53 @@ class Runtime:
         code = source.encode()
         if len(code) > P.MAX_SOURCE:
             raise RequestRejected(f"source of {len(code)} bytes exceeds {P.MAX_SOURCE}", P.E_TOO_LARGE)
-        fields: dict[str, Any] = {"rt": self.id}
         limit = timeout if timeout is not None else self.eval_timeout
-        if limit is not None:
-            fields["timeout_ms"] = int(limit * 1000)
+        ms = None if limit is None else int(limit * 1000)
         # the daemon enforces the limit; our wait only needs to outlast it
-        wait = (limit or 30.0) + self.conn.timeout
-        reply = await self.conn.request("eval", [code], timeout=wait, **fields)
-        return reply.get("value")
+        wait = (limit or 30.0) + self._host.timeout
+        reply = await self._host.call(
+            lambda id_: M.Eval(id=id_, rt=self.id, source=code, timeout_ms=ms), M.EvalOk, timeout=wait
+        )
+        return reply.value
 
     async def dispatch_request(self, request: Request, *, timeout: float = DISPATCH_TIMEOUT) -> Response:
         """Hand ``request`` to the guest's serve() handler; the response body streams as produced."""
         self._check()
         resp_sid = P.new_id()
-        fields: dict[str, Any] = {
-            "rt": self.id,
-            "method": request.method,
-            "url": request.url,
-            "headers": header_pairs(request.headers),
-            "resp_sid": resp_sid,
-        }
-        payload: list[Any] = []
         body = request.body
-        upload: asyncio.Task[Any] | None = None
+        desc: M.Body = None
+        upload: asyncio.Task[None] | None = None
         if isinstance(body, (bytes, bytearray, memoryview)) and len(body) <= P.MAX_INLINE_BODY:
-            if len(body):
-                fields["body"], payload = P.BODY_INLINE, [body]
+            desc = M.Inline(body) if len(body) else None
         elif body is not None:
-            sid = P.new_id()
-            fields["body"] = {"sid": sid}
-            ready = self.conn.expect_pipe(sid)
-            upload = self._track(self._upload(sid, ready, body))
-            self.conn.add_producer(sid, upload)
+            desc = M.StreamRef(P.new_id())
+            upload = self._upload(desc.sid, body)
+
+        def make(id_: int) -> M.Dispatch:
+            headers = tuple(request.headers.items())
+            return M.Dispatch(
+                id=id_, rt=self.id, method=request.method, url=request.url, headers=headers, resp_sid=resp_sid,
+                body=desc,
+            )  # fmt: skip
+
         try:
-            reply = await self.conn.request("dispatch", payload, timeout=timeout, **fields)
+            reply = await self._host.call(make, M.DispatchOk, timeout=timeout)
         except BaseException:
-            self.control.cancel(resp_sid)  # the guest's request.signal aborts
+            self._cancel_remote(resp_sid)  # the guest's request.signal aborts
             if upload is not None:
                 upload.cancel()
             raise
         return self._response(reply, resp_sid)
 
-    async def _upload(self, sid: bytes, ready: asyncio.Future[str], body: BodyType) -> None:
-        try:
-            async with asyncio.timeout(self.conn.timeout):
-                ep = await ready
-        except TimeoutError:
-            log.warning("the daemon never opened the pipe for a request body")
-            return
-        finally:
-            self.conn.pipe_waiters.pop(sid, None)
-        await self._produce(sid, ep, body)
-
-    async def _produce(self, sid: bytes, ep: str, body: BodyType) -> None:
-        """Write ``body`` to the daemon's pipe at ``ep``; cancellation closes it (and the source)."""
-        sock = sockets.pipe(self.conn.ctx, zmq.PUSH)
-        connect_with(sock, self.conn.keypair, self.daemon_key)
-        sock.connect(ep)
-        writer = PipeWriter(sock, sid, connect_timeout=self.conn.timeout)
-        try:
-            if isinstance(body, (bytes, bytearray, memoryview)):
-                await writer.send(body)
-            elif body is not None:
-                async for chunk in body:  # type: ignore[union-attr]
-                    await writer.send(chunk)
-            await writer.end()
-        except asyncio.CancelledError:
-            writer.abort()
-            self.control.cancel(sid)  # the consumer must not wait for bytes that will never come
-            raise
-        except Exception as exc:
-            await writer.fail(f"{type(exc).__name__}: {exc}")
-        finally:
-            await _aclose(body)
-
-    def _response(self, reply: P.Message, resp_sid: bytes) -> Response:
+    def _response(self, reply: M.DispatchOk, resp_sid: bytes) -> Response:
         body: BodyType = None
-        desc = P.check_body(reply)
-        if desc == P.BODY_INLINE:
-            body = bytes(reply.payload[0])
-        elif isinstance(desc, P.StreamRef):
-            if desc.ep is None or desc.sid != resp_sid:
+        if isinstance(reply.body, M.Inline):
+            body = bytes(reply.body.data)
+        elif isinstance(reply.body, M.StreamRef):
+            if reply.body.ep is None or reply.body.sid != resp_sid:
                 raise RequestRejected("the daemon answered with an unusable body stream", P.E_BAD_MESSAGE)
-            body = self._open_body(desc.sid, desc.ep)
-        return Response(
-            status=int(reply.header["status"]),
-            headers=[(k, v) for k, v in P.check_headers(reply.get("headers", []))],  # type: ignore[arg-type]
-            body=body,
-            status_text=str(reply.get("status_text", "")),
-        )
-
-    def _open_body(self, sid: bytes, ep: str) -> Body:
-        sock = sockets.pipe(self.conn.ctx, zmq.PULL)
-        connect_with(sock, self.conn.keypair, self.daemon_key)
-        sock.connect(ep)
-        body = Body(
-            PipeReader(sock, sid),
-            on_cancel=lambda: self.control.cancel(sid),
-            on_done=self.bodies.discard,
-        )
-        self.bodies.add(body)
-        if self.lost is not None:
-            body.abort(self.lost.message)
-        return body
+            body = self._open_body(reply.body.sid, reply.body.ep)
+        return Response(status=reply.status, headers=list(reply.headers), body=body, status_text=reply.status_text)
 
     async def stats(self) -> dict[str, dict[str, int]]:
         """What this runtime has in flight on each hop: ``client``, ``daemon`` and ``guest`` counts.
@@ -190,94 +169,127 @@ class Runtime:
         After every exchange has finished (completed, cancelled or failed) they are all zero.
         """
         self._check()
-        reply = await self.conn.request("stats", rt=self.id)
+        reply = await self._host.call(lambda id_: M.Stats(id=id_, rt=self.id), M.StatsOk)
         return {
             "client": {
-                "bodies": len(self.bodies),
-                "tasks": sum(not t.done() for t in self.tasks),
-                "producers": sum(not t.done() for t in self.conn.producers.values()),
-                "pipe_waiters": len(self.conn.pipe_waiters),
+                "bodies": len(self._inbound),
+                "tasks": self._scope.running,
+                "producers": sum(not t.done() for t in self._outbound.values()),
+                "pipe_waiters": len(self._ready),
             },
-            "daemon": dict(reply.get("daemon") or {}),
-            "guest": dict(reply.get("guest") or {}),
+            "daemon": dict(reply.daemon or {}),
+            "guest": dict(reply.guest or {}),
         }
 
     async def dispose(self) -> None:
         """Stop the runtime; its process ends and every stream of it is closed."""
-        if self.lost is not None:
-            return
-        try:
-            await self.conn.request("dispose", rt=self.id)
-        except RuntimeLost:
-            pass
-        self.on_lost(P.E_RUNTIME_LOST, "the runtime was disposed")
-        await self.release()
+        if self.lost is None:
+            with contextlib.suppress(RuntimeLost):
+                await self._host.call(lambda id_: M.Dispose(id=id_, rt=self.id), M.DisposeOk)
+            self.on_lost(P.E_RUNTIME_LOST, "the runtime was disposed")
+        await self.close()
 
-    async def release(self) -> None:
-        """Forget the runtime locally and close what its fetch callback holds (an aiohttp session)."""
-        self.conn.runtimes.pop(self.id, None)
+    async def close(self) -> None:
+        """Join every task of the runtime, forget it, and close what its fetch callback holds
+        (an aiohttp session). The connection calls this for each runtime when it closes."""
+        if self.lost is None:
+            self.on_lost(P.E_RUNTIME_LOST, "the runtime was closed")
+        await self._scope.aclose()
+        self._host.forget(self.id)
         aclose = getattr(self._fetch, "aclose", None)
         if aclose is not None:
             with contextlib.suppress(Exception):
                 await aclose()
 
-    # ---- callbacks from the guest ------------------------------------------------------------------
+    # ---- streams -------------------------------------------------------------------------------
 
-    def _track(self, coro: Any) -> asyncio.Task[Any]:
-        task = asyncio.get_running_loop().create_task(coro)
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+    def _cancel_remote(self, sid: bytes) -> None:
+        """Tell the daemon to stop stream ``sid``; pointless (and not sent) once the runtime is gone."""
+        if self.lost is None:
+            self._control.cancel(sid)
+
+    def _open_body(self, sid: bytes, ep: str) -> Body:
+        reader = PipeReader(self._host.dial(zmq.PULL, ep, self.daemon_key), sid)
+        stream = Inbound(streams.Consumer(reader), self._cancel_remote, self._inbound_done)
+        self._inbound[sid] = stream
+        body = stream.body()
+        if self.lost is not None:
+            stream.fail(self.lost.message)
+        return body
+
+    def _inbound_done(self, stream: Inbound) -> None:
+        if self._inbound.get(stream.sid) is stream:
+            del self._inbound[stream.sid]
+
+    def _producer(self, sid: bytes, coro: Any) -> asyncio.Task[Any]:
+        """Run ``coro`` as the producer of stream ``sid``: a cancel from the daemon cancels it."""
+        task = self._scope.spawn(coro, name=f"client-produce-{sid.hex()}")
+        self._outbound[sid] = task
+        self._control.watch(sid, task.cancel)
+
+        def done(_task: asyncio.Task[Any]) -> None:  # here, not in a finally: a task cancelled
+            self._outbound.pop(sid, None)  # before its first step never runs its finally blocks
+            self._control.unwatch(sid)
+            self._ready.pop(sid, None)
+            self._control.forget_pipe(sid)
+
+        task.add_done_callback(done)
         return task
 
-    def on_console(self, msg: P.Message) -> None:
-        if self._console is None:
+    def _upload(self, sid: bytes, body: BodyType) -> asyncio.Task[None]:
+        """Stream a request body once the daemon has bound its pipe (control: pipe_ready)."""
+        ready = self._ready[sid] = self._control.expect_pipe(sid)
+
+        async def run() -> None:
+            try:
+                async with asyncio.timeout(self._host.timeout):
+                    ep = await ready
+            except TimeoutError:
+                log.warning("the daemon never opened the pipe for a request body")
+                await aclose_quietly(body)
+                return
+            self._ready.pop(sid, None)
+            await self._produce(sid, ep, body)
+
+        return self._producer(sid, run())
+
+    async def _produce(self, sid: bytes, ep: str, body: BodyType) -> None:
+        writer = PipeWriter(self._host.dial(zmq.PUSH, ep, self.daemon_key), sid, self._host.timeout)
+        await send_body(writer, body, lambda: self._cancel_remote(sid))
+
+    # ---- callbacks from the guest (the connection routes them here) ------------------------------
+
+    def on_console(self, msg: M.Console) -> None:
+        if self._console is None or self.lost is not None:
             return
-        args = msg.get("args")
-        entry = ConsoleEntry(str(msg.get("level", "log")), [str(a) for a in args] if isinstance(args, list) else [])
         try:
-            result = self._console(entry)
+            result = self._console(ConsoleEntry(msg.level, list(msg.args)))
         except Exception:
             log.exception("console callback failed")
             return
         if inspect.isawaitable(result):
-            self._track(result)
+            self._scope.spawn(_wait(result), name="client-console")
 
-    def on_fetch(self, msg: P.Message) -> None:
-        fid = msg.id
-        resp = msg.get("resp")
-        try:
-            if fid is None:
-                raise P.ProtocolError(P.E_BAD_MESSAGE, "fetch without id")
-            ref = P.check_stream_ref(resp)
-            if ref.ep is None:
-                raise P.ProtocolError(P.E_BAD_MESSAGE, "fetch without a response endpoint")
-        except P.ProtocolError as exc:
-            log.warning("malformed fetch callback: %s", exc.message)
+    def on_fetch(self, msg: M.Fetch) -> None:
+        if self.lost is not None:
+            self._reply_fetch_error(msg.id, self.lost.message)
             return
-        task = self._track(self._serve_fetch(fid, msg, ref))
-        self.conn.add_producer(ref.sid, task)
+        self._producer(msg.resp.sid, self._serve_fetch(msg))
 
-    async def _serve_fetch(self, fid: int, msg: P.Message, resp_ref: P.StreamRef) -> None:
+    async def _serve_fetch(self, msg: M.Fetch) -> None:
         request_body: Body | None = None
         try:
-            desc = P.check_body(msg)
             body: BodyType = None
-            if desc == P.BODY_INLINE:
-                body = bytes(msg.payload[0])
-            elif isinstance(desc, P.StreamRef) and desc.ep is not None:
-                body = request_body = self._open_body(desc.sid, desc.ep)
-            request = Request(
-                str(msg.get("method", "GET")),
-                str(msg.get("url", "")),
-                [(k, v) for k, v in P.check_headers(msg.get("headers", []))],  # type: ignore[arg-type]
-                body,
-                redirect=str(msg.get("redirect", "follow")),
-            )
+            if isinstance(msg.body, M.Inline):
+                body = bytes(msg.body.data)
+            elif isinstance(msg.body, M.StreamRef) and msg.body.ep is not None:
+                body = request_body = self._open_body(msg.body.sid, msg.body.ep)
+            request = Request(msg.method, msg.url, list(msg.headers), body, redirect=msg.redirect)
             assert self._fetch is not None, "the daemon sent fetch to a runtime without a fetch callback"
             try:
                 response = await self._fetch(request)
             except asyncio.CancelledError:
-                self._reply_fetch_error(fid, "the fetch was cancelled")  # the broker stops waiting
+                self._reply_fetch_error(msg.id, "the fetch was cancelled")  # the broker stops waiting
                 raise
             if not isinstance(response, Response):
                 raise TypeError(f"the fetch callback returned {type(response).__name__}, not client.Response")
@@ -285,63 +297,53 @@ class Runtime:
                 raise ValueError(f"the fetch callback returned status {response.status} (must be 200-599)")
         except BaseException as exc:
             if not isinstance(exc, asyncio.CancelledError):
-                self._reply_fetch_error(fid, f"{type(exc).__name__}: {exc}")
+                self._reply_fetch_error(msg.id, f"{type(exc).__name__}: {exc}")
             if request_body is not None:
                 request_body.cancel()  # the guest's upload stops too
             if isinstance(exc, Exception):
                 return
             raise
-        fields: dict[str, Any] = {
-            "rt": self.id,
-            "status": response.status,
-            "status_text": response.status_text,
-            "headers": header_pairs(response.headers),
-            "url": response.url or request.url,
-            "redirected": response.redirected,
-        }
         rbody = response.body
         try:
+            desc: M.Body = None
             if isinstance(rbody, (bytes, bytearray, memoryview)) and len(rbody) <= P.MAX_INLINE_BODY:
-                if len(rbody):
-                    fields["body"] = P.BODY_INLINE
-                self._send(P.encode("ok", [rbody] if len(rbody) else [], id=fid, **fields))
-                return
-            if rbody is None:
-                self._send(P.encode("ok", id=fid, **fields))
-                return
-            fields["body"] = {"sid": resp_ref.sid}
-            self._send(P.encode("ok", id=fid, **fields))
-            assert resp_ref.ep is not None
-            await self._produce(resp_ref.sid, resp_ref.ep, rbody)
+                desc = M.Inline(rbody) if len(rbody) else None
+            elif rbody is not None:
+                desc = M.StreamRef(msg.resp.sid)
+            self._send(
+                M.FetchOk(
+                    id=msg.id, rt=self.id, status=response.status, status_text=response.status_text,
+                    headers=tuple(response.headers.items()), url=response.url or request.url,
+                    redirected=response.redirected, body=desc,
+                )
+            )  # fmt: skip
+            if isinstance(desc, M.StreamRef):
+                assert msg.resp.ep is not None
+                await self._produce(msg.resp.sid, msg.resp.ep, rbody)
         finally:
-            await _aclose(rbody)
+            await aclose_quietly(rbody)
             if request_body is not None and not request_body.finished:
                 request_body.cancel()
 
     def _reply_fetch_error(self, fid: int, message: str) -> None:
-        self._send(P.error_frames(P.E_FETCH_FAILED, message, fid, rt=self.id))
+        self._send(M.error(P.E_FETCH_FAILED, message, fid, rt=self.id))
 
-    def _send(self, frames: list[Any]) -> None:
+    def _send(self, msg: M.Record) -> None:
         with contextlib.suppress(Error):
-            self.conn.send(frames)
+            self._host.send(msg)
 
     # ---- loss --------------------------------------------------------------------------------------
 
     def on_lost(self, code: str, message: str) -> None:
-        """The runtime is gone: every open body fails, every producer stops."""
-        if self.lost is None:
-            self.lost = lost(code, message)
-        for body in list(self.bodies):
-            body.abort(message)
-        for task in list(self.tasks):
-            task.cancel()
-        if not any(r.control is self.control and r.lost is None for r in self.conn.runtimes.values()):
-            self.conn.drop_control(self.control)  # the daemon may be gone: do not keep dialling it
+        """The runtime is gone: every open body fails, every task stops, the control lease ends."""
+        if self.lost is not None:
+            return
+        self.lost = lost(code, message)
+        for stream in list(self._inbound.values()):
+            stream.fail(message)
+        self._scope.cancel()
+        self._control.release()  # the daemon may be gone: the last lease closes the link
 
 
-async def _aclose(body: BodyType) -> None:
-    if isinstance(body, AsyncIterable):
-        aclose = getattr(body, "aclose", None)
-        if aclose is not None:
-            with contextlib.suppress(Exception):
-                await aclose()
+async def _wait(awaitable: Awaitable[Any]) -> None:
+    await awaitable

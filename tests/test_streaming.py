@@ -45,7 +45,7 @@ async def serve_runtime(rt: client.Runtime) -> tuple[web.AppRunner, str]:
     """An aiohttp server in front of the runtime (the end client talks to this)."""
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", client.aiohttp_handler(rt))
-    runner = web.AppRunner(app)
+    runner = web.AppRunner(app, handler_cancellation=True)  # aiohttp_handler relies on it
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", 0).start()
     return runner, f"http://127.0.0.1:{runner.addresses[0][1]}"
