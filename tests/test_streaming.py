@@ -14,7 +14,7 @@ import pytest
 from aiohttp import web
 
 import client
-from tests.conftest import Broker, Daemon
+from tests.conftest import Broker, Daemon, await_until, create_when_ready
 from tests.upstream import BLOCK, JS_HELPERS, Upstream, stream_crc
 
 MiB = 1 << 20
@@ -489,3 +489,97 @@ async def test_an_abandoned_response_body_is_cancelled(conn) -> None:
     gc.collect()
     await assert_nothing_left(rt)
     await rt.dispose()
+
+
+
+def _stream_id(body: client.Body) -> bytes:
+    """The wire id of a streamed body (what an attacker would have to guess or sniff)."""
+    sid = getattr(getattr(body, "_reader", None), "sid", None)
+    assert isinstance(sid, bytes), f"cannot find the stream id of {body!r}: has client.http.Body changed?"
+    return sid
+
+
+async def test_a_cancel_for_another_clients_stream_is_ignored(broker) -> None:
+    """Guards the owner check on the daemon's control socket (daemon/daemon.py `_control_loop`: a
+    `cancel` is acted on only if the stream's runtime's owner is the sender's token). Two clients
+    have runtimes on one daemon; while A's response body is live, B sends a cancel for A's stream id
+    on B's own control link to that daemon. A's body must still arrive whole, and nothing leaks.
+    Without the check the daemon drops A's pipe and cancels A's guest stream, and this test fails."""
+    size, hold = 4 * MiB + 4321, 256 * 1024
+    async with (
+        await client.connect(broker.frontend, timeout=15) as a,
+        await client.connect(broker.frontend, timeout=15) as b,
+    ):
+        assert a.token != b.token
+        rt_a, rt_b = await a.create_runtime(), await b.create_runtime()
+        assert rt_a.daemon == rt_b.daemon, "the test needs both runtimes on one daemon"
+        assert rt_a.control.endpoint == rt_b.control.endpoint
+        await rt_a.eval(JS_HELPERS)
+        # A: a checksummed body that pauses after `hold` bytes until told to go on (so it stays live
+        # for as long as the test needs), and records whether its stream was ever cancelled
+        await rt_a.eval(
+            f"""
+            globalThis.go = false; globalThis.cancelled = null; globalThis.sentCrc = null;
+            serve(() => {{
+              const src = patternStream({size}, 11).getReader();
+              let sent = 0, crc = 0;
+              return new Response(new ReadableStream({{
+                async pull(c) {{
+                  while (sent >= {hold} && !globalThis.go) await new Promise(r => setTimeout(r, 5));
+                  const {{ done, value }} = await src.read();
+                  if (done) {{ globalThis.sentCrc = crc; c.close(); return; }}
+                  sent += value.length; crc = crc32(value, crc); c.enqueue(value);
+                }},
+                cancel(reason) {{ globalThis.cancelled = String(reason); }},
+              }}));
+            }});
+            """
+        )
+        # B: an endless body of its own; cancelling it shows B's control link works, and orders B's
+        # control messages (the daemon reads one peer's messages in order)
+        await rt_b.eval(
+            """
+            globalThis.cancelled = null;
+            serve(() => new Response(new ReadableStream({
+              async pull(c) { await new Promise(r => setTimeout(r, 10)); c.enqueue(new Uint8Array(100)); },
+              cancel(reason) { globalThis.cancelled = String(reason); },
+            })));
+            """
+        )
+        resp_a = await rt_a.dispatch_request(client.Request("GET", "http://a/"))
+        resp_b = await rt_b.dispatch_request(client.Request("GET", "http://b/"))
+        crc, n = 0, 0
+        first = await resp_a.body.read_chunk()
+        assert first
+        crc, n = zlib.crc32(first, crc), n + len(first)
+        assert await resp_b.body.read_chunk()
+        # A's stream is live on the daemon (so the cancel below has something to hit)
+        mid = await rt_a.stats()
+        assert mid["daemon"]["outbound"] == 1 and mid["daemon"]["registered_streams"] == 1, mid
+        # B learns A's stream id (here from A's objects) and cancels it on B's own control link,
+        # then cancels its own stream on the same link
+        link = b.control(rt_b.control.endpoint, rt_b.daemon_key)
+        assert link is rt_b.control and link.sock.identity == b.token
+        link.cancel(_stream_id(resp_a.body))
+        link.cancel(_stream_id(resp_b.body))
+        # once B's own cancel has reached B's guest, the daemon has handled B's forged cancel too
+        await await_until(
+            lambda: rt_b.eval("export default globalThis.cancelled"), "B's cancel of its own stream reached B's guest"
+        )
+        assert await rt_a.eval("export default globalThis.cancelled") is None, "A's stream was cancelled by B"
+        # A's body goes on to the end, intact
+        await rt_a.eval("globalThis.go = true")
+        try:
+            async with asyncio.timeout(60):
+                while (chunk := await resp_a.body.read_chunk()) is not None:
+                    crc, n = zlib.crc32(chunk, crc), n + len(chunk)
+        except TimeoutError:
+            raise AssertionError(f"A's body stalled after {n} of {size} bytes") from None
+        assert n == size
+        assert crc == await rt_a.eval("export default globalThis.sentCrc")
+        assert await rt_a.eval("export default globalThis.cancelled") is None
+        await resp_b.body.aclose()
+        await assert_nothing_left(rt_a)
+        await assert_nothing_left(rt_b)
+        await rt_a.dispose()
+        await rt_b.dispose()
