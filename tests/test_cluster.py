@@ -62,6 +62,7 @@ async def test_killed_daemon_gives_owner_a_clear_error(cluster) -> None:
         survivor = next(r for r in rts if r.daemon == "d2")
         await victim.eval("serve(() => new Promise(() => {}))")  # a dispatch that never answers
         pending = asyncio.ensure_future(victim.dispatch_request(client.Request("GET", "http://x/")))
+
         # kill the daemon only once the dispatch is pending in the guest
         async def dispatch_in_guest() -> bool:
             return (await victim.stats())["guest"]["dispatches"] == 1

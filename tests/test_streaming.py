@@ -505,7 +505,6 @@ async def test_an_abandoned_response_body_is_cancelled(conn) -> None:
     await rt.dispose()
 
 
-
 def _stream_id(body: client.Body) -> bytes:
     """The wire id of a streamed body (what an attacker would have to guess or sniff)."""
     sid = getattr(getattr(body, "_reader", None), "sid", None)
