@@ -3,8 +3,10 @@ Deno runtimes, and real aiohttp servers on 127.0.0.1."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
+import inspect
 import os
 import signal
 import socket
@@ -12,8 +14,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -105,6 +108,45 @@ def wait_until(pred, timeout: float = 10.0, interval: float = 0.05) -> bool:
             return True
         time.sleep(interval)
     return pred()
+
+
+async def await_until(
+    pred: Callable[[], Any | Awaitable[Any]], what: str, timeout: float = 30.0, interval: float = 0.05
+) -> Any:
+    """Poll ``pred`` (a function or a coroutine function) until it returns something truthy, and
+    return that; after ``timeout`` seconds fail with an AssertionError saying what never happened.
+
+    The async counterpart of ``wait_until``, for tests that must wait for a condition instead of
+    sleeping a fixed time. Deadlines are generous: the machine may be busy with other test runs."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting until {what} (last: {value!r})")
+        await asyncio.sleep(interval)
+
+
+async def create_when_ready(conn: client.Connection, timeout: float = 60.0, **kw: Any) -> client.Runtime:
+    """Create a runtime once a daemon has registered (daemons register shortly after they start):
+    retries on NoCapacity until ``timeout``, then fails saying no daemon ever took a runtime."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return await conn.create_runtime(**kw)
+        except client.NoCapacity as exc:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no daemon took a runtime within {timeout:g}s: {exc}") from None
+            await asyncio.sleep(0.05)
+
+
+def joined(broker: Broker, *names: str) -> bool:
+    """Whether the broker has logged every one of the daemons ``names`` as joined."""
+    text = broker.log.read_text(errors="replace")
+    return all(f"daemon {name} joined" in text for name in names)
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,7 @@ import msgpack
 import pytest
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 
 import client
 from tests.conftest import Daemon, free_port
@@ -72,8 +73,17 @@ async def test_broker_answers_garbage_with_errors_and_keeps_serving(broker, raw_
     # an empty message (only the routing frame) is dropped, not fatal
     await s.send_multipart([b""])
     # a frame above libzmq's hard cap makes the broker drop the connection, not crash
-    await s.send_multipart([msgpack.packb({"v": 1, "t": "hb"}), b"x" * (16 * P.MAX_FRAME + 1)])
-    await asyncio.sleep(0.2)
+    monitor = s.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+    try:
+        await s.send_multipart([msgpack.packb({"v": 1, "t": "hb"}), b"x" * (16 * P.MAX_FRAME + 1)])
+        try:
+            event = parse_monitor_message(await _recv(monitor, timeout=30))
+        except TimeoutError:
+            raise AssertionError("the broker never dropped the connection that sent an oversized frame") from None
+        assert event["event"] == zmq.EVENT_DISCONNECTED, event
+    finally:
+        s.disable_monitor()
+        monitor.close(0)
     async with await client.connect(broker.frontend) as conn:
         rt = await conn.create_runtime()
         assert await rt.eval("export default 'fine'") == "fine"

@@ -13,7 +13,7 @@ import pytest
 import client
 from scripts.kit.procs import deno_pids
 from scripts.kit.procs import descendants as children_of
-from tests.conftest import Broker, Daemon, wait_until
+from tests.conftest import Broker, Daemon, await_until, joined, wait_until
 
 
 @pytest.fixture
@@ -29,29 +29,23 @@ def cluster(tmp_path: Path) -> Iterator[tuple[Broker, Daemon, Daemon]]:
             p.stop()
 
 
-async def _create_when_ready(conn: client.Connection, **kw) -> client.Runtime:
-    """Daemons register shortly after they start; retry placement until one is there."""
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            return await conn.create_runtime(**kw)
-        except client.NoCapacity:
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.1)
+async def _runtimes_on_both_daemons(b: Broker, conn: client.Connection) -> list[client.Runtime]:
+    """Wait (with a deadline) until the broker has both daemons, then create runtimes until both hold
+    one: the broker places on the daemon with the most free room, so two or three creates suffice."""
+    await await_until(lambda: joined(b, "d1", "d2"), "both daemons have joined the broker", timeout=60)
+    rts: list[client.Runtime] = []
+    for _ in range(4):  # each daemon has room for 8
+        rts.append(await conn.create_runtime())
+        if {r.daemon for r in rts} == {"d1", "d2"}:
+            return rts
+    raise AssertionError(f"4 runtimes all went to one daemon: {[r.daemon for r in rts]}")
 
 
 async def test_runtimes_spread_over_two_daemons(cluster) -> None:
     b, _d1, _d2 = cluster
     async with await client.connect(b.frontend, timeout=10) as conn:
-        first = await _create_when_ready(conn)
-        # wait until both daemons are registered: the broker places on the one with most free room
-        others = []
-        deadline = time.monotonic() + 30
-        while len({r.daemon for r in [first, *others]}) < 2 and time.monotonic() < deadline:
-            others.append(await conn.create_runtime())
-            await asyncio.sleep(0.05)
-        rts = [first, *others]
+        rts = await _runtimes_on_both_daemons(b, conn)
+        rts += [await conn.create_runtime() for _ in range(4)]
         assert {r.daemon for r in rts} == {"d1", "d2"}
         # every runtime works, wherever it is
         vals = await asyncio.gather(*(r.eval(f"export default '{r.id}'") for r in rts))
@@ -63,14 +57,17 @@ async def test_runtimes_spread_over_two_daemons(cluster) -> None:
 async def test_killed_daemon_gives_owner_a_clear_error(cluster) -> None:
     b, d1, _d2 = cluster
     async with await client.connect(b.frontend, timeout=10) as conn:
-        rts = [await _create_when_ready(conn)]
-        while len({r.daemon for r in rts}) < 2:
-            rts.append(await conn.create_runtime())
+        rts = await _runtimes_on_both_daemons(b, conn)
         victim = next(r for r in rts if r.daemon == "d1")
         survivor = next(r for r in rts if r.daemon == "d2")
         await victim.eval("serve(() => new Promise(() => {}))")  # a dispatch that never answers
         pending = asyncio.ensure_future(victim.dispatch_request(client.Request("GET", "http://x/")))
-        await asyncio.sleep(0.2)
+
+        # kill the daemon only once the dispatch is pending in the guest
+        async def dispatch_in_guest() -> bool:
+            return (await victim.stats())["guest"]["dispatches"] == 1
+
+        await await_until(dispatch_in_guest, "the dispatch is pending in d1's guest")
         guests_of_d1 = children_of(d1.pid)
         assert guests_of_d1, "daemon d1 should have Deno children"
         d1.stop(signal.SIGKILL)
@@ -164,8 +161,9 @@ async def test_broker_killed_fails_pending_calls_and_leaves_no_deno(tmp_path: Pa
         rt = await conn.create_runtime()
         kids = set(children_of(b.pid)) & deno_pids()
         assert kids
-        pending = asyncio.ensure_future(rt.eval("await new Promise(() => {})", timeout=60))
-        await asyncio.sleep(0.2)
+        pending = asyncio.ensure_future(rt.eval("globalThis.started = true; await new Promise(() => {})", timeout=60))
+        # kill the broker only once the eval is pending in the guest
+        await await_until(lambda: rt.eval("export default globalThis.started"), "the eval started in the guest")
         b.stop(signal.SIGKILL)
         t0 = time.monotonic()
         with pytest.raises(client.ConnectionLost):

@@ -248,7 +248,7 @@ async def test_a_console_flood_is_rate_limited_and_spares_other_runtimes(conn: c
     t0 = asyncio.get_running_loop().time()
     for _ in range(10):  # the other runtime answers promptly throughout
         assert await asyncio.wait_for(other.eval("export default 1"), 5) == 1
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.2)  # the scenario: probe at intervals while the flood runs (not a wait)
     elapsed = asyncio.get_running_loop().time() - t0
     await flood.eval("globalThis.stop = true;")
     assert len(entries) <= 250 * (elapsed + 1)

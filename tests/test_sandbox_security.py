@@ -21,6 +21,7 @@ import client
 from daemon.guest import BOOTSTRAP
 from scripts.kit.procs import deno_pids
 from scripts.kit.procs import descendants as children_of
+from tests.conftest import await_until
 
 #: Defines ``attempt(name, fn)``: records ``{ok: true, value}`` or ``{ok: false, name, message}`` in ``out``.
 PROBE = """
@@ -75,11 +76,13 @@ class Listener:
 
     def __init__(self) -> None:
         self.connections = 0
+        self.peer_ports: list[int] = []
         self.server: asyncio.Server | None = None
 
     async def __aenter__(self) -> Listener:
         async def on_conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             self.connections += 1
+            self.peer_ports.append(writer.get_extra_info("peername")[1])
             writer.close()
 
         self.server = await asyncio.start_server(on_conn, "127.0.0.1", 0)
@@ -89,6 +92,18 @@ class Listener:
     def port(self) -> int:
         assert self.server is not None
         return self.server.sockets[0].getsockname()[1]
+
+    async def connections_before_ours(self) -> int:
+        """Connect to the listener ourselves and wait until it has accepted that connection: any
+        connection opened before ours (by a guest) has been accepted and counted by then, as the
+        listener accepts in arrival order. Returns how many other connections it has seen."""
+        _reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        ours = writer.get_extra_info("sockname")[1]
+        try:
+            await await_until(lambda: ours in self.peer_ports, "the listener accepted our own connection")
+        finally:
+            writer.close()
+        return self.connections - 1
 
     async def __aexit__(self, *exc: object) -> None:
         assert self.server is not None
@@ -181,8 +196,7 @@ async def test_guest_cannot_open_sockets(conn: client.Connection) -> None:
             """
             + blocked_imports(NET_MODULES),
         )
-        await asyncio.sleep(0.2)  # let a (wrongly) opened connection reach the listener
-        assert server.connections == 0
+        assert await server.connections_before_ours() == 0
     rejected(result, "deno_connect", "Deno is not defined")
     ws = rejected(result, "websocket", "Requires net access", "127.0.0.1")
     assert ws["name"] == "NotCapable"
@@ -274,8 +288,7 @@ async def test_guest_cannot_import_remote_or_npm_modules(conn: client.Connection
             await attempt("ext", async () => Object.keys(await import("ext:deno_node/process.ts")));
             """,
         )
-        await asyncio.sleep(0.2)
-        assert server.connections == 0
+        assert await server.connections_before_ours() == 0
     rejected(result, "https", "--no-remote")
     rejected(result, "http_local", "Requires import access", "127.0.0.1")
     rejected(result, "http_port1", "Requires import access")
@@ -481,13 +494,22 @@ async def test_tampered_intrinsics_do_not_let_the_guest_write_to_the_channel(con
     replaces them (to make the bootstrap write garbage or forged frames) changes nothing on the channel."""
     entries: list[client.ConsoleEntry] = []
     uploads: list[bytes] = []
+    undone = asyncio.Event()
+
+    def on_console(entry: client.ConsoleEntry) -> None:
+        entries.append(entry)
+        if entry.text == "undone":
+            undone.set()
 
     async def on_fetch(req: client.Request) -> client.Response:
         uploads.append(await req.read())
-        await asyncio.sleep(0.3)  # answer after the guest has undone its tampering
+        try:  # answer only after the guest has undone its tampering (it logs "undone" then)
+            await asyncio.wait_for(undone.wait(), 30)
+        except TimeoutError:
+            return client.Response(599, [], b"the guest never logged that it had undone its tampering")
         return client.Response(200, [], b"echo:" + uploads[-1])
 
-    rt = await conn.create_runtime(console=entries.append, fetch=on_fetch)
+    rt = await conn.create_runtime(console=on_console, fetch=on_fetch)
     value = await rt.eval(
         TAMPERING[how]
         + """
@@ -497,6 +519,7 @@ async def test_tampered_intrinsics_do_not_let_the_guest_write_to_the_channel(con
           pending = fetch("http://host.test/", { method: "POST", body: "uploaded while tampered" });  // with a body
           await new Promise((r) => setTimeout(r, 0));  // the upload frame goes out before this timer fires
         } finally { undo(); }
+        console.log("undone");
         const resp = await pending;
         export default { status: resp.status, text: await resp.text() };
         """
@@ -504,7 +527,10 @@ async def test_tampered_intrinsics_do_not_let_the_guest_write_to_the_channel(con
     assert value == {"status": 200, "text": "echo:uploaded while tampered"}
     await assert_alive(rt)
     assert uploads == [b"uploaded while tampered"]
-    assert [(e.level, e.args) for e in entries] == [("log", ["written while tampered", "[ 1, 2 ]"])]
+    assert [(e.level, e.args) for e in entries] == [
+        ("log", ["written while tampered", "[ 1, 2 ]"]),
+        ("log", ["undone"]),
+    ]
     await rt.dispose()
 
 

@@ -15,12 +15,12 @@ from aiohttp import web
 
 import client
 from scripts.kit.upstream import BLOCK, JS_HELPERS, Upstream, stream_crc
-from tests.conftest import Broker, Daemon
+from tests.conftest import Broker, Daemon, await_until, create_when_ready
 
 MiB = 1 << 20
 
 
-async def assert_nothing_left(rt: client.Runtime, timeout: float = 5.0) -> None:
+async def assert_nothing_left(rt: client.Runtime, timeout: float = 15.0) -> None:
     """Every stream, socket, reader and task of the runtime is gone, on every hop (polls: cleanup
     after a cancel is asynchronous)."""
     deadline = time.monotonic() + timeout
@@ -97,11 +97,13 @@ async def test_llm_stream_chunks_arrive_as_produced(conn, upstream, front, mode)
     await rt.eval(f"const UPSTREAM = {upstream.url!r};\n" + PASSTHROUGH.replace("UPSTREAM", repr(upstream.url)))
     url = await front(rt)
     arrivals = []
+    received = 0
     async with aiohttp.ClientSession() as s, s.get(f"{url}/chat?mode={mode}&key={mode}") as r:
         assert r.status == 200
         t0 = time.monotonic()
         buf = b""
         async for chunk in r.content.iter_any():
+            received += len(chunk)
             buf += chunk
             while b"\n\n" in buf:
                 event, buf = buf.split(b"\n\n", 1)
@@ -114,9 +116,11 @@ async def test_llm_stream_chunks_arrive_as_produced(conn, upstream, front, mode)
     # the first event arrives long before the last one is produced (~700 ms after the first)
     assert times[-1] - times[0] > 0.5
     assert await rt.eval("export default globalThis.teeType") == "function"
-    if mode == "tee":
-        await asyncio.sleep(0.1)
-        assert await rt.eval("export default globalThis.consumed") > 0
+    if mode == "tee":  # the other branch of the tee reads the same bytes, at its own pace
+        await await_until(
+            lambda: rt.eval(f"export default globalThis.consumed === {received}"),
+            f"the tee's second branch has read all {received} bytes",
+        )
     await assert_nothing_left(rt)
     await rt.dispose()
 
@@ -224,11 +228,8 @@ async def test_guest_cancel_closes_the_upstream_connection(conn, upstream) -> No
         await reader.cancel();
         """
     )
-    t0 = time.monotonic()
     rec = upstream.records["cancelme"]
-    while rec.closed_at is None and time.monotonic() - t0 < 5:
-        await asyncio.sleep(0.01)
-    assert rec.closed_at is not None, "the upstream never saw its connection closed"
+    await await_until(lambda: rec.closed_at is not None, "the upstream saw its connection closed", interval=0.01)
     assert not rec.finished
     assert rec.written < 1000 * 20
     # AbortController works the same way
@@ -244,10 +245,11 @@ async def test_guest_cancel_closes_the_upstream_connection(conn, upstream) -> No
         """
     )
     assert await rt.eval("export default globalThis.abortName") == "AbortError"
-    t0 = time.monotonic()
-    while upstream.records["abortme"].closed_at is None and time.monotonic() - t0 < 5:
-        await asyncio.sleep(0.01)
-    assert upstream.records["abortme"].closed_at is not None
+    await await_until(
+        lambda: upstream.records["abortme"].closed_at is not None,
+        "the upstream saw its connection closed after the abort",
+        interval=0.01,
+    )
     await assert_nothing_left(rt)
     await rt.dispose()
 
@@ -276,13 +278,12 @@ async def test_end_client_disconnect_cancels_the_guest_body(conn, upstream, fron
             r = await s.get(url + path)
             await r.content.readany()
             r.close()  # the end client hangs up mid-stream
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < 5:
-        if await rt.eval("export default globalThis.cancelled") and upstream.records["endclient"].closed_at:
-            break
-        await asyncio.sleep(0.05)
-    assert await rt.eval("export default globalThis.cancelled") is not None
-    assert upstream.records["endclient"].closed_at is not None
+    await await_until(
+        lambda: rt.eval("export default globalThis.cancelled"), "the guest's own body saw the end client's cancel"
+    )
+    await await_until(
+        lambda: upstream.records["endclient"].closed_at is not None, "the upstream saw the end client's cancel"
+    )
     assert not upstream.records["endclient"].finished
     await assert_nothing_left(rt)
     await rt.dispose()
@@ -375,13 +376,15 @@ async def test_backpressure_slow_guest_bounds_upstream_and_memory(conn, upstream
         """
     )
     rec = upstream.records["slow"]
-    await asyncio.sleep(1.0)
-    stalled_at = rec.written
+    # wait until the upstream is blocked: its byte count stops moving (without backpressure it would
+    # run on to the end, and `finished` below says so) ...
+    stalled_at = await upstream_stalls(rec, size)
     broker_rss_stalled = rss_mb(broker.pid)
+    # ... and stays blocked while the guest keeps not reading (this pause is the scenario, not a wait)
     await asyncio.sleep(1.0)
     got = await rt.eval("export default globalThis.got")
-    # the upstream is blocked: it wrote nothing more while the guest was not reading ...
-    assert rec.written == stalled_at, (rec.written, stalled_at)
+    # the upstream wrote nothing more while the guest was not reading ...
+    assert not rec.finished and rec.written == stalled_at, (rec.written, stalled_at)
     # ... and what it wrote beyond what the guest consumed is bounded (pipes + socket buffers)
     buffered = rec.written - got
     print(
@@ -437,6 +440,22 @@ async def test_a_long_stall_loses_nothing(conn, upstream) -> None:
     await rt.dispose()
 
 
+async def upstream_stalls(rec, size: int, quiet: float = 1.0, timeout: float = 60.0) -> int:
+    """Wait until the upstream's response has written nothing for ``quiet`` seconds (it is blocked on
+    a full socket) and return how much it wrote; fail if it finishes or never stops within ``timeout``."""
+    deadline = time.monotonic() + timeout
+    last, since = rec.written, time.monotonic()
+    while True:
+        await asyncio.sleep(0.05)
+        assert not rec.finished, f"the upstream wrote all {size} bytes: nothing held it back"
+        now = time.monotonic()
+        if rec.written != last:
+            last, since = rec.written, now
+        elif now - since >= quiet:
+            return last
+        assert now < deadline, f"the upstream never stopped writing within {timeout:g}s ({rec.written} bytes)"
+
+
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -451,12 +470,7 @@ async def test_daemon_killed_mid_stream_fails_the_body(tmp_path: Path) -> None:
     d = Daemon(tmp_path, b, "d1", "--heartbeat", "0.2", "--pool-size", "1")
     try:
         async with await client.connect(b.frontend) as conn:
-            for _ in range(200):
-                try:
-                    rt = await conn.create_runtime()
-                    break
-                except client.NoCapacity:
-                    await asyncio.sleep(0.05)
+            rt = await create_when_ready(conn)
             await rt.eval(
                 """serve(() => new Response(new ReadableStream({ async pull(c) {
                      await new Promise(r => setTimeout(r, 20)); c.enqueue(new Uint8Array(10)); } })))"""
@@ -489,3 +503,96 @@ async def test_an_abandoned_response_body_is_cancelled(conn) -> None:
     gc.collect()
     await assert_nothing_left(rt)
     await rt.dispose()
+
+
+def _stream_id(body: client.Body) -> bytes:
+    """The wire id of a streamed body (what an attacker would have to guess or sniff)."""
+    sid = getattr(getattr(body, "_reader", None), "sid", None)
+    assert isinstance(sid, bytes), f"cannot find the stream id of {body!r}: has client.http.Body changed?"
+    return sid
+
+
+async def test_a_cancel_for_another_clients_stream_is_ignored(broker) -> None:
+    """Guards the owner check on the daemon's control socket (daemon/daemon.py `_control_loop`: a
+    `cancel` is acted on only if the stream's runtime's owner is the sender's token). Two clients
+    have runtimes on one daemon; while A's response body is live, B sends a cancel for A's stream id
+    on B's own control link to that daemon. A's body must still arrive whole, and nothing leaks.
+    Without the check the daemon drops A's pipe and cancels A's guest stream, and this test fails."""
+    size, hold = 4 * MiB + 4321, 256 * 1024
+    async with (
+        await client.connect(broker.frontend, timeout=15) as a,
+        await client.connect(broker.frontend, timeout=15) as b,
+    ):
+        assert a.token != b.token
+        rt_a, rt_b = await a.create_runtime(), await b.create_runtime()
+        assert rt_a.daemon == rt_b.daemon, "the test needs both runtimes on one daemon"
+        assert rt_a.control.endpoint == rt_b.control.endpoint
+        await rt_a.eval(JS_HELPERS)
+        # A: a checksummed body that pauses after `hold` bytes until told to go on (so it stays live
+        # for as long as the test needs), and records whether its stream was ever cancelled
+        await rt_a.eval(
+            f"""
+            globalThis.go = false; globalThis.cancelled = null; globalThis.sentCrc = null;
+            serve(() => {{
+              const src = patternStream({size}, 11).getReader();
+              let sent = 0, crc = 0;
+              return new Response(new ReadableStream({{
+                async pull(c) {{
+                  while (sent >= {hold} && !globalThis.go) await new Promise(r => setTimeout(r, 5));
+                  const {{ done, value }} = await src.read();
+                  if (done) {{ globalThis.sentCrc = crc; c.close(); return; }}
+                  sent += value.length; crc = crc32(value, crc); c.enqueue(value);
+                }},
+                cancel(reason) {{ globalThis.cancelled = String(reason); }},
+              }}));
+            }});
+            """
+        )
+        # B: an endless body of its own; cancelling it shows B's control link works, and orders B's
+        # control messages (the daemon reads one peer's messages in order)
+        await rt_b.eval(
+            """
+            globalThis.cancelled = null;
+            serve(() => new Response(new ReadableStream({
+              async pull(c) { await new Promise(r => setTimeout(r, 10)); c.enqueue(new Uint8Array(100)); },
+              cancel(reason) { globalThis.cancelled = String(reason); },
+            })));
+            """
+        )
+        resp_a = await rt_a.dispatch_request(client.Request("GET", "http://a/"))
+        resp_b = await rt_b.dispatch_request(client.Request("GET", "http://b/"))
+        crc, n = 0, 0
+        first = await resp_a.body.read_chunk()
+        assert first
+        crc, n = zlib.crc32(first, crc), n + len(first)
+        assert await resp_b.body.read_chunk()
+        # A's stream is live on the daemon (so the cancel below has something to hit)
+        mid = await rt_a.stats()
+        assert mid["daemon"]["outbound"] == 1 and mid["daemon"]["registered_streams"] == 1, mid
+        # B learns A's stream id (here from A's objects) and cancels it on B's own control link,
+        # then cancels its own stream on the same link
+        link = b.control(rt_b.control.endpoint, rt_b.daemon_key)
+        assert link is rt_b.control and link.sock.identity == b.token
+        link.cancel(_stream_id(resp_a.body))
+        link.cancel(_stream_id(resp_b.body))
+        # once B's own cancel has reached B's guest, the daemon has handled B's forged cancel too
+        await await_until(
+            lambda: rt_b.eval("export default globalThis.cancelled"), "B's cancel of its own stream reached B's guest"
+        )
+        assert await rt_a.eval("export default globalThis.cancelled") is None, "A's stream was cancelled by B"
+        # A's body goes on to the end, intact
+        await rt_a.eval("globalThis.go = true")
+        try:
+            async with asyncio.timeout(60):
+                while (chunk := await resp_a.body.read_chunk()) is not None:
+                    crc, n = zlib.crc32(chunk, crc), n + len(chunk)
+        except TimeoutError:
+            raise AssertionError(f"A's body stalled after {n} of {size} bytes") from None
+        assert n == size
+        assert crc == await rt_a.eval("export default globalThis.sentCrc")
+        assert await rt_a.eval("export default globalThis.cancelled") is None
+        await resp_b.body.aclose()
+        await assert_nothing_left(rt_a)
+        await assert_nothing_left(rt_b)
+        await rt_a.dispose()
+        await rt_b.dispose()
