@@ -507,8 +507,8 @@ async def test_an_abandoned_response_body_is_cancelled(conn) -> None:
 
 def _stream_id(body: client.Body) -> bytes:
     """The wire id of a streamed body (what an attacker would have to guess or sniff)."""
-    sid = getattr(getattr(body, "_reader", None), "sid", None)
-    assert isinstance(sid, bytes), f"cannot find the stream id of {body!r}: has client.http.Body changed?"
+    sid = getattr(getattr(body, "_stream", None), "sid", None)
+    assert isinstance(sid, bytes), f"cannot find the stream id of {body!r}: has client.bodies.Body changed?"
     return sid
 
 
@@ -526,7 +526,7 @@ async def test_a_cancel_for_another_clients_stream_is_ignored(broker) -> None:
         assert a.token != b.token
         rt_a, rt_b = await a.create_runtime(), await b.create_runtime()
         assert rt_a.daemon == rt_b.daemon, "the test needs both runtimes on one daemon"
-        assert rt_a.control.endpoint == rt_b.control.endpoint
+        assert rt_a._control.endpoint == rt_b._control.endpoint
         await rt_a.eval(JS_HELPERS)
         # A: a checksummed body that pauses after `hold` bytes until told to go on (so it stays live
         # for as long as the test needs), and records whether its stream was ever cancelled
@@ -571,8 +571,8 @@ async def test_a_cancel_for_another_clients_stream_is_ignored(broker) -> None:
         assert mid["daemon"]["outbound"] == 1 and mid["daemon"]["registered_streams"] == 1, mid
         # B learns A's stream id (here from A's objects) and cancels it on B's own control link,
         # then cancels its own stream on the same link
-        link = b.control(rt_b.control.endpoint, rt_b.daemon_key)
-        assert link is rt_b.control and link.sock.identity == b.token
+        link = b._control(rt_b._control.endpoint, rt_b.daemon_key)
+        assert link is rt_b._control and link.sock.identity == b.token
         link.cancel(_stream_id(resp_a.body))
         link.cancel(_stream_id(resp_b.body))
         # once B's own cancel has reached B's guest, the daemon has handled B's forged cancel too
