@@ -7,6 +7,7 @@ the guest cancelling its fetch body closes the upstream connection).
 
 from __future__ import annotations
 
+import logging
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -18,6 +19,8 @@ from client.errors import Error
 from client.http import Request, Response, close_body
 from client.runtime import Runtime
 from wire.protocol import MAX_CHUNK
+
+log = logging.getLogger("client.glue")
 
 #: Kernel receive buffer for upstream connections (bytes): part of the per-stream memory bound.
 UPSTREAM_RCVBUF = 256 * 1024
@@ -140,10 +143,19 @@ def aiohttp_handler(runtime: Runtime) -> Callable[[web.Request], Awaitable[web.S
     this handler wherever it waits (for the response head, for the guest's next chunk, on a
     write) and closing the body cancels the guest's stream. Without it, aiohttp tells a handler
     only when its next write fails, so a guest that stalls keeps its stream open until it sends
-    again. (tests/test_streaming.py's ``serve_runtime`` uses the AppRunner form.)
+    again. (tests/test_streaming.py's ``serve_runtime`` uses the AppRunner form.) The handler logs
+    one warning if the setting is off.
     """
+    warned = False
 
     async def handler(request: web.Request) -> web.StreamResponse:
+        nonlocal warned
+        if not warned and not _cancels_handlers(request):
+            warned = True
+            log.warning(
+                "aiohttp_handler: handler_cancellation is off in this aiohttp app, so a guest body is "
+                "cancelled only at its next write after the end client left; enable it (see the docstring)"
+            )
         body = request.content.iter_any() if request.can_read_body else None
         req = Request(request.method, str(request.url), list(request.headers.items()), body)
         try:
@@ -164,6 +176,13 @@ def aiohttp_handler(runtime: Runtime) -> Callable[[web.Request], Awaitable[web.S
         return out
 
     return handler
+
+
+def _cancels_handlers(request: web.Request) -> bool:
+    """Whether aiohttp cancels this request's handler when the peer disconnects (the server's
+    ``handler_cancellation`` setting; unknown counts as on, so a newer aiohttp never warns falsely)."""
+    manager = getattr(request.protocol, "_manager", None)
+    return bool(getattr(manager, "handler_cancellation", True))
 
 
 async def _forward(request: web.Request, out: web.StreamResponse, resp: Response) -> None:

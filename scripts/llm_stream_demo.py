@@ -67,7 +67,7 @@ async def mock_llm(request: web.Request) -> web.StreamResponse:
 
 @contextlib.asynccontextmanager
 async def site(app: web.Application) -> AsyncIterator[str]:
-    runner = web.AppRunner(app)
+    runner = web.AppRunner(app, handler_cancellation=True)  # client.aiohttp_handler needs it
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", 0).start()
     try:

@@ -16,8 +16,11 @@ from scripts.kit.upstream import block_chunks
 
 
 async def start_site(app: web.Application) -> tuple[web.AppRunner, str]:
-    """Serve ``app`` on a free 127.0.0.1 port (no access log, a backlog for 1,000 connects)."""
-    runner = web.AppRunner(app, access_log=None)
+    """Serve ``app`` on a free 127.0.0.1 port (no access log, a backlog for 1,000 connects).
+
+    Handlers are cancelled when their client disconnects (what client.aiohttp_handler relies on to
+    cancel the guest's body; the proxy baseline gets the same setting)."""
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", 0, backlog=4096).start()
     return runner, f"http://127.0.0.1:{runner.addresses[0][1]}"
