@@ -90,7 +90,6 @@ def _code_files() -> list[Path]:
     ]
 
 
-@pytest.mark.xfail(reason="code comments still cite notes-zeromq.md; fixed at merge", strict=True)
 def test_no_code_cites_a_document_outside_the_repository() -> None:
     needle = "notes-zeromq"
     here = Path(__file__).resolve()  # names it, to check for it

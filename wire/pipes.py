@@ -5,7 +5,7 @@ the next chunk, and the writer's send blocks once the small high-water marks are
 slow consumer stalls the producer instead of growing a buffer. END and ERROR travel in-band
 after the data, so they can never overtake it.
 
-Cancellation follows the rule from notes-zeromq.md: a pending recv on a data socket is never
+Cancellation follows the rule of docs/design.md, Z5: a pending recv on a data socket is never
 cancelled on purpose; instead the socket is closed (``abort``), and the pending read raises the
 reason it was closed with.
 """

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterable
 from dataclasses import MISSING, dataclass
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar, dataclass_transform
 
 import msgpack
 
@@ -31,7 +31,7 @@ from wire.protocol import (
     ProtocolError,
 )
 
-T = TypeVar("T", bound="Record")
+RecordT = TypeVar("RecordT", bound="Record")
 
 
 # ---- kinds: how one field looks on the wire -------------------------------------------------------
@@ -251,19 +251,20 @@ class Record:
     def frames(self) -> list[Any]:
         return to_frames(self)
 
-    def replace(self: T, **changes: Any) -> T:
+    def replace(self: RecordT, **changes: Any) -> RecordT:
         return dataclasses.replace(self, **changes)  # type: ignore[type-var]
 
 
-def record(type_: str) -> Callable[[type[T]], type[T]]:
+@dataclass_transform(frozen_default=True, kw_only_default=True, field_specifiers=(dataclasses.field,))
+def record(type_: str) -> Callable[[type[RecordT]], type[RecordT]]:
     """Make ``cls`` a frozen, slotted, keyword-only dataclass for message type ``type_``."""
 
-    def wrap(cls: type[T]) -> type[T]:
+    def wrap(cls: type[RecordT]) -> type[RecordT]:
         dc = dataclass(frozen=True, slots=True, kw_only=True)(cls)
         specs = []
-        for f in dataclasses.fields(dc):
+        for f in dataclasses.fields(dc):  # type: ignore[arg-type]
             required = f.default is MISSING and f.default_factory is MISSING
-            default = None if required else (f.default if f.default is not MISSING else f.default_factory())
+            default = None if required else (f.default if f.default is not MISSING else f.default_factory())  # type: ignore[operator]
             specs.append(FieldSpec(f.name, f.metadata.get("kind"), required, default, f.metadata.get("doc", "")))
         dc.T = type_
         dc.FIELDS = tuple(specs)
@@ -315,7 +316,9 @@ def peek(frames: list[Any]) -> tuple[str | None, int | None, dict[str, Any]]:
     return t, (mid if type(mid) is int and 0 <= mid < 2**63 else None), header
 
 
-def from_header(cls: type[T], header: dict[str, Any], payload: list[Any], required: Iterable[str] = ()) -> T:
+def from_header(
+    cls: type[RecordT], header: dict[str, Any], payload: list[Any], required: Iterable[str] = ()
+) -> RecordT:
     """Build ``cls`` from a checked header map; ``required`` names optional fields this link needs."""
     p = Payload(payload)
     values: dict[str, Any] = {}
@@ -379,7 +382,7 @@ class Reply:
         self._payload = list(frames[1:])
         self.frames = frames  # as received, so a router can forward without re-encoding
 
-    def parse(self, cls: type[T]) -> T:
+    def parse(self, cls: type[RecordT]) -> RecordT:
         """The reply as ``cls``; ProtocolError(bad_message) if it does not fit."""
         return from_header(cls, self._header, self._payload)
 

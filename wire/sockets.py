@@ -35,7 +35,7 @@ def context() -> zmq.asyncio.Context:
 
 
 def _raise_fd_limit() -> None:
-    # each pipe costs about five descriptors (notes-zeromq.md); 1,000 streams need more than 1,024
+    # each pipe costs about five descriptors (docs/design.md, Z4); 1,000 streams need more than 1,024
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     target = hard if hard != resource.RLIM_INFINITY else 65536
     if soft < target:
@@ -112,6 +112,8 @@ def send_now(sock: zmq.asyncio.Socket, frames: list[Any]) -> None:
     synchronous shadow instead would bypass pyzmq's edge-triggered event bookkeeping and stall
     pending receives.)
     """
+    if sock.closed:  # pyzmq would orphan a future holding ENOTSOCK (logged at GC as never retrieved)
+        raise zmq.ZMQError(zmq.ENOTSOCK)
     fut = sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
     if fut.done():
         exc = fut.exception()

@@ -129,7 +129,7 @@ LIMITS: tuple[Limit, ...] = (
     Limit("FETCH_REPLY_TIMEOUT", 300.0, "s", ("daemon.runtime.FETCH_REPLY_TIMEOUT",), "answer to a `fetch`"),
     Limit("MIN_MEMORY_MB", 16, "MiB", ("daemon.daemon.MIN_MEMORY_MB",), "`memory_limit_mb`"),
     Limit("MAX_MEMORY_MB", 16384, "MiB", ("daemon.daemon.MAX_MEMORY_MB",), "`memory_limit_mb`"),
-    Limit("TOMBSTONES", 10000, "runtimes", ("broker.broker.TOMBSTONES",), "lost runtimes the broker remembers"),
+    Limit("TOMBSTONES", 10000, "runtimes", ("broker.core.TOMBSTONES",), "lost runtimes the broker remembers"),
 )  # fmt: skip
 
 
