@@ -315,6 +315,14 @@ def peek(frames: list[Any]) -> tuple[str | None, int | None, dict[str, Any]]:
     return t, (mid if type(mid) is int and 0 <= mid < 2**63 else None), header
 
 
+def peek_route(frames: list[Any]) -> tuple[str | None, int | None, bytes | None]:
+    """(type, id, route ``c``) of a message that failed validation, as far as they can be read:
+    whom to tell about the refusal (a daemon answers a forwarded request through its ``c``)."""
+    t, mid, header = peek(frames)
+    c = header.get("c")
+    return t, mid, c if isinstance(c, bytes) else None
+
+
 def from_header(cls: type[T], header: dict[str, Any], payload: list[Any], required: Iterable[str] = ()) -> T:
     """Build ``cls`` from a checked header map; ``required`` names optional fields this link needs."""
     p = Payload(payload)
