@@ -19,13 +19,14 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import deno
 import zmq
 
 from daemon.pool import WarmPool, write_import_map
-from daemon.ports import CallbackWaiter, ClientCancellable, OkReply
+from daemon.ports import OkReply
+from daemon.registry import Registry, Seat
 from daemon.runtime import Runtime
 from daemon.scope import Scope, ScopeClosed
 from wire import liveness, sockets
@@ -41,58 +42,6 @@ DEFAULT_MEMORY_MB = 128
 MEMORY_CHECK_INTERVAL = 0.25
 MIN_MEMORY_MB = 16
 MAX_MEMORY_MB = 16384
-
-
-class _Held(NamedTuple):
-    """A registry entry: what the daemon holds, and for which runtime."""
-
-    seat: _Seat
-    target: Any  # ClientCancellable in ``streams``, CallbackWaiter in ``callbacks``
-
-
-class _Seat:
-    """The daemon as one runtime sees it (its RuntimeHost): bound to that runtime and its owner."""
-
-    def __init__(self, daemon: Daemon, rt: str, owner: bytes, owner_key: bytes | None) -> None:
-        self.daemon = daemon
-        self.rt = rt
-        self.owner = owner
-        self.owner_key = owner_key  # the owner's CURVE key, admitted while the runtime lives
-
-    def to_broker(self, msg: Record) -> None:
-        self.daemon.send(msg)
-
-    def reply(self, msg: OkReply) -> None:
-        self.daemon.reply(msg)
-
-    def to_client(self, msg: Record) -> None:
-        self.daemon.control_send(self.owner, msg)
-
-    def bind_reader(self, sid: bytes) -> tuple[PipeReader, str]:
-        return self.daemon.bind_reader(sid)
-
-    def bind_writer(self, sid: bytes) -> tuple[PipeWriter, str]:
-        return self.daemon.bind_writer(sid)
-
-    def register_stream(self, sid: bytes, entry: ClientCancellable) -> None:
-        self.daemon.streams[sid] = _Held(self, entry)
-
-    def unregister_stream(self, sid: bytes) -> None:
-        self.daemon.streams.pop(sid, None)
-
-    def add_callback(self, waiter: CallbackWaiter) -> int:
-        fid = self.daemon.next_id()
-        self.daemon.callbacks[fid] = _Held(self, waiter)
-        return fid
-
-    def drop_callback(self, fid: int) -> None:
-        self.daemon.callbacks.pop(fid, None)
-
-    def held(self) -> dict[str, int]:
-        return {
-            "registered_streams": sum(h.seat is self for h in self.daemon.streams.values()),
-            "callbacks": sum(h.seat is self for h in self.daemon.callbacks.values()),
-        }
 
 
 class Daemon:
@@ -129,27 +78,19 @@ class Daemon:
         self.name = name or f"{os.uname().nodename}:{os.getpid()}"
         self.ctx = sockets.context()
         self.runtimes: dict[str, Runtime] = {}
-        #: wire sid -> what its runtime's owner may cancel on the control link
-        self.streams: dict[bytes, _Held] = {}
-        #: fetch callback id -> the guest fetch waiting for the client's answer
-        self.callbacks: dict[int, _Held] = {}
+        self.registry = Registry()  # streams clients may cancel, fetch callbacks awaiting answers
         #: recently ended runtimes, so a call racing the broker's notice gets "runtime_lost"
         self.ended: OrderedDict[str, tuple[str, str]] = OrderedDict()
         self.control_endpoint = ""
         self.scope = Scope("daemon")  # runtimes, creates, disposes, control retries
         self._starting = 0
-        self._ids = 0
         self._broker_sock: zmq.asyncio.Socket | None = None
         self._control: zmq.asyncio.Socket | None = None
         self._last_seen = 0.0
         self.registered = asyncio.Event()
         self.pool: WarmPool | None = None
 
-    # ---- plumbing used by runtimes (through their _Seat) -------------------------------------------
-
-    def next_id(self) -> int:
-        self._ids += 1
-        return self._ids
+    # ---- links (DaemonLinks: runtimes use them through their Seat) ---------------------------------
 
     def send(self, msg: Record) -> None:
         """Send to the broker (dropped while there is no broker link)."""
@@ -326,10 +267,9 @@ class Daemon:
     def _refuse(self, frames: list[Any], exc: P.ProtocolError) -> None:
         """A message from the broker that does not parse: answer it if it says whom to answer."""
         t, mid, route = peek_route(frames)
-        held = self.callbacks.pop(mid, None) if t in ("ok", "error") and mid is not None else None
-        if held is not None:  # the client's answer to a fetch callback: that fetch fails
-            why = f"invalid response from the fetch callback: {exc.message}" if t == "ok" else "fetch failed"
-            held.target.refuse(why)
+        waiter = self.registry.take_callback(mid) if t in ("ok", "error") and mid is not None else None
+        if waiter is not None:  # the client's answer to a fetch callback: that fetch fails
+            waiter.refuse(f"invalid response from the fetch callback: {exc.message}" if t == "ok" else "fetch failed")
             return
         if t not in M.BROKER_TO_DAEMON.types:
             log.warning("bad message from the broker: %s", exc.message)
@@ -347,14 +287,14 @@ class Daemon:
         pass
 
     def _on_fetch_answer(self, msg: M.FetchOk) -> None:
-        held = self.callbacks.pop(msg.id, None)
-        if held is not None:
-            held.target.answer(msg)
+        waiter = self.registry.take_callback(msg.id)
+        if waiter is not None:
+            waiter.answer(msg)
 
     def _on_fetch_refused(self, msg: M.ErrorReply) -> None:
-        held = self.callbacks.pop(msg.id, None) if msg.id is not None else None
-        if held is not None:
-            held.target.refuse(msg.message)
+        waiter = self.registry.take_callback(msg.id) if msg.id is not None else None
+        if waiter is not None:
+            waiter.refuse(msg.message)
 
     def _runtime(self, rt_id: str) -> Runtime:
         runtime = self.runtimes.get(rt_id)
@@ -377,7 +317,8 @@ class Daemon:
         assert msg.c is not None
         runtime = self._runtime(msg.rt)
         body_sid = msg.body.sid if isinstance(msg.body, StreamRef) else None
-        if msg.resp_sid in self.streams or body_sid in self.streams or body_sid == msg.resp_sid:
+        streams = self.registry.streams
+        if msg.resp_sid in streams or body_sid in streams or body_sid == msg.resp_sid:
             raise P.ProtocolError(P.E_BAD_MESSAGE, "stream id already in use")
         runtime.dispatch(msg, msg.c)
 
@@ -434,7 +375,7 @@ class Daemon:
             return
         finally:
             self._starting -= 1
-        seat = _Seat(self, rt_id, msg.owner, msg.owner_key if self.gate is not None else None)
+        seat = Seat(self, self.registry, rt_id, msg.owner, msg.owner_key if self.gate is not None else None)
         eval_timeout = self.eval_timeout if msg.eval_timeout_ms is None else msg.eval_timeout_ms / 1000
         runtime = Runtime(seat, rt_id, guest, eval_timeout, fetch=msg.fetch, console=msg.console)
         try:
@@ -447,7 +388,7 @@ class Daemon:
             self.gate.allow(seat.owner_key)
         self.reply(M.CreateOk(id=msg.id, c=route, rt=rt_id, pid=guest.pid))
 
-    async def _host(self, runtime: Runtime, seat: _Seat) -> None:
+    async def _host(self, runtime: Runtime, seat: Seat) -> None:
         """A runtime's life in the daemon: from its creation until it has released everything."""
         try:
             await runtime.run()
@@ -475,9 +416,7 @@ class Daemon:
             try:
                 msg = M.CONTROL_TO_DAEMON.parse(frames[1:])
                 if isinstance(msg, M.Cancel):
-                    held = self.streams.get(msg.sid)
-                    if held is not None and held.seat.owner == token:  # only the owner cancels
-                        held.target.cancel_by_client()
+                    self.registry.cancel(msg.sid, token)
             except P.ProtocolError as exc:
                 log.warning("bad control message: %s", exc.message)
             except Exception:

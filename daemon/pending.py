@@ -6,7 +6,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Generic, TypeVar
+
+from daemon import values
+from wire import guest as G
+from wire import messages as M
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -58,3 +63,18 @@ class Pending(Generic[K, V]):
 
     def __iter__(self) -> Iterator[V]:
         return iter([item for item, _ in self._entries.values()])
+
+
+@dataclass(slots=True, eq=False)
+class Call:
+    """A client request waiting for the guest: where its answer goes."""
+
+    route: bytes  # the broker's route to the client ("c")
+    req_id: int
+
+    def error(self, code: str, message: str, name: str | None = None, stack: str | None = None) -> M.ErrorReply:
+        return M.error(code, message, self.req_id, c=self.route, name=name, stack=stack)
+
+    def guest_error(self, code: str, err: G.GuestError) -> M.ErrorReply:
+        """The guest's own error, cleaned and cut to fit an error reply."""
+        return self.error(code, *values.error_parts(err))

@@ -2,12 +2,14 @@
 
     Daemon --creates--> Runtime --opens--> streams
        ^                  |  ^                |
-       +-- RuntimeHost ---+  +-- StreamOwner -+--> GuestPort (the guest process)
+   DaemonLinks            |  +-- StreamOwner -+--> GuestPort (the guest process)
+       |                  |
+     Seat <-- RuntimeHost-+
 
-A Runtime reaches its daemon only through the ``RuntimeHost`` it is given (one per runtime, so it
-already knows whose runtime it is); a stream reaches the guest through a ``GuestPort`` and its
-runtime through a ``StreamOwner``. Entries in the daemon's registries are objects that know how to
-act on themselves (``ClientCancellable``, ``CallbackWaiter``).
+A Runtime reaches its daemon only through the ``RuntimeHost`` it is given (a Seat, one per runtime,
+so it already knows whose runtime it is); a stream reaches the guest through a ``GuestPort`` and
+its runtime through a ``StreamOwner``. Entries in the daemon's registries are objects that know
+how to act on themselves (``ClientCancellable``, ``CallbackWaiter``).
 """
 
 from __future__ import annotations
@@ -68,6 +70,22 @@ class RuntimeHost(Protocol):
 
     def held(self) -> dict[str, int]:
         """What the daemon holds for this runtime (registered streams, callbacks): leak checks."""
+
+
+class DaemonLinks(Protocol):
+    """The daemon's sockets, as a runtime's seat (daemon/registry.py) uses them."""
+
+    def send(self, msg: Record) -> None:
+        """To the broker."""
+
+    def reply(self, msg: OkReply) -> None: ...
+
+    def control_send(self, token: bytes, msg: Record) -> None:
+        """To the client whose control socket has identity ``token``."""
+
+    def bind_reader(self, sid: bytes) -> tuple[PipeReader, str]: ...
+
+    def bind_writer(self, sid: bytes) -> tuple[PipeWriter, str]: ...
 
 
 class GuestPort(Protocol):
