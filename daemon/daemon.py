@@ -42,6 +42,8 @@ DEFAULT_MEMORY_MB = 128
 MEMORY_CHECK_INTERVAL = 0.25
 MIN_MEMORY_MB = 16
 MAX_MEMORY_MB = 16384
+#: What a client asks of a daemon (through the broker, with its route ``c``): answered, even with an error.
+_REQUESTS = (M.CreateRuntime, M.Eval, M.Dispatch, M.Stats, M.Dispose)
 
 
 class Daemon:
@@ -260,9 +262,8 @@ class Daemon:
                     log.exception("failed to handle %s from the broker", msg.T)
                 else:
                     log.warning("rejected %s from the broker: %s", msg.T, text)
-                route, req_id = getattr(msg, "c", None), getattr(msg, "id", None)
-                if route is not None and req_id is not None:
-                    self.send(M.error(code, text, req_id, c=route))
+                if isinstance(msg, _REQUESTS) and msg.c is not None and msg.id is not None:
+                    self.send(M.error(code, text, msg.id, c=msg.c))
 
     def _refuse(self, frames: list[Any], exc: P.ProtocolError) -> None:
         """A message from the broker that does not parse: answer it if it says whom to answer."""

@@ -12,8 +12,8 @@ from typing import Any
 
 from wire import guest as G
 
-#: UTF-8 bytes of text per console entry (the bootstrap's MAX_CONSOLE units are at most this).
-MAX_CONSOLE_BYTES = 48 * 1024
+#: UTF-8 bytes of text per console entry: what the bootstrap's MAX_CONSOLE UTF-16 units take at most.
+MAX_CONSOLE_BYTES = 3 * G.MAX_CONSOLE
 #: UTF-8 bytes of a guest error's message, and of its stack.
 MAX_ERROR_BYTES = 16 * 1024
 #: Characters of a stream error's text written to the pipe.

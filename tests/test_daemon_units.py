@@ -179,3 +179,90 @@ async def test_scope_close_cancels_and_joins_children() -> None:
     coro = child("late", 0)
     with pytest.raises(ScopeClosed):
         scope.spawn(coro)
+
+
+# ---- a runtime between a fake daemon and a fake guest ------------------------------------------------
+
+
+class FakeGuest:
+    """The GuestProcess surface a Runtime uses; frames it is sent are kept as decoded headers."""
+
+    memory_limit_mb = 128
+
+    def __init__(self) -> None:
+        self.sent: list[dict] = []
+        self.exit_reason: str | None = None
+        self.on_frame = self.on_stop = None
+
+    alive = property(lambda self: self.exit_reason is None)
+
+    def send(self, msg: object) -> None:
+        self.send_encoded(*G.encode(msg))  # type: ignore[arg-type]
+
+    def send_encoded(self, header: bytes, body: object = None) -> None:
+        self.sent.append(json.loads(header))
+
+    async def drain(self) -> None:
+        pass
+
+    async def kill(self, reason: str) -> None:
+        self.exit_reason = self.exit_reason or reason
+
+    def ran_out_of_memory(self) -> bool:
+        return False
+
+    def frame(self, **header: object) -> None:
+        self.on_frame(decode_header(json.dumps(header).encode()), b"")  # type: ignore[misc]
+
+
+class FakeHost:
+    """A RuntimeHost that keeps what the runtime sends and registers."""
+
+    def __init__(self) -> None:
+        self.out: list[object] = []
+        self.streams: dict[bytes, object] = {}
+
+    def to_broker(self, msg: object) -> None:
+        self.out.append(msg)
+
+    reply = to_client = to_broker
+
+    def register_stream(self, sid: bytes, entry: object) -> None:
+        self.streams[sid] = entry
+
+    def unregister_stream(self, sid: bytes) -> None:
+        self.streams.pop(sid, None)
+
+    def held(self) -> dict[str, int]:
+        return {"registered_streams": len(self.streams), "callbacks": 0}
+
+
+async def test_runtime_routes_guest_ops_and_releases_everything_at_its_end() -> None:
+    from daemon.runtime import Runtime
+    from wire import messages as M
+
+    guest, host = FakeGuest(), FakeHost()
+    rt = Runtime(host, "r1", guest, 30.0, fetch=False, console=True)  # type: ignore[arg-type]
+    life = asyncio.get_running_loop().create_task(rt.run())  # owner: this test (awaited below)
+    assert guest.sent[0]["op"] == "init" and guest.sent[0]["window"] == G.WINDOW
+    rt.eval(M.Eval(id=7, rt="r1", source=b"export default 1", c=b"c"), b"c")
+    assert guest.sent[-1] == {"op": "eval", "id": 1, "code": "export default 1"}
+    guest.frame(op="eval_ok", id=1, value={"x": "\ud800"})
+    assert host.out[-1] == M.EvalOk(id=7, c=b"c", value={"x": "\ufffd"})
+    # a dispatch the client cancels before its head: the guest's request is aborted, the client answered
+    rt.dispatch(M.Dispatch(id=8, rt="r1", method="GET", url="http://x/", resp_sid=b"s" * 16, c=b"c"), b"c")
+    assert guest.sent[-1]["op"] == "request" and guest.sent[-1]["id"] == 2
+    host.streams[b"s" * 16].cancel_by_client()  # type: ignore[attr-defined]
+    assert guest.sent[-1] == {"op": "abort", "id": 2} and host.out[-1].code == "cancelled"  # type: ignore[attr-defined]
+    assert not host.streams
+    guest.frame(op="response", id=2, status=200, headers=[], body=None)  # late: ignored
+    guest.frame(op="console", level="warn", args=["hi", 3])
+    assert host.out[-1] == M.Console(rt="r1", level="warn", args=("hi", "3"))
+    # the end: what is pending fails with the reason, the runtime reports itself lost
+    rt.eval(M.Eval(id=9, rt="r1", source=b"for(;;);", c=b"c"), b"c")
+    rt.stop("the runtime process exited")
+    await life
+    assert host.out[-2] == M.error("runtime_lost", "the runtime process exited", 9, c=b"c")
+    assert host.out[-1] == M.RuntimeLost(rt="r1", code="runtime_lost", message="the runtime process exited")
+    with pytest.raises(ProtocolError):
+        rt.ensure_alive()
