@@ -19,14 +19,27 @@ const { Response, Request, ReadableStream, CountQueuingStrategy, Headers, Promis
   Function } = globalThis;
 const addEventListener = globalThis.addEventListener.bind(globalThis);
 
-const MAX_CHUNK = 256 * 1024; // protocol.md: largest chunk on a pipe
-const INLINE_MAX = 64 * 1024; // bodies complete within this size travel with their head
-const WINDOW = 4; // chunks a stream may have in flight between daemon and guest, either way
-const MAX_FRAME = 16 * 1024 * 1024;
-const MAX_VALUE = 48 * 1024; // characters of JSON an eval may return (the reply header is 64 KiB at most)
-const MAX_CONSOLE = 16 * 1024; // UTF-16 units of text in one console entry (at most 48 KiB of UTF-8)
-const MAX_ERROR_TEXT = 16 * 1024; // UTF-16 units kept of an error's message and of its stack
-const MAX_HEAD = 32 * 1024; // characters of URL plus headers in one request or response head
+const MAX_FRAME = 16 * 1024 * 1024; // largest frame this bootstrap reads from the daemon
+
+// The limits it applies are the daemon's (wire/guest.py, each explained there). They arrive in
+// `init`, the first frame after the daemon claims this process and before any guest code runs,
+// and live in these module variables, which guest code cannot reach.
+let WINDOW, MAX_CHUNK, INLINE_MAX, MAX_VALUE, MAX_CONSOLE, MAX_CONSOLE_ARGS, CONSOLE_RATE, MAX_ERROR_TEXT,
+  MAX_ERROR_NAME, MAX_HEAD, MAX_STATUS_TEXT;
+let config = null; // { fetch, console } once `init` has arrived
+
+function init(h) {
+  if (config !== null) fatal("a second init");
+  ({ window: WINDOW, max_chunk: MAX_CHUNK, inline_max: INLINE_MAX, max_value: MAX_VALUE, max_console: MAX_CONSOLE,
+    max_console_args: MAX_CONSOLE_ARGS, console_rate: CONSOLE_RATE, max_error_text: MAX_ERROR_TEXT,
+    max_error_name: MAX_ERROR_NAME, max_head: MAX_HEAD, max_status_text: MAX_STATUS_TEXT } = h);
+  for (const v of [WINDOW, MAX_CHUNK, INLINE_MAX, MAX_VALUE, MAX_CONSOLE, MAX_CONSOLE_ARGS, CONSOLE_RATE,
+    MAX_ERROR_TEXT, MAX_ERROR_NAME, MAX_HEAD, MAX_STATUS_TEXT]) {
+    if (typeof v !== "number" || !(v > 0)) fatal(`init without its limits: ${stringify(h)}`);
+  }
+  config = { fetch: !!h.fetch, console: !!h.console };
+  send({ op: "init_ok" });
+}
 
 function checkHead(url, headers, method = "") {
   let size = url.length + method.length;
@@ -130,7 +143,7 @@ function describe(e) {
   // bounded, so that an error with a huge message cannot make a frame the daemon must refuse
   const cut = (text) => (text.length > MAX_ERROR_TEXT ? text.slice(0, MAX_ERROR_TEXT) + "…[truncated]" : text);
   if (e instanceof Error || (e && typeof e === "object" && "message" in e)) {
-    return { name: cut(String(e.name ?? "Error")).slice(0, 256), message: cut(String(e.message ?? "")),
+    return { name: cut(String(e.name ?? "Error")).slice(0, MAX_ERROR_NAME), message: cut(String(e.message ?? "")),
       stack: cut(String(e.stack ?? "")) };
   }
   let text;
@@ -356,7 +369,7 @@ async function handleRequest(h, body) {
     const req = new Request(h.url, init);
     const resp = await handler(req);
     if (!(resp instanceof Response)) throw new TypeError("the serve() handler must return a Response");
-    const head = { op: "response", id: h.id, status: resp.status, statusText: resp.statusText.slice(0, 1024),
+    const head = { op: "response", id: h.id, status: resp.status, statusText: resp.statusText.slice(0, MAX_STATUS_TEXT),
       headers: [...resp.headers] };
     checkHead("", head.headers);
     await sendWithBody(head, resp.body);
@@ -433,13 +446,12 @@ function format(arg) {
 // A guest that logs without end must not flood its daemon (and, through it, every other runtime
 // there): at most CONSOLE_RATE entries per second reach the host; the rest are counted, and the
 // count is reported with the next entry that gets through.
-const CONSOLE_RATE = 200;
 let consoleWindow = 0;
 let consoleSent = 0;
 let consoleDropped = 0;
 
 function log(level, args) {
-  if (!config.console) return;
+  if (!config?.console) return;
   const now = Math.floor(performance.now() / 1000);
   if (now !== consoleWindow) { consoleWindow = now; consoleSent = 0; }
   if (consoleSent >= CONSOLE_RATE) { consoleDropped++; return; }
@@ -452,7 +464,7 @@ function log(level, args) {
   const out = [];
   let room = MAX_CONSOLE;
   for (const arg of args) {
-    if (out.length === 64 || room <= 0) { out.push("…[more arguments dropped]"); break; }
+    if (out.length === MAX_CONSOLE_ARGS || room <= 0) { out.push("…[more arguments dropped]"); break; }
     let text = format(arg);
     if (text.length > room) text = text.slice(0, room) + "…[truncated]";
     room -= text.length;
@@ -489,11 +501,10 @@ addEventListener("error", (e) => {
 });
 
 // ---- dispatch of daemon messages -------------------------------------------------------------
-let config = { fetch: false, console: false };
-
 function handle(h, body) {
+  if (config === null && h.op !== "init") fatal(`${h.op} before init`);
   switch (h.op) {
-    case "init": config = { fetch: !!h.fetch, console: !!h.console }; send({ op: "init_ok" }); break;
+    case "init": init(h); break;
     case "eval": runEval(h); break;
     case "request": handleRequest(h, body); break;
     case "abort": // the client gave up: the daemon has answered for us, so forget the exchange

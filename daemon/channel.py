@@ -15,13 +15,10 @@ import os
 import struct
 from typing import Any
 
-#: ops a guest may send (protocol.md, "Guest channel").
-GUEST_OPS = frozenset(
-    {
-        "ready", "init_ok", "fatal", "eval_ok", "eval_error", "response", "response_error", "fetch",
-        "fetch_abort", "read", "cancel", "chunk", "end", "error", "console", "stats",
-    }
-)  # fmt: skip
+from wire.guest import GUEST_TO_DAEMON
+
+#: ops a guest may send (wire/guest.py).
+GUEST_OPS = frozenset(GUEST_TO_DAEMON)
 #: Largest frame a guest may send (a chunk is at most 256 KiB; headers are small).
 MAX_GUEST_FRAME = 1024 * 1024
 #: Largest JSON header in a guest frame.
@@ -40,11 +37,16 @@ class GuestProtocolError(Exception):
     """The guest process broke the channel framing or sent an impossible message."""
 
 
+def frame_head(header: bytes, body: Any = None) -> bytes:
+    """Length prefix plus JSON ``header`` of one daemon->guest frame; the body is written after it
+    as it is, never copied into the frame."""
+    blen = 0 if body is None else memoryview(body).nbytes
+    return _U32x2.pack(4 + len(header) + blen, len(header)) + header
+
+
 def encode_frame(header: dict[str, Any], body: Any = None) -> tuple[bytes, Any]:
     """The two buffers of one daemon->guest frame (prefix+header, body) so the body is never copied."""
-    h = json.dumps(header, separators=(",", ":")).encode()
-    blen = 0 if body is None else memoryview(body).nbytes
-    return _U32x2.pack(4 + len(h) + blen, len(h)) + h, body
+    return frame_head(json.dumps(header, separators=(",", ":")).encode(), body), body
 
 
 def decode_header(raw: bytes) -> dict[str, Any]:

@@ -2,19 +2,22 @@
 
 Links: a DEALER to the broker's backend (requests in, replies and guest callbacks out), a bound
 ROUTER control socket (clients connect with their token as identity; cancels and pipe_ready),
-and one bound PUSH or PULL per body stream.
+and one bound PUSH or PULL per body stream. Every message is a wire.messages record, parsed once
+on arrival. The daemon's scope owns every task it starts (runtimes, creates, disposes); its
+registries map wire sids and callback ids to objects that act on themselves.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shutil
 import tempfile
 import time
 from collections import OrderedDict
-from collections.abc import Coroutine
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +25,16 @@ import deno
 import zmq
 
 from daemon.pool import WarmPool, write_import_map
+from daemon.ports import OkReply
+from daemon.registry import Registry, Seat
 from daemon.runtime import Runtime
+from daemon.scope import Scope, ScopeClosed
 from wire import liveness, sockets
+from wire import messages as M
 from wire import protocol as P
 from wire.auth import Gate, KeyPair, connect_with
 from wire.pipes import PipeReader, PipeWriter
+from wire.schema import Record, StreamRef, route
 
 log = logging.getLogger("daemon")
 
@@ -34,6 +42,8 @@ DEFAULT_MEMORY_MB = 128
 MEMORY_CHECK_INTERVAL = 0.25
 MIN_MEMORY_MB = 16
 MAX_MEMORY_MB = 16384
+#: What a client asks of a daemon (through the broker, with its route ``c``): answered, even with an error.
+_REQUESTS = (M.CreateRuntime, M.Eval, M.Dispatch, M.Stats, M.Dispose)
 
 
 class Daemon:
@@ -70,38 +80,25 @@ class Daemon:
         self.name = name or f"{os.uname().nodename}:{os.getpid()}"
         self.ctx = sockets.context()
         self.runtimes: dict[str, Runtime] = {}
-        self.streams: dict[bytes, tuple[Runtime, Any]] = {}
-        self.callbacks: dict[int, tuple[Runtime, int]] = {}
+        self.registry = Registry()  # streams clients may cancel, fetch callbacks awaiting answers
         #: recently ended runtimes, so a call racing the broker's notice gets "runtime_lost"
         self.ended: OrderedDict[str, tuple[str, str]] = OrderedDict()
         self.control_endpoint = ""
+        self.scope = Scope("daemon")  # runtimes, creates, disposes, control retries
         self._starting = 0
-        self._ids = 0
-        self._tasks: set[asyncio.Task[Any]] = set()
         self._broker_sock: zmq.asyncio.Socket | None = None
         self._control: zmq.asyncio.Socket | None = None
         self._last_seen = 0.0
         self.registered = asyncio.Event()
         self.pool: WarmPool | None = None
 
-    # ---- plumbing used by runtimes ---------------------------------------------------------------
+    # ---- links (DaemonLinks: runtimes use them through their Seat) ---------------------------------
 
-    def next_id(self) -> int:
-        self._ids += 1
-        return self._ids
+    def send(self, msg: Record) -> None:
+        """Send to the broker (dropped while there is no broker link)."""
+        self._to_broker(msg.frames())
 
-    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-        return task
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("background task failed", exc_info=task.exception())
-
-    def to_broker(self, frames: list[Any]) -> None:
+    def _to_broker(self, frames: list[Any]) -> None:
         sock = self._broker_sock
         if sock is None or sock.closed:
             return
@@ -110,33 +107,32 @@ class Daemon:
         except zmq.ZMQError as exc:
             log.warning("message to the broker dropped: %s", exc)
 
-    def reply(self, route: bytes, req_id: int, payload: list[Any] | None = None, **fields: Any) -> None:
-        frames = P.encode("ok", payload or [], id=req_id, c=route, **fields)
+    def reply(self, msg: OkReply) -> None:
+        frames = msg.frames()
         if len(frames[0]) > P.MAX_HEADER:  # e.g. a huge eval result: refuse it here, not at the broker
             message = f"the reply ({len(frames[0])} bytes of header) exceeds the {P.MAX_HEADER}-byte limit"
-            frames = P.error_frames(P.E_TOO_LARGE, message, req_id, c=route)
-        self.to_broker(frames)
+            frames = M.error(P.E_TOO_LARGE, message, msg.id, c=msg.c).frames()
+        self._to_broker(frames)
 
-    def reply_error(self, route: bytes, req_id: int, code: str, message: str, **fields: Any) -> None:
-        self.to_broker(P.error_frames(code, message, req_id, c=route, **fields))
-
-    def control_send(self, token: bytes, frames: list[Any]) -> None:
+    def control_send(self, token: bytes, msg: Record) -> None:
         """Send to a client's control socket; it may still be connecting, so retry briefly."""
         if self._control is None or self._control.closed:
             return
+        frames = [token, *msg.frames()]
         try:
-            sockets.send_now(self._control, [token, *frames])
+            sockets.send_now(self._control, frames)
         except zmq.ZMQError:
-            self.spawn(self._control_retry(token, frames))
+            if not self.scope.closed:
+                self.scope.spawn(self._control_retry(frames), name="daemon-control-retry")
 
-    async def _control_retry(self, token: bytes, frames: list[Any]) -> None:
+    async def _control_retry(self, frames: list[Any]) -> None:
         deadline = time.monotonic() + 5.0
         while time.monotonic() < deadline:
             await asyncio.sleep(0.005)
             if self._control is None or self._control.closed:
                 return
             try:
-                sockets.send_now(self._control, [token, *frames])
+                sockets.send_now(self._control, frames)
                 return
             except zmq.ZMQError:
                 continue
@@ -149,21 +145,6 @@ class Daemon:
     def bind_writer(self, sid: bytes) -> tuple[PipeWriter, str]:
         sock, ep = sockets.bind_pipe(self.ctx, zmq.PUSH, self.bind_host, self.advertise_host, self.gate)
         return PipeWriter(sock, sid), ep
-
-    def register_stream(self, sid: bytes, runtime: Runtime, target: Any) -> None:
-        self.streams[sid] = (runtime, target)
-
-    def unregister_stream(self, sid: bytes) -> None:
-        self.streams.pop(sid, None)
-
-    def forget_runtime(self, runtime: Runtime) -> None:
-        if self.runtimes.get(runtime.rt) is runtime:
-            del self.runtimes[runtime.rt]
-            if self.gate is not None and runtime.owner_key:
-                self.gate.revoke(runtime.owner_key)
-        self.ended[runtime.rt] = (runtime.lost_code or P.E_RUNTIME_LOST, runtime.lost_message)
-        while len(self.ended) > 1000:
-            self.ended.popitem(last=False)
 
     # ---- main ------------------------------------------------------------------------------------
 
@@ -194,13 +175,16 @@ class Daemon:
             shutil.rmtree(workdir, ignore_errors=True)
 
     async def _shutdown(self) -> None:
+        """Stop every runtime and wait for them, then everything else the daemon started."""
         runtimes = list(self.runtimes.values())
-        await asyncio.gather(*(r.guest.kill("the daemon is shutting down") for r in runtimes), return_exceptions=True)
+        for runtime in runtimes:
+            runtime.stop("the daemon is shutting down")
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(10):
+                await asyncio.gather(*(r.finished.wait() for r in runtimes))
         if self.pool is not None:
             await self.pool.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.scope.close()
         for sock in (self._control, self._broker_sock):
             if sock is not None:
                 sock.close(0)
@@ -230,9 +214,8 @@ class Daemon:
             self._broker_sock = sock
             self._last_seen = time.monotonic()
             try:
-                self.to_broker(
-                    P.encode(
-                        "ready",
+                self.send(
+                    M.Ready(
                         capacity=self.max_runtimes,
                         control=self.control_endpoint,
                         name=self.name,
@@ -260,125 +243,169 @@ class Daemon:
                 self._last_seen = time.monotonic()
             if time.monotonic() - self._last_seen > self.heartbeat * self.liveness:
                 raise _BrokerLost()
-            self.to_broker(P.encode("hb", load=len(self.runtimes) + self._starting))
+            self.send(M.Heartbeat(load=len(self.runtimes) + self._starting))
 
     async def _read_broker(self, sock: zmq.asyncio.Socket) -> None:
         while True:
             frames = await sock.recv_multipart(copy=False)
             self._last_seen = time.monotonic()
             try:
-                msg = P.decode(frames, P.BROKER_TO_DAEMON)
+                msg = M.BROKER_TO_DAEMON.parse(frames)
             except P.ProtocolError as exc:
-                log.warning("bad message from the broker: %s", exc.message)
+                self._refuse(frames, exc)
                 continue
             try:
-                self._on_broker(msg)
+                self.ON_BROKER[msg.T](self, msg)
             except Exception as exc:  # one bad message must never take the daemon down
                 code, text = (exc.code, exc.message) if isinstance(exc, P.ProtocolError) else (P.E_INTERNAL, repr(exc))
                 if code == P.E_INTERNAL:
-                    log.exception("failed to handle %s from the broker", msg.type)
+                    log.exception("failed to handle %s from the broker", msg.T)
                 else:
-                    log.warning("rejected %s from the broker: %s", msg.type, text)
-                route = msg.get("c")
-                if isinstance(route, bytes) and msg.id is not None:
-                    self.reply_error(route, msg.id, code, text)
+                    log.warning("rejected %s from the broker: %s", msg.T, text)
+                if isinstance(msg, _REQUESTS) and msg.c is not None and msg.id is not None:
+                    self.send(M.error(code, text, msg.id, c=msg.c))
 
-    def _on_broker(self, msg: P.Message) -> None:
-        t = msg.type
-        if t == "hb":
+    def _refuse(self, frames: list[Any], exc: P.ProtocolError) -> None:
+        """A message from the broker that does not parse: answer it if it says whom to answer."""
+        r = route(frames)
+        t, mid = r.t, r.id
+        waiter = self.registry.take_callback(mid) if t in ("ok", "error") and mid is not None else None
+        if waiter is not None:  # the client's answer to a fetch callback: that fetch fails
+            waiter.refuse(f"invalid response from the fetch callback: {exc.message}" if t == "ok" else "fetch failed")
             return
-        if t == "welcome":
-            self.registered.set()
+        if t not in M.BROKER_TO_DAEMON.types:
+            log.warning("bad message from the broker: %s", exc.message)
             return
-        if t in ("ok", "error"):
-            fid = P.require(msg, "id", int)
-            entry = self.callbacks.get(fid)
-            if entry is not None:
-                entry[0].fetch_reply(fid, msg)
-            return
-        rt_id = P.require(msg, "rt", str)
-        if t == "dispose" and msg.get("c") is None:
-            runtime = self.runtimes.get(rt_id)
-            if runtime is not None:
-                self.spawn(runtime.dispose())
-            return
-        route = P.require(msg, "c", bytes)
-        req_id = P.require(msg, "id", int)
-        if t == "create_runtime":
-            self.spawn(self._create(msg, route, req_id, rt_id))
-            return
+        log.warning("rejected %s from the broker: %s", t, exc.message)
+        if r.c is not None and mid is not None:
+            self.send(M.error(exc.code, exc.message, mid, c=r.c))
+
+    # ---- broker -> daemon, one handler per message type -------------------------------------------
+
+    def _on_welcome(self, msg: M.Welcome) -> None:
+        self.registered.set()
+
+    def _on_heartbeat(self, msg: M.Heartbeat) -> None:
+        pass
+
+    def _on_fetch_answer(self, msg: M.FetchOk) -> None:
+        waiter = self.registry.take_callback(msg.id)
+        if waiter is not None:
+            waiter.answer(msg)
+
+    def _on_fetch_refused(self, msg: M.ErrorReply) -> None:
+        waiter = self.registry.take_callback(msg.id) if msg.id is not None else None
+        if waiter is not None:
+            waiter.refuse(msg.message)
+
+    def _runtime(self, rt_id: str) -> Runtime:
         runtime = self.runtimes.get(rt_id)
-        if runtime is None:
-            if rt_id in self.ended:
-                code, why = self.ended[rt_id]
-                code = code if code == P.E_MEMORY_LIMIT else P.E_RUNTIME_LOST
-                raise P.ProtocolError(code, f"runtime {rt_id} is gone: {why}")
-            raise P.ProtocolError(P.E_UNKNOWN_RUNTIME, f"no runtime {rt_id} on this daemon")
-        if t == "eval":
-            if len(msg.payload) != 1:
-                raise P.ProtocolError(P.E_BAD_MESSAGE, "eval needs the source as one payload frame")
-            try:
-                code = bytes(msg.payload[0]).decode()
-            except UnicodeDecodeError:
-                raise P.ProtocolError(P.E_BAD_MESSAGE, "the eval source is not UTF-8") from None
-            timeout_ms = P.optional(msg, "timeout_ms", int)
-            if timeout_ms is not None and timeout_ms <= 0:
-                raise P.ProtocolError(P.E_BAD_MESSAGE, "timeout_ms must be positive")
-            runtime.eval(route, req_id, code, None if timeout_ms is None else timeout_ms / 1000)
-        elif t == "dispatch":
-            P.require(msg, "method", str)
-            P.require(msg, "url", str)
-            msg.header["headers"] = P.check_headers(msg.get("headers", []))
-            sid = P.require(msg, "resp_sid", bytes)
-            if len(sid) != 16:
-                raise P.ProtocolError(P.E_BAD_MESSAGE, "resp_sid must be 16 bytes")
-            body = P.check_body(msg)
-            body_sid = body.sid if isinstance(body, P.StreamRef) else None
-            if sid in self.streams or body_sid in self.streams or body_sid == sid:
-                raise P.ProtocolError(P.E_BAD_MESSAGE, "stream id already in use")
-            runtime.dispatch(msg)
-        elif t == "stats":
-            runtime.stats(route, req_id)
-        elif t == "dispose":
-            self.spawn(self._dispose(runtime, route, req_id))
+        if runtime is not None:
+            return runtime
+        if rt_id in self.ended:
+            code, why = self.ended[rt_id]
+            code = code if code == P.E_MEMORY_LIMIT else P.E_RUNTIME_LOST
+            raise P.ProtocolError(code, f"runtime {rt_id} is gone: {why}")
+        raise P.ProtocolError(P.E_UNKNOWN_RUNTIME, f"no runtime {rt_id} on this daemon")
 
-    async def _create(self, msg: P.Message, route: bytes, req_id: int, rt_id: str) -> None:
+    def _on_create(self, msg: M.CreateRuntime) -> None:
+        self.scope.spawn(self._create(msg), name=f"create-{msg.rt}")
+
+    def _on_eval(self, msg: M.Eval) -> None:
+        assert msg.c is not None  # required on this link
+        self._runtime(msg.rt).eval(msg, msg.c)
+
+    def _on_dispatch(self, msg: M.Dispatch) -> None:
+        assert msg.c is not None
+        runtime = self._runtime(msg.rt)
+        body_sid = msg.body.sid if isinstance(msg.body, StreamRef) else None
+        streams = self.registry.streams
+        if msg.resp_sid in streams or body_sid in streams or body_sid == msg.resp_sid:
+            raise P.ProtocolError(P.E_BAD_MESSAGE, "stream id already in use")
+        runtime.dispatch(msg, msg.c)
+
+    def _on_stats(self, msg: M.Stats) -> None:
+        assert msg.c is not None
+        self._runtime(msg.rt).stats(msg, msg.c)
+
+    def _on_dispose(self, msg: M.Dispose) -> None:
+        if msg.c is None:  # the owner is gone: dispose without a reply
+            runtime = self.runtimes.get(msg.rt)
+            if runtime is not None:
+                runtime.dispose_soon()
+            return
+        if msg.id is None:
+            raise P.ProtocolError(P.E_BAD_MESSAGE, "'dispose' needs field 'id'")
+        self.scope.spawn(self._dispose(self._runtime(msg.rt), msg.id, msg.c), name=f"dispose-{msg.rt}")
+
+    ON_BROKER: dict[str, Callable[[Daemon, Any], None]] = {
+        M.Welcome.T: _on_welcome,
+        M.Heartbeat.T: _on_heartbeat,
+        M.FetchOk.T: _on_fetch_answer,
+        M.ErrorReply.T: _on_fetch_refused,
+        M.CreateRuntime.T: _on_create,
+        M.Eval.T: _on_eval,
+        M.Dispatch.T: _on_dispatch,
+        M.Stats.T: _on_stats,
+        M.Dispose.T: _on_dispose,
+    }
+
+    # ---- runtimes --------------------------------------------------------------------------------
+
+    async def _create(self, msg: M.CreateRuntime) -> None:
+        assert msg.c is not None and msg.rt is not None and msg.owner is not None  # required on this link
+        route, rt_id = msg.c, msg.rt
         try:
-            owner = P.require(msg, "owner", bytes)
-            owner_key = P.optional(msg, "owner_key", bytes)
-            limit = P.optional(msg, "memory_limit_mb", int, self.default_memory_mb)
+            limit = self.default_memory_mb if msg.memory_limit_mb is None else msg.memory_limit_mb
             if not MIN_MEMORY_MB <= limit <= MAX_MEMORY_MB:
                 raise P.ProtocolError(P.E_BAD_MESSAGE, f"memory_limit_mb must be {MIN_MEMORY_MB}-{MAX_MEMORY_MB}")
-            eval_ms = P.optional(msg, "eval_timeout_ms", int)
-            if eval_ms is not None and eval_ms <= 0:
+            if msg.eval_timeout_ms is not None and msg.eval_timeout_ms <= 0:
                 raise P.ProtocolError(P.E_BAD_MESSAGE, "eval_timeout_ms must be positive")
             if rt_id in self.runtimes:
                 raise P.ProtocolError(P.E_BAD_MESSAGE, f"runtime {rt_id} exists")
             if len(self.runtimes) + self._starting >= self.max_runtimes:
                 raise P.ProtocolError(P.E_CAPACITY, f"daemon {self.name} is full ({self.max_runtimes} runtimes)")
         except P.ProtocolError as exc:
-            self.reply_error(route, req_id, exc.code, exc.message)
+            self.send(M.error(exc.code, exc.message, msg.id, c=route))
             return
         self._starting += 1
         try:
             assert self.pool is not None
             guest = await self.pool.claim(limit)
         except Exception as exc:
-            self.reply_error(route, req_id, P.E_INTERNAL, f"could not start a runtime: {exc}")
+            self.send(M.error(P.E_INTERNAL, f"could not start a runtime: {exc}", msg.id, c=route))
             return
         finally:
             self._starting -= 1
-        runtime = Runtime(self, rt_id, owner, guest, self.eval_timeout if eval_ms is None else eval_ms / 1000)
+        seat = Seat(self, self.registry, rt_id, msg.owner, msg.owner_key if self.gate is not None else None)
+        eval_timeout = self.eval_timeout if msg.eval_timeout_ms is None else msg.eval_timeout_ms / 1000
+        runtime = Runtime(seat, rt_id, guest, eval_timeout, fetch=msg.fetch, console=msg.console)
+        try:
+            self.scope.spawn(self._host(runtime, seat), name=f"runtime-{rt_id}")
+        except ScopeClosed:  # the daemon is shutting down
+            await guest.kill("the daemon is shutting down")
+            return
         self.runtimes[rt_id] = runtime
-        if self.gate is not None and owner_key:
-            runtime.owner_key = owner_key
-            self.gate.allow(owner_key)
-        guest.send({"op": "init", "fetch": bool(msg.get("fetch")), "console": bool(msg.get("console"))})
-        self.reply(route, req_id, rt=rt_id, pid=guest.pid)
+        if self.gate is not None and seat.owner_key:
+            self.gate.allow(seat.owner_key)
+        self.reply(M.CreateOk(id=msg.id, c=route, rt=rt_id, pid=guest.pid))
 
-    async def _dispose(self, runtime: Runtime, route: bytes, req_id: int) -> None:
+    async def _host(self, runtime: Runtime, seat: Seat) -> None:
+        """A runtime's life in the daemon: from its creation until it has released everything."""
+        try:
+            await runtime.run()
+        finally:
+            if self.runtimes.get(runtime.rt) is runtime:
+                del self.runtimes[runtime.rt]
+                if self.gate is not None and seat.owner_key:
+                    self.gate.revoke(seat.owner_key)
+            self.ended[runtime.rt] = (runtime.lost_code or P.E_RUNTIME_LOST, runtime.lost_message)
+            while len(self.ended) > 1000:
+                self.ended.popitem(last=False)
+
+    async def _dispose(self, runtime: Runtime, req_id: int, route: bytes) -> None:
         await runtime.dispose()
-        self.reply(route, req_id, rt=runtime.rt)
+        self.reply(M.DisposeOk(id=req_id, c=route, rt=runtime.rt))
 
     async def _control_loop(self) -> None:
         assert self._control is not None
@@ -389,12 +416,9 @@ class Daemon:
                 continue
             token = frames[0]
             try:
-                msg = P.decode(frames[1:], P.CONTROL_TO_DAEMON)
-                if msg.type == "cancel":
-                    sid = P.require(msg, "sid", bytes)
-                    entry = self.streams.get(sid)
-                    if entry is not None and entry[0].owner == token:
-                        entry[0].cancel_stream(entry[1])
+                msg = M.CONTROL_TO_DAEMON.parse(frames[1:])
+                if isinstance(msg, M.Cancel):
+                    self.registry.cancel(msg.sid, token)
             except P.ProtocolError as exc:
                 log.warning("bad control message: %s", exc.message)
             except Exception:

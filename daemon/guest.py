@@ -2,6 +2,8 @@
 
 Everything the process writes is hostile input: frames are length-checked, headers must be
 JSON objects with a known ``op``, and any violation ends the process (it can only hurt itself).
+The process owns no task but its stderr reader, which ``kill`` joins; its owner (the pool, then
+a runtime) awaits ``kill``.
 """
 
 from __future__ import annotations
@@ -18,7 +20,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from daemon.channel import FrameReader, GuestProtocolError, encode_frame
+from daemon.channel import FrameReader, GuestProtocolError, frame_head
+from wire import guest as G
+from wire.protocol import ProtocolError
+from wire.schema import Record, from_header
 
 log = logging.getLogger("daemon.guest")
 
@@ -47,13 +52,14 @@ def _die_with_parent() -> None:
 
 
 class GuestProcess:
-    """A started Deno process; ``on_frame`` receives every validated frame from it."""
+    """A started Deno process; ``on_frame`` receives every frame from it (header decoded, op known),
+    ``on_stop`` hears once why it stopped (it exited, broke the channel, or was killed)."""
 
     def __init__(self, proc: asyncio.subprocess.Process, stdout_fd: int, memory_limit_mb: int) -> None:
         self.proc = proc
         self.memory_limit_mb = memory_limit_mb
         self.on_frame: Callable[[dict[str, Any], Any], None] | None = None
-        self.on_exit: Callable[[str], None] | None = None
+        self.on_stop: Callable[[str], None] | None = None
         self._stderr: deque[bytes] = deque()
         self._stderr_len = 0
         self._ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -62,8 +68,8 @@ class GuestProcess:
         self._frames = FrameReader(stdout_fd)
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(stdout_fd, self._on_readable)
+        # owner: this process; kill() joins it
         self._err_reader = asyncio.create_task(self._read_stderr(), name=f"guest-{proc.pid}-stderr")
-        self._killer: asyncio.Task[None] | None = None
         self.exit_reason: str | None = None
 
     @classmethod
@@ -114,13 +120,16 @@ class GuestProcess:
     def alive(self) -> bool:
         return self.proc.returncode is None and self.exit_reason is None
 
-    def send(self, header: dict[str, Any], body: Any = None) -> None:
+    def send(self, msg: Record) -> None:
         """Queue one frame to the guest (never blocks; callers that stream use ``drain``)."""
+        self.send_encoded(*G.encode(msg))
+
+    def send_encoded(self, header: bytes, body: Any = None) -> None:
+        """Queue one frame whose JSON header is already encoded (a stream's chunks and acks)."""
         stdin = self.proc.stdin
         if stdin is None or stdin.is_closing():
             return
-        head, body = encode_frame(header, body)
-        stdin.write(head)
+        stdin.write(frame_head(header, body))
         if body is not None:
             stdin.write(memoryview(body))  # not writelines(): that joins, i.e. copies, the body
 
@@ -145,14 +154,15 @@ class GuestProcess:
                     if not self._ready.done():
                         self._ready.set_result(None)
                 elif op == "fatal":
-                    raise GuestProtocolError(f"bootstrap failed: {str(header.get('message'))[:500]}")
+                    fatal = from_header(G.Fatal, header, [])
+                    raise GuestProtocolError(f"bootstrap failed: {str(fatal.message)[:500]}")
                 elif self.on_frame is None:
                     raise GuestProtocolError(f"unexpected {op!r} before the runtime was claimed")
                 else:
                     self.on_frame(header, body)
             if eof:
                 self._stop("the runtime process exited")
-        except GuestProtocolError as exc:
+        except (GuestProtocolError, ProtocolError) as exc:
             log.warning("guest %s: the runtime broke the guest channel: %s", self.pid, exc)
             self._stop(f"the runtime broke the guest channel: {exc}")
         except Exception as exc:
@@ -160,9 +170,26 @@ class GuestProcess:
             self._stop(f"the runtime was stopped after an internal error: {exc!r}")
 
     def _stop(self, reason: str) -> None:
+        """The process exited or broke the channel: no more frames from it, and it dies now."""
         self._close_stdout()
-        if self._killer is None:
-            self._killer = self._loop.create_task(self.kill(reason))
+        self._noted(reason)
+        self._signal()
+
+    def _noted(self, reason: str) -> bool:
+        """Record why the process stopped; the first reason wins and is told to ``on_stop``."""
+        if self.exit_reason is not None:
+            return False
+        self.exit_reason = reason
+        if self.on_stop is not None:
+            self.on_stop(reason)
+        return True
+
+    def _signal(self) -> None:
+        if self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
 
     def _close_stdout(self) -> None:
         if self._stdout_fd >= 0:
@@ -202,23 +229,16 @@ class GuestProcess:
         return "out of memory" in tail or "heap limit" in tail
 
     async def kill(self, reason: str) -> None:
-        """Stop the process (idempotent) and report why, once, through ``on_exit``."""
-        first = self.exit_reason is None
-        if first:
-            self.exit_reason = reason
-        if self.proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.kill()
+        """Stop the process and wait until it is gone, with its stderr read (idempotent)."""
+        self._noted(reason)
+        self._signal()
         with contextlib.suppress(Exception):
             async with asyncio.timeout(5):
                 await self.proc.wait()
         if not self._ready.done():
             self._ready.set_exception(RuntimeError(f"runtime process did not start: {reason}: {self.stderr_tail()}"))
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(1):
-                await asyncio.gather(self._err_reader, return_exceptions=True)
+        await asyncio.wait([self._err_reader], timeout=1)
+        if not self._err_reader.done():  # a grandchild may hold stderr open: stop reading it
+            self._err_reader.cancel()
+            await asyncio.gather(self._err_reader, return_exceptions=True)
         self._close_stdout()
-        if first and self.on_exit is not None:
-            self.on_exit(reason)

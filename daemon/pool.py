@@ -7,13 +7,13 @@ other limits start cold.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import subprocess
 from pathlib import Path
 
 from daemon.guest import GuestProcess
+from daemon.scope import Scope
 
 log = logging.getLogger("daemon.pool")
 
@@ -58,14 +58,12 @@ class WarmPool:
         self.memory_limit_mb = memory_limit_mb
         self.size = size
         self._ready: list[GuestProcess] = []
-        self._filling: set[asyncio.Task[None]] = set()
+        self._filling = Scope("pool")  # the starts under way
         self._closed = False
 
     def fill(self) -> None:
         while not self._closed and len(self._ready) + len(self._filling) < self.size:
-            task = asyncio.create_task(self._start_one(), name="pool-fill")
-            self._filling.add(task)
-            task.add_done_callback(self._filling.discard)
+            self._filling.spawn(self._start_one(), name="pool-fill")
 
     async def _start_one(self) -> None:
         try:
@@ -92,14 +90,12 @@ class WarmPool:
                     # event loop for a few ms, and the reply for this claim should leave first
                     asyncio.get_running_loop().call_later(REFILL_DELAY, self.fill)
                     return guest
+                await guest.kill("it stopped in the pool")  # reap it
         self.fill()
         return await self._start(memory_limit_mb)
 
     async def close(self) -> None:
         self._closed = True
-        for task in list(self._filling):
-            task.cancel()
-        with contextlib.suppress(Exception):
-            await asyncio.gather(*self._filling, return_exceptions=True)
+        await self._filling.close()
         await asyncio.gather(*(g.kill("pool closed") for g in self._ready), return_exceptions=True)
         self._ready.clear()

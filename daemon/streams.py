@@ -4,71 +4,76 @@ Inbound (client produces, guest consumes): the guest grants credit with ``read``
 ``WINDOW`` chunks outstanding); only against credit does the bridge receive from the PULL pipe.
 Outbound (guest produces, client consumes): the guest may have ``WINDOW`` chunks in flight;
 each is acknowledged once the PUSH pipe has accepted it. Either way nothing accumulates in the
-daemon beyond one window.
+daemon beyond one window. Both follow the one stream lifecycle of wire.streams (``Consumer``,
+``produce``); each stream's pump is a task of its runtime's scope.
+
+Per chunk the bridges do no more than move the bytes: the ``chunk`` and ``ack`` headers of a
+stream are encoded once, when it opens (wire.guest.header_of).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from daemon.ports import GuestPort, RuntimeHost, StreamOwner
+from daemon.scope import Scope
+from wire import guest as G
+from wire.messages import Cancel
 from wire.pipes import PipeReader, PipeWriter, StreamError
-
-if TYPE_CHECKING:
-    from daemon.runtime import Runtime
+from wire.streams import Consumer, Lifecycle, SourceFailed, State, produce
 
 log = logging.getLogger("daemon.streams")
 
-#: Chunks a stream may have in flight between daemon and guest (must match WINDOW in bootstrap.js).
-WINDOW = 4
+_END = object()  # queued after an outbound stream's last chunk
 
 
 class InboundStream:
-    """Client -> guest: one guest stream id, fed from one PULL pipe on demand."""
+    """Client -> guest: one inbound guest stream, fed from one PULL pipe on demand."""
 
-    def __init__(self, runtime: Runtime, gsid: int, reader: PipeReader) -> None:
-        self.runtime = runtime
+    def __init__(self, owner: StreamOwner, port: GuestPort, scope: Scope, gsid: int, reader: PipeReader) -> None:
+        self.owner = owner
+        self.port = port
         self.gsid = gsid
+        self.consumer = Consumer(reader)
         self.reader = reader
         self.wire_sid = reader.sid
+        self.closed = False
+        self._chunk_head = G.header_of(G.InboundChunk(sid=gsid, data=b""))
         self._credit = asyncio.Event()
         self._credits = 0
-        self.closed = False
-        self.task = asyncio.create_task(self._pump(), name=f"inbound-{gsid}")
+        self.task = scope.spawn(self._run(), name=f"inbound-{gsid}")
 
     def want(self, n: int) -> bool:
         """The guest granted ``n`` more chunks; False if that overruns the window (a protocol violation)."""
-        if not 1 <= n <= WINDOW or self._credits + n > WINDOW:
+        if not 1 <= n <= G.WINDOW or self._credits + n > G.WINDOW:
             return False
         self._credits += n
         self._credit.set()
         return True
 
-    async def _pump(self) -> None:
-        send = self.runtime.guest.send
+    async def _take_credit(self) -> None:
+        while not self._credits and not self.closed:
+            self._credit.clear()
+            await self._credit.wait()
+        self._credits -= 1  # once closed, the read that follows fails anyway
+
+    async def _deliver(self, frame: Any) -> None:
+        self.port.send_encoded(self._chunk_head, frame.buffer)
+        await self.port.drain()
+
+    async def _run(self) -> None:
         try:
-            while True:
-                if not self._credits:
-                    self._credit.clear()
-                    await self._credit.wait()
-                self._credits -= 1
-                frame = await self.reader.read_frame()
-                if frame is None:
-                    send({"op": "end", "sid": self.gsid})
-                    break
-                send({"op": "chunk", "sid": self.gsid}, frame.buffer)
-                await self.runtime.guest.drain()
+            await self.consumer.pump(self._deliver, self._take_credit)
+            self.port.send(G.InboundEnd(sid=self.gsid))
         except StreamError as exc:
             if not self.closed:
-                send({"op": "error", "sid": self.gsid, "message": str(exc)})
-        except asyncio.CancelledError:
-            raise
+                self.port.send(G.InboundError(sid=self.gsid, message=str(exc)))
         except Exception as exc:  # a pipe failure is the stream's, not the runtime's
             if not self.closed:
-                send({"op": "error", "sid": self.gsid, "message": f"body stream failed: {exc}"})
+                self.port.send(G.InboundError(sid=self.gsid, message=f"body stream failed: {exc}"))
         finally:
             self._finish()
 
@@ -76,91 +81,187 @@ class InboundStream:
         if not self.closed:
             self.closed = True
             self.reader.abort(StreamError("stream closed"))
-            self.runtime.forget_inbound(self)
+            self.owner.forget_inbound(self)
 
     def cancel(self, tell_producer: bool = True, tell_guest: bool = False) -> None:
         """Stop the stream and tell the producer (the guest cancelled, or the runtime is going away);
-        with ``tell_guest``, a guest still reading sees the stream fail instead of waiting forever."""
+        with ``tell_guest``, a guest still reading sees the stream fail instead of waiting forever.
+
+        The pump is not cancelled: closing the PULL ends a pending read with the reason (a cancelled
+        recv could lose a message, wire/pipes.py), and a pump waiting for credit is woken."""
         if self.closed:
             return
         self.closed = True
-        self.reader.abort(StreamError("cancelled"))
-        self.task.cancel()
-        self.runtime.forget_inbound(self)
+        self.consumer.cancel("cancelled")
+        self._credit.set()
+        self.owner.forget_inbound(self)
         if tell_producer:
-            self.runtime.cancel_upstream(self.wire_sid)
+            self.owner.cancel_upstream(self.wire_sid)
         if tell_guest:
-            self.runtime.guest.send({"op": "error", "sid": self.gsid, "message": "the body was cancelled"})
+            self.port.send(G.InboundError(sid=self.gsid, message="the body was cancelled"))
+
+    def cancel_by_client(self) -> None:
+        """The client stopped producing: the guest must hear of it."""
+        self.cancel(tell_producer=False, tell_guest=True)
 
 
 class OutboundStream:
-    """Guest -> client: chunks from one guest stream id, written to one PUSH pipe."""
+    """Guest -> client: chunks from one outbound guest stream, written to one PUSH pipe.
+
+    It is its own source for ``produce``: iterating it yields the chunks the guest queued."""
 
     def __init__(
-        self, runtime: Runtime, gsid: int, writer: PipeWriter, on_done: Callable[[], None] | None = None
+        self,
+        owner: StreamOwner,
+        port: GuestPort,
+        scope: Scope,
+        gsid: int,
+        writer: PipeWriter,
+        on_done: Callable[[], None] | None = None,
     ) -> None:
-        self.runtime = runtime
+        self.owner = owner
+        self.port = port
         self.gsid = gsid
         self.writer = writer
         self.wire_sid = writer.sid
         self.on_done = on_done
-        self.queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        self.life = Lifecycle()
         self.closed = False
-        self.task = asyncio.create_task(self._pump(), name=f"outbound-{gsid}")
+        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._ack = G.header_of(G.OutboundAck(sid=gsid))
+        self._source_failed = False
+        self.task = scope.spawn(self._run(), name=f"outbound-{gsid}")
 
-    def put(self, kind: str, value: Any) -> bool:
-        """A frame from the guest; False if the guest overran its window (a protocol violation)."""
-        if kind == "chunk" and self.queue.qsize() >= WINDOW:
+    # ---- from the guest
+
+    def put_chunk(self, data: Any) -> bool:
+        """A chunk from the guest; False if the guest overran its window (a protocol violation)."""
+        if self._queue.qsize() >= G.WINDOW:
             return False
-        self.queue.put_nowait((kind, value))
+        self._queue.put_nowait(data)
         return True
 
-    async def _pump(self) -> None:
+    def put_end(self) -> None:
+        self._queue.put_nowait(_END)
+
+    def put_error(self, text: str) -> None:
+        self._queue.put_nowait(SourceFailed(text))
+
+    # ---- the pump
+
+    def __aiter__(self) -> OutboundStream:
+        return self
+
+    async def __anext__(self) -> Any:
+        item = await self._queue.get()
+        if item is _END:
+            raise StopAsyncIteration
+        if type(item) is SourceFailed:
+            self._source_failed = True
+            raise item
+        return item
+
+    def _acked(self) -> None:
+        self.port.send_encoded(self._ack)
+
+    async def _run(self) -> None:
         try:
-            while True:
-                kind, value = await self.queue.get()
-                if kind == "chunk":
-                    await self.writer.send(value)
-                    self.runtime.guest.send({"op": "ack", "sid": self.gsid})
-                elif kind == "end":
-                    await self.writer.end()
-                    break
-                else:
-                    await self.writer.fail(value)
-                    break
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            log.info("outbound stream %s ended: %s", self.gsid, exc)
-            self.writer.abort()
-            if not self.closed:
-                self.runtime.guest.send({"op": "cancel", "sid": self.gsid})
+            life = await produce(self.writer, self, self.life, self._acked)
+            if life.state is State.FAILED and not self._source_failed:  # the pipe failed, not the guest
+                log.info("outbound stream %s ended: %s", self.gsid, life.reason)
+                if not self.closed:
+                    self.port.send(G.OutboundCancel(sid=self.gsid))
         finally:
             self._finish()
 
     def _finish(self) -> None:
         if not self.closed:
             self.closed = True
-            self.runtime.forget_outbound(self)
+            self.owner.forget_outbound(self)
             if self.on_done is not None:
                 self.on_done()
+
+    # ---- ending it from outside
 
     def cancel(self, tell_guest: bool = True) -> None:
         """The consumer cancelled (or the runtime is going away): drop the pipe, stop the guest."""
         if self.closed:
             return
-        self.writer.abort()
-        self.task.cancel()
+        if self.life.move(State.CANCELLED, "cancelled"):
+            self.writer.abort()
+        self.task.cancel()  # waits for the queue or sends on the PUSH: nothing to lose
         if tell_guest:
-            self.runtime.guest.send({"op": "cancel", "sid": self.gsid})
+            self.port.send(G.OutboundCancel(sid=self.gsid))
         self._finish()
+
+    def cancel_by_client(self) -> None:
+        """The client stopped consuming: the guest stops producing."""
+        self.cancel()
 
     async def fail(self, message: str) -> None:
         """End the consumer's body with an error (the runtime died under it), best effort."""
         if self.closed:
             return
-        self.task.cancel()
-        with contextlib.suppress(BaseException):
-            await self.task
-        await self.writer.fail(message, timeout=0.2)
+        if self.life.move(State.FAILED, message):  # produce() leaves the pipe to us
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
+            await self.writer.fail(message, timeout=0.2)
         self._finish()
+
+
+class StreamTable:
+    """A runtime's body streams: by guest sid (guest frames name them) and, in the daemon's
+    registry, by wire sid (the client cancels them on the control link)."""
+
+    def __init__(self, host: RuntimeHost, port: GuestPort, scope: Scope) -> None:
+        self.host = host
+        self.port = port
+        self.scope = scope
+        self.inbound: dict[int, InboundStream] = {}
+        self.outbound: dict[int, OutboundStream] = {}
+
+    def open_inbound(self, gsid: int, reader: PipeReader) -> InboundStream:
+        stream = InboundStream(self, self.port, self.scope, gsid, reader)
+        self.inbound[gsid] = stream
+        self.host.register_stream(stream.wire_sid, stream)
+        return stream
+
+    def open_outbound(self, gsid: int, writer: PipeWriter, on_done: Callable[[], None] | None = None) -> OutboundStream:
+        stream = OutboundStream(self, self.port, self.scope, gsid, writer, on_done)
+        self.outbound[gsid] = stream
+        self.host.register_stream(stream.wire_sid, stream)
+        return stream
+
+    # ---- StreamOwner
+
+    def forget_inbound(self, stream: InboundStream) -> None:
+        self.inbound.pop(stream.gsid, None)
+        self.host.unregister_stream(stream.wire_sid)
+
+    def forget_outbound(self, stream: OutboundStream) -> None:
+        self.outbound.pop(stream.gsid, None)
+        self.host.unregister_stream(stream.wire_sid)
+
+    def cancel_upstream(self, wire_sid: bytes) -> None:
+        self.host.unregister_stream(wire_sid)
+        self.host.to_client(Cancel(sid=wire_sid))
+
+    # ---- the runtime's end
+
+    async def close(self, message: str) -> None:
+        """Cancel what the guest reads, fail what it produced, and join every pump."""
+        for stream in list(self.inbound.values()):
+            stream.cancel()
+        outs = list(self.outbound.values())
+        await asyncio.gather(*(o.fail(message) for o in outs), return_exceptions=True)
+        await self.scope.close()
+
+    def counts(self) -> dict[str, int]:
+        streams = [*self.inbound.values(), *self.outbound.values()]
+        return {
+            "inbound": len(self.inbound),
+            "outbound": len(self.outbound),
+            "open_pipes": sum(not s.reader.closed for s in self.inbound.values())
+            + sum(not s.writer.closed for s in self.outbound.values()),
+            "tasks": sum(not s.task.done() for s in streams),
+        }

@@ -81,8 +81,10 @@ async def produce(
 
     Each send waits while the consumer is behind (backpressure); ``on_sent`` runs after each chunk
     has been accepted by the pipe (the daemon acknowledges it to the guest then). Cancelling the
-    task that runs this drops the pipe at once (the consumer's read fails) and re-raises. A pipe
-    that breaks under us (the consumer went away) ends as CANCELLED without an ERROR.
+    task that runs this drops the pipe at once (the consumer's read fails) and re-raises, unless
+    the canceller first moved ``life`` to a terminal state itself: ending the pipe is then its job
+    (e.g. writing ERROR when the producer's runtime died). A pipe that breaks under us (the
+    consumer went away) ends as FAILED without an ERROR.
     """
     life = life or Lifecycle()
     try:
@@ -93,8 +95,8 @@ async def produce(
         await writer.end()
         life.move(State.ENDED)
     except asyncio.CancelledError:
-        writer.abort()
-        life.move(State.CANCELLED, "cancelled")
+        if life.move(State.CANCELLED, "cancelled"):  # else whoever ended it first owns the pipe's end
+            writer.abort()
         raise
     except StreamError as exc:  # the pipe itself failed (e.g. the consumer never connected)
         writer.abort()

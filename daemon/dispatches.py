@@ -1,0 +1,117 @@
+"""Dispatches: a client's HTTP request to the guest's serve() handler, until its response head.
+
+The request body (if it streams) is an inbound stream; the response body (if it streams) is an
+outbound stream bound under the ``resp_sid`` the client chose. Until the head arrives, the client
+may cancel the dispatch on the control link by that sid: the pending dispatch is registered under
+it and cancels itself (the guest's request signal is aborted and the client answered at once).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from daemon import values
+from daemon.channel import GuestProtocolError
+from daemon.pending import Call, Pending
+from daemon.ports import GuestPort, RuntimeHost
+from daemon.streams import InboundStream, StreamTable
+from wire import guest as G
+from wire import messages as M
+from wire import protocol as P
+from wire.schema import Inline, StreamRef
+
+
+@dataclass(slots=True, eq=False)
+class PendingDispatch(Call):
+    """A dispatch waiting for the guest's response head (a ClientCancellable under ``resp_sid``)."""
+
+    gid: int
+    resp_sid: bytes
+    on_cancel: Callable[[PendingDispatch], None]
+    request_body: InboundStream | None = None
+
+    def cancel_by_client(self) -> None:
+        self.on_cancel(self)
+
+
+class Dispatches:
+    def __init__(self, host: RuntimeHost, port: GuestPort, streams: StreamTable, next_gid: Callable[[], int]) -> None:
+        self.host = host
+        self.port = port
+        self.streams = streams
+        self.next_gid = next_gid
+        self.pending: Pending[int, PendingDispatch] = Pending("dispatch")
+
+    def __len__(self) -> int:
+        return len(self.pending)
+
+    def start(self, msg: M.Dispatch, route: bytes) -> None:
+        call = PendingDispatch(route, msg.id, self.next_gid(), msg.resp_sid, self._cancelled)
+        body: G.GuestBody = None
+        match msg.body:
+            case Inline():
+                body = msg.body
+            case StreamRef(sid=sid):
+                reader, ep = self.host.bind_reader(sid)
+                call.request_body = self.streams.open_inbound(self.next_gid(), reader)
+                body = G.GuestStream(call.request_body.gsid)
+                self.host.to_client(M.PipeReady(sid=sid, ep=ep))
+        self.pending.add(call.gid, call)
+        self.host.register_stream(call.resp_sid, call)
+        self.port.send(G.Request(id=call.gid, method=msg.method, url=msg.url, headers=msg.headers, body=body))
+
+    def _cancelled(self, call: PendingDispatch) -> None:
+        """The response was cancelled before its head: abort the guest's request signal, and answer
+        now (the client has given up), whatever the guest does later."""
+        if self.pending.take(call.gid) is not None:
+            self.port.send(G.Abort(id=call.gid))
+            self._end(call)
+            self.host.to_broker(call.error(P.E_CANCELLED, "the client cancelled the request"))
+
+    def _end(self, call: PendingDispatch) -> None:
+        self.host.unregister_stream(call.resp_sid)
+        if call.request_body is not None and not call.request_body.closed:
+            call.request_body.cancel(tell_guest=True)
+
+    def on_response(self, msg: G.Response) -> None:
+        call = self.pending.take(msg.id)
+        if call is None:
+            if isinstance(msg.body, G.GuestStream):  # a response nobody waits for: stop the guest producing it
+                self.port.send(G.OutboundCancel(sid=msg.body.sid))
+            return
+        body: Inline | StreamRef | None
+        if isinstance(msg.body, G.GuestStream):
+            if msg.body.sid in self.streams.outbound:
+                raise GuestProtocolError(f"stream id {msg.body.sid} reused")
+            writer, ep = self.host.bind_writer(call.resp_sid)
+            self.streams.open_outbound(msg.body.sid, writer, on_done=lambda: self._end(call))
+            body = StreamRef(call.resp_sid, ep)
+        else:
+            self._end(call)
+            body = msg.body
+        head = M.DispatchOk(
+            id=call.req_id,
+            c=call.route,
+            status=msg.status,
+            status_text=values.status_text(msg.statusText),
+            headers=values.headers(msg.headers),
+            body=body,
+        )
+        self.host.reply(head)
+
+    def on_response_error(self, msg: G.ResponseError) -> None:
+        call = self.pending.take(msg.id)
+        if call is not None:
+            self._end(call)
+            code = P.E_NO_HANDLER if msg.code == "no_handler" else P.E_GUEST
+            self.host.to_broker(call.guest_error(code, msg.error))
+
+    def fail_all(self, code: str, message: str) -> None:
+        """The runtime is gone: every dispatch waiting for its head fails with ``code``."""
+
+        def fail(call: PendingDispatch) -> None:
+            self.host.to_broker(call.error(code, message))
+            self.host.unregister_stream(call.resp_sid)
+
+        self.pending.fail_all(fail)

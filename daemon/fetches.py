@@ -1,0 +1,161 @@
+"""Guest fetches: the guest calls fetch(), the client answers the ``fetch`` callback.
+
+The daemon binds the response pipe before it asks (``resp``), so the client can stream the body
+as soon as it has the head; an upload body is an outbound stream. Each fetch waits in the pending
+table under the guest's fetch id, and in the daemon's callback registry under its callback id,
+until the client answers, refuses, the guest aborts, the wait times out or the runtime goes away.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from daemon import values
+from daemon.channel import GuestProtocolError
+from daemon.pending import Pending
+from daemon.ports import GuestPort, RuntimeHost
+from daemon.streams import OutboundStream, StreamTable
+from wire import guest as G
+from wire import messages as M
+from wire import protocol as P
+from wire.pipes import PipeReader
+from wire.schema import Inline, StreamRef
+
+#: How long the daemon waits for a client to answer a guest fetch (the head, not the body).
+FETCH_REPLY_TIMEOUT = 300.0
+
+
+@dataclass(slots=True, eq=False)
+class GuestFetch:
+    """A guest fetch() waiting for the client's answer to callback ``fid`` (a CallbackWaiter)."""
+
+    gid: int
+    resp_sid: bytes
+    resp_reader: PipeReader
+    upload: OutboundStream | None
+    fetches: Fetches
+    fid: int = field(default=0)
+
+    def answer(self, reply: M.FetchOk) -> None:
+        self.fetches.answered(self, reply)
+
+    def refuse(self, message: str) -> None:
+        self.fetches.refused(self, message)
+
+
+class Fetches:
+    def __init__(
+        self, host: RuntimeHost, port: GuestPort, streams: StreamTable, next_gid: Callable[[], int], rt: str
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.streams = streams
+        self.next_gid = next_gid
+        self.rt = rt
+        self.pending: Pending[int, GuestFetch] = Pending("fetch")
+
+    def __len__(self) -> int:
+        return len(self.pending)
+
+    def open_pipes(self) -> int:
+        return sum(not f.resp_reader.closed for f in self.pending)
+
+    # ---- the guest
+
+    def on_fetch(self, msg: G.Fetch) -> None:
+        if msg.id in self.pending:
+            raise GuestProtocolError(f"fetch id {msg.id} reused")
+        upload = None
+        body: Inline | StreamRef | None
+        if isinstance(msg.body, G.GuestStream):
+            if msg.body.sid in self.streams.outbound:
+                raise GuestProtocolError(f"stream id {msg.body.sid} reused")
+            wire_sid = P.new_id()
+            writer, ep = self.host.bind_writer(wire_sid)
+            upload = self.streams.open_outbound(msg.body.sid, writer)
+            body = StreamRef(wire_sid, ep)
+        else:
+            body = msg.body
+        resp_sid = P.new_id()
+        reader, resp_ep = self.host.bind_reader(resp_sid)
+        f = GuestFetch(msg.id, resp_sid, reader, upload, self)
+        f.fid = self.host.add_callback(f)
+        self.pending.add(msg.id, f, FETCH_REPLY_TIMEOUT, self._timed_out)
+        callback = M.Fetch(
+            id=f.fid,
+            rt=self.rt,
+            method=values.clean(msg.method),
+            url=values.clean(msg.url),
+            headers=values.headers(msg.headers),
+            redirect=msg.redirect,
+            body=body,
+            resp=StreamRef(resp_sid, resp_ep),
+        )
+        self.host.to_broker(callback)
+
+    def on_abort(self, msg: G.FetchAbort) -> None:
+        f = self.pending.take(msg.id)
+        if f is not None:
+            self._drop(f, P.ProtocolError(P.E_CANCELLED, "aborted"))
+            if f.upload is not None:
+                f.upload.cancel()
+
+    # ---- the client
+
+    def answered(self, f: GuestFetch, reply: M.FetchOk) -> None:
+        """The client answered with a response head."""
+        if self.pending.take(f.gid) is None:
+            return
+        if not 200 <= reply.status <= 599:
+            self._failed(f, f"invalid response from the fetch callback: status {reply.status} is outside 200-599")
+            return
+        body: G.GuestBody = None
+        match reply.body:
+            case StreamRef(sid=sid) if sid != f.resp_sid:
+                message = "response stream id does not match the one offered"
+                self._failed(f, f"invalid response from the fetch callback: {message}")
+                return
+            case StreamRef():
+                body = G.GuestStream(self.streams.open_inbound(self.next_gid(), f.resp_reader).gsid)
+            case _:
+                f.resp_reader.abort(P.ProtocolError(P.E_CANCELLED, "unused"))
+                body = reply.body
+        head = G.FetchResponse(
+            id=f.gid,
+            status=reply.status,
+            statusText=reply.status_text,
+            headers=reply.headers,
+            url=reply.url,
+            redirected=reply.redirected,
+            body=body,
+        )
+        self.port.send(head)
+
+    def refused(self, f: GuestFetch, message: str) -> None:
+        """The client refused (or answered with something unreadable)."""
+        if self.pending.take(f.gid) is not None:
+            self._failed(f, message)
+
+    # ---- ends
+
+    def _failed(self, f: GuestFetch, message: str) -> None:
+        f.resp_reader.abort(P.ProtocolError(P.E_CANCELLED, message))
+        if f.upload is not None:
+            f.upload.cancel()
+        self.port.send(G.FetchError(id=f.gid, message=message))
+
+    def _timed_out(self, f: GuestFetch) -> None:
+        self._drop(f)
+        self._failed(f, f"the host did not answer fetch() within {FETCH_REPLY_TIMEOUT:g}s")
+
+    def _drop(self, f: GuestFetch, reason: P.ProtocolError | None = None) -> None:
+        """Nobody will answer ``f`` now: forget its callback and tell the client to stop its body."""
+        self.host.drop_callback(f.fid)
+        self.streams.cancel_upstream(f.resp_sid)
+        if reason is not None:
+            f.resp_reader.abort(reason)
+
+    def fail_all(self, code: str, message: str) -> None:
+        """The runtime is gone: forget every fetch (its upload fails with the runtime's streams)."""
+        self.pending.fail_all(lambda f: self._drop(f, P.ProtocolError(code, message)))

@@ -1,0 +1,453 @@
+"""The daemon <-> guest channel (the stdin/stdout of one Deno process): one record per op, both ways.
+
+Framing (daemon/channel.py): u32 BE length of the rest, u32 BE length of the JSON header, the
+header (UTF-8 JSON, field ``op``), then the raw body bytes. A record is the header; where an op
+carries bytes (a chunk, an inline body) they are a field of the record and travel as the body.
+
+The values bootstrap.js works with are defined here, once, and travel to it in ``init`` (the
+first frame after the daemon claims the process); the bootstrap keeps them in variables guest
+code cannot reach.
+
+Stream directions are named as in protocol.md: an *inbound* stream is produced by the host and
+read by the guest (fetch response bodies, dispatch request bodies); an *outbound* stream is
+produced by the guest (serve() response bodies, fetch uploads). Inbound sids come from the
+daemon's per-runtime counter, outbound sids and fetch ids from the bootstrap's.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from wire import protocol as P
+from wire.schema import (
+    ANY,
+    BOOL,
+    HEADERS,
+    INT,
+    STR,
+    U64,
+    F,
+    Inline,
+    Kind,
+    Payload,
+    Record,
+    from_header,
+    payload_frame,
+    record,
+)
+
+# ---- the values both sides work with (sent to bootstrap.js in `init`) -----------------------------
+
+#: Chunks a stream may have in flight between daemon and guest, either way.
+WINDOW = 4
+#: Largest chunk on the channel (and on a pipe); producers split larger ones.
+MAX_CHUNK = P.MAX_CHUNK
+#: A body complete within this many bytes travels with its head instead of as a stream.
+INLINE_MAX = P.MAX_INLINE_BODY
+#: Characters of JSON an eval may return (a reply header is at most 64 KiB).
+MAX_VALUE = 48 * 1024
+#: UTF-16 units of text in one console entry (at most 48 KiB of UTF-8).
+MAX_CONSOLE = 16 * 1024
+#: Arguments of one console entry the bootstrap formats (one more says the rest were dropped).
+MAX_CONSOLE_ARGS = 64
+#: Console entries per second the bootstrap sends (the daemon forwards at most twice that).
+CONSOLE_RATE = 200
+#: UTF-16 units kept of an error's message and of its stack.
+MAX_ERROR_TEXT = 16 * 1024
+#: Characters kept of an error's name (both sides cut it).
+MAX_ERROR_NAME = 256
+#: Characters of method, URL and headers in one request or response head.
+MAX_HEAD = 32 * 1024
+#: Characters kept of a response's statusText (both sides cut it).
+MAX_STATUS_TEXT = 1024
+
+CONSOLE_LEVELS = frozenset({"log", "info", "warn", "error", "debug", "trace"})
+
+
+# ---- kinds of the guest channel ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class GuestStream:
+    """A body that streams on the channel under a guest sid (``{"sid": n}`` in a header)."""
+
+    sid: int
+
+
+GuestBody = Inline | GuestStream | None
+
+
+def _guest_body(v: Any, p: Payload) -> GuestBody:
+    # anything but "inline" or {sid} means no body (what the daemon has always done with it)
+    if v == P.BODY_INLINE:
+        if len(p.frames) != 1:
+            raise ValueError("an inline body needs the frame's body")
+        p.used = 1
+        return Inline(p.frames[0])
+    if isinstance(v, dict):
+        return GuestStream(U64.check(v.get("sid"), p))
+    return None
+
+
+def _dump_guest_body(v: GuestBody, payload: list[Any]) -> Any:
+    if isinstance(v, Inline):
+        payload.append(v.data)
+        return P.BODY_INLINE
+    return None if v is None else {"sid": v.sid}
+
+
+@dataclass(frozen=True, slots=True)
+class GuestError:
+    """An error the bootstrap describes: each part as the guest sent it, stringified (None: absent)."""
+
+    name: str | None = None
+    message: str | None = None
+    stack: str | None = None
+
+
+def _error(v: Any, _p: Payload) -> GuestError:
+    if not isinstance(v, dict):
+        raise ValueError("must be an object {name, message, stack}")
+    parts = {k: None if v.get(k) is None else str(v[k]) for k in ("name", "message", "stack")}
+    return GuestError(**parts)
+
+
+def _maybe_error(v: Any, p: Payload) -> GuestError | None:
+    return _error(v, p) if isinstance(v, dict) else None
+
+
+def _status(v: Any, p: Payload) -> int:
+    status = INT.check(v, p)
+    if not 200 <= status <= 599:
+        raise ValueError(f"{status} is outside 200..599")
+    return status
+
+
+def _redirect(v: Any, _p: Payload) -> str:
+    return v if v in ("follow", "manual", "error") else "follow"
+
+
+def _level(v: Any, _p: Payload) -> str:
+    if v not in CONSOLE_LEVELS:
+        raise ValueError(f"must be one of {', '.join(sorted(CONSOLE_LEVELS))}")
+    return v
+
+
+def _list(v: Any, _p: Payload) -> list[Any]:
+    if not isinstance(v, list):
+        raise ValueError("must be an array")
+    return v
+
+
+GBODY = Kind("guest body", _guest_body, _dump_guest_body)
+ERROR = Kind("error {name, message, stack}", _error)
+MAYBE_ERROR = Kind("error, or anything (ignored)", _maybe_error)
+STATUS = Kind("int 200..599", _status)
+REDIRECT = Kind("follow|manual|error (else follow)", _redirect)
+LEVEL = Kind("console level", _level)
+LIST = Kind("array", _list)
+
+_ID = "the exchange id"
+_IN_SID = "an inbound stream's sid (the daemon's counter)"
+_OUT_SID = "an outbound stream's sid (the bootstrap's counter)"
+_HEADERS = "array of [name, value] string pairs"
+
+
+# ---- daemon -> guest ------------------------------------------------------------------------------
+
+
+@record("init")
+class Init(Record):
+    """First frame after the daemon claims the process for a runtime; the guest answers `init_ok`.
+    Every limit the bootstrap applies travels here."""
+
+    fetch: bool = F(BOOL, False, "the host answers fetch(); else fetch() throws TypeError")
+    console: bool = F(BOOL, False, "the host wants console entries")
+    window: int = F(INT, WINDOW, "chunks in flight per stream, either way")
+    max_chunk: int = F(INT, MAX_CHUNK, "largest chunk the guest sends")
+    inline_max: int = F(INT, INLINE_MAX, "largest body sent inline with its head")
+    max_value: int = F(INT, MAX_VALUE, "characters of JSON an eval may return")
+    max_console: int = F(INT, MAX_CONSOLE, "UTF-16 units of text per console entry")
+    max_console_args: int = F(INT, MAX_CONSOLE_ARGS, "arguments per console entry")
+    console_rate: int = F(INT, CONSOLE_RATE, "console entries per second")
+    max_error_text: int = F(INT, MAX_ERROR_TEXT, "UTF-16 units of an error's message, and of its stack")
+    max_error_name: int = F(INT, MAX_ERROR_NAME, "characters of an error's name")
+    max_head: int = F(INT, MAX_HEAD, "characters of method, URL and headers of a head")
+    max_status_text: int = F(INT, MAX_STATUS_TEXT, "characters of a response's statusText")
+
+
+@record("eval")
+class Eval(Record):
+    """Evaluate `code` as a module; the guest answers `eval_ok` or `eval_error`."""
+
+    id: int = F(U64, doc=_ID)
+    code: str = F(STR, doc="the module source")
+
+
+@record("request")
+class Request(Record):
+    """Call the serve() handler; the guest answers `response` or `response_error`."""
+
+    id: int = F(U64, doc=_ID)
+    method: str = F(STR, doc="HTTP method")
+    url: str = F(STR, doc="absolute URL")
+    headers: tuple[tuple[str, str], ...] = F(HEADERS, (), _HEADERS)
+    body: GuestBody = F(GBODY, None, "null, inline (the frame's body) or {sid} (inbound)")
+
+
+@record("abort")
+class Abort(Record):
+    """The client gave up on request `id` before its head: abort its signal and forget it."""
+
+    id: int = F(U64, doc=_ID)
+
+
+@record("fetch_response")
+class FetchResponse(Record):
+    """Resolve the guest's fetch() `id` with a Response."""
+
+    id: int = F(U64, doc="the guest's fetch id")
+    status: int = F(INT, doc="200..599")
+    statusText: str = F(STR, "", "status text")
+    headers: tuple[tuple[str, str], ...] = F(HEADERS, (), _HEADERS)
+    url: str = F(STR, "", "final URL")
+    redirected: bool = F(BOOL, False, "the response followed a redirect")
+    body: GuestBody = F(GBODY, None, "null, inline (the frame's body) or {sid} (inbound)")
+
+
+@record("fetch_error")
+class FetchError(Record):
+    """Reject the guest's fetch() `id` with TypeError(message)."""
+
+    id: int = F(U64, doc="the guest's fetch id")
+    message: str = F(STR, doc="the TypeError's message")
+
+
+@record("chunk")
+class InboundChunk(Record):
+    """The next chunk of an inbound stream, sent only against the guest's credit."""
+
+    sid: int = F(U64, doc=_IN_SID)
+    data: Any = payload_frame("the chunk (the frame's body), at most MAX_CHUNK bytes")
+
+
+@record("end")
+class InboundEnd(Record):
+    """An inbound stream ended."""
+
+    sid: int = F(U64, doc=_IN_SID)
+
+
+@record("error")
+class InboundError(Record):
+    """An inbound stream failed (or was cancelled under a guest still reading it)."""
+
+    sid: int = F(U64, doc=_IN_SID)
+    message: str = F(STR, doc="the TypeError's message")
+
+
+@record("ack")
+class OutboundAck(Record):
+    """One chunk of an outbound stream left the daemon: one credit back."""
+
+    sid: int = F(U64, doc=_OUT_SID)
+
+
+@record("cancel")
+class OutboundCancel(Record):
+    """The consumer of an outbound stream is gone: stop producing it."""
+
+    sid: int = F(U64, doc=_OUT_SID)
+
+
+@record("stats")
+class StatsQuery(Record):
+    """Answer `stats` with the guest's in-flight counts."""
+
+    id: int = F(U64, doc=_ID)
+
+
+# ---- guest -> daemon ------------------------------------------------------------------------------
+
+
+@record("ready")
+class Ready(Record):
+    """The bootstrap has hidden the channel: the process counts as started."""
+
+
+@record("fatal")
+class Fatal(Record):
+    """The bootstrap cannot go on; the daemon kills the process."""
+
+    message: Any = F(ANY, None, "why")
+
+
+@record("init_ok")
+class InitOk(Record):
+    """`init` was applied."""
+
+
+@record("eval_ok")
+class EvalOk(Record):
+    """An eval finished; `value` is the module's default export (JSON)."""
+
+    id: int = F(U64, doc=_ID)
+    value: Any = F(ANY, None, "the default export, as JSON data")
+
+
+@record("eval_error")
+class EvalError(Record):
+    """An eval threw."""
+
+    id: int = F(U64, doc=_ID)
+    error: GuestError = F(ERROR, doc="the error")
+
+
+@record("response")
+class Response(Record):
+    """The serve() handler's response head to request `id`."""
+
+    id: int = F(U64, doc=_ID)
+    status: int = F(STATUS, doc="200..599")
+    statusText: str = F(STR, "", "status text (the daemon keeps MAX_STATUS_TEXT characters)")
+    headers: tuple[tuple[str, str], ...] = F(HEADERS, doc=_HEADERS)
+    body: GuestBody = F(GBODY, None, "null, inline (the frame's body) or {sid} (a new outbound stream)")
+
+
+@record("response_error")
+class ResponseError(Record):
+    """The serve() handler failed (or there is none: `code` "no_handler")."""
+
+    id: int = F(U64, doc=_ID)
+    error: GuestError = F(ERROR, doc="the error")
+    code: Any = F(ANY, None, '"no_handler" when no serve() handler is registered')
+
+
+@record("fetch")
+class Fetch(Record):
+    """The guest called fetch()."""
+
+    id: int = F(U64, doc="a new fetch id")
+    method: str = F(STR, doc="the Request's method")
+    url: str = F(STR, doc="the Request's URL")
+    headers: tuple[tuple[str, str], ...] = F(HEADERS, doc=_HEADERS)
+    redirect: str = F(REDIRECT, "follow", "follow, manual or error (anything else: follow)")
+    body: GuestBody = F(GBODY, None, "null, inline (the frame's body) or {sid} (a new outbound stream)")
+
+
+@record("fetch_abort")
+class FetchAbort(Record):
+    """The guest's fetch signal aborted."""
+
+    id: int = F(U64, doc="the fetch id")
+
+
+@record("read")
+class InboundRead(Record):
+    """Credit for `n` more chunks of an inbound stream (outstanding credit at most WINDOW)."""
+
+    sid: int = F(U64, doc=_IN_SID)
+    n: int = F(U64, 1, "1..WINDOW")
+
+
+@record("cancel")
+class InboundCancel(Record):
+    """The guest no longer reads an inbound stream."""
+
+    sid: int = F(U64, doc=_IN_SID)
+
+
+@record("chunk")
+class OutboundChunk(Record):
+    """The next chunk of an outbound stream (at most WINDOW unacknowledged)."""
+
+    sid: int = F(U64, doc=_OUT_SID)
+    data: Any = payload_frame("the chunk (the frame's body)")
+
+
+@record("end")
+class OutboundEnd(Record):
+    """An outbound stream ended."""
+
+    sid: int = F(U64, doc=_OUT_SID)
+
+
+@record("error")
+class OutboundError(Record):
+    """An outbound stream failed."""
+
+    sid: int = F(U64, doc=_OUT_SID)
+    error: GuestError | None = F(MAYBE_ERROR, None, "the error (anything but an object: a generic text)")
+
+
+@record("console")
+class Console(Record):
+    """One console entry."""
+
+    level: str = F(LEVEL, doc="log, info, warn, error, debug or trace")
+    args: list[Any] = F(LIST, doc="the formatted arguments")
+
+
+@record("stats")
+class StatsAnswer(Record):
+    """The guest's in-flight counts, answering `stats` `id`."""
+
+    id: int = F(U64, doc=_ID)
+    inbound: int = F(U64, doc="inbound streams open")
+    outbound: int = F(U64, doc="outbound streams open")
+    fetches: int = F(U64, doc="fetches waiting for their response")
+    dispatches: int = F(U64, doc="requests being handled")
+
+
+# ---- tables and codec -----------------------------------------------------------------------------
+
+DAEMON_TO_GUEST: dict[str, type[Record]] = {
+    c.T: c
+    for c in (Init, Eval, Request, Abort, FetchResponse, FetchError, InboundChunk, InboundEnd, InboundError,
+              OutboundAck, OutboundCancel, StatsQuery)
+}  # fmt: skip
+GUEST_TO_DAEMON: dict[str, type[Record]] = {
+    c.T: c
+    for c in (Ready, Fatal, InitOk, EvalOk, EvalError, Response, ResponseError, Fetch, FetchAbort, InboundRead,
+              InboundCancel, OutboundChunk, OutboundEnd, OutboundError, Console, StatsAnswer)
+}  # fmt: skip
+
+
+def _frame_use(cls: type[Record]) -> str:
+    """How a record uses its frame's body: "always" (a payload field), "inline" (when its body is
+    inline) or "" (never: a body sent with it is ignored)."""
+    kinds = {spec.kind for spec in cls.FIELDS}
+    return "always" if None in kinds else "inline" if GBODY in kinds else ""
+
+
+_FRAME_USE = {op: _frame_use(cls) for op, cls in GUEST_TO_DAEMON.items()}
+
+
+def parse(header: dict[str, Any], body: Any) -> Record:
+    """The record of one guest frame (``header`` decoded, its ``op`` known); ProtocolError if a
+    field is missing or mistyped. Validates once: handlers use the record's values as they are."""
+    op = header["op"]
+    use = _FRAME_USE[op]
+    frames = [body] if use == "always" or (use == "inline" and header.get("body") == P.BODY_INLINE) else []
+    return from_header(GUEST_TO_DAEMON[op], header, frames)
+
+
+def encode(msg: Record) -> tuple[bytes, Any]:
+    """(JSON header, body or None) of one daemon -> guest frame; every field is written out."""
+    header: dict[str, Any] = {"op": msg.T}
+    payload: list[Any] = []
+    for spec in msg.FIELDS:
+        value = getattr(msg, spec.name)
+        if spec.kind is None:
+            payload.append(value)
+        else:
+            header[spec.name] = value if spec.kind.dump is None else spec.kind.dump(value, payload)
+    return json.dumps(header, separators=(",", ":")).encode(), (payload[0] if payload else None)
+
+
+def header_of(msg: Record) -> bytes:
+    """The JSON header of ``msg`` alone: a stream encodes its per-chunk header once (``chunk``/
+    ``ack`` frames differ only in their body), so the hot path builds no record and no JSON."""
+    return encode(msg)[0]
