@@ -25,11 +25,11 @@ from client.control import ControlLink
 from client.errors import ConnectionLost, Error, RequestRejected, Timeout, from_reply
 from client.http import Request, Response
 from client.runtime import ConsoleEntry, Runtime
-from client.scope import Scope
 from wire import liveness, sockets
 from wire import messages as M
 from wire import protocol as P
 from wire.auth import KeyPair, connect_with
+from wire.scope import Scope
 
 log = logging.getLogger("client")
 

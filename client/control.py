@@ -15,10 +15,10 @@ from collections.abc import Callable
 import zmq
 import zmq.asyncio
 
-from client.scope import Scope
 from wire import messages as M
 from wire import sockets
 from wire.protocol import ProtocolError
+from wire.scope import Scope
 
 log = logging.getLogger("client")
 

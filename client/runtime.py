@@ -26,11 +26,11 @@ from client.bodies import Body, Inbound, aclose_quietly, send_body
 from client.control import ControlLink
 from client.errors import Error, RequestRejected, RuntimeLost, lost
 from client.http import BodyType, Request, Response
-from client.scope import Scope
 from wire import messages as M
 from wire import protocol as P
 from wire import streams
 from wire.pipes import PipeReader, PipeWriter
+from wire.scope import Scope
 
 log = logging.getLogger("client.runtime")
 
@@ -173,7 +173,7 @@ class Runtime:
         return {
             "client": {
                 "bodies": len(self._inbound),
-                "tasks": self._scope.running,
+                "tasks": len(self._scope),
                 "producers": sum(not t.done() for t in self._outbound.values()),
                 "pipe_waiters": len(self._ready),
             },

@@ -28,13 +28,13 @@ from daemon.pool import WarmPool, write_import_map
 from daemon.ports import OkReply
 from daemon.registry import Registry, Seat
 from daemon.runtime import Runtime
-from daemon.scope import Scope, ScopeClosed
 from wire import liveness, sockets
 from wire import messages as M
 from wire import protocol as P
 from wire.auth import Gate, KeyPair, connect_with
 from wire.pipes import PipeReader, PipeWriter
 from wire.schema import Record, StreamRef, route
+from wire.scope import Scope, ScopeClosed
 
 log = logging.getLogger("daemon")
 
@@ -184,7 +184,7 @@ class Daemon:
                 await asyncio.gather(*(r.finished.wait() for r in runtimes))
         if self.pool is not None:
             await self.pool.close()
-        await self.scope.close()
+        await self.scope.aclose()
         for sock in (self._control, self._broker_sock):
             if sock is not None:
                 sock.close(0)

@@ -12,13 +12,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from daemon import values
-from daemon.channel import GuestProtocolError
 from daemon.pending import Call, Pending
 from daemon.ports import GuestPort, RuntimeHost
 from daemon.streams import InboundStream, StreamTable
 from wire import guest as G
 from wire import messages as M
 from wire import protocol as P
+from wire.channel import GuestProtocolError
 from wire.schema import Inline, StreamRef
 
 

@@ -12,13 +12,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from daemon import values
-from daemon.channel import GuestProtocolError
 from daemon.pending import Pending
 from daemon.ports import GuestPort, RuntimeHost
 from daemon.streams import OutboundStream, StreamTable
 from wire import guest as G
 from wire import messages as M
 from wire import protocol as P
+from wire.channel import GuestProtocolError
 from wire.pipes import PipeReader
 from wire.schema import Inline, StreamRef
 

@@ -20,8 +20,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from daemon.channel import FrameReader, GuestProtocolError, frame_head
 from wire import guest as G
+from wire.channel import FrameReader, GuestProtocolError, frame_head
 from wire.protocol import ProtocolError
 from wire.schema import Record, from_header
 
@@ -80,7 +80,7 @@ class GuestProcess:
             str(BOOTSTRAP),
         ]  # fmt: skip
         env = {"DENO_DIR": str(deno_dir), "NO_COLOR": "1", "DENO_NO_UPDATE_CHECK": "1", "PATH": "/usr/bin:/bin"}
-        # stdout is a pipe of our own, read with FrameReader (see daemon.channel), not a StreamReader
+        # stdout is a pipe of our own, read with FrameReader (see wire.channel), not a StreamReader
         read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
         try:
             _widen_pipe(read_fd)
@@ -149,7 +149,7 @@ class GuestProcess:
                 # more may be staged already, with nothing left in the pipe to wake the reader
                 self._loop.call_soon(self._on_readable)
             for header, body in frames:
-                op = header["op"]
+                op = G.op_of(header)
                 if op == "ready":
                     if not self._ready.done():
                         self._ready.set_result(None)

@@ -13,7 +13,7 @@ import subprocess
 from pathlib import Path
 
 from daemon.guest import GuestProcess
-from daemon.scope import Scope
+from wire.scope import Scope
 
 log = logging.getLogger("daemon.pool")
 
@@ -96,6 +96,6 @@ class WarmPool:
 
     async def close(self) -> None:
         self._closed = True
-        await self._filling.close()
+        await self._filling.aclose()
         await asyncio.gather(*(g.kill("pool closed") for g in self._ready), return_exceptions=True)
         self._ready.clear()

@@ -19,10 +19,10 @@ from collections.abc import Callable
 from typing import Any
 
 from daemon.ports import GuestPort, RuntimeHost, StreamOwner
-from daemon.scope import Scope
 from wire import guest as G
 from wire.messages import Cancel
 from wire.pipes import PipeReader, PipeWriter, StreamError
+from wire.scope import Scope
 from wire.streams import Consumer, Lifecycle, SourceFailed, State, produce
 
 log = logging.getLogger("daemon.streams")
@@ -254,7 +254,7 @@ class StreamTable:
             stream.cancel()
         outs = list(self.outbound.values())
         await asyncio.gather(*(o.fail(message) for o in outs), return_exceptions=True)
-        await self.scope.close()
+        await self.scope.aclose()
 
     def counts(self) -> dict[str, int]:
         streams = [*self.inbound.values(), *self.outbound.values()]

@@ -91,7 +91,14 @@ def test_only_wire_reads_message_headers() -> None:
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             text = ast.unparse(node) if isinstance(node, (ast.Attribute, ast.Call)) else ""
-            if isinstance(node, ast.Attribute) and node.attr == "header":
+            if (
+                isinstance(node, ast.Subscript)
+                and isinstance(node.value, ast.Name)
+                and node.value.id in ("header", "h", "hdr")
+                and isinstance(node.slice, ast.Constant)
+            ):
+                offenders.append(f"{name}: {ast.unparse(node)}")
+            elif isinstance(node, ast.Attribute) and node.attr == "header":
                 offenders.append(f"{name}: {text}")
             elif (
                 isinstance(node, ast.Call)

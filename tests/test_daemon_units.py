@@ -10,13 +10,13 @@ import re
 import pytest
 
 from daemon import values
-from daemon.channel import decode_header
 from daemon.guest import BOOTSTRAP
 from daemon.pending import Pending
-from daemon.scope import Scope, ScopeClosed
 from wire import guest as G
+from wire.channel import decode_header
 from wire.protocol import ProtocolError
 from wire.schema import Inline
+from wire.scope import Scope, ScopeClosed
 
 # ---- guest channel records ------------------------------------------------------------------------
 
@@ -174,7 +174,7 @@ async def test_scope_close_cancels_and_joins_children() -> None:
     scope.spawn(failing())
     await asyncio.sleep(0.01)
     assert finished == ["short"] and len(scope) == 1
-    await scope.close()
+    await scope.aclose()
     assert finished == ["short", "long"] and len(scope) == 0
     coro = child("late", 0)
     with pytest.raises(ScopeClosed):

@@ -6,8 +6,8 @@ from __future__ import annotations
 import msgpack
 import pytest
 
-from daemon.channel import FrameReader, GuestProtocolError, decode_header, encode_frame
 from wire import protocol as P
+from wire.channel import FrameReader, GuestProtocolError, decode_header, encode_frame
 
 
 def test_encode_decode_round_trip_keeps_payload_frames_untouched() -> None:

@@ -1,6 +1,6 @@
 """The daemon <-> guest channel (the stdin/stdout of one Deno process): one record per op, both ways.
 
-Framing (daemon/channel.py): u32 BE length of the rest, u32 BE length of the JSON header, the
+Framing (wire/channel.py): u32 BE length of the rest, u32 BE length of the JSON header, the
 header (UTF-8 JSON, field ``op``), then the raw body bytes. A record is the header; where an op
 carries bytes (a chunk, an inline body) they are a field of the record and travel as the body.
 
@@ -432,6 +432,30 @@ def parse(header: dict[str, Any], body: Any) -> Record:
     use = _FRAME_USE[op]
     frames = [body] if use == "always" or (use == "inline" and header.get("body") == P.BODY_INLINE) else []
     return from_header(GUEST_TO_DAEMON[op], header, frames)
+
+
+def op_of(header: dict[str, Any]) -> str:
+    """The op of a frame wire.channel has read (it checked that the op is one of GUEST_TO_DAEMON)."""
+    return header["op"]  # type: ignore[no-any-return]
+
+
+def hot(header: dict[str, Any]) -> tuple[int, int] | None:
+    """The hot path: ``(sid, n)`` of a well-formed ``read`` or ``(sid, -1)`` of a well-formed
+    ``chunk``, checked without building a record; None for any other frame (parse it).
+
+    One of these crosses the channel per streamed chunk. Building a record costs ~1.5 us, these
+    checks ~0.1 us (measured); they are the records' own (InboundRead, OutboundChunk), and a frame
+    that fails them goes to ``parse``, which refuses it with the reason."""
+    op = header["op"]
+    if op == "chunk":
+        sid = header.get("sid")
+        if type(sid) is int and 0 <= sid < 2**63:
+            return sid, -1
+    elif op == "read":
+        sid, n = header.get("sid"), header.get("n", 1)
+        if type(sid) is int and 0 <= sid < 2**63 and type(n) is int and 0 <= n < 2**63:
+            return sid, n
+    return None
 
 
 def encode(msg: Record) -> tuple[bytes, Any]:

@@ -1,9 +1,11 @@
 """A task scope for a long-lived object: every task it starts is joined when the object closes.
 
 This is asyncio.TaskGroup's contract (nothing started here outlives ``aclose``) for objects whose
-lifetime is not one ``async with`` block: a connection, a runtime. Unlike a TaskGroup, one failing
-task does not cancel its siblings (one broken fetch callback must not stop the others); its
-exception is logged when it ends, so no "Task exception was never retrieved" can appear later.
+lifetime is not one ``async with`` block: a connection, a client runtime, a daemon, a daemon
+runtime's streams, the warm pool. Unlike a TaskGroup, one failing child does not cancel its
+siblings (one stream's failure is not its runtime's, one broken fetch callback must not stop the
+others); its exception is logged when it ends, so no "Task exception was never retrieved" can
+appear later. Client and daemon share this one implementation.
 """
 
 from __future__ import annotations
@@ -13,9 +15,13 @@ import logging
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-log = logging.getLogger("client")
+log = logging.getLogger("wire.scope")
 
 T = TypeVar("T")
+
+
+class ScopeClosed(RuntimeError):
+    """A task was started in a scope that is closing or closed (its owner is going away)."""
 
 
 class Scope:
@@ -25,11 +31,11 @@ class Scope:
         self._tasks: set[asyncio.Task[Any]] = set()
 
     def spawn(self, coro: Coroutine[Any, Any, T], name: str | None = None) -> asyncio.Task[T]:
-        """Start ``coro`` as a task of this scope; refused once the scope is closed."""
+        """Start ``coro`` as a child of this scope; ScopeClosed once the scope is closing."""
         if self.closed:
             coro.close()
-            raise RuntimeError(f"scope {self.name} is closed")
-        task = asyncio.get_running_loop().create_task(coro, name=name)
+            raise ScopeClosed(f"{self.name} is closed")
+        task = asyncio.get_running_loop().create_task(coro, name=name)  # owner: this scope (aclose joins it)
         self._tasks.add(task)
         task.add_done_callback(self._reap)
         return task
@@ -37,21 +43,28 @@ class Scope:
     def _reap(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and (exc := task.exception()) is not None:
-            log.error("task %s of %s failed", task.get_name(), self.name, exc_info=exc)
+            log.error("%s: task %s failed", self.name, task.get_name(), exc_info=exc)
 
-    @property
-    def running(self) -> int:
+    def __len__(self) -> int:
+        """Children still running."""
         return sum(not t.done() for t in self._tasks)
 
     def cancel(self) -> None:
-        """Cancel every task but the caller (they finish on their own; ``aclose`` joins them)."""
+        """Cancel every child but the caller (they finish on their own; ``aclose`` joins them)."""
         me = asyncio.current_task()
         for task in self._tasks:
             if task is not me:
                 task.cancel()
 
+    async def join(self, timeout: float | None = None) -> None:
+        """Wait (at most ``timeout``) for the children to finish on their own."""
+        me = asyncio.current_task()
+        tasks = [t for t in self._tasks if t is not me]
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout)
+
     async def aclose(self) -> None:
-        """Refuse new tasks, cancel the running ones and wait until each has finished.
+        """Refuse new children, cancel the running ones and wait until every one has finished.
 
         The task calling this (when it belongs to the scope) is left to finish by itself."""
         self.closed = True
