@@ -107,15 +107,6 @@ class Connection:
         except P.ProtocolError as exc:
             raise RequestRejected(f"bad reply to {msg.T}: {exc.message}", exc.code) from None
 
-    async def request(
-        self, type_: str, payload: list[Any] | None = None, *, timeout: float | None = None, **fields: Any
-    ) -> Answer:
-        """Send a request spelled out by hand (type, fields) and wait for its answer, unparsed.
-
-        For probing the broker (tests forge requests with it); the API above uses ``call``."""
-        req_id = self._next_id()
-        return await self._exchange(req_id, P.encode(type_, payload or [], id=req_id, **fields), type_, timeout)
-
     async def _exchange(self, req_id: int, frames: list[Any], what: str, timeout: float | None) -> Answer:
         fut: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
         self._waiting[req_id] = fut

@@ -17,6 +17,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 import client
 from tests.conftest import Daemon, free_port
+from wire import messages as M
 from wire import protocol as P
 
 
@@ -116,7 +117,7 @@ async def fake_broker(tmp_path: Path):
         ident = frames[0]
         ready = _hdr(frames[1:])
         assert ready["t"] == "ready"
-        await sock.send_multipart([ident, P.encode("welcome")[0]])
+        await sock.send_multipart([ident, M.Welcome(heartbeat_ms=500).frames()[0]])
         d.control = ready["control"]
         yield sock, ident, d
     finally:

@@ -14,6 +14,7 @@ import client
 from scripts.kit.procs import deno_pids
 from scripts.kit.procs import descendants as children_of
 from tests.conftest import Broker, Daemon, await_until, joined, wait_until
+from wire import messages as M
 
 
 @pytest.fixture
@@ -89,15 +90,14 @@ async def test_client_cannot_touch_another_clients_runtime(broker) -> None:
         rt = await alice.create_runtime()
         await rt.eval("globalThis.secret = 's3cret'")
         # mallory forges requests naming alice's runtime id
-        for type_, fields in [
-            ("eval", {}),
-            ("dispose", {}),
-            ("dispatch", {"method": "GET", "url": "http://x/", "headers": [], "resp_sid": b"0" * 16}),
-        ]:
+        forged = [
+            (lambda i: M.Eval(id=i, rt=rt.id, source=b"export default globalThis.secret"), M.EvalOk),
+            (lambda i: M.Dispose(id=i, rt=rt.id), M.DisposeOk),
+            (lambda i: M.Dispatch(id=i, rt=rt.id, method="GET", url="http://x/", resp_sid=b"0" * 16), M.DispatchOk),
+        ]
+        for make, reply in forged:
             with pytest.raises(client.UnknownRuntime):
-                await mallory.request(
-                    type_, [b"export default globalThis.secret"] if type_ == "eval" else [], rt=rt.id, **fields
-                )
+                await mallory.call(make, reply)
         assert await rt.eval("export default globalThis.secret") == "s3cret"
         await rt.dispose()
 

@@ -1,68 +1,12 @@
-"""The wire codec on its own, without sockets: what goes in comes out, and bad frames are refused
-with the code protocol.md gives."""
+"""Pipe frames and the guest channel's framing on their own, without sockets: what goes in comes
+out, and bad frames are refused (the link messages: tests/test_messages.py)."""
 
 from __future__ import annotations
 
-import msgpack
 import pytest
 
 from wire import protocol as P
 from wire.channel import FrameReader, GuestProtocolError, decode_header, encode_frame
-
-
-def test_encode_decode_round_trip_keeps_payload_frames_untouched() -> None:
-    body = memoryview(b"\x00\xffraw bytes")
-    frames = P.encode("dispatch", [body], id=7, rt="abc", headers=[["a", "1"], ["a", "2"]], body="inline")
-    assert frames[1] is body
-    msg = P.decode(frames, P.CLIENT_TO_BROKER)
-    assert (msg.type, msg.id, msg.get("rt")) == ("dispatch", 7, "abc")
-    assert P.check_headers(msg.get("headers")) == [("a", "1"), ("a", "2")]
-    assert P.check_body(msg) == P.BODY_INLINE
-    assert msg.frames()[0] is frames[0]  # forwarded without re-encoding
-
-
-def test_reencode_changes_and_removes_fields() -> None:
-    msg = P.decode(P.encode("ok", id=1, c=b"route", value=3), P.DAEMON_TO_BROKER)
-    out = msgpack.unpackb(P.reencode(msg, c=None, extra="x")[0])
-    assert out == {"v": 1, "t": "ok", "id": 1, "value": 3, "extra": "x"}
-
-
-@pytest.mark.parametrize(
-    ("frames", "code"),
-    [
-        ([], P.E_BAD_MESSAGE),
-        ([b"\xc1"], P.E_BAD_MESSAGE),
-        ([msgpack.packb("a string")], P.E_BAD_MESSAGE),
-        ([msgpack.packb({"v": 2, "t": "hello"})], P.E_UNSUPPORTED_VERSION),
-        ([msgpack.packb({"v": 1})], P.E_BAD_MESSAGE),
-        ([msgpack.packb({"v": 1, "t": "welcome"})], P.E_UNKNOWN_TYPE),  # not legal from a client
-        ([msgpack.packb({"v": 1, "t": "hello", "id": -1})], P.E_BAD_MESSAGE),
-        ([msgpack.packb({"v": 1, "t": "hello", "id": True})], P.E_BAD_MESSAGE),
-        ([msgpack.packb({"v": 1, "t": "hello", "pad": "x" * P.MAX_HEADER})], P.E_TOO_LARGE),
-        ([msgpack.packb({1: 2})], P.E_BAD_MESSAGE),
-    ],
-)
-def test_decode_refuses_bad_frames_with_the_right_code(frames, code) -> None:
-    with pytest.raises(P.ProtocolError) as info:
-        P.decode(frames, P.CLIENT_TO_BROKER)
-    assert info.value.code == code
-
-
-def test_field_checks() -> None:
-    msg = P.decode(P.encode("eval", id=1, rt=5), P.CLIENT_TO_BROKER)
-    with pytest.raises(P.ProtocolError, match="'rt'"):
-        P.require(msg, "rt", str)
-    assert P.optional(msg, "timeout_ms", int) is None
-    for bad in ("x", [["a"]], [["a", 1]], [1]):
-        with pytest.raises(P.ProtocolError):
-            P.check_headers(bad)
-    for bad in ({"sid": b"short"}, {"sid": "x" * 16}, {"sid": b"s" * 16, "ep": "ipc://nope"}, 5):
-        with pytest.raises(P.ProtocolError):
-            P.check_stream_ref(bad)
-    ref = P.check_stream_ref({"sid": b"s" * 16, "ep": "tcp://h:1"})
-    assert ref == P.StreamRef(b"s" * 16, "tcp://h:1") and P.check_stream_ref(ref.to_wire()) == ref
-    with pytest.raises(P.ProtocolError, match="inline"):
-        P.check_body(P.decode(P.encode("dispatch", id=1, body="inline"), P.CLIENT_TO_BROKER))
 
 
 def test_pipe_messages() -> None:
