@@ -21,7 +21,7 @@ def run_until_signalled(main: Callable[[], Awaitable[None]]) -> int:
     """Run ``main`` until it returns or SIGINT/SIGTERM arrives; cancellation does the clean-up."""
 
     async def runner() -> None:
-        task = asyncio.ensure_future(main())
+        task = asyncio.ensure_future(main())  # owner: this runner, which awaits it below
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, task.cancel)
