@@ -24,7 +24,7 @@ import zmq.asyncio
 from client.control import ControlLink
 from client.errors import ConnectionLost, Error, RequestRejected, Timeout, from_reply
 from client.http import Request, Response
-from client.runtime import ConsoleEntry, Runtime
+from client.runtime import ConsoleEntry, Runtime, to_ms
 from wire import liveness, sockets
 from wire import messages as M
 from wire import protocol as P
@@ -223,7 +223,7 @@ class Connection:
     ) -> Runtime:
         """A new sandboxed runtime on the least loaded daemon."""
         mem = None if memory_limit_mb is None else int(memory_limit_mb)
-        eval_ms = None if eval_timeout is None else int(eval_timeout * 1000)
+        eval_ms = None if eval_timeout is None else to_ms(eval_timeout)
         created = await self.call(
             lambda id_: M.CreateRuntime(
                 id=id_, fetch=fetch is not None, console=console is not None, memory_limit_mb=mem,

@@ -7,6 +7,7 @@ the guest cancelling its fetch body closes the upstream connection).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -128,7 +129,7 @@ class _UpstreamBody:
             self.upstream.release()
 
 
-def aiohttp_handler(runtime: Runtime) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+def aiohttp_handler(runtime: Runtime, *, poll: float = 0.1) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     """An aiohttp.web handler that serves HTTP with the runtime's serve() handler.
 
     The request body streams to the guest; the guest's response streams back, each chunk
@@ -143,8 +144,9 @@ def aiohttp_handler(runtime: Runtime) -> Callable[[web.Request], Awaitable[web.S
     this handler wherever it waits (for the response head, for the guest's next chunk, on a
     write) and closing the body cancels the guest's stream. Without it, aiohttp tells a handler
     only when its next write fails, so a guest that stalls keeps its stream open until it sends
-    again. (tests/test_streaming.py's ``serve_runtime`` uses the AppRunner form.) The handler logs
-    one warning if the setting is off.
+    again. (tests/test_streaming.py's ``serve_runtime`` uses the AppRunner form.) If the setting is
+    off, the handler logs one warning and falls back to watching the connection itself every
+    ``poll`` seconds, so a stalled guest body is still cancelled when the end client leaves.
     """
     warned = False
 
@@ -167,7 +169,10 @@ def aiohttp_handler(runtime: Runtime) -> Callable[[web.Request], Awaitable[web.S
             if k.lower() not in HOP_BY_HOP | {"content-length"}:
                 out.headers.add(k, v)
         try:
-            await _forward(request, out, resp)
+            if _cancels_handlers(request):
+                await _forward(request, out, resp)
+            else:
+                await _forward_watching(request, out, resp, poll)
         except Exception:
             if request.transport is not None:
                 request.transport.abort()  # a truncated body must look truncated
@@ -183,6 +188,30 @@ def _cancels_handlers(request: web.Request) -> bool:
     ``handler_cancellation`` setting; unknown counts as on, so a newer aiohttp never warns falsely)."""
     manager = getattr(request.protocol, "_manager", None)
     return bool(getattr(manager, "handler_cancellation", True))
+
+
+async def _forward_watching(request: web.Request, out: web.StreamResponse, resp: Response, poll: float) -> None:
+    """``_forward`` for an app that does not cancel handlers: stop it once the end client is gone.
+
+    Both tasks live in this TaskGroup: the watcher's return cancels the forwarding (and so the
+    guest's body, closed by the caller), the forwarding's end cancels the watcher."""
+
+    async def watch() -> None:
+        while (transport := request.transport) is not None and not transport.is_closing():  # noqa: ASYNC110 (no event to wait on: the fallback when aiohttp does not cancel handlers)
+            await asyncio.sleep(poll)
+        raise _PeerGone
+
+    try:
+        async with asyncio.TaskGroup() as tg:
+            watcher = tg.create_task(watch())
+            await _forward(request, out, resp)
+            watcher.cancel()
+    except* _PeerGone:
+        pass
+
+
+class _PeerGone(Exception):
+    """The end client's connection closed while the guest's body was still being forwarded."""
 
 
 async def _forward(request: web.Request, out: web.StreamResponse, resp: Response) -> None:

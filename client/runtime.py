@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
@@ -116,7 +117,7 @@ class Runtime:
         if len(code) > P.MAX_SOURCE:
             raise RequestRejected(f"source of {len(code)} bytes exceeds {P.MAX_SOURCE}", P.E_TOO_LARGE)
         limit = timeout if timeout is not None else self.eval_timeout
-        ms = None if limit is None else int(limit * 1000)
+        ms = None if limit is None else to_ms(limit)
         # the daemon enforces the limit; our wait only needs to outlast it
         wait = (limit or 30.0) + self._host.timeout
         reply = await self._host.call(
@@ -347,3 +348,9 @@ class Runtime:
 
 async def _wait(awaitable: Awaitable[Any]) -> None:
     await awaitable
+
+
+def to_ms(seconds: float) -> int:
+    """A time limit in whole milliseconds for the wire, rounded up: 0.4 ms is 1 ms, never 0 (which
+    the daemon refuses); zero and negative limits stay as they are, to be refused as such."""
+    return math.ceil(seconds * 1000) if seconds > 0 else int(seconds * 1000)
