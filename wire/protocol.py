@@ -57,7 +57,7 @@ E_NO_HANDLER = "no_handler"
 E_CANCELLED = "cancelled"
 E_INTERNAL = "internal"
 
-# Message types per link (protocol.md, "Messages").
+# Message types per link (protocol.md 3.1).
 CLIENT_TO_BROKER = frozenset(
     {"hello", "hb", "bye", "create_runtime", "eval", "dispatch", "stats", "dispose", "ok", "error"}
 )
