@@ -75,7 +75,7 @@ GUEST_KINDS: dict[str, str] = {
     "error {name, message, stack}": "object; each part not `null` is kept as a string",
     "error, or anything (ignored)": "an error object, else absent",
     "int 200..599": "int from 200 to 599",
-    "follow|manual|error (else follow)": "str; other values: `follow`",
+    "follow|manual|error (else follow)": "`follow`, `manual`, `error`; else `follow`",
     "console level": "`log`, `info`, `warn`, `error`, `debug` or `trace`",
     "payload frame": "the frame body (`B` bytes)",
 }
