@@ -1,7 +1,8 @@
 """protocol.md's tables, generated from the code, and the check that keeps them equal.
 
 ``python -m wire.spec`` prints every generated block; ``--check protocol.md`` exits 1 on any
-difference (and on a limit whose stated value no longer matches its constant); ``--write
+difference, on a limit whose stated value no longer matches its constant, and on a comment that
+cites a section protocol.md or docs/design.md does not have (``citation_problems``); ``--write
 protocol.md`` rewrites the blocks in place. In protocol.md a block sits between
 ``<!-- generated: NAME -->`` and ``<!-- end generated -->``; the prose around it is free.
 
