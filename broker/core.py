@@ -6,9 +6,9 @@ daemons, clients, runtimes, requests pending in each direction (down: client -> 
 daemon's fetch callback -> client) and the tombstones of lost runtimes.
 
 A runtime is placed on the live daemon with the most free capacity; a client can only address
-its own runtimes; replies are routed by the request they answer. protocol.md 2.2 says who is told
-about a refused message, 5.13 and 5.14 what a lost daemon or client leaves behind, 7.1 the
-states of a runtime.
+its own runtimes; replies are routed by the request they answer. Who is told about a refused
+message: protocol.md 2.2; what a lost daemon or client leaves behind, and the states of a
+runtime: docs/design.md 2.13, 2.14 and 3.1.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 // guest, and then offers the guest serve(), fetch() and console, all mediated by the daemon.
 //
 // Channel framing (both directions): u32 BE length of the rest, u32 BE length of the JSON header,
-// the header (UTF-8 JSON, field "op"), then the raw body bytes. protocol.md, "Guest channel".
+// the header (UTF-8 JSON, field "op"), then the raw body bytes. protocol.md 7.1.
 //
 // This module exports nothing: a guest that imports it again gets an empty namespace.
 

@@ -218,7 +218,7 @@ class GuestProcess:
     @property
     def rss_limit_mb(self) -> int:
         """The V8 flag bounds only the JS heap; ArrayBuffers live outside it. The daemon stops a
-        runtime whose whole process outgrows this (protocol.md, "Limits")."""
+        runtime whose whole process outgrows this (docs/design.md 4.3)."""
         return 2 * self.memory_limit_mb + 128
 
     def stderr_tail(self) -> str:

@@ -67,7 +67,7 @@ class Runtime:
         guest.send(G.Init(fetch=fetch, console=console))
 
     def _gid(self) -> int:
-        """The next id of an exchange or inbound stream (one counter: protocol.md, guest channel)."""
+        """The next id of an exchange or inbound stream (one counter: protocol.md 7.3)."""
         self._next += 1
         return self._next
 
