@@ -71,7 +71,7 @@ def check_header(name: object, value: object) -> None:
         raise HeadError(f"invalid header name {_show(str(name))}: not an RFC 9110 token")
     if not isinstance(value, str) or _BAD_VALUE.search(value):
         raise HeadError(
-            f"invalid value of header {name}: {_show(str(value))} holds NUL, CR or LF, "
+            f"invalid header value for {name}: {_show(str(value))} holds NUL, CR or LF, "
             "or starts or ends with whitespace"
         )
 
@@ -133,7 +133,7 @@ def embedded_v4(ip: IPAddress) -> IPAddress:
 def address_class(ip: IPAddress) -> str | None:
     """Why ``ip`` is not a public unicast address ("loopback", "private", ..., "cloud metadata"),
     or None when it is one."""
-    for a in dict.fromkeys((ip, embedded_v4(ip))):
+    for a in dict.fromkeys((embedded_v4(ip), ip)):
         if a in METADATA:
             return "cloud metadata"
         if a.is_loopback:
