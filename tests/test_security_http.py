@@ -29,6 +29,31 @@ from wire import http as H
 # ---- real servers that record what reaches them -----------------------------------------------------
 
 
+@contextlib.asynccontextmanager
+async def serving(handler: Any) -> AsyncIterator[int]:
+    """An aiohttp server on 127.0.0.1 answering every path with ``handler``; yields its port."""
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    runner = web.AppRunner(app, handler_cancellation=True)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    finally:
+        await runner.cleanup()
+
+
+async def raw_get(port: int) -> bytes:
+    """What an end client reads for ``GET /``, as raw bytes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    try:
+        return await asyncio.wait_for(reader.read(), 30)
+    finally:
+        writer.close()
+
+
 class Recorder:
     """An aiohttp server on 127.0.0.1: every request it gets is recorded (method, path, headers, body).
     ``/redirect?to=URL`` answers 302 to URL; ``/hang`` never answers; anything else answers ``reply``."""
@@ -51,19 +76,12 @@ class Recorder:
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[Recorder]:
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self.handle)
-        runner = web.AppRunner(app, handler_cancellation=True)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.url = f"http://127.0.0.1:{self.port}"
-        try:
-            yield self
-        finally:
-            self._hang.set()
-            await runner.cleanup()
+        async with serving(self.handle) as port:
+            self.port, self.url = port, f"http://127.0.0.1:{port}"
+            try:
+                yield self
+            finally:
+                self._hang.set()
 
     def smuggled(self) -> list[str]:
         """What reached this server that a valid head could not have carried."""
@@ -169,13 +187,6 @@ async def test_forged_response_heads_never_reach_the_end_client(conn: client.Con
         f"const FORGED = {json.dumps(forged)};\n{PATCH_HEADERS}\n"
         'serve(() => new Response("the body", { headers: { "x-real": "1" } }));'
     )
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", client.aiohttp_handler(rt))
-    runner = web.AppRunner(app, handler_cancellation=True)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     try:
         # straight through the client API: the dispatch fails with the guest's error
         try:
@@ -184,12 +195,9 @@ async def test_forged_response_heads_never_reach_the_end_client(conn: client.Con
         except client.GuestError as exc:
             direct = f"{exc.code} {exc.name}: {exc.message}"
         # and through aiohttp_handler, read as raw bytes by an end client
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        raw = await asyncio.wait_for(reader.read(), 30)
-        writer.close()
+        async with serving(client.aiohttp_handler(rt)) as port:
+            raw = await raw_get(port)
     finally:
-        await runner.cleanup()
         await rt.dispose()
     head = raw.split(b"\r\n\r\n", 1)[0].decode("latin-1")
     assert "Content-Length :" not in head and "smuggled" not in head, raw
@@ -291,20 +299,8 @@ async def test_aiohttp_handler_never_emits_a_head_changed_after_the_response_was
             resp.headers.add("Content-Length ", "0")
             return resp
 
-    app = web.Application()
-    app.router.add_get("/", client.aiohttp_handler(Forged()))  # type: ignore[arg-type]
-    runner = web.AppRunner(app, handler_cancellation=True)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        raw = await asyncio.wait_for(reader.read(), 30)
-        writer.close()
-    finally:
-        await runner.cleanup()
+    async with serving(client.aiohttp_handler(Forged())) as port:  # type: ignore[arg-type]
+        raw = await raw_get(port)
     assert raw.startswith(b"HTTP/1.1 502") and b"Content-Length :" not in raw, raw
 
 
