@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import sys
 
 from broker.broker import Broker
-from wire.auth import load_authorized, load_keypair
+from wire.auth import exposure_warning, load_authorized, load_keypair
 from wire.service import configure_logging, run_until_signalled
 
 DEFAULT_FRONTEND = "tcp://127.0.0.1:5555"
@@ -83,6 +84,9 @@ async def serve(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     configure_logging(args.verbose)
+    warning = exposure_warning([args.frontend, args.backend], curve=bool(args.curve_keypair))
+    if warning:
+        logging.getLogger("broker").warning("%s", warning)
     return run_until_signalled(lambda: serve(args))
 
 

@@ -27,6 +27,7 @@ from client.bodies import Body, Inbound, aclose_quietly, send_body
 from client.control import ControlLink
 from client.errors import Error, RequestRejected, RuntimeLost, lost
 from client.http import BodyType, Request, Response
+from wire import http as H
 from wire import messages as M
 from wire import protocol as P
 from wire import streams
@@ -155,6 +156,11 @@ class Runtime:
         return self._response(reply, resp_sid)
 
     def _response(self, reply: M.DispatchOk, resp_sid: bytes) -> Response:
+        try:  # before the body is opened: Response() checks the head too, but would leave it open
+            H.check_response_head(reply.status_text, reply.headers)
+        except H.HeadError as exc:
+            self._cancel_remote(resp_sid)
+            raise RequestRejected(f"the daemon answered with an invalid head: {exc}", P.E_BAD_MESSAGE) from None
         body: BodyType = None
         if isinstance(reply.body, M.Inline):
             body = bytes(reply.body.data)

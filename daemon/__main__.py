@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from daemon.daemon import Daemon
-from wire.auth import load_keypair, load_public_key
+from wire.auth import exposure_warning, load_keypair, load_public_key
 from wire.service import configure_logging, run_until_signalled
 
 
@@ -36,10 +37,14 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     configure_logging(args.verbose)
+    bind_host = args.bind_host or args.advertise_host
+    warning = exposure_warning([f"tcp://{bind_host}:{args.control_port}"], curve=bool(args.curve_keypair))
+    if warning:
+        logging.getLogger("daemon").warning("%s (control socket and body pipes)", warning)
     daemon = Daemon(
         args.broker,
         max_runtimes=args.max_runtimes,
-        bind_host=args.bind_host or args.advertise_host,
+        bind_host=bind_host,
         advertise_host=args.advertise_host,
         control_port=args.control_port,
         pool_size=args.pool_size,

@@ -16,6 +16,7 @@ from daemon.pending import Call, Pending
 from daemon.ports import GuestPort, RuntimeHost
 from daemon.streams import InboundStream, StreamTable
 from wire import guest as G
+from wire import http as H
 from wire import messages as M
 from wire import protocol as P
 from wire.channel import GuestProtocolError
@@ -79,6 +80,14 @@ class Dispatches:
         if call is None:
             if isinstance(msg.body, G.GuestStream):  # a response nobody waits for: stop the guest producing it
                 self.port.send(G.OutboundCancel(sid=msg.body.sid))
+            return
+        try:  # a forged head (a patched Headers iterator...) never reaches the client
+            H.check_response_head(msg.statusText, msg.headers)
+        except H.HeadError as exc:
+            if isinstance(msg.body, G.GuestStream):
+                self.port.send(G.OutboundCancel(sid=msg.body.sid))
+            self._end(call)
+            self.host.to_broker(call.error(P.E_GUEST, f"invalid response from the serve() handler: {exc}", "TypeError"))
             return
         body: Inline | StreamRef | None
         if isinstance(msg.body, G.GuestStream):

@@ -16,6 +16,7 @@ from daemon.pending import Pending
 from daemon.ports import GuestPort, RuntimeHost
 from daemon.streams import OutboundStream, StreamTable
 from wire import guest as G
+from wire import http as H
 from wire import messages as M
 from wire import protocol as P
 from wire.channel import GuestProtocolError
@@ -66,6 +67,13 @@ class Fetches:
     def on_fetch(self, msg: G.Fetch) -> None:
         if msg.id in self.pending:
             raise GuestProtocolError(f"fetch id {msg.id} reused")
+        try:  # a forged head (a patched Headers iterator...) never reaches the client
+            H.check_request_head(msg.method, msg.url, msg.headers)
+        except H.HeadError as exc:
+            if isinstance(msg.body, G.GuestStream):
+                self.port.send(G.OutboundCancel(sid=msg.body.sid))
+            self.port.send(G.FetchError(id=msg.id, message=f"fetch() refused: {exc}"))
+            return
         upload = None
         body: Inline | StreamRef | None
         if isinstance(msg.body, G.GuestStream):
@@ -109,6 +117,11 @@ class Fetches:
             return
         if not 200 <= reply.status <= 599:
             self._failed(f, f"invalid response from the fetch callback: status {reply.status} is outside 200-599")
+            return
+        try:
+            H.check_response_head(reply.status_text, reply.headers)
+        except H.HeadError as exc:
+            self._failed(f, f"invalid response from the fetch callback: {exc}")
             return
         body: G.GuestBody = None
         match reply.body:
