@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from daemon import daemon as D
 from daemon.daemon import Daemon
 from wire.auth import load_keypair, load_public_key
 from wire.service import configure_logging, run_until_signalled
@@ -21,6 +22,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pool-size", type=int, default=2, help="pre-started runtimes kept warm")
     p.add_argument("--memory-mb", type=int, default=128, help="default runtime heap limit in MB")
     p.add_argument("--eval-timeout", type=float, default=30.0, help="default eval timeout in seconds")
+    add_limits(p)
     p.add_argument("--heartbeat", type=float, default=1.0, help="heartbeat interval in seconds")
     p.add_argument("--liveness", type=int, default=3, help="missed broker heartbeats before re-registering")
     p.add_argument("--name", default=None, help="name shown in logs and errors")
@@ -31,6 +33,53 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--broker-key", help="the broker's public key file (NAME.key)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p.parse_args(argv)
+
+
+def add_limits(p: argparse.ArgumentParser) -> None:
+    """The operator's limits on runtimes (also the broker's, for its embedded daemon)."""
+    p.add_argument(
+        "--max-memory-mb",
+        type=int,
+        default=D.MAX_MEMORY_MB,
+        help="largest memory_limit_mb a client may ask for (%(default)s)",
+    )
+    p.add_argument(
+        "--max-eval-timeout",
+        type=float,
+        default=D.MAX_EVAL_TIMEOUT,
+        help="longest eval timeout in seconds a client may ask for (%(default)s)",
+    )
+    p.add_argument(
+        "--cpu-limit",
+        type=float,
+        default=D.DEFAULT_CPU_LIMIT,
+        help="default CPU seconds one turn of a guest's event loop may take (%(default)s)",
+    )
+    p.add_argument(
+        "--request-cpu",
+        type=float,
+        default=D.DEFAULT_REQUEST_CPU,
+        help="default CPU seconds a dispatch may use before its response head (%(default)s)",
+    )
+    p.add_argument(
+        "--max-cpu-limit",
+        type=float,
+        default=D.MAX_CPU_LIMIT,
+        help="largest CPU limit in seconds a client may ask for (%(default)s)",
+    )
+    p.add_argument("--no-cgroups", action="store_true",
+                   help="no memory cgroups even where possible (the RSS watchdog only)")  # fmt: skip
+
+
+def limits(args: argparse.Namespace) -> dict[str, object]:
+    return {
+        "max_memory_mb": args.max_memory_mb,
+        "max_eval_timeout": args.max_eval_timeout,
+        "cpu_limit": args.cpu_limit,
+        "request_cpu": args.request_cpu,
+        "max_cpu_limit": args.max_cpu_limit,
+        "cgroups": not args.no_cgroups,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         pool_size=args.pool_size,
         default_memory_mb=args.memory_mb,
         eval_timeout=args.eval_timeout,
+        **limits(args),
         heartbeat=args.heartbeat,
         liveness=args.liveness,
         name=args.name,
