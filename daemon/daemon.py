@@ -86,12 +86,12 @@ class Daemon:
         self.advertise_host = advertise_host or bind_host
         self.control_port = control_port
         self.pool_size = pool_size
-        self.default_memory_mb = default_memory_mb
-        self.eval_timeout = eval_timeout
+        self.default_memory_mb = min(default_memory_mb, max_memory_mb)  # the defaults obey the maximums too
+        self.eval_timeout = min(eval_timeout, max_eval_timeout)
         self.max_memory_mb = max_memory_mb
         self.max_eval_timeout = max_eval_timeout
-        self.cpu_limit = cpu_limit
-        self.request_cpu = request_cpu
+        self.cpu_limit = min(cpu_limit, max_cpu_limit)
+        self.request_cpu = min(request_cpu, max_cpu_limit)
         self.max_cpu_limit = max_cpu_limit
         self.use_cgroups = cgroups
         self.cgroups: MemoryCgroups | None = None
