@@ -35,40 +35,21 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+#: (flag, type, default, help) of each operator limit on runtimes.
+LIMIT_FLAGS = (
+    ("--max-memory-mb", int, D.MAX_MEMORY_MB, "largest memory_limit_mb a client may ask for"),
+    ("--max-eval-timeout", float, D.MAX_EVAL_TIMEOUT, "longest eval timeout in seconds a client may ask for"),
+    ("--cpu-limit", float, D.DEFAULT_CPU_LIMIT, "default CPU seconds one turn of a guest's event loop may take"),
+    ("--request-cpu", float, D.DEFAULT_REQUEST_CPU, "default CPU seconds a dispatch may use before its head"),
+    ("--max-cpu-limit", float, D.MAX_CPU_LIMIT, "largest CPU limit in seconds a client may ask for"),
+)
+
+
 def add_limits(p: argparse.ArgumentParser) -> None:
     """The operator's limits on runtimes (also the broker's, for its embedded daemon)."""
-    p.add_argument(
-        "--max-memory-mb",
-        type=int,
-        default=D.MAX_MEMORY_MB,
-        help="largest memory_limit_mb a client may ask for (%(default)s)",
-    )
-    p.add_argument(
-        "--max-eval-timeout",
-        type=float,
-        default=D.MAX_EVAL_TIMEOUT,
-        help="longest eval timeout in seconds a client may ask for (%(default)s)",
-    )
-    p.add_argument(
-        "--cpu-limit",
-        type=float,
-        default=D.DEFAULT_CPU_LIMIT,
-        help="default CPU seconds one turn of a guest's event loop may take (%(default)s)",
-    )
-    p.add_argument(
-        "--request-cpu",
-        type=float,
-        default=D.DEFAULT_REQUEST_CPU,
-        help="default CPU seconds a dispatch may use before its response head (%(default)s)",
-    )
-    p.add_argument(
-        "--max-cpu-limit",
-        type=float,
-        default=D.MAX_CPU_LIMIT,
-        help="largest CPU limit in seconds a client may ask for (%(default)s)",
-    )
-    p.add_argument("--no-cgroups", action="store_true",
-                   help="no memory cgroups even where possible (the RSS watchdog only)")  # fmt: skip
+    for flag, kind, default, text in LIMIT_FLAGS:
+        p.add_argument(flag, type=kind, default=default, help=f"{text} (%(default)s)")
+    p.add_argument("--no-cgroups", action="store_true", help="no memory cgroups (the RSS watchdog only)")
 
 
 def limits(args: argparse.Namespace) -> dict[str, object]:
