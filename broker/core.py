@@ -39,12 +39,12 @@ from wire.messages import (
 )
 from wire.protocol import (
     E_BAD_MESSAGE,
-    E_MEMORY_LIMIT,
     E_NO_DAEMON,
     E_RUNTIME_LOST,
     E_TOO_LARGE,
     E_UNKNOWN_CLIENT,
     E_UNKNOWN_RUNTIME,
+    LIMIT_CODES,
     MAX_FRAME,
     ProtocolError,
     new_id,
@@ -245,7 +245,7 @@ class Core:
             return rt
         lost = self.tombstones.get((client.ident, r.rt))
         if lost is not None:
-            code = lost[0] if lost[0] == E_MEMORY_LIMIT else E_RUNTIME_LOST
+            code = lost[0] if lost[0] in LIMIT_CODES else E_RUNTIME_LOST
             raise ProtocolError(code, f"runtime {r.rt} is gone: {lost[1]}")
         raise ProtocolError(E_UNKNOWN_RUNTIME, f"no runtime {r.rt} belongs to this client")
 

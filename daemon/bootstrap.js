@@ -519,6 +519,7 @@ function handle(h, body) {
       send({ op: "stats", id: h.id, inbound: inStreams.size, outbound: outStreams.size, fetches: fetches.size,
         dispatches: dispatches.size });
       break;
+    case "ping": send({ op: "pong", id: h.id }); break; // the event loop turns: CPU limit, daemon/limits.py
     default: fatal(`unknown op ${h.op}`);
   }
 }

@@ -76,7 +76,7 @@ class Runtime:
     def ensure_alive(self) -> None:
         """Refuse new work once the runtime is going away (its process may already be gone)."""
         if self.lost_code is not None or self.disposing or self._stopping.is_set() or not self.guest.alive:
-            code = P.E_MEMORY_LIMIT if self.lost_code == P.E_MEMORY_LIMIT else P.E_RUNTIME_LOST
+            code = self.lost_code if self.lost_code in P.LIMIT_CODES else P.E_RUNTIME_LOST
             raise P.ProtocolError(code, f"runtime {self.rt} is gone: {self.lost_message or 'it stopped'}")
 
     def eval(self, msg: M.Eval, route: bytes) -> None:

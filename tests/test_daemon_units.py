@@ -69,7 +69,7 @@ def test_malformed_guest_frames_are_refused(raw: str) -> None:
 def test_every_guest_op_has_a_record_and_every_daemon_op_encodes() -> None:
     from daemon.runtime import Runtime
 
-    handled = set(Runtime.ON_GUEST) | {"ready", "fatal"}  # those two are the process's own
+    handled = set(Runtime.ON_GUEST) | {"ready", "fatal", "pong"}  # the process's own
     assert handled == set(G.GUEST_TO_DAEMON)
     head, body = G.encode(G.InboundChunk(sid=7, data=b"xyz"))
     assert json.loads(head) == {"op": "chunk", "sid": 7} and body == b"xyz"

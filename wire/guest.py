@@ -269,6 +269,13 @@ class StatsQuery(Record):
     id: int = F(U64, doc=_ID)
 
 
+@record("ping")
+class Ping(Record):
+    """Answer `pong` from the read loop: the answer shows the guest's event loop turns (CPU limit)."""
+
+    id: int = F(U64, doc="the ping's number")
+
+
 # ---- guest -> daemon ------------------------------------------------------------------------------
 
 
@@ -401,17 +408,24 @@ class StatsAnswer(Record):
     dispatches: int = F(U64, doc="requests being handled")
 
 
+@record("pong")
+class Pong(Record):
+    """Answers `ping` `id` (handled by the process, daemon/guest.py, not by the runtime)."""
+
+    id: int = F(U64, doc="the ping's number")
+
+
 # ---- tables and codec -----------------------------------------------------------------------------
 
 DAEMON_TO_GUEST: dict[str, type[Record]] = {
     c.T: c
     for c in (Init, Eval, Request, Abort, FetchResponse, FetchError, InboundChunk, InboundEnd, InboundError,
-              OutboundAck, OutboundCancel, StatsQuery)
+              OutboundAck, OutboundCancel, StatsQuery, Ping)
 }  # fmt: skip
 GUEST_TO_DAEMON: dict[str, type[Record]] = {
     c.T: c
     for c in (Ready, Fatal, InitOk, EvalOk, EvalError, Response, ResponseError, Fetch, FetchAbort, InboundRead,
-              InboundCancel, OutboundChunk, OutboundEnd, OutboundError, Console, StatsAnswer)
+              InboundCancel, OutboundChunk, OutboundEnd, OutboundError, Console, StatsAnswer, Pong)
 }  # fmt: skip
 
 

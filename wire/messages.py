@@ -118,6 +118,10 @@ class CreateRuntime(Record):
     console: bool = F(BOOL, False, "the client wants `console` messages")
     memory_limit_mb: int | None = F(INT, None, "V8 heap limit (MiB), 16..16384; default: the daemon's")
     eval_timeout_ms: int | None = F(INT, None, "default eval timeout (ms, > 0); default: the daemon's")
+    cpu_limit_ms: int | None = F(
+        INT, None, "CPU (ms, > 0) one event-loop turn of the guest may use; default: the daemon's"
+    )
+    request_cpu_ms: int | None = F(INT, None, "CPU (ms, > 0) a dispatch may use before its head; default: the daemon's")
     c: bytes | None = F(BIN, None, _C)
     rt: str | None = F(STR, None, "broker -> daemon: the id the broker minted")
     owner: bytes | None = F(BIN, None, "broker -> daemon: the owner's token (identity on the control link)")
@@ -282,7 +286,7 @@ class RuntimeLost(Record):
     """Daemon -> broker -> client (or broker -> client): the runtime is gone for good."""
 
     rt: str = F(STR, doc=_RT)
-    code: str = F(STR, P.E_RUNTIME_LOST, "runtime_lost, timeout or memory_limit")
+    code: str = F(STR, P.E_RUNTIME_LOST, "runtime_lost, timeout, memory_limit or cpu_limit")
     message: str = F(STR, "", "human-readable reason")
 
 

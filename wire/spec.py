@@ -95,6 +95,8 @@ ERRORS: dict[str, str] = {
     "guest_error": "the guest code threw; with `name`, `message`, `stack`; the runtime lives on",
     "timeout": "an eval timed out (the runtime is stopped; also a `runtime_lost.code`), or `stats`",
     "memory_limit": "the runtime exceeded its memory limit (also a `runtime_lost.code`)",
+    "cpu_limit": "the runtime's event loop was stuck past its CPU limit per turn, or a request used up its CPU "
+    "budget: the runtime is stopped (also a `runtime_lost.code`)",
     "fetch_failed": "client: the fetch callback failed or was cancelled",
     "no_handler": "`dispatch` before the guest called `serve()`",
     "cancelled": "the client cancelled `resp_sid` before the response head",
