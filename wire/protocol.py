@@ -53,6 +53,7 @@ E_FETCH_FAILED = "fetch_failed"
 E_NO_HANDLER = "no_handler"
 E_CANCELLED = "cancelled"
 E_INTERNAL = "internal"
+E_BUSY = "busy"
 
 
 def new_id() -> bytes:
