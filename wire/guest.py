@@ -70,7 +70,7 @@ MAX_STATUS_TEXT = 1024
 # toward MAX_PENDING_FETCHES (the daemon's callback registry holds both).
 
 #: fetch() calls of one runtime waiting for their response head (callbacks at the client).
-MAX_PENDING_FETCHES = 256
+MAX_PENDING_FETCHES = 32
 #: Bodies one runtime has open at once, both directions (each holds a pipe socket in the daemon).
 MAX_STREAMS = 256
 #: Calls into one runtime (eval, dispatch, stats) waiting for the guest; more get `busy`.

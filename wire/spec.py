@@ -131,7 +131,7 @@ LIMITS: tuple[Limit, ...] = (
     Limit("FETCH_REPLY_TIMEOUT", 300.0, "s", ("daemon.runtime.FETCH_REPLY_TIMEOUT",), "answer to a `fetch`"),
     Limit("MIN_MEMORY_MB", 16, "MiB", ("daemon.daemon.MIN_MEMORY_MB",), "`memory_limit_mb`"),
     Limit("MAX_MEMORY_MB", 16384, "MiB", ("daemon.daemon.MAX_MEMORY_MB",), "`memory_limit_mb`"),
-    Limit("MAX_PENDING_FETCHES", 256, "fetches", ("wire.guest.MAX_PENDING_FETCHES",),
+    Limit("MAX_PENDING_FETCHES", 32, "fetches", ("wire.guest.MAX_PENDING_FETCHES",),
           "a runtime's fetch() calls waiting for their head (and, later, tool calls)"),
     Limit("MAX_STREAMS", 256, "bodies", ("wire.guest.MAX_STREAMS",), "a runtime's open bodies, both directions"),
     Limit("MAX_PENDING_CALLS", 1024, "calls", ("wire.guest.MAX_PENDING_CALLS",),
