@@ -111,7 +111,8 @@ class Dispatches:
         """Why a response head the guest sent cannot be forwarded (None: it can)."""
         if not 200 <= msg.status <= 599:
             return f"the serve() handler returned status {msg.status}, outside 200-599"
-        if isinstance(msg.body, G.GuestStream) and len(self.streams.inbound) + len(self.streams.outbound) >= G.MAX_STREAMS:
+        open_bodies = len(self.streams.inbound) + len(self.streams.outbound)
+        if isinstance(msg.body, G.GuestStream) and open_bodies >= G.MAX_STREAMS:
             return f"the runtime has {G.MAX_STREAMS} open bodies, the limit"
         return None
 

@@ -4,9 +4,10 @@ The daemon names the response body's stream (``resp_sid``) when it asks, but bin
 only when the client's answer says the body streams, and then tells the client where with
 ``pipe_ready`` on the control link (as for a dispatch's request body): a fetch waiting for its
 answer holds no socket, and an inline answer never needs one. An upload body is an outbound
-stream. A runtime has at most MAX_PENDING_FETCHES fetches pending and MAX_STREAMS bodies open. Each fetch waits in the pending
-table under the guest's fetch id, and in the daemon's callback registry under its callback id,
-until the client answers, refuses, the guest aborts, the wait times out or the runtime goes away.
+stream. A runtime has at most MAX_PENDING_FETCHES fetches pending and MAX_STREAMS bodies open.
+Each fetch waits in the pending table under the guest's fetch id, and in the daemon's callback
+registry under its callback id, until the client answers, refuses, the guest aborts, the wait
+times out or the runtime goes away.
 """
 
 from __future__ import annotations

@@ -86,7 +86,8 @@ class Runtime:
         self.ensure_alive()
         calls = len(self.evals) + len(self.dispatches) + len(self.stat_calls)
         if calls >= G.MAX_PENDING_CALLS:
-            raise P.ProtocolError(P.E_BUSY, f"runtime {self.rt} has {calls} calls pending; the limit is {G.MAX_PENDING_CALLS}")
+            limit = G.MAX_PENDING_CALLS
+            raise P.ProtocolError(P.E_BUSY, f"runtime {self.rt} has {calls} calls pending; the limit is {limit}")
         queued = self.guest.queued()
         if queued >= G.MAX_STDIN_QUEUE:
             raise P.ProtocolError(

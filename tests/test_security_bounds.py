@@ -146,8 +146,10 @@ async def test_fetch_flood_is_bounded_and_other_tenants_keep_their_latency(own_b
         assert counts["limited"] >= 30000 - G.MAX_PENDING_FETCHES, counts  # refused by fetch() itself
         assert counts["refused"] > 0 and counts["other"] == "", counts
         assert peak_fds < base_fds + 200, f"broker+daemon fds went from {base_fds} to {peak_fds}"
-        print(f"victim: {len(latencies)} dispatches, p50 {sorted(latencies)[len(latencies) // 2] * 1000:.1f} ms, "
-              f"p99 {p99(latencies) * 1000:.1f} ms; fds {base_fds} -> {peak_fds}; attacker saw {counts}")
+        print(
+            f"victim: {len(latencies)} dispatches, p50 {sorted(latencies)[len(latencies) // 2] * 1000:.1f} ms, "
+            f"p99 {p99(latencies) * 1000:.1f} ms; fds {base_fds} -> {peak_fds}; attacker saw {counts}"
+        )
         assert len(latencies) >= 50
         assert p99(latencies) < 0.050, f"victim dispatch p99 {p99(latencies) * 1000:.1f} ms over {len(latencies)}"
         await rt.dispose()

@@ -265,7 +265,7 @@ class Fetch(Record):
     redirect: str = F(STR, "follow", "follow, manual or error")
     body: Body = F(BODY, None, "upload body: absent, inline, or {sid, ep} (connect a PULL)")
     resp_sid: bytes = F(
-        BIN16, doc="the response body's stream id: a streamed answer is `{sid: resp_sid}`, its pipe follows in `pipe_ready`"
+        BIN16, doc="the response body's stream id: a streamed answer is `{sid: resp_sid}`, its pipe in `pipe_ready`"
     )
 
 
