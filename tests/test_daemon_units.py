@@ -204,6 +204,9 @@ class FakeGuest:
     async def drain(self) -> None:
         pass
 
+    def queued(self) -> int:
+        return 0
+
     async def kill(self, reason: str) -> None:
         self.exit_reason = self.exit_reason or reason
 
