@@ -245,20 +245,20 @@ class Runtime:
 
     def _upload(self, sid: bytes, body: BodyType) -> asyncio.Task[None]:
         """Stream a request body once the daemon has bound its pipe (control: pipe_ready)."""
-        ready = self._ready[sid] = self._control.expect_pipe(sid)
+        self._ready[sid] = self._control.expect_pipe(sid)
+        return self._producer(sid, self._produce_when_ready(sid, body))
 
-        async def run() -> None:
-            try:
-                async with asyncio.timeout(self._host.timeout):
-                    ep = await ready
-            except TimeoutError:
-                log.warning("the daemon never opened the pipe for a request body")
-                await aclose_quietly(body)
-                return
-            self._ready.pop(sid, None)
-            await self._produce(sid, ep, body)
-
-        return self._producer(sid, run())
+    async def _produce_when_ready(self, sid: bytes, body: BodyType) -> None:
+        """Stream ``body`` once the daemon's pipe_ready for ``sid`` (expected in ``_ready``) came."""
+        try:
+            async with asyncio.timeout(self._host.timeout):
+                ep = await self._ready[sid]
+        except TimeoutError:
+            log.warning("the daemon never opened the pipe for a body")
+            await aclose_quietly(body)
+            return
+        self._ready.pop(sid, None)
+        await self._produce(sid, ep, body)
 
     async def _produce(self, sid: bytes, ep: str, body: BodyType) -> None:
         writer = PipeWriter(self._host.dial(zmq.PUSH, ep, self.daemon_key), sid, self._host.timeout)
@@ -281,7 +281,7 @@ class Runtime:
         if self.lost is not None:
             self._reply_fetch_error(msg.id, self.lost.message)
             return
-        self._producer(msg.resp.sid, self._serve_fetch(msg))
+        self._producer(msg.resp_sid, self._serve_fetch(msg))
 
     async def _serve_fetch(self, msg: M.Fetch) -> None:
         request_body: Body | None = None
@@ -316,7 +316,9 @@ class Runtime:
             if isinstance(rbody, (bytes, bytearray, memoryview)) and len(rbody) <= P.MAX_INLINE_BODY:
                 desc = M.Inline(rbody) if len(rbody) else None
             elif rbody is not None:
-                desc = M.StreamRef(msg.resp.sid)
+                desc = M.StreamRef(msg.resp_sid)
+                # the daemon binds the body's pipe once it reads this answer: expect it before sending
+                self._ready[msg.resp_sid] = self._control.expect_pipe(msg.resp_sid)
             self._send(
                 M.FetchOk(
                     id=msg.id, rt=self.id, status=response.status, status_text=response.status_text,
@@ -325,8 +327,7 @@ class Runtime:
                 )
             )  # fmt: skip
             if isinstance(desc, M.StreamRef):
-                assert msg.resp.ep is not None
-                await self._produce(msg.resp.sid, msg.resp.ep, rbody)
+                await self._produce_when_ready(msg.resp_sid, rbody)
         finally:
             await aclose_quietly(rbody)
             if request_body is not None and not request_body.finished:

@@ -159,6 +159,13 @@ class GuestProcess:
         if body is not None:
             stdin.write(memoryview(body))  # not writelines(): that joins, i.e. copies, the body
 
+    def queued(self) -> int:
+        """Bytes written to the guest's stdin that it has not read yet (beyond the kernel pipe)."""
+        stdin = self.proc.stdin
+        if stdin is None or stdin.is_closing():
+            return 0
+        return stdin.transport.get_write_buffer_size()
+
     async def drain(self) -> None:
         stdin = self.proc.stdin
         if stdin is not None and not stdin.is_closing():

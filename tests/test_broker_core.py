@@ -70,7 +70,7 @@ def bag(outs: list[Out]) -> list[tuple[Any, ...]]:
 
 
 def fetch(rt: str, fid: int = 5) -> Fetch:
-    return Fetch(id=fid, rt=rt, method="GET", url="http://up/", resp=RESP)
+    return Fetch(id=fid, rt=rt, method="GET", url="http://up/", resp_sid=RESP.sid)
 
 
 class World:

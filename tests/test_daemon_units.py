@@ -50,7 +50,6 @@ def test_guest_frames_parse_to_records() -> None:
         '{"op":"read","sid":true}',
         '{"op":"read","sid":1,"n":"2"}',
         '{"op":"chunk"}',
-        '{"op":"response","id":1,"status":99,"headers":[]}',
         '{"op":"response","id":1,"status":200}',  # headers are required
         '{"op":"response","id":1,"status":200,"headers":[["a",1]]}',
         '{"op":"response","id":1,"status":200,"headers":[],"body":{"sid":"x"}}',
@@ -204,6 +203,9 @@ class FakeGuest:
 
     async def drain(self) -> None:
         pass
+
+    def queued(self) -> int:
+        return 0
 
     async def kill(self, reason: str) -> None:
         self.exit_reason = self.exit_reason or reason

@@ -28,7 +28,6 @@ from wire.schema import (
     HEADERS,
     INT,
     INT_MAP,
-    PIPE,
     STR,
     STRS,
     U64,
@@ -252,7 +251,7 @@ class FetchOk(Record):
     headers: tuple[tuple[str, str], ...] = F(HEADERS, (), "response headers")
     url: str = F(STR, "", "final URL after redirects")
     redirected: bool = F(BOOL, False, "the response followed a redirect")
-    body: Body = F(BODY, None, "absent, inline, or {sid: resp.sid}")
+    body: Body = F(BODY, None, "absent, inline, or {sid: resp_sid}")
 
 
 # ---- guest callbacks and notices (daemon -> broker -> client) ------------------------------------
@@ -269,7 +268,9 @@ class Fetch(Record):
     headers: tuple[tuple[str, str], ...] = F(HEADERS, (), "the guest Request's headers")
     redirect: str = F(STR, "follow", "follow, manual or error")
     body: Body = F(BODY, None, "upload body: absent, inline, or {sid, ep} (connect a PULL)")
-    resp: StreamRef = F(PIPE, doc="the response-body pipe the daemon bound: stream the answer's body there")
+    resp_sid: bytes = F(
+        BIN16, doc="the response body's stream id: a streamed answer is `{sid: resp_sid}`, its pipe in `pipe_ready`"
+    )
 
 
 @record("console")

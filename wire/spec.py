@@ -101,6 +101,8 @@ ERRORS: dict[str, str] = {
     "no_handler": "`dispatch` before the guest called `serve()`",
     "cancelled": "the client cancelled `resp_sid` before the response head",
     "internal": "the daemon could not start the process, or failed handling the request",
+    "busy": "the runtime has `MAX_PENDING_CALLS` calls pending or `MAX_STDIN_QUEUE` bytes queued for its "
+    "guest; nothing was done, retry later",
 }
 
 
@@ -157,6 +159,14 @@ LIMITS: tuple[Limit, ...] = (
     Limit("FETCH_REPLY_TIMEOUT", 300.0, "s", ("daemon.fetches.FETCH_REPLY_TIMEOUT",), "answer to a `fetch`"),
     Limit("MIN_MEMORY_MB", 16, "MiB", ("daemon.daemon.MIN_MEMORY_MB",), "`memory_limit_mb`"),
     Limit("MAX_MEMORY_MB", 16384, "MiB", ("daemon.daemon.MAX_MEMORY_MB",), "`memory_limit_mb`"),
+    Limit("MAX_PENDING_FETCHES", 32, "fetches", ("wire.guest.MAX_PENDING_FETCHES",),
+          "a runtime's fetch() calls waiting for their head (and, later, tool calls)"),
+    Limit("MAX_STREAMS", 256, "bodies", ("wire.guest.MAX_STREAMS",), "a runtime's open bodies, both directions"),
+    Limit("MAX_PENDING_CALLS", 1024, "calls", ("wire.guest.MAX_PENDING_CALLS",),
+          "evals, dispatches and stats pending in a runtime (`busy` after)"),
+    Limit("MAX_STDIN_QUEUE", 8388608, "bytes", ("wire.guest.MAX_STDIN_QUEUE",),
+          "bytes queued for a guest's stdin (`busy` after)"),
+    Limit("MAX_VALUE_DEPTH", 128, "levels", ("wire.guest.MAX_VALUE_DEPTH",), "nesting of an eval's value"),
     Limit("TOMBSTONES", 10000, "runtimes", ("broker.core.TOMBSTONES",), "lost runtimes the broker remembers"),
 )  # fmt: skip
 
