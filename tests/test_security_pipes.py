@@ -30,7 +30,7 @@ from wire import protocol as P
 from wire import sockets, streams
 from wire.auth import load_keypair, load_public_key
 from wire.auth import main as keygen
-from wire.pipes import PipeReader
+from wire.pipes import PipeReader, PipeWriter, StreamError
 
 KiB = 1024
 CHUNK = 64 * KiB
@@ -365,3 +365,25 @@ async def test_the_client_fails_a_body_with_a_gap(seqs: list[Any], clean: bool) 
     finally:
         await body.aclose()
         push.close(0)
+
+
+async def test_a_long_error_text_is_cut_and_still_reaches_the_consumer() -> None:
+    """ERROR text longer than MAX_CHUNK used to exceed the pipe's MAXMSGSIZE and drop the connection,
+    leaving the consumer waiting (protocol.md's former Appendix A.4); it is cut to MAX_CHUNK bytes."""
+    sid = P.new_id()
+    pull = sockets.pipe(sockets.context(), zmq.PULL)
+    pull.bind("tcp://127.0.0.1:*")
+    push = sockets.pipe(sockets.context(), zmq.PUSH)
+    push.connect(pull.getsockopt(zmq.LAST_ENDPOINT).decode())
+    writer, reader = PipeWriter(push, sid, connect_timeout=10), PipeReader(pull, sid)
+    try:
+        await writer.send(b"abc")
+        await writer.fail("\u00e9" * P.MAX_CHUNK)  # 2 bytes each in UTF-8
+        async with asyncio.timeout(10):
+            assert (await reader.read()) == b"abc"
+            with pytest.raises(StreamError) as err:
+                await reader.read()
+        assert str(err.value) == "\u00e9" * (P.MAX_CHUNK // 2)
+    finally:
+        writer.abort()
+        reader.abort(StreamError("done"))
