@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import fcntl
 import logging
 import os
+import shutil
 import signal
+import tempfile
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from daemon import sandbox
 from wire import guest as G
 from wire.channel import FrameReader, GuestProtocolError, frame_head
 from wire.protocol import ProtocolError
@@ -35,6 +37,8 @@ PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 F_SETPIPE_SZ = 1031  # linux/fcntl.h
 PIPE_SIZE = 1024 * 1024
 START_TIMEOUT = 20.0
+#: The descriptor the main module (bootstrap.js) is read from in the guest process.
+BOOTSTRAP_FD = 3
 
 
 def _widen_pipe(fd: int) -> None:
@@ -44,19 +48,13 @@ def _widen_pipe(fd: int) -> None:
         fcntl.fcntl(fd, F_SETPIPE_SZ, PIPE_SIZE)
 
 
-def _die_with_parent() -> None:
-    # PR_SET_PDEATHSIG: the kernel kills the guest if the daemon dies, even by SIGKILL
-    with contextlib.suppress(Exception):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
-    os.setpgid(0, 0)
-
-
 class GuestProcess:
     """A started Deno process; ``on_frame`` receives every frame from it (header decoded, op known),
     ``on_stop`` hears once why it stopped (it exited, broke the channel, or was killed)."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, stdout_fd: int, memory_limit_mb: int) -> None:
+    def __init__(self, proc: asyncio.subprocess.Process, stdout_fd: int, memory_limit_mb: int, home: Path) -> None:
         self.proc = proc
+        self.home = home  # HOME, TMPDIR and XDG dirs of this process only; gone after kill()
         self.memory_limit_mb = memory_limit_mb
         self.on_frame: Callable[[dict[str, Any], Any], None] | None = None
         self.on_stop: Callable[[str], None] | None = None
@@ -74,14 +72,46 @@ class GuestProcess:
 
     @classmethod
     async def start(cls, deno: str, import_map: Path, deno_dir: Path, memory_limit_mb: int) -> GuestProcess:
+        layers = sandbox.available()
+        home = Path(tempfile.mkdtemp(prefix="guest-", dir=deno_dir))  # private, empty, removed by kill()
+        try:
+            return await cls._start(deno, import_map, deno_dir, memory_limit_mb, layers, home)
+        except BaseException:
+            shutil.rmtree(home, ignore_errors=True)
+            raise
+
+    @classmethod
+    async def _start(
+        cls, deno: str, import_map: Path, deno_dir: Path, memory_limit_mb: int, layers: sandbox.Layers, home: Path
+    ) -> GuestProcess:
+        # The main module is read through an inherited descriptor, so stack traces the guest sees
+        # name file:///dev/fd/3, not the daemon's install path. The last argument only labels the
+        # process for ps (it is Deno.args, which the guest cannot reach). --ext=js: the name has no
+        # extension, and without it Deno would transpile the module and try to cache the output.
         argv = [
             deno, "run", "--no-remote", "--no-npm", "--no-config", "--no-lock", "--no-prompt", "--quiet",
             f"--import-map={import_map}", f"--v8-flags=--max-old-space-size={memory_limit_mb}",
-            str(BOOTSTRAP),
+            "--ext=js", f"/dev/fd/{BOOTSTRAP_FD}", BOOTSTRAP.name,
         ]  # fmt: skip
-        env = {"DENO_DIR": str(deno_dir), "NO_COLOR": "1", "DENO_NO_UPDATE_CHECK": "1", "PATH": "/usr/bin:/bin"}
+        private = str(home)
+        env = {
+            "DENO_DIR": str(deno_dir), "NO_COLOR": "1", "DENO_NO_UPDATE_CHECK": "1", "PATH": "/usr/bin:/bin",
+            "HOME": private, "TMPDIR": private, "XDG_CACHE_HOME": private, "XDG_CONFIG_HOME": private,
+            "XDG_DATA_HOME": private, "XDG_STATE_HOME": private, "XDG_RUNTIME_DIR": private,
+            "MESA_SHADER_CACHE_DISABLE": "true",
+        }  # fmt: skip
         # stdout is a pipe of our own, read with FrameReader (see wire.channel), not a StreamReader
         read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+        source_fd = os.open(BOOTSTRAP, os.O_RDONLY | os.O_CLOEXEC)
+
+        def preexec() -> None:  # in the child, between fork and exec
+            os.setpgid(0, 0)
+            sandbox.confine(layers)
+            # last, as it may replace whatever the parent had at 3 (open: source_fd is open and the
+            # lowest free number is taken first); close_fds then keeps it, as it is in pass_fds
+            os.dup2(source_fd, BOOTSTRAP_FD)
+            os.set_inheritable(BOOTSTRAP_FD, True)
+
         try:
             _widen_pipe(read_fd)
             proc = await asyncio.create_subprocess_exec(
@@ -90,20 +120,22 @@ class GuestProcess:
                 stdout=write_fd,
                 stderr=asyncio.subprocess.PIPE,
                 env=env,
-                cwd=str(deno_dir),
-                preexec_fn=_die_with_parent,
+                cwd=private,
+                pass_fds=(BOOTSTRAP_FD,),
+                preexec_fn=preexec,
             )
         except BaseException:
             os.close(read_fd)
             raise
         finally:
             os.close(write_fd)
+            os.close(source_fd)
         os.set_blocking(read_fd, False)
         transport = proc.stdin.transport if proc.stdin is not None else None  # type: ignore[attr-defined]
         pipe = transport.get_extra_info("pipe") if transport is not None else None
         if pipe is not None:
             _widen_pipe(pipe.fileno())
-        guest = cls(proc, read_fd, memory_limit_mb)
+        guest = cls(proc, read_fd, memory_limit_mb, home)
         try:
             async with asyncio.timeout(START_TIMEOUT):
                 await asyncio.shield(guest._ready)
@@ -242,3 +274,5 @@ class GuestProcess:
             self._err_reader.cancel()
             await asyncio.gather(self._err_reader, return_exceptions=True)
         self._close_stdout()
+        if self.proc.returncode is not None:  # (a process that outlived SIGKILL keeps its dir)
+            await asyncio.to_thread(shutil.rmtree, self.home, True)
