@@ -867,3 +867,55 @@ async def test_guest_processes_run_confined(conn: client.Connection, broker: Any
         assert "NoNewPrivs:\t1" in status and "Seccomp:\t2" in status, pid
         assert os.readlink(f"/proc/{pid}/ns/net") != ours, pid
     await rt.dispose()
+
+
+# ---- heads read through intrinsics (issue 8, finding 8: the bootstrap's part) -------------------
+
+#: Guest code that patches everything a head could be read through, after Deno validated it.
+FORGE_HEADS = r"""
+function* forged() { yield ["Transfer-Encoding ", "chunked"]; yield ["x-evil", "a\r\nInjected: 1"]; }
+Headers.prototype[Symbol.iterator] = forged;
+Headers.prototype.entries = forged;
+Headers.prototype.forEach = function (cb, self) { for (const [k, v] of forged()) cb.call(self, v, k, this); };
+Object.defineProperty(Request.prototype, "method", { get: () => "GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\nGET" });
+Object.defineProperty(Request.prototype, "url", { get: () => "http://evil.test/\r\nX: y" });
+Object.defineProperty(Request.prototype, "headers", { get: () => new Headers({ "x-other": "1" }) });
+Object.defineProperty(Response.prototype, "status", { get: () => 999 });
+Object.defineProperty(Response.prototype, "statusText", { get: () => "OK\r\nX-Injected: 1" });
+Object.defineProperty(Response.prototype, "headers", { get: () => ({ [Symbol.iterator]: forged }) });
+const slice = String.prototype.slice;
+String.prototype.slice = function (...a) { return this.startsWith("Created") ? "OK\r\nX: 1" : slice.apply(this, a); };
+"""
+
+
+async def test_patched_prototypes_cannot_forge_the_heads_the_guest_sends(conn: client.Connection) -> None:
+    """Heads go out exactly as Deno validated them, whatever the guest patched afterwards."""
+    seen: list[client.Request] = []
+
+    async def on_fetch(req: client.Request) -> client.Response:
+        seen.append(req)
+        return client.Response(200, [("content-type", "text/plain")], await req.read())
+
+    rt = await conn.create_runtime(fetch=on_fetch)
+    await rt.eval(
+        """
+        const req = new Request("http://api.test/v1", { method: "POST", headers: { "x-real": "1" }, body: "up" });
+        const res = new Response("made", { status: 201, statusText: "Created", headers: { "x-real": "2" } });
+        """
+        + FORGE_HEADS
+        + """
+        serve(async () => {
+          const r = await fetch(req);
+          const own = new Response(await r.text(), { status: 201, statusText: "Created", headers: { "x-real": "2" } });
+          Object.defineProperty(own, "status", { value: 999 });
+          return own;
+        });
+        """
+    )
+    resp = await rt.dispatch_request(client.Request("GET", "http://x/"))
+    assert (resp.status, resp.status_text, await resp.text()) == (201, "Created", "up")
+    assert [(k, v) for k, v in resp.headers.items() if k.startswith("x-")] == [("x-real", "2")]
+    [req] = seen
+    assert (req.method, req.url, await req.read()) == ("POST", "http://api.test/v1", b"up")
+    assert [(k, v) for k, v in req.headers.items() if k.startswith("x-")] == [("x-real", "1")]
+    await rt.dispose()
