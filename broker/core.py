@@ -6,9 +6,9 @@ daemons, clients, runtimes, requests pending in each direction (down: client -> 
 daemon's fetch callback -> client) and the tombstones of lost runtimes.
 
 A runtime is placed on the live daemon with the most free capacity; a client can only address
-its own runtimes; replies are routed by the request they answer. protocol.md 2.2 says who is told
-about a refused message, 5.13 and 5.14 what a lost daemon or client leaves behind, 7.1 the
-states of a runtime.
+its own runtimes; replies are routed by the request they answer. Who is told about a refused
+message: protocol.md 2.2; what a lost daemon or client leaves behind, and the states of a
+runtime: docs/design.md 2.13, 2.14 and 3.1.
 """
 
 from __future__ import annotations
@@ -39,12 +39,12 @@ from wire.messages import (
 )
 from wire.protocol import (
     E_BAD_MESSAGE,
-    E_MEMORY_LIMIT,
     E_NO_DAEMON,
     E_RUNTIME_LOST,
     E_TOO_LARGE,
     E_UNKNOWN_CLIENT,
     E_UNKNOWN_RUNTIME,
+    LIMIT_CODES,
     MAX_FRAME,
     ProtocolError,
     new_id,
@@ -245,7 +245,7 @@ class Core:
             return rt
         lost = self.tombstones.get((client.ident, r.rt))
         if lost is not None:
-            code = lost[0] if lost[0] == E_MEMORY_LIMIT else E_RUNTIME_LOST
+            code = lost[0] if lost[0] in LIMIT_CODES else E_RUNTIME_LOST
             raise ProtocolError(code, f"runtime {r.rt} is gone: {lost[1]}")
         raise ProtocolError(E_UNKNOWN_RUNTIME, f"no runtime {r.rt} belongs to this client")
 
