@@ -18,6 +18,8 @@ const { Response, Request, ReadableStream, CountQueuingStrategy, Headers, Promis
   TextDecoder, Blob, URL, Error, TypeError, Map, Object, String, setTimeout, DOMException, ArrayBuffer,
   Function } = globalThis;
 const addEventListener = globalThis.addEventListener.bind(globalThis);
+const { defineProperty, getOwnPropertyDescriptor, getOwnPropertyNames, getPrototypeOf } = Object;
+const { apply } = Reflect;
 
 const MAX_FRAME = 16 * 1024 * 1024; // largest frame this bootstrap reads from the daemon
 
@@ -45,7 +47,7 @@ function init(h) {
 
 function checkHead(url, headers, method = "") {
   let size = url.length + method.length;
-  for (const [k, v] of headers) size += k.length + v.length + 4;
+  for (let i = 0; i < headers.length; i++) size += headers[i][0].length + headers[i][1].length + 4;
   if (size > MAX_HEAD) throw new TypeError(`the URL and headers take ${size} characters; the limit is ${MAX_HEAD}`);
 }
 
@@ -66,6 +68,30 @@ for (const name of HIDDEN) {
   }
 }
 
+// ---- no native graphics --------------------------------------------------------------------
+// WebGPU loads the host's GPU drivers (LLVM, DRM: dozens of native libraries) into the process
+// and writes a shader cache to disk. Nothing else in the global scope does (the sweep in
+// tests/test_sandbox_security.py checks), so WebGPU goes entirely: navigator.gpu, every GPU*
+// class, and the "webgpu" context of OffscreenCanvas.
+try { delete globalThis.Navigator.prototype.gpu; } catch { /* checked below */ }
+for (const name of getOwnPropertyNames(globalThis)) {
+  if (name.startsWith("GPU")) { try { delete globalThis[name]; } catch { /* checked below */ } }
+}
+if (globalThis.OffscreenCanvas) {
+  const proto = globalThis.OffscreenCanvas.prototype;
+  const desc = getOwnPropertyDescriptor(proto, "getContext");
+  const getContext = desc.value;
+  desc.value = { getContext(contextId, ...rest) { // a method: no [[Construct]], like the original
+    if (String(contextId) === "webgpu") return null; // as for any context id the canvas does not know
+    return apply(getContext, this, [contextId, ...rest]);
+  } }.getContext;
+  defineProperty(proto, "getContext", desc);
+}
+if ("gpu" in globalThis.navigator || getOwnPropertyNames(globalThis).some((n) => n.startsWith("GPU"))) {
+  stdout.writeSync(enc.encode("bootstrap: could not remove WebGPU\n"));
+  exit(70);
+}
+
 // ---- channel --------------------------------------------------------------------------------
 // The guest can replace any prototype method or accessor (Uint8Array.prototype.subarray, the
 // typed-array `length`/`buffer` getters, Uint8Array.prototype.constructor[Symbol.species],
@@ -73,15 +99,43 @@ for (const name of HIDDEN) {
 // uses what it captured here, before any guest code ran, so the guest cannot choose the bytes
 // written to stdout: every frame is well formed and its header is the JSON object built here.
 const uncurry = (fn) => Function.prototype.call.bind(fn);
-const TypedArrayPrototype = Object.getPrototypeOf(Uint8Array.prototype);
-const byteLengthOf = uncurry(Object.getOwnPropertyDescriptor(TypedArrayPrototype, "byteLength").get);
+const TypedArrayPrototype = getPrototypeOf(Uint8Array.prototype);
+const byteLengthOf = uncurry(getOwnPropertyDescriptor(TypedArrayPrototype, "byteLength").get);
 const copyInto = uncurry(TypedArrayPrototype.set);
-const bufferOf = uncurry(Object.getOwnPropertyDescriptor(TypedArrayPrototype, "buffer").get);
-const byteOffsetOf = uncurry(Object.getOwnPropertyDescriptor(TypedArrayPrototype, "byteOffset").get);
+const bufferOf = uncurry(getOwnPropertyDescriptor(TypedArrayPrototype, "buffer").get);
+const byteOffsetOf = uncurry(getOwnPropertyDescriptor(TypedArrayPrototype, "byteOffset").get);
 // a view of part of a chunk built without subarray(), which the guest may have replaced
 const sliceView = (chunk, off, n) => new Uint8Array(bufferOf(chunk), byteOffsetOf(chunk) + off, n);
 const encodeText = uncurry(TextEncoder.prototype.encode);
 const stringify = JSON.stringify;
+const sliceString = uncurry(String.prototype.slice);
+
+// HTTP heads are read through the getters of the real classes, captured here: a guest that
+// redefines `status` on its Response, patches Request.prototype.method or
+// Headers.prototype[Symbol.iterator]/entries/forEach, or returns a look-alike object, cannot
+// choose what the head says. Headers are what the (Deno-validated) header list holds.
+const getterOf = (C, name) => uncurry(getOwnPropertyDescriptor(C.prototype, name).get);
+const requestMethod = getterOf(Request, "method");
+const requestUrl = getterOf(Request, "url");
+const requestHeaders = getterOf(Request, "headers");
+const requestRedirect = getterOf(Request, "redirect");
+const requestSignal = getterOf(Request, "signal");
+const requestBody = getterOf(Request, "body");
+const responseStatus = getterOf(Response, "status");
+const responseStatusText = getterOf(Response, "statusText");
+const responseHeaders = getterOf(Response, "headers");
+const responseBody = getterOf(Response, "body");
+const forEachHeader = uncurry(Headers.prototype.forEach);
+
+function headerPairs(headers) {
+  // define, not assign: an assignment would run a setter the guest put on Array.prototype
+  const out = [];
+  let n = 0;
+  forEachHeader(headers, (value, name) => {
+    defineProperty(out, n++, { value: [name, value], writable: true, enumerable: true, configurable: true });
+  });
+  return out;
+}
 function asStored(key) { return this[key]; } // JSON.stringify replacer: ignores any guest toJSON
 
 function putU32(frame, at, n) { // element writes on a typed array consult no prototype
@@ -370,11 +424,12 @@ async function handleRequest(h, body) {
     if (reqBody !== null) { init.body = reqBody; init.duplex = "half"; }
     const req = new Request(h.url, init);
     const resp = await handler(req);
-    if (!(resp instanceof Response)) throw new TypeError("the serve() handler must return a Response");
-    const head = { op: "response", id: h.id, status: resp.status, statusText: resp.statusText.slice(0, MAX_STATUS_TEXT),
-      headers: [...resp.headers] };
+    let status;
+    try { status = responseStatus(resp); } catch { throw new TypeError("the serve() handler must return a Response"); }
+    const head = { op: "response", id: h.id, status,
+      statusText: sliceString(responseStatusText(resp), 0, MAX_STATUS_TEXT), headers: headerPairs(responseHeaders(resp)) };
     checkHead("", head.headers);
-    await sendWithBody(head, resp.body);
+    await sendWithBody(head, responseBody(resp));
   } catch (e) {
     send({ op: "response_error", id: h.id, error: describe(e) });
   } finally {
@@ -398,11 +453,11 @@ globalThis.fetch = async function fetch(input, init = undefined) {
     throw new TypeError(`fetch() refused: ${MAX_STREAMS} open bodies, the limit for this runtime; read or cancel some`);
   }
   const req = new Request(input, init);
-  const signal = req.signal;
+  const signal = requestSignal(req);
   signal.throwIfAborted();
   const id = nextFetch++;
-  const head = { op: "fetch", id, method: req.method, url: req.url, headers: [...req.headers],
-    redirect: req.redirect };
+  const head = { op: "fetch", id, method: requestMethod(req), url: requestUrl(req),
+    headers: headerPairs(requestHeaders(req)), redirect: requestRedirect(req) };
   checkHead(head.url, head.headers, head.method);
   return await new Promise((resolve, reject) => {
     const entry = { resolve, reject, signal };
@@ -411,7 +466,7 @@ globalThis.fetch = async function fetch(input, init = undefined) {
       if (fetches.delete(id)) { send({ op: "fetch_abort", id }); reject(signal.reason); }
     };
     signal.addEventListener("abort", entry.onAbort, { once: true });
-    sendWithBody(head, req.body).catch((e) => {
+    sendWithBody(head, requestBody(req)).catch((e) => {
       if (fetches.delete(id)) { send({ op: "fetch_abort", id }); reject(e); }
     });
   });
@@ -436,8 +491,8 @@ function onFetchResponse(h, body) {
   entry.signal.removeEventListener("abort", entry.onAbort);
   try {
     const resp = new Response(stream, { status: h.status, statusText: h.statusText ?? "", headers: h.headers });
-    Object.defineProperty(resp, "url", { value: h.url ?? "", enumerable: true });
-    Object.defineProperty(resp, "redirected", { value: !!h.redirected, enumerable: true });
+    defineProperty(resp, "url", { value: h.url ?? "", enumerable: true });
+    defineProperty(resp, "redirected", { value: !!h.redirected, enumerable: true });
     entry.resolve(resp);
   } catch (e) {
     if (stream instanceof ReadableStream) stream.cancel();

@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import fcntl
-import functools
 import logging
 import os
+import shutil
 import signal
+import tempfile
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from daemon import sandbox
 from daemon.limits import MemoryCgroups, cpu_seconds, enter_cgroup
 from wire import guest as G
 from wire.channel import FrameReader, GuestProtocolError, frame_head
@@ -37,6 +38,8 @@ PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 F_SETPIPE_SZ = 1031  # linux/fcntl.h
 PIPE_SIZE = 1024 * 1024
 START_TIMEOUT = 20.0
+#: The descriptor the main module (bootstrap.js) is read from in the guest process.
+BOOTSTRAP_FD = 3
 
 
 def _widen_pipe(fd: int) -> None:
@@ -44,15 +47,6 @@ def _widen_pipe(fd: int) -> None:
     one write instead of several wake-ups on each side."""
     with contextlib.suppress(OSError):
         fcntl.fcntl(fd, F_SETPIPE_SZ, PIPE_SIZE)
-
-
-def _die_with_parent(cgroup_procs: str | None = None) -> None:
-    # PR_SET_PDEATHSIG: the kernel kills the guest if the daemon dies, even by SIGKILL
-    with contextlib.suppress(Exception):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
-    os.setpgid(0, 0)
-    if cgroup_procs is not None:  # charged to its own cgroup from its first page on
-        enter_cgroup(cgroup_procs)
 
 
 def process_cap_mb(memory_limit_mb: int) -> int:
@@ -70,9 +64,11 @@ class GuestProcess:
         proc: asyncio.subprocess.Process,
         stdout_fd: int,
         memory_limit_mb: int,
+        home: Path,
         cgroup: tuple[MemoryCgroups, Path] | None = None,
     ) -> None:
         self.proc = proc
+        self.home = home  # HOME, TMPDIR and XDG dirs of this process only; gone after kill()
         self.memory_limit_mb = memory_limit_mb
         self.cgroup = cgroup  # the kernel caps its memory (daemon/limits.py), or None
         self._oom_killed = False
@@ -95,17 +91,60 @@ class GuestProcess:
     async def start(
         cls, deno: str, import_map: Path, deno_dir: Path, memory_limit_mb: int, cgroups: MemoryCgroups | None = None
     ) -> GuestProcess:
+        layers = sandbox.available()
+        home = Path(tempfile.mkdtemp(prefix="guest-", dir=deno_dir))  # private, empty, removed by kill()
+        try:
+            return await cls._start(deno, import_map, deno_dir, memory_limit_mb, cgroups, layers, home)
+        except BaseException:
+            shutil.rmtree(home, ignore_errors=True)
+            raise
+
+    @classmethod
+    async def _start(
+        cls,
+        deno: str,
+        import_map: Path,
+        deno_dir: Path,
+        memory_limit_mb: int,
+        cgroups: MemoryCgroups | None,
+        layers: sandbox.Layers,
+        home: Path,
+    ) -> GuestProcess:
+        # The main module is read through an inherited descriptor, so stack traces the guest sees
+        # name file:///dev/fd/3, not the daemon's install path. The last argument only labels the
+        # process for ps (it is Deno.args, which the guest cannot reach). --ext=js: the name has no
+        # extension, and without it Deno would transpile the module and try to cache the output.
         argv = [
             deno, "run", "--no-remote", "--no-npm", "--no-config", "--no-lock", "--no-prompt", "--quiet",
             f"--import-map={import_map}", f"--v8-flags=--max-old-space-size={memory_limit_mb}",
-            str(BOOTSTRAP),
+            "--ext=js", f"/dev/fd/{BOOTSTRAP_FD}", BOOTSTRAP.name,
         ]  # fmt: skip
-        env = {"DENO_DIR": str(deno_dir), "NO_COLOR": "1", "DENO_NO_UPDATE_CHECK": "1", "PATH": "/usr/bin:/bin"}
+        private = str(home)
+        env = {
+            "DENO_DIR": str(deno_dir), "NO_COLOR": "1", "DENO_NO_UPDATE_CHECK": "1", "PATH": "/usr/bin:/bin",
+            "HOME": private, "TMPDIR": private, "XDG_CACHE_HOME": private, "XDG_CONFIG_HOME": private,
+            "XDG_DATA_HOME": private, "XDG_STATE_HOME": private, "XDG_RUNTIME_DIR": private,
+            "MESA_SHADER_CACHE_DISABLE": "true",
+        }  # fmt: skip
         # stdout is a pipe of our own, read with FrameReader (see wire.channel), not a StreamReader
         cgroup = None
         if cgroups is not None:
             cgroup = (cgroups, await asyncio.to_thread(cgroups.create, process_cap_mb(memory_limit_mb) << 20))
         read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+        source_fd = os.open(BOOTSTRAP, os.O_RDONLY | os.O_CLOEXEC)
+
+        cgroup_procs = cgroup and str(cgroup[1] / "cgroup.procs")
+
+        def preexec() -> None:  # in the child, between fork and exec
+            os.setpgid(0, 0)
+            if cgroup_procs is not None:  # charged to its own cgroup from its first page on (before
+                enter_cgroup(cgroup_procs)  # landlock, which forbids that write)
+            sandbox.confine(layers)
+            # last, as it may replace whatever the parent had at 3 (open: source_fd is open and the
+            # lowest free number is taken first); close_fds then keeps it, as it is in pass_fds
+            os.dup2(source_fd, BOOTSTRAP_FD)
+            os.set_inheritable(BOOTSTRAP_FD, True)
+
         try:
             _widen_pipe(read_fd)
             proc = await asyncio.create_subprocess_exec(
@@ -114,8 +153,9 @@ class GuestProcess:
                 stdout=write_fd,
                 stderr=asyncio.subprocess.PIPE,
                 env=env,
-                cwd=str(deno_dir),
-                preexec_fn=functools.partial(_die_with_parent, cgroup and str(cgroup[1] / "cgroup.procs")),
+                cwd=private,
+                pass_fds=(BOOTSTRAP_FD,),
+                preexec_fn=preexec,
             )
         except BaseException:
             os.close(read_fd)
@@ -124,12 +164,13 @@ class GuestProcess:
             raise
         finally:
             os.close(write_fd)
+            os.close(source_fd)
         os.set_blocking(read_fd, False)
         transport = proc.stdin.transport if proc.stdin is not None else None  # type: ignore[attr-defined]
         pipe = transport.get_extra_info("pipe") if transport is not None else None
         if pipe is not None:
             _widen_pipe(pipe.fileno())
-        guest = cls(proc, read_fd, memory_limit_mb, cgroup)
+        guest = cls(proc, read_fd, memory_limit_mb, home, cgroup)
         try:
             async with asyncio.timeout(START_TIMEOUT):
                 await asyncio.shield(guest._ready)
@@ -290,3 +331,5 @@ class GuestProcess:
             self._err_reader.cancel()
             await asyncio.gather(self._err_reader, return_exceptions=True)
         self._close_stdout()
+        if self.proc.returncode is not None:  # (a process that outlived SIGKILL keeps its dir)
+            await asyncio.to_thread(shutil.rmtree, self.home, True)

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 import client
+from daemon import sandbox
 from daemon.guest import BOOTSTRAP
 from scripts.kit.procs import deno_pids
 from scripts.kit.procs import descendants as children_of
@@ -619,7 +622,8 @@ async def test_deno_internal_symbols_ffi_and_bootstrap_are_unreachable(conn: cli
         await attempt("dlopen", () => Deno.dlopen("libc.so.6", {{ getpid: {{ parameters: [], result: "i32" }} }}));
         await attempt("global_symbols", () => Object.getOwnPropertySymbols(globalThis).map((s) => s.description));
         await attempt("bootstrap", async () => Reflect.ownKeys(await import({json.dumps(bootstrap)})).map(String));
-        await attempt("bootstrap_fresh", async () => Object.keys(await import({json.dumps(bootstrap + "?again")})));
+        await attempt("main", async () => Reflect.ownKeys(await import("file:///dev/fd/3")).map(String));
+        await attempt("main_fresh", async () => Object.keys(await import("file:///dev/fd/3?again")));
         await attempt("import_meta", () => ({{ keys: Reflect.ownKeys(import.meta).map(String),
                                                url: import.meta.url, main: import.meta.main }}));
         await attempt("wasm", () => typeof WebAssembly.instantiate);
@@ -632,9 +636,11 @@ async def test_deno_internal_symbols_ffi_and_bootstrap_are_unreachable(conn: cli
     rejected(result, "dlopen", "Deno is not defined")
     symbols = result["global_symbols"]["value"]
     assert all("Deno" not in (s or "") and "internal" not in (s or "") for s in symbols), symbols
-    # the main module is cached: importing it again yields its (empty) namespace, never a second run
-    assert result["bootstrap"] == {"ok": True, "value": ["Symbol(Symbol.toStringTag)"]}
-    rejected(result, "bootstrap_fresh", NO_READ)
+    # the main module (bootstrap.js, read from an inherited descriptor) is cached: importing it again
+    # yields its (empty) namespace, never a second run; the file itself is not readable
+    assert result["main"] == {"ok": True, "value": ["Symbol(Symbol.toStringTag)"]}
+    rejected(result, "main_fresh", NO_READ)
+    rejected(result, "bootstrap", NO_READ)
     meta = result["import_meta"]["value"]
     assert set(meta["keys"]) <= {"url", "main", "resolve", "filename", "dirname"}
     assert meta["url"].startswith("blob:") and meta["main"] is False
@@ -665,7 +671,7 @@ async def test_stack_frames_expose_no_internal_functions(conn: client.Connection
     )
     resp = await rt.dispatch_request(client.Request("GET", "http://x/"))
     frames = await resp.json()
-    assert any(f["file"].endswith("bootstrap.js") for f in frames), frames  # the walk saw bootstrap frames
+    assert any(f["file"] == "/dev/fd/3" for f in frames), frames  # the walk saw bootstrap frames
     for f in frames:
         if not f["file"].startswith("blob:"):  # the guest's own frames may show the guest's own functions
             assert (f["fn"], f["self"]) == ("undefined", "undefined"), f
@@ -687,3 +693,229 @@ async def test_storage_is_not_shared_between_runtimes(conn: client.Connection) -
     assert await b.eval(src) == {"before": None, "localStorage": "undefined", "sessionStorage": "undefined"}
     await assert_alive(a)
     await asyncio.gather(a.dispose(), b.dispose())
+
+
+# ---- native code, disk writes and the OS sandbox (issue 8, finding 7) --------------------------
+
+#: Every web API in the global scope that could plausibly reach native code or the disk, exercised.
+SWEEP = """
+await attempt("gpu", async () => [typeof navigator.gpu, "gpu" in navigator, String(await navigator.gpu?.requestAdapter())]);
+await attempt("gpu_classes", () => Object.getOwnPropertyNames(globalThis).filter((n) => n.startsWith("GPU")));
+await attempt("canvas_webgpu", () => new OffscreenCanvas(4, 4).getContext("webgpu"));
+await attempt("canvas_bitmap", () => typeof new OffscreenCanvas(4, 4).getContext("bitmaprenderer"));
+await attempt("image_bitmap", async () => typeof await createImageBitmap(new ImageData(4, 4)));
+await attempt("broadcast", () => { const b = new BroadcastChannel("x"); b.postMessage(1); b.close(); return true; });
+await attempt("locks", async () => await navigator.locks.request("x", () => "locked"));
+await attempt("storage", () => { const s = new Storage(); s.setItem("a", "b"); return s.getItem("a"); });
+await attempt("cache_storage", () => typeof new CacheStorage());
+await attempt("intl", () => new Intl.DateTimeFormat("ja-JP-u-ca-japanese", { timeZone: "Asia/Tokyo" }).format(0));
+await attempt("temporal", () => typeof String(Temporal.Now.zonedDateTimeISO("Europe/Paris")));
+await attempt("websocket", () => typeof new WebSocket("ws://127.0.0.1:9/"));
+await attempt("eventsource", () => { new EventSource("http://127.0.0.1:9/").close(); return true; });
+await attempt("compression", async () => (await new Response(new Blob(["x"]).stream()
+  .pipeThrough(new CompressionStream("gzip"))).arrayBuffer()).byteLength > 0);
+await attempt("subtle", async () => (await crypto.subtle.generateKey({ name: "ECDSA", namedCurve: "P-256" }, true,
+  ["sign"])).privateKey.type);
+await attempt("wasm", async () => typeof await WebAssembly.compile(new Uint8Array([0, 97, 115, 109, 1, 0, 0, 0])));
+"""
+
+
+def guest_pids(broker: Any) -> set[int]:
+    return set(children_of(broker.pid)) & deno_pids()
+
+
+def mapped_libraries(pid: int) -> set[str]:
+    try:
+        maps = Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return set()
+    return {line.split()[5] for line in maps.splitlines() if len(line.split()) > 5 and ".so" in line.split()[5]}
+
+
+def proc_status(pid: int) -> str:
+    with open(f"/proc/{pid}/status") as f:
+        return f.read()
+
+
+def guest_home(pid: int) -> Path | None:
+    try:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    homes = [e[5:].decode() for e in env if e.startswith(b"HOME=")]
+    return Path(homes[0]) if homes else None
+
+
+async def test_webgpu_is_gone_and_no_web_api_loads_native_code(conn: client.Connection, broker: Any) -> None:
+    """navigator.gpu loaded LLVM and DRM drivers into the guest and wrote a shader cache under HOME.
+    Now WebGPU is gone, and no web API the guest can reach maps a library an idle guest does not."""
+    before = set().union(*(mapped_libraries(p) for p in guest_pids(broker)))
+    assert any("libc.so" in lib or "libc-" in lib for lib in before), before  # the maps were really read
+    rt = await conn.create_runtime()
+    result = await probe(rt, SWEEP)
+    assert result["gpu"] == {"ok": True, "value": ["undefined", False, "undefined"]}
+    assert result["gpu_classes"] == {"ok": True, "value": []}
+    assert result["canvas_webgpu"] == {"ok": True, "value": None}
+    # everything else still works as before, in-process
+    assert result["canvas_bitmap"]["value"] == "object" and result["image_bitmap"]["value"] == "object"
+    assert result["locks"]["value"] == "locked" and result["storage"]["value"] == "b"
+    assert result["compression"]["value"] is True and result["subtle"]["value"] == "private"
+    rejected(result, "cache_storage", "Illegal constructor")
+    rejected(result, "websocket", "net access")
+    after = {p: mapped_libraries(p) - before for p in guest_pids(broker)}
+    assert {p: sorted(libs) for p, libs in after.items() if libs} == {}
+    await assert_alive(rt)
+    await rt.dispose()
+
+
+async def test_each_guest_has_a_private_home_removed_when_it_ends(conn: client.Connection, broker: Any) -> None:
+    """HOME, TMPDIR and the XDG dirs of each guest process are its own empty dir, gone after it ends."""
+    rt = await conn.create_runtime()
+    await assert_alive(rt)
+    homes = {p: guest_home(p) for p in guest_pids(broker)}
+    assert len(homes) >= 2 and None not in homes.values(), homes
+    assert len(set(homes.values())) == len(homes), homes  # one per process, never shared
+    real_home = Path.home().resolve()
+    for home in homes.values():
+        assert home is not None and home.is_dir() and not any(home.iterdir()), home
+        assert home.stat().st_mode & 0o077 == 0 and real_home not in home.resolve().parents
+    await rt.dispose()
+    await await_until(lambda: any(guest_home(p) is None for p in homes), "the disposed runtime's process ended")
+    gone = [p for p in homes if guest_home(p) is None]
+    await await_until(lambda: all(not homes[p].exists() for p in gone), "its private dir was removed")  # type: ignore[union-attr]
+    assert all(h.exists() for p, h in homes.items() if p not in gone)  # type: ignore[union-attr]
+
+
+CONFINED = r"""
+import ctypes, json, os, socket, sys
+out = {}
+def attempt(name, fn):
+    try:
+        out[name] = {"ok": True, "value": fn()}
+    except OSError as e:
+        out[name] = {"ok": False, "errno": e.errno}
+libc = ctypes.CDLL(None, use_errno=True)
+def call(nr, *args):
+    r = libc.syscall(nr, *args)
+    if r < 0:
+        raise OSError(ctypes.get_errno(), "")
+    return r
+def write(path):
+    with open(path, "w") as f:
+        f.write("x")
+attempt("write_home", lambda: write(os.path.join(os.environ["HOME"], "f")))
+attempt("write_tmp", lambda: write(sys.argv[1]))
+attempt("mkdir_home", lambda: os.mkdir(os.path.join(os.environ["HOME"], "d")))
+attempt("read", lambda: len(open("/etc/passwd").read()) > 0)
+attempt("connect", lambda: socket.create_connection(("127.0.0.1", int(sys.argv[2])), timeout=2).close())
+attempt("signal_parent", lambda: os.kill(int(sys.argv[3]), 0))
+attempt("ptrace", lambda: call(101, 0, 0, 0, 0))  # PTRACE_TRACEME
+attempt("bpf", lambda: call(321, 0, 0, 0))
+attempt("unshare", lambda: call(272, 0x20000))  # CLONE_NEWNS
+status = open("/proc/self/status").read()
+out["no_new_privs"] = "NoNewPrivs:\t1" in status
+out["seccomp"] = "Seccomp:\t2" in status
+out["netns"] = os.readlink("/proc/self/ns/net")
+print(json.dumps(out))
+"""
+
+
+async def test_a_confined_process_cannot_write_connect_signal_or_trace(tmp_path: Path) -> None:
+    """The OS layers under every guest, tried directly: even an API that slipped through Deno's
+    permissions could not write a file, open a socket, signal another process or trace one."""
+    layers = sandbox.available()
+    home = tmp_path / "home"
+    home.mkdir(mode=0o700)
+    target = tmp_path / "outside"
+    async with Listener() as listener:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-S", "-c", CONFINED, str(target), str(listener.port), str(os.getpid()),
+            env={"HOME": str(home), "PATH": "/usr/bin:/bin"}, stdout=asyncio.subprocess.PIPE,
+            preexec_fn=lambda: sandbox.confine(layers),
+        )  # fmt: skip
+        async with asyncio.timeout(20):
+            out, _ = await proc.communicate()
+        assert await listener.connections_before_ours() == 0
+    result = json.loads(out)
+    assert result["read"] == {"ok": True, "value": True}
+    assert result["no_new_privs"] is True
+    if layers.landlock:
+        for name in ("write_home", "write_tmp", "mkdir_home"):
+            assert result[name]["ok"] is False, (name, result[name])
+        assert not target.exists() and not any(home.iterdir())
+    if layers.landlock >= 6:
+        assert result["signal_parent"]["ok"] is False
+    if layers.netns or layers.landlock >= 4:
+        assert result["connect"]["ok"] is False
+    if layers.netns:
+        assert result["netns"] != os.readlink("/proc/self/ns/net")
+    if layers.seccomp:
+        assert result["seccomp"] is True
+        for name in ("ptrace", "bpf", "unshare"):
+            assert result[name] == {"ok": False, "errno": 1}, (name, result[name])
+    # on this project's Linux CI and dev hosts every layer is available: a missing one is a regression
+    assert layers.netns and layers.landlock >= 6 and layers.seccomp, layers.describe()
+
+
+async def test_guest_processes_run_confined(conn: client.Connection, broker: Any) -> None:
+    """The real guests: no new privileges, a seccomp filter, their own network namespace."""
+    rt = await conn.create_runtime()
+    await assert_alive(rt)
+    ours = os.readlink("/proc/self/ns/net")
+    for pid in guest_pids(broker):
+        status = proc_status(pid)
+        assert "NoNewPrivs:\t1" in status and "Seccomp:\t2" in status, pid
+        assert os.readlink(f"/proc/{pid}/ns/net") != ours, pid
+    await rt.dispose()
+
+
+# ---- heads read through intrinsics (issue 8, finding 8: the bootstrap's part) -------------------
+
+#: Guest code that patches everything a head could be read through, after Deno validated it.
+FORGE_HEADS = r"""
+function* forged() { yield ["Transfer-Encoding ", "chunked"]; yield ["x-evil", "a\r\nInjected: 1"]; }
+Headers.prototype[Symbol.iterator] = forged;
+Headers.prototype.entries = forged;
+Headers.prototype.forEach = function (cb, self) { for (const [k, v] of forged()) cb.call(self, v, k, this); };
+Object.defineProperty(Request.prototype, "method", { get: () => "GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\nGET" });
+Object.defineProperty(Request.prototype, "url", { get: () => "http://evil.test/\r\nX: y" });
+Object.defineProperty(Request.prototype, "headers", { get: () => new Headers({ "x-other": "1" }) });
+Object.defineProperty(Response.prototype, "status", { get: () => 999 });
+Object.defineProperty(Response.prototype, "statusText", { get: () => "OK\r\nX-Injected: 1" });
+Object.defineProperty(Response.prototype, "headers", { get: () => ({ [Symbol.iterator]: forged }) });
+const slice = String.prototype.slice;
+String.prototype.slice = function (...a) { return this.startsWith("Created") ? "OK\r\nX: 1" : slice.apply(this, a); };
+"""
+
+
+async def test_patched_prototypes_cannot_forge_the_heads_the_guest_sends(conn: client.Connection) -> None:
+    """Heads go out exactly as Deno validated them, whatever the guest patched afterwards."""
+    seen: list[client.Request] = []
+
+    async def on_fetch(req: client.Request) -> client.Response:
+        seen.append(req)
+        return client.Response(200, [("content-type", "text/plain")], await req.read())
+
+    rt = await conn.create_runtime(fetch=on_fetch)
+    await rt.eval(
+        """
+        const req = new Request("http://api.test/v1", { method: "POST", headers: { "x-real": "1" }, body: "up" });
+        const res = new Response("made", { status: 201, statusText: "Created", headers: { "x-real": "2" } });
+        """
+        + FORGE_HEADS
+        + """
+        serve(async () => {
+          const r = await fetch(req);
+          const own = new Response(await r.text(), { status: 201, statusText: "Created", headers: { "x-real": "2" } });
+          Object.defineProperty(own, "status", { value: 999 });
+          return own;
+        });
+        """
+    )
+    resp = await rt.dispatch_request(client.Request("GET", "http://x/"))
+    assert (resp.status, resp.status_text, await resp.text()) == (201, "Created", "up")
+    assert [(k, v) for k, v in resp.headers.items() if k.startswith("x-")] == [("x-real", "2")]
+    [req] = seen
+    assert (req.method, req.url, await req.read()) == ("POST", "http://api.test/v1", b"up")
+    assert [(k, v) for k, v in req.headers.items() if k.startswith("x-")] == [("x-real", "1")]
+    await rt.dispose()

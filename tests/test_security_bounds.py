@@ -226,8 +226,8 @@ async def test_wedged_guest_stdin_is_bounded(own_broker: Broker) -> None:
 
 
 async def test_deep_values_and_bad_status_get_clear_errors(broker: Broker) -> None:
-    """Finding 9: a legal value nested 600 deep, and a Response whose status was redefined to 999,
-    each get a clear error at once; the runtime lives on and nothing stays pending on any hop."""
+    """Finding 9: a legal value nested 600 deep gets a clear error at once, and a Response whose status
+    was redefined to 999 is answered with its real status; the runtime lives on and nothing stays pending on any hop."""
     conn = await client.connect(broker.frontend, timeout=15)
     try:
         rt = await create_when_ready(conn)
@@ -241,8 +241,10 @@ async def test_deep_values_and_bad_status_get_clear_errors(broker: Broker) -> No
             return r; });"""
         )
         t0 = time.monotonic()
-        with pytest.raises(client.GuestError, match="999"):
-            await rt.dispatch_request(client.Request("GET", "http://x/"), timeout=20)
+        # the bootstrap reads the status through Response.prototype's own getter (finding 8): the
+        # redefinition never reaches the head, which says what the Response really holds
+        resp = await rt.dispatch_request(client.Request("GET", "http://x/"), timeout=20)
+        assert (resp.status, await resp.text()) == (200, "x")
         assert time.monotonic() - t0 < 5
         assert await rt.eval("export default 1 + 1") == 2
         stats = await rt.stats()
