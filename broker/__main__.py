@@ -7,6 +7,7 @@ import asyncio
 import sys
 
 from broker.broker import Broker
+from broker.core import MAX_INFLIGHT_PER_CLIENT, MAX_RUNTIMES_PER_CLIENT
 from wire.auth import load_authorized, load_keypair
 from wire.service import configure_logging, run_until_signalled
 
@@ -24,6 +25,18 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--client-liveness", type=int, default=10, help="missed heartbeats before a client is dropped")
     p.add_argument("--max-runtimes", type=int, default=64, help="capacity of the local daemon (%(default)s)")
     p.add_argument("--pool-size", type=int, default=2, help="pre-started runtimes in the local daemon")
+    p.add_argument(
+        "--max-runtimes-per-client",
+        type=int,
+        default=MAX_RUNTIMES_PER_CLIENT,
+        help="runtimes one client may hold; more are refused with `quota` (%(default)s)",
+    )
+    p.add_argument(
+        "--max-inflight-per-client",
+        type=int,
+        default=MAX_INFLIGHT_PER_CLIENT,
+        help="requests of one client not answered yet; more are refused with `quota` (%(default)s)",
+    )
     p.add_argument(
         "--curve-keypair",
         help="this broker's CURVE key pair (NAME.key_secret from "
@@ -58,6 +71,8 @@ async def serve(args: argparse.Namespace) -> None:
         keys=keys,
         authorized=authorized,
         daemon_keys=daemon_keys,
+        max_runtimes_per_client=args.max_runtimes_per_client,
+        max_inflight_per_client=args.max_inflight_per_client,
     )
     async with asyncio.TaskGroup() as tg:
         tg.create_task(broker.run())

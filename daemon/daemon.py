@@ -33,10 +33,12 @@ from wire import messages as M
 from wire import protocol as P
 from wire.auth import Gate, KeyPair, connect_with
 from wire.pipes import PipeReader, PipeWriter
+from wire.ratelog import RateLog
 from wire.schema import Record, StreamRef, route
 from wire.scope import Scope, ScopeClosed
 
 log = logging.getLogger("daemon")
+_control_log = RateLog(log)  # refused control messages: a few lines per second, whatever arrives
 
 DEFAULT_MEMORY_MB = 128
 MEMORY_CHECK_INTERVAL = 0.25
@@ -408,9 +410,13 @@ class Daemon:
         self.reply(M.DisposeOk(id=req_id, c=route, rt=runtime.rt))
 
     async def _control_loop(self) -> None:
+        """Cancels from clients. Anyone may connect here (without CURVE), so a flood must neither
+        starve the daemon's other work (the loop yields every READ_BATCH messages) nor its log."""
         assert self._control is not None
         sock = self._control
+        pacer = sockets.Pacer()
         while True:
+            await pacer.step()
             frames = await sock.recv_multipart()
             if len(frames) < 2:
                 continue
@@ -420,7 +426,7 @@ class Daemon:
                 if isinstance(msg, M.Cancel):
                     self.registry.cancel(msg.sid, token)
             except P.ProtocolError as exc:
-                log.warning("bad control message: %s", exc.message)
+                _control_log.warning("bad control messages", "bad control message: %s", exc.message)
             except Exception:
                 log.exception("failed to handle a control message")
 

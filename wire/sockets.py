@@ -5,6 +5,7 @@ The numbers here are the ones protocol.md documents; change them together.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import resource
@@ -20,6 +21,8 @@ from wire.protocol import MAX_CHUNK, MAX_FRAME
 PIPE_HWM = 4
 #: Kernel socket buffer per pipe socket (bytes); part of the per-stream memory bound.
 PIPE_KERNEL_BUFFER = 256 * 1024
+#: Messages a read loop handles in a row before it lets every other task run (see ``Pacer``).
+READ_BATCH = 64
 
 _context: zmq.asyncio.Context | None = None
 
@@ -56,11 +59,16 @@ def _link(ctx: zmq.asyncio.Context, kind: int) -> zmq.asyncio.Socket:
     return sock
 
 
-def router(ctx: zmq.asyncio.Context) -> zmq.asyncio.Socket:
-    """A ROUTER that reports unroutable peers instead of dropping silently and refuses huge frames."""
+def router(ctx: zmq.asyncio.Context, *, handover: bool = True) -> zmq.asyncio.Socket:
+    """A ROUTER that reports unroutable peers instead of dropping silently and refuses huge frames.
+
+    With ``handover``, a peer that connects with a routing id already in use takes it over (a
+    reconnecting peer gets its messages back at once). Without it, libzmq ignores the newcomer
+    while the first connection lasts: nobody can take over a connected peer's identity.
+    """
     sock = _link(ctx, zmq.ROUTER)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-    sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a peer that reconnects with its identity takes it over
+    sock.setsockopt(zmq.ROUTER_HANDOVER, 1 if handover else 0)
     return sock
 
 
@@ -126,6 +134,26 @@ def send_now(sock: zmq.asyncio.Socket, frames: list[Any]) -> None:
 def _log_send_failure(fut: Any) -> None:
     if not fut.cancelled() and fut.exception() is not None:
         logging.getLogger("wire").warning("queued send failed: %s", fut.exception())
+
+
+class Pacer:
+    """Makes a read loop yield to the other tasks after every ``batch`` messages.
+
+    While input is queued, pyzmq's ``recv_multipart`` returns an already finished future, and
+    awaiting it does not give the event loop a turn: a loop over a busy socket would run every
+    queued message (a flood: seconds of them) before any heartbeat, timer or other socket. Call
+    ``await pacer.step()`` once per message.
+    """
+
+    def __init__(self, batch: int = READ_BATCH) -> None:
+        self.batch = batch
+        self._n = 0
+
+    async def step(self) -> None:
+        self._n += 1
+        if self._n >= self.batch:
+            self._n = 0
+            await asyncio.sleep(0)
 
 
 def has_input(sock: zmq.asyncio.Socket) -> bool:

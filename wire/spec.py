@@ -73,6 +73,7 @@ ERRORS: dict[str, str] = {
     "runtime_lost": "the runtime is gone for good (also a `runtime_lost.code`)",
     "no_daemon": "no daemon has a free slot",
     "capacity": "the chosen daemon was full",
+    "quota": "the client holds its maximum of runtimes or of requests in flight at the broker; retry later",
     "guest_error": "the guest code threw; with `name`, `message`, `stack`; the runtime lives on",
     "timeout": "an eval timed out (the runtime is stopped; also a `runtime_lost.code`), or `stats` did",
     "memory_limit": "the runtime exceeded its memory limit (also a `runtime_lost.code`)",
@@ -130,6 +131,12 @@ LIMITS: tuple[Limit, ...] = (
     Limit("MIN_MEMORY_MB", 16, "MiB", ("daemon.daemon.MIN_MEMORY_MB",), "`memory_limit_mb`"),
     Limit("MAX_MEMORY_MB", 16384, "MiB", ("daemon.daemon.MAX_MEMORY_MB",), "`memory_limit_mb`"),
     Limit("TOMBSTONES", 10000, "runtimes", ("broker.core.TOMBSTONES",), "lost runtimes the broker remembers"),
+    Limit("MAX_RUNTIMES_PER_CLIENT", 64, "runtimes", ("broker.core.MAX_RUNTIMES_PER_CLIENT",),
+          "a client's runtimes, default of `--max-runtimes-per-client` (`quota` past it)"),
+    Limit("MAX_INFLIGHT_PER_CLIENT", 4096, "requests", ("broker.core.MAX_INFLIGHT_PER_CLIENT",),
+          "a client's unanswered requests, default of `--max-inflight-per-client` (`quota` past it)"),
+    Limit("REFUSAL_BUDGET", 100, "messages/s", ("broker.core.REFUSAL_BUDGET",),
+          "refused messages per peer; past it the broker drops the peer's messages unread until the second ends"),
 )  # fmt: skip
 
 
