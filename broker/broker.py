@@ -93,16 +93,15 @@ class Broker:
                 gate.stop()
 
     async def _read(self, sock: zmq.asyncio.Socket, feed: Feed) -> None:
-        pacer = sockets.Pacer()  # the other socket and the heartbeat get their turns during a flood
+        reader = sockets.Reader(sock)  # the other socket and the heartbeat get their turns during a flood
         while True:
-            await pacer.step()
-            frames = await sock.recv_multipart(copy=False)
-            ident, rest = frames[0].bytes, frames[1:]
-            sender_key = user_key(rest[0]) if self.keys is not None and rest else None
-            try:
-                self._send(feed(ident, rest, sender_key, time.monotonic()))
-            except Exception:
-                log.exception("failed to handle a message; dropped")
+            for frames in await reader.batch():
+                ident, rest = frames[0].bytes, frames[1:]
+                sender_key = user_key(rest[0]) if self.keys is not None and rest else None
+                try:
+                    self._send(feed(ident, rest, sender_key, time.monotonic()))
+                except Exception:
+                    log.exception("failed to handle a message; dropped")
 
     def _send(self, outs: list[Out]) -> None:
         """Send without ever blocking a router. A message the queue has no room for is dropped; a

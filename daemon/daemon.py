@@ -414,21 +414,20 @@ class Daemon:
         starve the daemon's other work (the loop yields every READ_BATCH messages) nor its log."""
         assert self._control is not None
         sock = self._control
-        pacer = sockets.Pacer()
+        reader = sockets.Reader(sock, copy=True)
         while True:
-            await pacer.step()
-            frames = await sock.recv_multipart()
-            if len(frames) < 2:
-                continue
-            token = frames[0]
-            try:
-                msg = M.CONTROL_TO_DAEMON.parse(frames[1:])
-                if isinstance(msg, M.Cancel):
-                    self.registry.cancel(msg.sid, token)
-            except P.ProtocolError as exc:
-                _control_log.warning("bad control messages", "bad control message: %s", exc.message)
-            except Exception:
-                log.exception("failed to handle a control message")
+            for frames in await reader.batch():
+                if len(frames) < 2:
+                    continue
+                token = frames[0]
+                try:
+                    msg = M.CONTROL_TO_DAEMON.parse(frames[1:])
+                    if isinstance(msg, M.Cancel):
+                        self.registry.cancel(msg.sid, token)
+                except P.ProtocolError as exc:
+                    _control_log.warning("bad control messages", "bad control message: %s", exc.message)
+                except Exception:
+                    log.exception("failed to handle a control message")
 
 
 class _BrokerLost(Exception):
