@@ -26,6 +26,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from wire.budget import Budget
 from wire.messages import (
     CLIENT_TO_BROKER,
     DAEMON_TO_BROKER,
@@ -133,15 +134,6 @@ class Pending:
     client: bytes = b""  # down: the routing id of the client that asked
 
 
-@dataclass(slots=True)
-class Strikes:
-    """A peer's refused messages in the current window, and what was dropped past the budget."""
-
-    since: float
-    count: int = 0
-    dropped: int = 0
-
-
 class Core:
     """The broker's state machine: feed it messages and heartbeat ticks, send what it returns."""
 
@@ -165,7 +157,7 @@ class Core:
         self.down: dict[tuple[bytes, int], Pending] = {}  # (client session, id) -> daemon
         self.up: dict[tuple[bytes, int], Pending] = {}  # (daemon, id) -> client
         self.tombstones: OrderedDict[tuple[bytes, str], tuple[str, str]] = OrderedDict()
-        self.strikes: dict[tuple[str, bytes], Strikes] = {}  # (CLIENT or DAEMON, routing id)
+        self.budget = Budget(REFUSAL_BUDGET, REFUSAL_WINDOW)  # per (CLIENT or DAEMON, routing id)
         self.ratelog = RateLog(log)
         self._now = 0.0
         self._out: list[Out] = []
@@ -237,21 +229,10 @@ class Core:
     # ---- the refusal budget: a peer that floods is throttled, nobody else ------------------------------
 
     def _over_budget(self, side: Literal["client", "daemon"], ident: bytes, now: float) -> bool:
-        strikes = self.strikes.get((side, ident))
-        if strikes is None or strikes.count < REFUSAL_BUDGET:
-            return False
-        if now - strikes.since >= REFUSAL_WINDOW:
-            del self.strikes[(side, ident)]
-            return False
-        strikes.dropped += 1
-        return True
+        return self.budget.over((side, ident), now)
 
     def _strike(self, side: Literal["client", "daemon"], ident: bytes, now: float) -> None:
-        strikes = self.strikes.get((side, ident))
-        if strikes is None or now - strikes.since >= REFUSAL_WINDOW:
-            strikes = self.strikes[(side, ident)] = Strikes(now)
-        strikes.count += 1
-        if strikes.count == REFUSAL_BUDGET:
+        if self.budget.strike((side, ident), now):
             self.ratelog.warning(
                 f"throttled {side}s",
                 "%s %s sent %d refused messages within %gs: its messages are dropped unread until %gs have passed",
@@ -265,19 +246,16 @@ class Core:
 
     def _forgive(self, now: float) -> None:
         """Forget the windows that have ended (the table holds only this window's offenders)."""
-        for key, strikes in list(self.strikes.items()):
-            if now - strikes.since >= REFUSAL_WINDOW:
-                del self.strikes[key]
-                if strikes.dropped:
-                    self.ratelog.log(
-                        logging.INFO,
-                        "floods dropped",
-                        "dropped %d messages of %s %s unread (over its refusal budget)",
-                        strikes.dropped,
-                        key[0],
-                        key[1].hex(),
-                        now=now,
-                    )
+        for (side, ident), dropped in self.budget.expire(now):
+            self.ratelog.log(
+                logging.INFO,
+                "floods dropped",
+                "dropped %d messages of %s %s unread (over its refusal budget)",
+                dropped,
+                side,
+                ident.hex(),
+                now=now,
+            )
 
     def _pend(self, client: Client, req_id: int, pending: Pending) -> None:
         pending.client = client.ident

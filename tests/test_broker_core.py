@@ -629,7 +629,7 @@ def test_a_peer_past_its_refusal_budget_is_dropped_unread_until_the_window_ends(
     assert len(caplog.records) < 10  # a few lines, not one per refused message
     w.now = broker.core.REFUSAL_WINDOW
     w.core.tick(w.now)
-    assert w.core.strikes == {}
+    assert w.core.budget.peers == {}
     assert len(w.client(flooder, [b"\xc1 garbage"])) == 1  # a new window
     assert any("dropped 400 messages of client" in r.getMessage() for r in caplog.records)
     assert any("more in the last" in r.getMessage() for r in caplog.records)

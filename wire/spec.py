@@ -137,6 +137,8 @@ LIMITS: tuple[Limit, ...] = (
           "a client's unanswered requests, default of `--max-inflight-per-client` (`quota` past it)"),
     Limit("REFUSAL_BUDGET", 100, "messages/s", ("broker.core.REFUSAL_BUDGET",),
           "refused messages per peer; past it the broker drops the peer's messages unread until the second ends"),
+    Limit("CONTROL_REFUSAL_BUDGET", 1000, "messages/s", ("daemon.daemon.CONTROL_REFUSAL_BUDGET",),
+          "refused or unknown-stream control messages per peer; past it the daemon drops the peer's unread"),
 )  # fmt: skip
 
 
