@@ -94,14 +94,19 @@ class Broker:
 
     async def _read(self, sock: zmq.asyncio.Socket, feed: Feed) -> None:
         reader = sockets.Reader(sock)  # the other socket and the heartbeat get their turns during a flood
+        budget = self.core.budget
         while True:
-            for frames in await reader.batch():
+            batch = await reader.batch()
+            drops, now = budget.drops, time.monotonic()
+            for frames in batch:
                 ident, rest = frames[0].bytes, frames[1:]
                 sender_key = user_key(rest[0]) if self.keys is not None and rest else None
                 try:
-                    self._send(feed(ident, rest, sender_key, time.monotonic()))
+                    self._send(feed(ident, rest, sender_key, now))
                 except Exception:
                     log.exception("failed to handle a message; dropped")
+            if 2 * (budget.drops - drops) >= reader.size:
+                reader.flooded()
 
     def _send(self, outs: list[Out]) -> None:
         """Send without ever blocking a router. A message the queue has no room for is dropped; a

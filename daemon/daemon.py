@@ -422,10 +422,11 @@ class Daemon:
         reader = sockets.Reader(sock, copy=True)
         budget = Budget(CONTROL_REFUSAL_BUDGET)  # per identity: refused or unknown-stream messages
         while True:
-            now = time.monotonic()
+            batch = await reader.batch()
+            now, drops = time.monotonic(), budget.drops
             for _, dropped in budget.expire(now):
                 _control_log.warning("control floods", "dropped %d control messages of a flooding peer", dropped)
-            for frames in await reader.batch():
+            for frames in batch:
                 token = frames[0]
                 if budget.over(token, now):
                     continue
@@ -440,6 +441,8 @@ class Daemon:
                     _control_log.warning("bad control messages", "bad control message: %s", exc.message)
                 except Exception:
                     log.exception("failed to handle a control message")
+            if 2 * (budget.drops - drops) >= reader.size:
+                reader.flooded()
 
 
 class _BrokerLost(Exception):

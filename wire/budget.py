@@ -26,6 +26,7 @@ class Budget:
         self.limit = limit
         self.window = window
         self.peers: dict[Hashable, Strikes] = {}
+        self.drops = 0  # messages dropped so far, all peers
 
     def over(self, peer: Hashable, now: float) -> bool:
         """Whether to drop this peer's message unread (counted as dropped)."""
@@ -36,6 +37,7 @@ class Budget:
             del self.peers[peer]
             return False
         strikes.dropped += 1
+        self.drops += 1
         return True
 
     def strike(self, peer: Hashable, now: float) -> bool:

@@ -23,6 +23,8 @@ PIPE_HWM = 4
 PIPE_KERNEL_BUFFER = 256 * 1024
 #: Messages a read loop handles in a row before it lets every other task run (see ``Reader``).
 READ_BATCH = 32
+#: Seconds a read loop rests after a full batch of mostly dropped (flooding) messages.
+FLOOD_PAUSE = 0.001
 
 _context: zmq.asyncio.Context | None = None
 
@@ -146,6 +148,11 @@ class Reader:
     batch yields once if this one was full. The extra messages are taken through a synchronous
     shadow without waiting (a fifth of the asyncio receive's cost per message); the next asyncio
     receive re-reads the socket's events, so no wake-up is lost.
+
+    A loop that dropped most of a full batch (a peer past its refusal budget) calls ``flooded``:
+    the next batch then waits ``FLOOD_PAUSE`` instead of one turn. The flood then reaches the
+    process at most ``size`` messages per pause (the rest waits in the flooder's own queues and
+    TCP), so the process stays mostly idle and keeps its quick wake-ups for everyone else.
     """
 
     def __init__(self, sock: zmq.asyncio.Socket, size: int = READ_BATCH, *, copy: bool = False) -> None:
@@ -154,10 +161,15 @@ class Reader:
         self.copy = copy
         self._now = zmq.Socket.shadow(sock.underlying)
         self._full = False
+        self._flooded = False
+
+    def flooded(self) -> None:
+        self._flooded = True
 
     async def batch(self) -> list[list[Any]]:
         if self._full:
-            await asyncio.sleep(0)
+            await asyncio.sleep(FLOOD_PAUSE if self._flooded else 0)
+        self._flooded = False
         got = [await self.sock.recv_multipart(copy=self.copy)]
         while len(got) < self.size and not self.sock.closed:
             try:
