@@ -73,6 +73,9 @@ MAX_INFLIGHT_PER_CLIENT = 4096
 #: past it, its messages are dropped unread, unanswered, until the window ends.
 REFUSAL_BUDGET = 100
 REFUSAL_WINDOW = 1.0
+#: Refusals a correct client meets in bursts (racing a runtime's loss, at its quota, while no
+#: daemon has room): answered, but not counted against the budget.
+_NOT_STRIKES = frozenset({E_RUNTIME_LOST, E_MEMORY_LIMIT, E_QUOTA, E_NO_DAEMON})
 
 CLIENT: Literal["client"] = "client"
 DAEMON: Literal["daemon"] = "daemon"
@@ -176,7 +179,8 @@ class Core:
         try:
             self._client_message(ident, _open(frames, CLIENT_TO_BROKER), sender_key, now)
         except ProtocolError as exc:
-            self._strike(CLIENT, ident, now)
+            if exc.code not in _NOT_STRIKES:
+                self._strike(CLIENT, ident, now)
             self._refuse_client(ident, route(frames), exc)
         return self._flush()
 

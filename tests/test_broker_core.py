@@ -633,3 +633,11 @@ def test_a_peer_past_its_refusal_budget_is_dropped_unread_until_the_window_ends(
     assert len(w.client(flooder, [b"\xc1 garbage"])) == 1  # a new window
     assert any("dropped 400 messages of client" in r.getMessage() for r in caplog.records)
     assert any("more in the last" in r.getMessage() for r in caplog.records)
+
+
+def test_refusals_a_correct_client_meets_in_bursts_do_not_count(w: World) -> None:
+    _, rt = w.create(A)
+    w.daemon(D1, RuntimeLost(rt=rt, message="gone"))  # requests racing the loss are refused...
+    for i in range(3 * broker.core.REFUSAL_BUDGET):
+        assert w.client(A, Eval(id=i, rt=rt, source=b"1"))[0].to == CLIENT
+    assert w.client(A, Heartbeat()) == [] and w.core.budget.peers == {}  # ...but A is not throttled
