@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import sys
 
 from broker.broker import Broker
 from broker.core import MAX_INFLIGHT_PER_CLIENT, MAX_RUNTIMES_PER_CLIENT
-from wire.auth import load_authorized, load_keypair
+from wire.auth import exposure_warning, load_authorized, load_keypair
 from wire.service import configure_logging, run_until_signalled
 
 DEFAULT_FRONTEND = "tcp://127.0.0.1:5555"
@@ -25,6 +26,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--client-liveness", type=int, default=10, help="missed heartbeats before a client is dropped")
     p.add_argument("--max-runtimes", type=int, default=64, help="capacity of the local daemon (%(default)s)")
     p.add_argument("--pool-size", type=int, default=2, help="pre-started runtimes in the local daemon")
+    from daemon.__main__ import add_limits
+
+    add_limits(p)
     p.add_argument(
         "--max-runtimes-per-client",
         type=int,
@@ -78,6 +82,7 @@ async def serve(args: argparse.Namespace) -> None:
         tg.create_task(broker.run())
         await broker.ready.wait()
         if not args.no_local_daemon:
+            from daemon.__main__ import limits
             from daemon.daemon import Daemon
 
             local = Daemon(
@@ -87,6 +92,7 @@ async def serve(args: argparse.Namespace) -> None:
                 heartbeat=args.heartbeat,
                 liveness=args.liveness,
                 name="local",
+                **limits(args),  # type: ignore[arg-type]
                 keys=keys,
                 broker_key=keys.public if keys else None,
             )
@@ -98,6 +104,9 @@ async def serve(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     configure_logging(args.verbose)
+    warning = exposure_warning([args.frontend, args.backend], curve=bool(args.curve_keypair))
+    if warning:
+        logging.getLogger("broker").warning("%s", warning)
     return run_until_signalled(lambda: serve(args))
 
 

@@ -13,9 +13,9 @@ messages are (``REFUSAL_BUDGET``): past it, the peer's messages are dropped unre
 of the second, so a flood costs the others almost nothing.
 
 A runtime is placed on the live daemon with the most free capacity; a client can only address
-its own runtimes; replies are routed by the request they answer. protocol.md 2.2 says who is told
-about a refused message, 5.13 and 5.14 what a lost daemon or client leaves behind, 7.1 the
-states of a runtime.
+its own runtimes; replies are routed by the request they answer. Who is told about a refused
+message: protocol.md 2.2; what a lost daemon or client leaves behind, and the states of a
+runtime: docs/design.md 2.13, 2.14 and 3.1.
 """
 
 from __future__ import annotations
@@ -47,13 +47,13 @@ from wire.messages import (
 )
 from wire.protocol import (
     E_BAD_MESSAGE,
-    E_MEMORY_LIMIT,
     E_NO_DAEMON,
     E_QUOTA,
     E_RUNTIME_LOST,
     E_TOO_LARGE,
     E_UNKNOWN_CLIENT,
     E_UNKNOWN_RUNTIME,
+    LIMIT_CODES,
     MAX_FRAME,
     ProtocolError,
     new_id,
@@ -73,9 +73,9 @@ MAX_INFLIGHT_PER_CLIENT = 4096
 #: past it, its messages are dropped unread, unanswered, until the window ends.
 REFUSAL_BUDGET = 100
 REFUSAL_WINDOW = 1.0
-#: Refusals a correct client meets in bursts (racing a runtime's loss, at its quota, while no
+#: Refusals a correct client meets in bursts (racing a runtime's loss or limit, at its quota, while no
 #: daemon has room): answered, but not counted against the budget.
-_NOT_STRIKES = frozenset({E_RUNTIME_LOST, E_MEMORY_LIMIT, E_QUOTA, E_NO_DAEMON})
+_NOT_STRIKES = frozenset({E_RUNTIME_LOST, *LIMIT_CODES, E_QUOTA, E_NO_DAEMON})
 
 CLIENT: Literal["client"] = "client"
 DAEMON: Literal["daemon"] = "daemon"
@@ -354,7 +354,7 @@ class Core:
             return rt
         lost = self.tombstones.get((client.ident, r.rt))
         if lost is not None:
-            code = lost[0] if lost[0] == E_MEMORY_LIMIT else E_RUNTIME_LOST
+            code = lost[0] if lost[0] in LIMIT_CODES else E_RUNTIME_LOST
             raise ProtocolError(code, f"runtime {r.rt} is gone: {lost[1]}")
         raise ProtocolError(E_UNKNOWN_RUNTIME, f"no runtime {r.rt} belongs to this client")
 

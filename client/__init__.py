@@ -10,6 +10,7 @@ from client.bodies import Body
 from client.connection import Connection, connect
 from client.errors import (
     ConnectionLost,
+    CpuLimitExceeded,
     Error,
     GuestError,
     MemoryLimitExceeded,
@@ -31,6 +32,7 @@ __all__ = [
     "Connection",
     "ConnectionLost",
     "ConsoleEntry",
+    "CpuLimitExceeded",
     "Error",
     "GuestError",
     "KeyPair",

@@ -24,7 +24,7 @@ import zmq.asyncio
 from client.control import ControlLink
 from client.errors import ConnectionLost, Error, RequestRejected, Timeout, from_reply
 from client.http import Request, Response
-from client.runtime import ConsoleEntry, Runtime
+from client.runtime import ConsoleEntry, Runtime, to_ms
 from wire import liveness, sockets
 from wire import messages as M
 from wire import protocol as P
@@ -219,15 +219,21 @@ class Connection:
         console: Callable[[ConsoleEntry], Any] | None = None,
         memory_limit_mb: int | None = None,
         eval_timeout: float | None = None,
+        cpu_limit: float | None = None,
+        request_cpu: float | None = None,
         timeout: float | None = None,
     ) -> Runtime:
-        """A new sandboxed runtime on the least loaded daemon."""
+        """A new sandboxed runtime on the least loaded daemon. ``cpu_limit``: CPU seconds one turn
+        of its event loop may take; ``request_cpu``: CPU seconds a dispatch may use before its
+        response head (both default to the daemon's; past either the runtime is stopped)."""
         mem = None if memory_limit_mb is None else int(memory_limit_mb)
-        eval_ms = None if eval_timeout is None else int(eval_timeout * 1000)
+        eval_ms = None if eval_timeout is None else to_ms(eval_timeout)
+        cpu_ms = None if cpu_limit is None else to_ms(cpu_limit)
+        request_ms = None if request_cpu is None else to_ms(request_cpu)
         created = await self.call(
             lambda id_: M.CreateRuntime(
                 id=id_, fetch=fetch is not None, console=console is not None, memory_limit_mb=mem,
-                eval_timeout_ms=eval_ms,
+                eval_timeout_ms=eval_ms, cpu_limit_ms=cpu_ms, request_cpu_ms=request_ms,
             ),
             M.CreateOk,
             timeout=timeout,

@@ -44,6 +44,13 @@ class MemoryLimitExceeded(RuntimeLost):
     code = P.E_MEMORY_LIMIT
 
 
+class CpuLimitExceeded(RuntimeLost):
+    """The runtime was stopped: its event loop was stuck past its CPU limit, or a request used
+    up its CPU budget."""
+
+    code = P.E_CPU_LIMIT
+
+
 class Timeout(Error, TimeoutError):
     code = P.E_TIMEOUT
 
@@ -78,6 +85,7 @@ _BY_CODE: dict[str, type[Error]] = {
     P.E_NO_HANDLER: NoHandler,
     P.E_RUNTIME_LOST: RuntimeLost,
     P.E_MEMORY_LIMIT: MemoryLimitExceeded,
+    P.E_CPU_LIMIT: CpuLimitExceeded,
     P.E_TIMEOUT: Timeout,
     P.E_UNKNOWN_RUNTIME: UnknownRuntime,
     P.E_NO_DAEMON: NoCapacity,
@@ -97,6 +105,8 @@ def from_reply(reply: ErrorReply) -> Error:
 def lost(code: str, message: str) -> RuntimeLost:
     if code == P.E_MEMORY_LIMIT:
         return MemoryLimitExceeded(message, code)
+    if code == P.E_CPU_LIMIT:
+        return CpuLimitExceeded(message, code)
     if code == ConnectionLost.code:
         return ConnectionLost(message, code)
     return RuntimeLost(message, code)

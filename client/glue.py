@@ -7,17 +7,22 @@ the guest cancelling its fetch body closes the upstream connection).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
 import aiohttp
 from aiohttp import web
+from aiohttp.abc import AbstractResolver
+from aiohttp.resolver import DefaultResolver
+from yarl import URL
 
 from client.errors import Error
 from client.http import Request, Response, close_body
 from client.runtime import Runtime
+from wire import http as H
 from wire.protocol import MAX_CHUNK
 
 log = logging.getLogger("client.glue")
@@ -30,64 +35,145 @@ HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade",
      "proxy-authenticate", "proxy-authorization"}
 )  # fmt: skip
+#: Request headers never forwarded upstream: aiohttp frames the body and names the host itself.
+REQUEST_DROPPED = HOP_BY_HOP | {"host", "content-length", "expect"}
+#: Request headers dropped when a redirect turns the request into a GET (the fetch standard's).
+BODY_HEADERS = frozenset({"content-encoding", "content-language", "content-location", "content-type"})
+#: Request headers dropped when a redirect leaves the origin.
+CREDENTIALS = frozenset({"authorization", "cookie", "proxy-authorization"})
+REDIRECTS = frozenset({301, 302, 303, 307, 308})
+
+#: Seconds forward_fetch waits for a response head (connecting, redirects, the upload included).
+FETCH_TIMEOUT = 30.0
+#: Seconds one connection attempt may take.
+CONNECT_TIMEOUT = 10.0
+#: Redirects followed at most (the fetch standard's limit).
+MAX_REDIRECTS = 20
 
 
 class ForwardFetch:
     """A fetch callback that performs the guest's request with aiohttp, streaming both bodies.
+
+    Safe by default for untrusted code (``wire.http.FetchPolicy``): only public unicast
+    addresses are reached, never loopback, private, link-local, multicast, unspecified or cloud
+    metadata ones; the check is made on the address each connection actually goes to (a name is
+    filtered as it resolves, and the socket refuses any other address, so DNS rebinding finds no
+    gap), and again at every redirect hop (redirects are followed here, at most ``max_redirects``).
+    A refused fetch rejects in the guest with ``TypeError("FetchDenied: fetch denied: ...")``
+    naming the rule. ``timeout`` bounds the wait for the response head (connecting, redirects,
+    the upload), ``connect_timeout`` each connection attempt.
 
     Responses are decoded like a browser's fetch (gzip etc. removed), so content-encoding and
     content-length are dropped from the headers the guest sees. A session it creates itself is
     closed by ``aclose()``, which the runtime calls when it is disposed.
     """
 
-    def __init__(self, session: aiohttp.ClientSession | None = None, rcvbuf: int = UPSTREAM_RCVBUF) -> None:
+    def __init__(
+        self,
+        session: aiohttp.ClientSession | None = None,
+        rcvbuf: int = UPSTREAM_RCVBUF,
+        *,
+        policy: H.FetchPolicy | None = None,
+        timeout: float | None = FETCH_TIMEOUT,
+        connect_timeout: float | None = CONNECT_TIMEOUT,
+        max_redirects: int = MAX_REDIRECTS,
+    ) -> None:
+        self._policy = policy or H.FetchPolicy()
+        if session is not None and not self._policy.allow_private:
+            raise ValueError(
+                "forward_fetch cannot check the addresses a session you pass in connects to; "
+                "pass allow_private=True to accept that, or leave the session to forward_fetch"
+            )
         self._session = session
         self._own: aiohttp.ClientSession | None = None
         self._rcvbuf = rcvbuf
+        self._timeout = timeout
+        self._connect_timeout = connect_timeout
+        self._max_redirects = max_redirects
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is not None:
             return self._session
         if self._own is None or self._own.closed:
-            connector = aiohttp.TCPConnector(socket_factory=self._socket)
+            connector = aiohttp.TCPConnector(socket_factory=self._socket, resolver=_CheckedResolver(self._policy))
             # a read buffer of one pipe chunk: iter_any() then yields ~MAX_CHUNK pieces, half the
             # per-chunk work of the default 64 KiB buffer on every hop after this one
-            self._own = aiohttp.ClientSession(connector=connector, auto_decompress=True, read_bufsize=MAX_CHUNK)
+            self._own = aiohttp.ClientSession(
+                connector=connector,
+                auto_decompress=True,
+                read_bufsize=MAX_CHUNK,
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout),
+            )
         return self._own
 
     def _socket(self, addr_info: Any) -> socket.socket:
-        """Upstream sockets with a bounded receive buffer: the kernel would otherwise auto-tune it
-        to several MiB, and those bytes sit beyond the reach of the guest's backpressure."""
-        family, type_, proto, _, _ = addr_info
+        """The socket of one connection attempt, refused unless the policy allows the address it
+        goes to; with a bounded receive buffer (the kernel would otherwise auto-tune it to several
+        MiB, and those bytes sit beyond the reach of the guest's backpressure)."""
+        family, type_, proto, _, sockaddr = addr_info
+        ip = H.parse_ip(str(sockaddr[0]))
+        if ip is None:
+            raise H.FetchDenied(f"fetch denied: {sockaddr[0]!r} is not an IP address")
+        self._policy.check_address(ip, int(sockaddr[1]))
         sock = socket.socket(family=family, type=type_, proto=proto)
         if self._rcvbuf:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self._rcvbuf)
         return sock
 
     async def __call__(self, request: Request) -> Response:
-        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP | {"host"}]
-        upstream = await self._client().request(
-            request.method,
-            request.url,
-            headers=headers,
-            data=request.body,
-            allow_redirects=request.redirect == "follow",
-        )
-        if request.redirect == "error" and 300 <= upstream.status < 400 and "location" in upstream.headers:
-            upstream.close()
-            raise ValueError(f"{request.url} redirected, and the request's redirect mode is 'error'")
+        if request.method in H.FORBIDDEN_METHODS:
+            raise H.FetchDenied(f"fetch denied: method {request.method} is forbidden")
+        H.check_request_head(request.method, request.url, request.headers.items())  # the app may have changed it
+        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in REQUEST_DROPPED]
+        try:
+            async with asyncio.timeout(self._timeout):
+                upstream, redirected = await self._follow(request, headers)
+        except TimeoutError:
+            raise TimeoutError(f"no response head within {self._timeout:g}s (forward_fetch's timeout)") from None
+        except (aiohttp.ClientError, OSError) as exc:
+            denied = _denial(exc)
+            if denied is not None:
+                raise denied from None
+            raise
         return Response(
             status=upstream.status,
             headers=[
                 (k, v)
                 for k, v in upstream.headers.items()
-                if k.lower() not in HOP_BY_HOP | {"content-encoding", "content-length"}
+                if k.lower() not in HOP_BY_HOP | {"content-encoding", "content-length"} and H.valid_header(k, v)
             ],
             body=_UpstreamBody(upstream),
-            status_text=upstream.reason or "",
+            status_text=H.valid_status_text(upstream.reason or ""),
             url=str(upstream.url),
-            redirected=bool(upstream.history),
+            redirected=redirected,
         )
+
+    async def _follow(self, request: Request, headers: list[tuple[str, str]]) -> tuple[aiohttp.ClientResponse, bool]:
+        """Send ``request``, following redirects here (not in aiohttp) so that each hop's URL is
+        checked before it is connected to; the fetch standard's rules for method and body."""
+        url, method, data = URL(request.url), request.method, request.body
+        for hop in range(self._max_redirects + 1):
+            self._policy.check_url(url.scheme, url.host or "", url.port)
+            upstream = await self._client().request(method, url, headers=headers, data=data, allow_redirects=False)
+            location = upstream.headers.get("location")
+            if upstream.status not in REDIRECTS or location is None or request.redirect == "manual":
+                return upstream, hop > 0
+            _discard(upstream)
+            if request.redirect == "error":
+                raise ValueError(f"{request.url} redirected, and the request's redirect mode is 'error'")
+            try:
+                target = url.join(URL(location))
+            except ValueError:
+                raise ValueError(f"{url} redirected to an invalid URL") from None
+            if (upstream.status == 303 and method != "HEAD") or (upstream.status in (301, 302) and method == "POST"):
+                method, data = "GET", None
+                headers = [(k, v) for k, v in headers if k.lower() not in BODY_HEADERS]
+            elif data is not None and not isinstance(data, (bytes, bytearray, memoryview)):
+                raise ValueError(f"{url} redirected ({upstream.status}), and a streamed request body cannot be resent")
+            if target.origin() != url.origin():
+                headers = [(k, v) for k, v in headers if k.lower() not in CREDENTIALS]
+            url = target
+        raise ValueError(f"{request.url}: more than {self._max_redirects} redirects")
 
     async def aclose(self) -> None:
         if self._own is not None:
@@ -95,13 +181,82 @@ class ForwardFetch:
             self._own = None
 
 
-def forward_fetch(session: aiohttp.ClientSession | None = None, *, rcvbuf: int = UPSTREAM_RCVBUF) -> ForwardFetch:
+def forward_fetch(
+    session: aiohttp.ClientSession | None = None,
+    *,
+    allow_private: bool | Iterable[str] = False,
+    allow_hosts: Iterable[str] | None = None,
+    allow_schemes: Iterable[str] = ("http", "https"),
+    allow_ports: Iterable[int] | None = None,
+    timeout: float | None = FETCH_TIMEOUT,
+    connect_timeout: float | None = CONNECT_TIMEOUT,
+    max_redirects: int = MAX_REDIRECTS,
+    rcvbuf: int = UPSTREAM_RCVBUF,
+) -> ForwardFetch:
     """A fetch callback that performs guest fetches for real with aiohttp (see ForwardFetch).
 
-    ``rcvbuf`` bounds the kernel receive buffer of upstream connections (0: the kernel's default);
-    it does not apply to a ``session`` you pass in.
+    By default a guest reaches public addresses only. ``allow_private=True`` lets it reach
+    loopback and private networks too (tests, trusted code); a list such as
+    ``["127.0.0.1:8080", "10.0.0.0/8"]`` allows just those. Cloud metadata addresses
+    (169.254.169.254, fd00:ec2::254, ...) stay refused unless listed. ``allow_hosts`` (names,
+    ``*.example.com``, IPs, networks), ``allow_schemes`` and ``allow_ports`` restrict the URLs
+    (each redirect hop's). ``timeout`` (seconds, None: none) bounds the wait for the response
+    head, ``connect_timeout`` each connection attempt.
+
+    ``rcvbuf`` bounds the kernel receive buffer of upstream connections (0: the kernel's default).
+    A ``session`` you pass in does its own connecting, so forward_fetch cannot check the addresses
+    it reaches: it then needs ``allow_private=True``.
     """
-    return ForwardFetch(session, rcvbuf)
+    policy = H.FetchPolicy.make(allow_private, allow_hosts, allow_schemes, allow_ports)
+    return ForwardFetch(
+        session, rcvbuf, policy=policy, timeout=timeout, connect_timeout=connect_timeout, max_redirects=max_redirects
+    )
+
+
+class _CheckedResolver(AbstractResolver):
+    """aiohttp's resolver, keeping only the addresses the policy allows (none left: FetchDenied)."""
+
+    def __init__(self, policy: H.FetchPolicy) -> None:
+        self._policy = policy
+        self._inner = DefaultResolver()
+
+    async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET) -> list[Any]:
+        found = await self._inner.resolve(host, port, family)
+        allowed, why = [], None
+        for r in found:
+            ip = H.parse_ip(str(r["host"]))
+            denied = f"fetch denied: {r['host']!r} is not an IP address" if ip is None else None
+            denied = denied or self._policy.address_denied(ip, int(r["port"]))  # type: ignore[arg-type]
+            if denied is None:
+                allowed.append(r)
+            else:
+                why = why or denied
+        if not allowed:
+            raise H.FetchDenied(f"{why} ({host} resolves to it)" if why else f"fetch denied: {host} has no address")
+        return allowed
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+
+def _denial(exc: BaseException) -> H.FetchDenied | None:
+    """The FetchDenied behind an aiohttp error (raised by the resolver or the socket factory)."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, H.FetchDenied):
+            return e
+        todo += [e.__cause__, e.__context__, getattr(e, "os_error", None)]
+    return None
+
+
+def _discard(upstream: aiohttp.ClientResponse) -> None:
+    """A redirect's body is not read: its connection is not reused."""
+    upstream.close()
 
 
 class _UpstreamBody:
@@ -128,7 +283,7 @@ class _UpstreamBody:
             self.upstream.release()
 
 
-def aiohttp_handler(runtime: Runtime) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+def aiohttp_handler(runtime: Runtime, *, poll: float = 0.1) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     """An aiohttp.web handler that serves HTTP with the runtime's serve() handler.
 
     The request body streams to the guest; the guest's response streams back, each chunk
@@ -143,8 +298,9 @@ def aiohttp_handler(runtime: Runtime) -> Callable[[web.Request], Awaitable[web.S
     this handler wherever it waits (for the response head, for the guest's next chunk, on a
     write) and closing the body cancels the guest's stream. Without it, aiohttp tells a handler
     only when its next write fails, so a guest that stalls keeps its stream open until it sends
-    again. (tests/test_streaming.py's ``serve_runtime`` uses the AppRunner form.) The handler logs
-    one warning if the setting is off.
+    again. (tests/test_streaming.py's ``serve_runtime`` uses the AppRunner form.) If the setting is
+    off, the handler logs one warning and falls back to watching the connection itself every
+    ``poll`` seconds, so a stalled guest body is still cancelled when the end client leaves.
     """
     warned = False
 
@@ -157,17 +313,28 @@ def aiohttp_handler(runtime: Runtime) -> Callable[[web.Request], Awaitable[web.S
                 "cancelled only at its next write after the end client left; enable it (see the docstring)"
             )
         body = request.content.iter_any() if request.can_read_body else None
-        req = Request(request.method, str(request.url), list(request.headers.items()), body)
+        try:
+            req = Request(request.method, str(request.url), list(request.headers.items()), body)
+        except H.HeadError as exc:
+            return web.Response(status=400, text=f"{exc}\n")
         try:
             resp = await runtime.dispatch_request(req)
         except Error as exc:
             return web.Response(status=502, text=f"{type(exc).__name__}: {exc}\n")
+        try:  # checked when the Response was made; again here, since it is mutable
+            H.check_response_head(resp.status_text, resp.headers.items())
+        except H.HeadError as exc:
+            await close_body(resp.body)
+            return web.Response(status=502, text=f"invalid response head from the runtime: {exc}\n")
         out = web.StreamResponse(status=resp.status, reason=resp.status_text or None)
         for k, v in resp.headers.items():
             if k.lower() not in HOP_BY_HOP | {"content-length"}:
                 out.headers.add(k, v)
         try:
-            await _forward(request, out, resp)
+            if _cancels_handlers(request):
+                await _forward(request, out, resp)
+            else:
+                await _forward_watching(request, out, resp, poll)
         except Exception:
             if request.transport is not None:
                 request.transport.abort()  # a truncated body must look truncated
@@ -183,6 +350,30 @@ def _cancels_handlers(request: web.Request) -> bool:
     ``handler_cancellation`` setting; unknown counts as on, so a newer aiohttp never warns falsely)."""
     manager = getattr(request.protocol, "_manager", None)
     return bool(getattr(manager, "handler_cancellation", True))
+
+
+async def _forward_watching(request: web.Request, out: web.StreamResponse, resp: Response, poll: float) -> None:
+    """``_forward`` for an app that does not cancel handlers: stop it once the end client is gone.
+
+    Both tasks live in this TaskGroup: the watcher's return cancels the forwarding (and so the
+    guest's body, closed by the caller), the forwarding's end cancels the watcher."""
+
+    async def watch() -> None:
+        while (transport := request.transport) is not None and not transport.is_closing():  # noqa: ASYNC110 (no event to wait on: the fallback when aiohttp does not cancel handlers)
+            await asyncio.sleep(poll)
+        raise _PeerGone
+
+    try:
+        async with asyncio.TaskGroup() as tg:
+            watcher = tg.create_task(watch())
+            await _forward(request, out, resp)
+            watcher.cancel()
+    except* _PeerGone:
+        pass
+
+
+class _PeerGone(Exception):
+    """The end client's connection closed while the guest's body was still being forwarded."""
 
 
 async def _forward(request: web.Request, out: web.StreamResponse, resp: Response) -> None:

@@ -3,6 +3,10 @@
 A body is None, bytes, or an async iterable of bytes. Bodies that arrive from a runtime are
 ``client.Body`` objects (client.bodies): async iterables that pull one chunk from the pipe per
 step (that is the backpressure), and that cancel the producer when closed early.
+
+A Request's method, URL and headers and a Response's status text and headers are checked when it
+is made (``wire.http``: tokens, no CR/LF/NUL), so an invalid head raises ``wire.http.HeadError``
+(a ValueError) instead of reaching a socket; glue.py checks again right before sending.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from multidict import CIMultiDict
+
+from wire import http as H
 
 BodyType = bytes | bytearray | memoryview | AsyncIterable[bytes] | None
 HeadersLike = Mapping[str, str] | Iterable[tuple[str, str]] | None
@@ -38,6 +44,7 @@ class Request:
     def __post_init__(self) -> None:
         self.method = self.method.upper()
         self.headers = make_headers(self.headers)
+        H.check_request_head(self.method, self.url, self.headers.items())  # wire.http.HeadError
 
     async def read(self) -> bytes:
         return await read_body(self.body)
@@ -54,6 +61,7 @@ class Response:
 
     def __post_init__(self) -> None:
         self.headers = make_headers(self.headers)
+        H.check_response_head(self.status_text, self.headers.items())  # wire.http.HeadError
 
     async def read(self) -> bytes:
         return await read_body(self.body)

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
@@ -26,6 +27,7 @@ from client.bodies import Body, Inbound, aclose_quietly, send_body
 from client.control import ControlLink
 from client.errors import Error, RequestRejected, RuntimeLost, lost
 from client.http import BodyType, Request, Response
+from wire import http as H
 from wire import messages as M
 from wire import protocol as P
 from wire import streams
@@ -116,7 +118,7 @@ class Runtime:
         if len(code) > P.MAX_SOURCE:
             raise RequestRejected(f"source of {len(code)} bytes exceeds {P.MAX_SOURCE}", P.E_TOO_LARGE)
         limit = timeout if timeout is not None else self.eval_timeout
-        ms = None if limit is None else int(limit * 1000)
+        ms = None if limit is None else to_ms(limit)
         # the daemon enforces the limit; our wait only needs to outlast it
         wait = (limit or 30.0) + self._host.timeout
         reply = await self._host.call(
@@ -154,6 +156,11 @@ class Runtime:
         return self._response(reply, resp_sid)
 
     def _response(self, reply: M.DispatchOk, resp_sid: bytes) -> Response:
+        try:  # before the body is opened: Response() checks the head too, but would leave it open
+            H.check_response_head(reply.status_text, reply.headers)
+        except H.HeadError as exc:
+            self._cancel_remote(resp_sid)
+            raise RequestRejected(f"the daemon answered with an invalid head: {exc}", P.E_BAD_MESSAGE) from None
         body: BodyType = None
         if isinstance(reply.body, M.Inline):
             body = bytes(reply.body.data)
@@ -238,20 +245,20 @@ class Runtime:
 
     def _upload(self, sid: bytes, body: BodyType) -> asyncio.Task[None]:
         """Stream a request body once the daemon has bound its pipe (control: pipe_ready)."""
-        ready = self._ready[sid] = self._control.expect_pipe(sid)
+        self._ready[sid] = self._control.expect_pipe(sid)
+        return self._producer(sid, self._produce_when_ready(sid, body))
 
-        async def run() -> None:
-            try:
-                async with asyncio.timeout(self._host.timeout):
-                    ep = await ready
-            except TimeoutError:
-                log.warning("the daemon never opened the pipe for a request body")
-                await aclose_quietly(body)
-                return
-            self._ready.pop(sid, None)
-            await self._produce(sid, ep, body)
-
-        return self._producer(sid, run())
+    async def _produce_when_ready(self, sid: bytes, body: BodyType) -> None:
+        """Stream ``body`` once the daemon's pipe_ready for ``sid`` (expected in ``_ready``) came."""
+        try:
+            async with asyncio.timeout(self._host.timeout):
+                ep = await self._ready[sid]
+        except TimeoutError:
+            log.warning("the daemon never opened the pipe for a body")
+            await aclose_quietly(body)
+            return
+        self._ready.pop(sid, None)
+        await self._produce(sid, ep, body)
 
     async def _produce(self, sid: bytes, ep: str, body: BodyType) -> None:
         writer = PipeWriter(self._host.dial(zmq.PUSH, ep, self.daemon_key), sid, self._host.timeout)
@@ -274,7 +281,7 @@ class Runtime:
         if self.lost is not None:
             self._reply_fetch_error(msg.id, self.lost.message)
             return
-        self._producer(msg.resp.sid, self._serve_fetch(msg))
+        self._producer(msg.resp_sid, self._serve_fetch(msg))
 
     async def _serve_fetch(self, msg: M.Fetch) -> None:
         request_body: Body | None = None
@@ -309,7 +316,9 @@ class Runtime:
             if isinstance(rbody, (bytes, bytearray, memoryview)) and len(rbody) <= P.MAX_INLINE_BODY:
                 desc = M.Inline(rbody) if len(rbody) else None
             elif rbody is not None:
-                desc = M.StreamRef(msg.resp.sid)
+                desc = M.StreamRef(msg.resp_sid)
+                # the daemon binds the body's pipe once it reads this answer: expect it before sending
+                self._ready[msg.resp_sid] = self._control.expect_pipe(msg.resp_sid)
             self._send(
                 M.FetchOk(
                     id=msg.id, rt=self.id, status=response.status, status_text=response.status_text,
@@ -318,8 +327,7 @@ class Runtime:
                 )
             )  # fmt: skip
             if isinstance(desc, M.StreamRef):
-                assert msg.resp.ep is not None
-                await self._produce(msg.resp.sid, msg.resp.ep, rbody)
+                await self._produce_when_ready(msg.resp_sid, rbody)
         finally:
             await aclose_quietly(rbody)
             if request_body is not None and not request_body.finished:
@@ -347,3 +355,9 @@ class Runtime:
 
 async def _wait(awaitable: Awaitable[Any]) -> None:
     await awaitable
+
+
+def to_ms(seconds: float) -> int:
+    """A time limit in whole milliseconds for the wire, rounded up: 0.4 ms is 1 ms, never 0 (which
+    the daemon refuses); zero and negative limits stay as they are, to be refused as such."""
+    return math.ceil(seconds * 1000) if seconds > 0 else int(seconds * 1000)

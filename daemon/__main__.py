@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
+from daemon import daemon as D
 from daemon.daemon import Daemon
-from wire.auth import load_keypair, load_public_key
+from wire.auth import exposure_warning, load_keypair, load_public_key
 from wire.service import configure_logging, run_until_signalled
 
 
@@ -21,6 +23,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pool-size", type=int, default=2, help="pre-started runtimes kept warm")
     p.add_argument("--memory-mb", type=int, default=128, help="default runtime heap limit in MB")
     p.add_argument("--eval-timeout", type=float, default=30.0, help="default eval timeout in seconds")
+    add_limits(p)
     p.add_argument("--heartbeat", type=float, default=1.0, help="heartbeat interval in seconds")
     p.add_argument("--liveness", type=int, default=3, help="missed broker heartbeats before re-registering")
     p.add_argument("--name", default=None, help="name shown in logs and errors")
@@ -33,18 +36,51 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+#: (flag, type, default, help) of each operator limit on runtimes.
+LIMIT_FLAGS = (
+    ("--max-memory-mb", int, D.MAX_MEMORY_MB, "largest memory_limit_mb a client may ask for"),
+    ("--max-eval-timeout", float, D.MAX_EVAL_TIMEOUT, "longest eval timeout in seconds a client may ask for"),
+    ("--cpu-limit", float, D.DEFAULT_CPU_LIMIT, "default CPU seconds one turn of a guest's event loop may take"),
+    ("--request-cpu", float, D.DEFAULT_REQUEST_CPU, "default CPU seconds a dispatch may use before its head"),
+    ("--max-cpu-limit", float, D.MAX_CPU_LIMIT, "largest CPU limit in seconds a client may ask for"),
+)
+
+
+def add_limits(p: argparse.ArgumentParser) -> None:
+    """The operator's limits on runtimes (also the broker's, for its embedded daemon)."""
+    for flag, kind, default, text in LIMIT_FLAGS:
+        p.add_argument(flag, type=kind, default=default, help=f"{text} (%(default)s)")
+    p.add_argument("--no-cgroups", action="store_true", help="no memory cgroups (the RSS watchdog only)")
+
+
+def limits(args: argparse.Namespace) -> dict[str, object]:
+    return {
+        "max_memory_mb": args.max_memory_mb,
+        "max_eval_timeout": args.max_eval_timeout,
+        "cpu_limit": args.cpu_limit,
+        "request_cpu": args.request_cpu,
+        "max_cpu_limit": args.max_cpu_limit,
+        "cgroups": not args.no_cgroups,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     configure_logging(args.verbose)
+    bind_host = args.bind_host or args.advertise_host
+    warning = exposure_warning([f"tcp://{bind_host}:{args.control_port}"], curve=bool(args.curve_keypair))
+    if warning:
+        logging.getLogger("daemon").warning("%s (control socket and body pipes)", warning)
     daemon = Daemon(
         args.broker,
         max_runtimes=args.max_runtimes,
-        bind_host=args.bind_host or args.advertise_host,
+        bind_host=bind_host,
         advertise_host=args.advertise_host,
         control_port=args.control_port,
         pool_size=args.pool_size,
         default_memory_mb=args.memory_mb,
         eval_timeout=args.eval_timeout,
+        **limits(args),
         heartbeat=args.heartbeat,
         liveness=args.liveness,
         name=args.name,

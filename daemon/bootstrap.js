@@ -3,7 +3,7 @@
 // guest, and then offers the guest serve(), fetch() and console, all mediated by the daemon.
 //
 // Channel framing (both directions): u32 BE length of the rest, u32 BE length of the JSON header,
-// the header (UTF-8 JSON, field "op"), then the raw body bytes. protocol.md, "Guest channel".
+// the header (UTF-8 JSON, field "op"), then the raw body bytes. protocol.md 7.1.
 //
 // This module exports nothing: a guest that imports it again gets an empty namespace.
 
@@ -26,6 +26,7 @@ const MAX_FRAME = 16 * 1024 * 1024; // largest frame this bootstrap reads from t
 // and live in these module variables, which guest code cannot reach.
 let WINDOW, MAX_CHUNK, INLINE_MAX, MAX_VALUE, MAX_CONSOLE, MAX_CONSOLE_ARGS, CONSOLE_RATE, MAX_ERROR_TEXT,
   MAX_ERROR_NAME, MAX_HEAD, MAX_STATUS_TEXT;
+let MAX_PENDING_FETCHES, MAX_STREAMS; // what this runtime may have pending (checked in fetch())
 let config = null; // { fetch, console } once `init` has arrived
 
 function init(h) {
@@ -33,8 +34,9 @@ function init(h) {
   ({ window: WINDOW, max_chunk: MAX_CHUNK, inline_max: INLINE_MAX, max_value: MAX_VALUE, max_console: MAX_CONSOLE,
     max_console_args: MAX_CONSOLE_ARGS, console_rate: CONSOLE_RATE, max_error_text: MAX_ERROR_TEXT,
     max_error_name: MAX_ERROR_NAME, max_head: MAX_HEAD, max_status_text: MAX_STATUS_TEXT } = h);
+  ({ max_pending_fetches: MAX_PENDING_FETCHES, max_streams: MAX_STREAMS } = h);
   for (const v of [WINDOW, MAX_CHUNK, INLINE_MAX, MAX_VALUE, MAX_CONSOLE, MAX_CONSOLE_ARGS, CONSOLE_RATE,
-    MAX_ERROR_TEXT, MAX_ERROR_NAME, MAX_HEAD, MAX_STATUS_TEXT]) {
+    MAX_ERROR_TEXT, MAX_ERROR_NAME, MAX_HEAD, MAX_STATUS_TEXT, MAX_PENDING_FETCHES, MAX_STREAMS]) {
     if (typeof v !== "number" || !(v > 0)) fatal(`init without its limits: ${stringify(h)}`);
   }
   config = { fetch: !!h.fetch, console: !!h.console };
@@ -389,6 +391,12 @@ globalThis.fetch = async function fetch(input, init = undefined) {
   if (!config.fetch) {
     throw new TypeError("fetch() is unavailable: no fetch callback was given to this runtime by the host");
   }
+  if (fetches.size >= MAX_PENDING_FETCHES) {
+    throw new TypeError(`fetch() refused: ${MAX_PENDING_FETCHES} pending fetch() calls, the limit for this runtime`);
+  }
+  if (inStreams.size + outStreams.size >= MAX_STREAMS) {
+    throw new TypeError(`fetch() refused: ${MAX_STREAMS} open bodies, the limit for this runtime; read or cancel some`);
+  }
   const req = new Request(input, init);
   const signal = req.signal;
   signal.throwIfAborted();
@@ -519,6 +527,7 @@ function handle(h, body) {
       send({ op: "stats", id: h.id, inbound: inStreams.size, outbound: outStreams.size, fetches: fetches.size,
         dispatches: dispatches.size });
       break;
+    case "ping": send({ op: "pong", id: h.id }); break; // the event loop turns: CPU limit, daemon/limits.py
     default: fatal(`unknown op ${h.op}`);
   }
 }

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import shutil
@@ -24,6 +25,7 @@ from typing import Any
 import deno
 import zmq
 
+from daemon.limits import CPU_EVERY, WATCH_INTERVAL, MemoryCgroups, MemoryWatch, TurnWatch
 from daemon.pool import WarmPool, write_import_map
 from daemon.ports import OkReply
 from daemon.registry import Registry, Seat
@@ -42,9 +44,14 @@ log = logging.getLogger("daemon")
 _control_log = RateLog(log)  # refused control messages: a few lines per second, whatever arrives
 
 DEFAULT_MEMORY_MB = 128
-MEMORY_CHECK_INTERVAL = 0.25
 MIN_MEMORY_MB = 16
 MAX_MEMORY_MB = 16384
+#: Defaults of the time limits (seconds) and of their operator maximums (``--max-...``).
+DEFAULT_CPU_LIMIT = 5.0
+DEFAULT_REQUEST_CPU = 30.0
+MAX_CPU_LIMIT = 60.0
+MAX_EVAL_TIMEOUT = 300.0
+_daemons = itertools.count(1)
 #: What a client asks of a daemon (through the broker, with its route ``c``): answered, even with an error.
 _REQUESTS = (M.CreateRuntime, M.Eval, M.Dispatch, M.Stats, M.Dispose)
 #: Control messages of one peer per second that are refused or name no registered stream; past
@@ -64,6 +71,12 @@ class Daemon:
         pool_size: int = 2,
         default_memory_mb: int = DEFAULT_MEMORY_MB,
         eval_timeout: float = 30.0,
+        max_memory_mb: int = MAX_MEMORY_MB,
+        max_eval_timeout: float = MAX_EVAL_TIMEOUT,
+        cpu_limit: float = DEFAULT_CPU_LIMIT,
+        request_cpu: float = DEFAULT_REQUEST_CPU,
+        max_cpu_limit: float = MAX_CPU_LIMIT,
+        cgroups: bool = True,
         heartbeat: float = 1.0,
         liveness: int = 3,
         name: str | None = None,
@@ -79,8 +92,17 @@ class Daemon:
         self.advertise_host = advertise_host or bind_host
         self.control_port = control_port
         self.pool_size = pool_size
-        self.default_memory_mb = default_memory_mb
-        self.eval_timeout = eval_timeout
+        self.default_memory_mb = min(default_memory_mb, max_memory_mb)  # the defaults obey the maximums too
+        self.eval_timeout = min(eval_timeout, max_eval_timeout)
+        self.max_memory_mb = max_memory_mb
+        self.max_eval_timeout = max_eval_timeout
+        self.cpu_limit = min(cpu_limit, max_cpu_limit)
+        self.request_cpu = min(request_cpu, max_cpu_limit)
+        self.max_cpu_limit = max_cpu_limit
+        self.use_cgroups = cgroups
+        self.cgroups: MemoryCgroups | None = None
+        #: runtime id -> (its CPU watch, its memory watch): daemon/limits.py
+        self._watches: dict[str, tuple[TurnWatch, MemoryWatch]] = {}
         self.heartbeat = heartbeat
         self.liveness = liveness
         self.name = name or f"{os.uname().nodename}:{os.getpid()}"
@@ -161,7 +183,9 @@ class Daemon:
         try:
             import_map = workdir / "import_map.json"
             await asyncio.to_thread(write_import_map, deno_bin, import_map, workdir)
-            self.pool = WarmPool(deno_bin, import_map, workdir, self.default_memory_mb, self.pool_size)
+            if self.use_cgroups:
+                self.cgroups = await asyncio.to_thread(MemoryCgroups.find, f"{next(_daemons)}-{os.getpid()}")
+            self.pool = WarmPool(deno_bin, import_map, workdir, self.default_memory_mb, self.pool_size, self.cgroups)
             self.pool.fill()
             if self.keys is not None:
                 self.gate = Gate.for_context(self.ctx, self.keys)
@@ -174,7 +198,7 @@ class Daemon:
             log.info("daemon %s: control=%s broker=%s", self.name, self.control_endpoint, self.broker)
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._control_loop(), name="daemon-control")
-                tg.create_task(self._watch_memory(), name="daemon-memory")
+                tg.create_task(self._watch(), name="daemon-limits")
                 tg.create_task(self._broker_loop(), name="daemon-broker")
         finally:
             await self._shutdown()
@@ -196,20 +220,42 @@ class Daemon:
                 sock.close(0)
         if self.gate is not None:
             self.gate.stop()
+        if self.cgroups is not None:
+            self.cgroups.close()
 
-    async def _watch_memory(self) -> None:
-        """Stop runtimes whose process outgrows its memory limit outside the V8 heap."""
-        while True:
-            await asyncio.sleep(MEMORY_CHECK_INTERVAL)
-            for runtime in list(self.runtimes.values()):
+    async def _watch(self) -> None:
+        """Enforce the limits the guest cannot see from inside: CPU per turn and per request, and
+        process memory where no cgroup caps it (daemon/limits.py)."""
+        for tick in itertools.count():
+            await asyncio.sleep(WATCH_INTERVAL)
+            cpu_due = tick % CPU_EVERY == 0
+            for rt, runtime in list(self.runtimes.items()):
+                watches = self._watches.get(rt)
+                if watches is None or runtime.lost_code is not None:
+                    continue
+                turns, memory = watches
                 guest = runtime.guest
-                rss = guest.rss_mb()
-                if rss > guest.rss_limit_mb and runtime.lost_code is None:
-                    runtime.lose(
-                        P.E_MEMORY_LIMIT,
-                        f"the runtime exceeded its memory limit of {guest.memory_limit_mb} MB "
-                        f"(process memory {rss:.0f} MB, allowed {guest.rss_limit_mb} MB) and was stopped",
-                    )
+                if memory.due():
+                    rss = guest.rss_mb()
+                    memory.sampled(rss, guest.rss_limit_mb)
+                    if rss > guest.rss_limit_mb:
+                        runtime.lose(
+                            P.E_MEMORY_LIMIT,
+                            f"the runtime exceeded its memory limit of {guest.memory_limit_mb} MB "
+                            f"(process memory {rss:.0f} MB, allowed {guest.rss_limit_mb} MB) and was stopped",
+                        )
+                        continue
+                if not cpu_due:
+                    continue
+                cpu = guest.cpu_seconds()
+                if cpu is None:
+                    continue
+                ping, why = turns.tick(cpu, len(runtime.evals) > 0, list(runtime.dispatches.pending))
+                if why is not None:
+                    log.warning("runtime %s: %s; stopping it", rt, why)
+                    runtime.lose(P.E_CPU_LIMIT, f"{why}; the runtime was stopped")
+                elif ping is not None:
+                    guest.ping(ping)
 
     async def _broker_loop(self) -> None:
         """Register with the broker and serve it; start over if it falls silent."""
@@ -310,7 +356,7 @@ class Daemon:
             return runtime
         if rt_id in self.ended:
             code, why = self.ended[rt_id]
-            code = code if code == P.E_MEMORY_LIMIT else P.E_RUNTIME_LOST
+            code = code if code in P.LIMIT_CODES else P.E_RUNTIME_LOST
             raise P.ProtocolError(code, f"runtime {rt_id} is gone: {why}")
         raise P.ProtocolError(P.E_UNKNOWN_RUNTIME, f"no runtime {rt_id} on this daemon")
 
@@ -319,6 +365,7 @@ class Daemon:
 
     def _on_eval(self, msg: M.Eval) -> None:
         assert msg.c is not None  # required on this link
+        self._check_ms("timeout_ms", msg.timeout_ms, self.max_eval_timeout)
         self._runtime(msg.rt).eval(msg, msg.c)
 
     def _on_dispatch(self, msg: M.Dispatch) -> None:
@@ -363,10 +410,13 @@ class Daemon:
         route, rt_id = msg.c, msg.rt
         try:
             limit = self.default_memory_mb if msg.memory_limit_mb is None else msg.memory_limit_mb
-            if not MIN_MEMORY_MB <= limit <= MAX_MEMORY_MB:
-                raise P.ProtocolError(P.E_BAD_MESSAGE, f"memory_limit_mb must be {MIN_MEMORY_MB}-{MAX_MEMORY_MB}")
-            if msg.eval_timeout_ms is not None and msg.eval_timeout_ms <= 0:
-                raise P.ProtocolError(P.E_BAD_MESSAGE, "eval_timeout_ms must be positive")
+            if not MIN_MEMORY_MB <= limit <= self.max_memory_mb:
+                raise P.ProtocolError(
+                    P.E_BAD_MESSAGE, f"memory_limit_mb must be {MIN_MEMORY_MB}-{self.max_memory_mb} on this daemon"
+                )
+            self._check_ms("eval_timeout_ms", msg.eval_timeout_ms, self.max_eval_timeout)
+            self._check_ms("cpu_limit_ms", msg.cpu_limit_ms, self.max_cpu_limit)
+            self._check_ms("request_cpu_ms", msg.request_cpu_ms, self.max_cpu_limit)
             if rt_id in self.runtimes:
                 raise P.ProtocolError(P.E_BAD_MESSAGE, f"runtime {rt_id} exists")
             if len(self.runtimes) + self._starting >= self.max_runtimes:
@@ -384,6 +434,11 @@ class Daemon:
         finally:
             self._starting -= 1
         seat = Seat(self, self.registry, rt_id, msg.owner, msg.owner_key if self.gate is not None else None)
+        turns = TurnWatch(
+            self.cpu_limit if msg.cpu_limit_ms is None else msg.cpu_limit_ms / 1000,
+            self.request_cpu if msg.request_cpu_ms is None else msg.request_cpu_ms / 1000,
+        )
+        guest.on_pong = turns.pong
         eval_timeout = self.eval_timeout if msg.eval_timeout_ms is None else msg.eval_timeout_ms / 1000
         runtime = Runtime(seat, rt_id, guest, eval_timeout, fetch=msg.fetch, console=msg.console)
         try:
@@ -392,6 +447,7 @@ class Daemon:
             await guest.kill("the daemon is shutting down")
             return
         self.runtimes[rt_id] = runtime
+        self._watches[rt_id] = (turns, MemoryWatch())
         if self.gate is not None and seat.owner_key:
             self.gate.allow(seat.owner_key)
         self.reply(M.CreateOk(id=msg.id, c=route, rt=rt_id, pid=guest.pid))
@@ -403,11 +459,18 @@ class Daemon:
         finally:
             if self.runtimes.get(runtime.rt) is runtime:
                 del self.runtimes[runtime.rt]
+                self._watches.pop(runtime.rt, None)
                 if self.gate is not None and seat.owner_key:
                     self.gate.revoke(seat.owner_key)
             self.ended[runtime.rt] = (runtime.lost_code or P.E_RUNTIME_LOST, runtime.lost_message)
             while len(self.ended) > 1000:
                 self.ended.popitem(last=False)
+
+    @staticmethod
+    def _check_ms(name: str, value: int | None, maximum: float) -> None:
+        """A time limit a client asks for: positive and within the operator's maximum."""
+        if value is not None and not 0 < value <= maximum * 1000:
+            raise P.ProtocolError(P.E_BAD_MESSAGE, f"{name} must be 1-{maximum * 1000:.0f} on this daemon")
 
     async def _dispose(self, runtime: Runtime, req_id: int, route: bytes) -> None:
         await runtime.dispose()

@@ -16,6 +16,7 @@ from daemon.pending import Call, Pending
 from daemon.ports import GuestPort, RuntimeHost
 from daemon.streams import InboundStream, StreamTable
 from wire import guest as G
+from wire import http as H
 from wire import messages as M
 from wire import protocol as P
 from wire.channel import GuestProtocolError
@@ -80,10 +81,17 @@ class Dispatches:
             if isinstance(msg.body, G.GuestStream):  # a response nobody waits for: stop the guest producing it
                 self.port.send(G.OutboundCancel(sid=msg.body.sid))
             return
+        if isinstance(msg.body, G.GuestStream) and msg.body.sid in self.streams.outbound:
+            raise GuestProtocolError(f"stream id {msg.body.sid} reused")
+        refusal = self._refusal(msg)
+        if refusal is not None:  # legal for the guest to send, not to forward: this dispatch fails
+            if isinstance(msg.body, G.GuestStream):
+                self.port.send(G.OutboundCancel(sid=msg.body.sid))
+            self._end(call)
+            self.host.to_broker(call.error(P.E_GUEST, refusal, "TypeError"))
+            return
         body: Inline | StreamRef | None
         if isinstance(msg.body, G.GuestStream):
-            if msg.body.sid in self.streams.outbound:
-                raise GuestProtocolError(f"stream id {msg.body.sid} reused")
             writer, ep = self.host.bind_writer(call.resp_sid)
             self.streams.open_outbound(msg.body.sid, writer, on_done=lambda: self._end(call))
             body = StreamRef(call.resp_sid, ep)
@@ -99,6 +107,19 @@ class Dispatches:
             body=body,
         )
         self.host.reply(head)
+
+    def _refusal(self, msg: G.Response) -> str | None:
+        """Why a response head the guest sent cannot be forwarded (None: it can)."""
+        if not 200 <= msg.status <= 599:
+            return f"the serve() handler returned status {msg.status}, outside 200-599"
+        try:  # a forged head (a patched Headers iterator...) never reaches the client
+            H.check_response_head(msg.statusText, msg.headers)
+        except H.HeadError as exc:
+            return f"invalid response from the serve() handler: {exc}"
+        open_bodies = len(self.streams.inbound) + len(self.streams.outbound)
+        if isinstance(msg.body, G.GuestStream) and open_bodies >= G.MAX_STREAMS:
+            return f"the runtime has {G.MAX_STREAMS} open bodies, the limit"
+        return None
 
     def on_response_error(self, msg: G.ResponseError) -> None:
         call = self.pending.take(msg.id)

@@ -1,9 +1,13 @@
 """Guest fetches: the guest calls fetch(), the client answers the ``fetch`` callback.
 
-The daemon binds the response pipe before it asks (``resp``), so the client can stream the body
-as soon as it has the head; an upload body is an outbound stream. Each fetch waits in the pending
-table under the guest's fetch id, and in the daemon's callback registry under its callback id,
-until the client answers, refuses, the guest aborts, the wait times out or the runtime goes away.
+The daemon names the response body's stream (``resp_sid``) when it asks, but binds a pipe for it
+only when the client's answer says the body streams, and then tells the client where with
+``pipe_ready`` on the control link (as for a dispatch's request body): a fetch waiting for its
+answer holds no socket, and an inline answer never needs one. An upload body is an outbound
+stream. A runtime has at most MAX_PENDING_FETCHES fetches pending and MAX_STREAMS bodies open.
+Each fetch waits in the pending table under the guest's fetch id, and in the daemon's callback
+registry under its callback id, until the client answers, refuses, the guest aborts, the wait
+times out or the runtime goes away.
 """
 
 from __future__ import annotations
@@ -16,10 +20,10 @@ from daemon.pending import Pending
 from daemon.ports import GuestPort, RuntimeHost
 from daemon.streams import OutboundStream, StreamTable
 from wire import guest as G
+from wire import http as H
 from wire import messages as M
 from wire import protocol as P
 from wire.channel import GuestProtocolError
-from wire.pipes import PipeReader
 from wire.schema import Inline, StreamRef
 
 #: How long the daemon waits for a client to answer a guest fetch (the head, not the body).
@@ -32,7 +36,6 @@ class GuestFetch:
 
     gid: int
     resp_sid: bytes
-    resp_reader: PipeReader
     upload: OutboundStream | None
     fetches: Fetches
     fid: int = field(default=0)
@@ -58,28 +61,36 @@ class Fetches:
     def __len__(self) -> int:
         return len(self.pending)
 
-    def open_pipes(self) -> int:
-        return sum(not f.resp_reader.closed for f in self.pending)
-
     # ---- the guest
 
     def on_fetch(self, msg: G.Fetch) -> None:
         if msg.id in self.pending:
             raise GuestProtocolError(f"fetch id {msg.id} reused")
+        if len(self.pending) >= G.MAX_PENDING_FETCHES:  # the bootstrap refuses first: this guest went around it
+            raise GuestProtocolError(f"more than {G.MAX_PENDING_FETCHES} fetches pending")
+        try:  # a forged head (a patched Headers iterator...) never reaches the client
+            H.check_request_head(msg.method, msg.url, msg.headers)
+        except H.HeadError as exc:
+            if isinstance(msg.body, G.GuestStream):
+                self.port.send(G.OutboundCancel(sid=msg.body.sid))
+            self.port.send(G.FetchError(id=msg.id, message=f"fetch() refused: {exc}"))
+            return
         upload = None
         body: Inline | StreamRef | None
         if isinstance(msg.body, G.GuestStream):
             if msg.body.sid in self.streams.outbound:
                 raise GuestProtocolError(f"stream id {msg.body.sid} reused")
+            if self._bodies_full():
+                self.port.send(G.OutboundCancel(sid=msg.body.sid))
+                self.port.send(G.FetchError(id=msg.id, message=self._bodies_full()))
+                return
             wire_sid = P.new_id()
             writer, ep = self.host.bind_writer(wire_sid)
             upload = self.streams.open_outbound(msg.body.sid, writer)
             body = StreamRef(wire_sid, ep)
         else:
             body = msg.body
-        resp_sid = P.new_id()
-        reader, resp_ep = self.host.bind_reader(resp_sid)
-        f = GuestFetch(msg.id, resp_sid, reader, upload, self)
+        f = GuestFetch(msg.id, P.new_id(), upload, self)
         f.fid = self.host.add_callback(f)
         self.pending.add(msg.id, f, FETCH_REPLY_TIMEOUT, self._timed_out)
         callback = M.Fetch(
@@ -90,14 +101,14 @@ class Fetches:
             headers=values.headers(msg.headers),
             redirect=msg.redirect,
             body=body,
-            resp=StreamRef(resp_sid, resp_ep),
+            resp_sid=f.resp_sid,
         )
         self.host.to_broker(callback)
 
     def on_abort(self, msg: G.FetchAbort) -> None:
         f = self.pending.take(msg.id)
         if f is not None:
-            self._drop(f, P.ProtocolError(P.E_CANCELLED, "aborted"))
+            self._drop(f)
             if f.upload is not None:
                 f.upload.cancel()
 
@@ -110,6 +121,11 @@ class Fetches:
         if not 200 <= reply.status <= 599:
             self._failed(f, f"invalid response from the fetch callback: status {reply.status} is outside 200-599")
             return
+        try:
+            H.check_response_head(reply.status_text, reply.headers)
+        except H.HeadError as exc:
+            self._failed(f, f"invalid response from the fetch callback: {exc}")
+            return
         body: G.GuestBody = None
         match reply.body:
             case StreamRef(sid=sid) if sid != f.resp_sid:
@@ -117,9 +133,15 @@ class Fetches:
                 self._failed(f, f"invalid response from the fetch callback: {message}")
                 return
             case StreamRef():
-                body = G.GuestStream(self.streams.open_inbound(self.next_gid(), f.resp_reader).gsid)
+                full = self._bodies_full()
+                if full:
+                    self.streams.cancel_upstream(f.resp_sid)
+                    self._failed(f, full)
+                    return
+                reader, ep = self.host.bind_reader(f.resp_sid)  # only now: a streamed answer needs it
+                body = G.GuestStream(self.streams.open_inbound(self.next_gid(), reader).gsid)
+                self.host.to_client(M.PipeReady(sid=f.resp_sid, ep=ep))
             case _:
-                f.resp_reader.abort(P.ProtocolError(P.E_CANCELLED, "unused"))
                 body = reply.body
         head = G.FetchResponse(
             id=f.gid,
@@ -139,8 +161,13 @@ class Fetches:
 
     # ---- ends
 
+    def _bodies_full(self) -> str:
+        """Why no more bodies may open now ("" if they may)."""
+        if len(self.streams.inbound) + len(self.streams.outbound) < G.MAX_STREAMS:
+            return ""
+        return f"the runtime has {G.MAX_STREAMS} open bodies, the limit; close or read some first"
+
     def _failed(self, f: GuestFetch, message: str) -> None:
-        f.resp_reader.abort(P.ProtocolError(P.E_CANCELLED, message))
         if f.upload is not None:
             f.upload.cancel()
         self.port.send(G.FetchError(id=f.gid, message=message))
@@ -149,13 +176,11 @@ class Fetches:
         self._drop(f)
         self._failed(f, f"the host did not answer fetch() within {FETCH_REPLY_TIMEOUT:g}s")
 
-    def _drop(self, f: GuestFetch, reason: P.ProtocolError | None = None) -> None:
+    def _drop(self, f: GuestFetch) -> None:
         """Nobody will answer ``f`` now: forget its callback and tell the client to stop its body."""
         self.host.drop_callback(f.fid)
         self.streams.cancel_upstream(f.resp_sid)
-        if reason is not None:
-            f.resp_reader.abort(reason)
 
     def fail_all(self, code: str, message: str) -> None:
         """The runtime is gone: forget every fetch (its upload fails with the runtime's streams)."""
-        self.pending.fail_all(lambda f: self._drop(f, P.ProtocolError(code, message)))
+        self.pending.fail_all(self._drop)

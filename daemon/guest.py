@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import ctypes
 import fcntl
+import functools
 import logging
 import os
 import signal
@@ -20,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from daemon.limits import MemoryCgroups, cpu_seconds, enter_cgroup
 from wire import guest as G
 from wire.channel import FrameReader, GuestProtocolError, frame_head
 from wire.protocol import ProtocolError
@@ -44,20 +46,37 @@ def _widen_pipe(fd: int) -> None:
         fcntl.fcntl(fd, F_SETPIPE_SZ, PIPE_SIZE)
 
 
-def _die_with_parent() -> None:
+def _die_with_parent(cgroup_procs: str | None = None) -> None:
     # PR_SET_PDEATHSIG: the kernel kills the guest if the daemon dies, even by SIGKILL
     with contextlib.suppress(Exception):
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
     os.setpgid(0, 0)
+    if cgroup_procs is not None:  # charged to its own cgroup from its first page on
+        enter_cgroup(cgroup_procs)
+
+
+def process_cap_mb(memory_limit_mb: int) -> int:
+    """The whole process's memory cap: the V8 flag bounds only the JS heap, and ArrayBuffers live
+    outside it (docs/design.md, 4.3)."""
+    return 2 * memory_limit_mb + 128
 
 
 class GuestProcess:
     """A started Deno process; ``on_frame`` receives every frame from it (header decoded, op known),
     ``on_stop`` hears once why it stopped (it exited, broke the channel, or was killed)."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, stdout_fd: int, memory_limit_mb: int) -> None:
+    def __init__(
+        self,
+        proc: asyncio.subprocess.Process,
+        stdout_fd: int,
+        memory_limit_mb: int,
+        cgroup: tuple[MemoryCgroups, Path] | None = None,
+    ) -> None:
         self.proc = proc
         self.memory_limit_mb = memory_limit_mb
+        self.cgroup = cgroup  # the kernel caps its memory (daemon/limits.py), or None
+        self._oom_killed = False
+        self.on_pong: Callable[[int], None] | None = None
         self.on_frame: Callable[[dict[str, Any], Any], None] | None = None
         self.on_stop: Callable[[str], None] | None = None
         self._stderr: deque[bytes] = deque()
@@ -73,7 +92,9 @@ class GuestProcess:
         self.exit_reason: str | None = None
 
     @classmethod
-    async def start(cls, deno: str, import_map: Path, deno_dir: Path, memory_limit_mb: int) -> GuestProcess:
+    async def start(
+        cls, deno: str, import_map: Path, deno_dir: Path, memory_limit_mb: int, cgroups: MemoryCgroups | None = None
+    ) -> GuestProcess:
         argv = [
             deno, "run", "--no-remote", "--no-npm", "--no-config", "--no-lock", "--no-prompt", "--quiet",
             f"--import-map={import_map}", f"--v8-flags=--max-old-space-size={memory_limit_mb}",
@@ -81,6 +102,9 @@ class GuestProcess:
         ]  # fmt: skip
         env = {"DENO_DIR": str(deno_dir), "NO_COLOR": "1", "DENO_NO_UPDATE_CHECK": "1", "PATH": "/usr/bin:/bin"}
         # stdout is a pipe of our own, read with FrameReader (see wire.channel), not a StreamReader
+        cgroup = None
+        if cgroups is not None:
+            cgroup = (cgroups, await asyncio.to_thread(cgroups.create, process_cap_mb(memory_limit_mb) << 20))
         read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
         try:
             _widen_pipe(read_fd)
@@ -91,10 +115,12 @@ class GuestProcess:
                 stderr=asyncio.subprocess.PIPE,
                 env=env,
                 cwd=str(deno_dir),
-                preexec_fn=_die_with_parent,
+                preexec_fn=functools.partial(_die_with_parent, cgroup and str(cgroup[1] / "cgroup.procs")),
             )
         except BaseException:
             os.close(read_fd)
+            if cgroup is not None:
+                cgroups.remove(cgroup[1])  # type: ignore[union-attr]
             raise
         finally:
             os.close(write_fd)
@@ -103,7 +129,7 @@ class GuestProcess:
         pipe = transport.get_extra_info("pipe") if transport is not None else None
         if pipe is not None:
             _widen_pipe(pipe.fileno())
-        guest = cls(proc, read_fd, memory_limit_mb)
+        guest = cls(proc, read_fd, memory_limit_mb, cgroup)
         try:
             async with asyncio.timeout(START_TIMEOUT):
                 await asyncio.shield(guest._ready)
@@ -133,6 +159,13 @@ class GuestProcess:
         if body is not None:
             stdin.write(memoryview(body))  # not writelines(): that joins, i.e. copies, the body
 
+    def queued(self) -> int:
+        """Bytes written to the guest's stdin that it has not read yet (beyond the kernel pipe)."""
+        stdin = self.proc.stdin
+        if stdin is None or stdin.is_closing():
+            return 0
+        return stdin.transport.get_write_buffer_size()
+
     async def drain(self) -> None:
         stdin = self.proc.stdin
         if stdin is not None and not stdin.is_closing():
@@ -153,6 +186,9 @@ class GuestProcess:
                 if op == "ready":
                     if not self._ready.done():
                         self._ready.set_result(None)
+                elif op == "pong":
+                    if self.on_pong is not None:
+                        self.on_pong(from_header(G.Pong, header, []).id)
                 elif op == "fatal":
                     fatal = from_header(G.Fatal, header, [])
                     raise GuestProtocolError(f"bootstrap failed: {str(fatal.message)[:500]}")
@@ -217,16 +253,23 @@ class GuestProcess:
 
     @property
     def rss_limit_mb(self) -> int:
-        """The V8 flag bounds only the JS heap; ArrayBuffers live outside it. The daemon stops a
-        runtime whose whole process outgrows this (protocol.md, "Limits")."""
-        return 2 * self.memory_limit_mb + 128
+        """The cap of the whole process (its cgroup's limit; the daemon's watchdog stops a runtime
+        whose process outgrows it where there is no cgroup; docs/design.md 4.3)."""
+        return process_cap_mb(self.memory_limit_mb)
+
+    def cpu_seconds(self) -> float | None:
+        return cpu_seconds(self.proc.pid)
+
+    def ping(self, n: int) -> None:
+        """Ask for ``pong n`` (answered from the bootstrap's read loop: its event loop turns)."""
+        self.send(G.Ping(id=n))
 
     def stderr_tail(self) -> str:
         return b"".join(self._stderr).decode("utf-8", "replace")
 
     def ran_out_of_memory(self) -> bool:
         tail = self.stderr_tail()
-        return "out of memory" in tail or "heap limit" in tail
+        return self._oom_killed or "out of memory" in tail or "heap limit" in tail
 
     async def kill(self, reason: str) -> None:
         """Stop the process and wait until it is gone, with its stderr read (idempotent)."""
@@ -237,6 +280,11 @@ class GuestProcess:
                 await self.proc.wait()
         if not self._ready.done():
             self._ready.set_exception(RuntimeError(f"runtime process did not start: {reason}: {self.stderr_tail()}"))
+        if self.cgroup is not None and self.proc.returncode is not None:
+            cgroups, path = self.cgroup
+            self.cgroup = None
+            self._oom_killed = cgroups.oom_killed(path)
+            cgroups.remove(path)
         await asyncio.wait([self._err_reader], timeout=1)
         if not self._err_reader.done():  # a grandchild may hold stderr open: stop reading it
             self._err_reader.cancel()

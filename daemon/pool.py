@@ -13,6 +13,7 @@ import subprocess
 from pathlib import Path
 
 from daemon.guest import GuestProcess
+from daemon.limits import MemoryCgroups
 from wire.scope import Scope
 
 log = logging.getLogger("daemon.pool")
@@ -51,8 +52,17 @@ def write_import_map(deno: str, path: Path, deno_dir: Path) -> None:
 
 
 class WarmPool:
-    def __init__(self, deno: str, import_map: Path, deno_dir: Path, memory_limit_mb: int, size: int) -> None:
+    def __init__(
+        self,
+        deno: str,
+        import_map: Path,
+        deno_dir: Path,
+        memory_limit_mb: int,
+        size: int,
+        cgroups: MemoryCgroups | None = None,
+    ) -> None:
         self.deno = deno
+        self.cgroups = cgroups
         self.import_map = import_map
         self.deno_dir = deno_dir
         self.memory_limit_mb = memory_limit_mb
@@ -78,7 +88,7 @@ class WarmPool:
             self._ready.append(guest)
 
     async def _start(self, memory_limit_mb: int) -> GuestProcess:
-        return await GuestProcess.start(self.deno, self.import_map, self.deno_dir, memory_limit_mb)
+        return await GuestProcess.start(self.deno, self.import_map, self.deno_dir, memory_limit_mb, self.cgroups)
 
     async def claim(self, memory_limit_mb: int) -> GuestProcess:
         """A started guest with this heap limit: from the pool when it matches, else a cold start."""

@@ -67,7 +67,7 @@ class Runtime:
         guest.send(G.Init(fetch=fetch, console=console))
 
     def _gid(self) -> int:
-        """The next id of an exchange or inbound stream (one counter: protocol.md, guest channel)."""
+        """The next id of an exchange or inbound stream (one counter: protocol.md 7.3)."""
         self._next += 1
         return self._next
 
@@ -76,8 +76,25 @@ class Runtime:
     def ensure_alive(self) -> None:
         """Refuse new work once the runtime is going away (its process may already be gone)."""
         if self.lost_code is not None or self.disposing or self._stopping.is_set() or not self.guest.alive:
-            code = P.E_MEMORY_LIMIT if self.lost_code == P.E_MEMORY_LIMIT else P.E_RUNTIME_LOST
+            code = self.lost_code if self.lost_code in P.LIMIT_CODES else P.E_RUNTIME_LOST
             raise P.ProtocolError(code, f"runtime {self.rt} is gone: {self.lost_message or 'it stopped'}")
+
+    def admit(self) -> None:
+        """Refuse a new call (``busy``) while the runtime has MAX_PENDING_CALLS pending or its guest
+        has MAX_STDIN_QUEUE bytes it has not read: a wedged guest must not make the daemon buffer
+        without bound (what is queued for it counts toward its limits, not the daemon's)."""
+        self.ensure_alive()
+        calls = len(self.evals) + len(self.dispatches) + len(self.stat_calls)
+        if calls >= G.MAX_PENDING_CALLS:
+            limit = G.MAX_PENDING_CALLS
+            raise P.ProtocolError(P.E_BUSY, f"runtime {self.rt} has {calls} calls pending; the limit is {limit}")
+        queued = self.guest.queued()
+        if queued >= G.MAX_STDIN_QUEUE:
+            raise P.ProtocolError(
+                P.E_BUSY,
+                f"runtime {self.rt} is not reading its input: {queued / (1 << 20):.1f} MiB wait for it; "
+                f"the limit is {G.MAX_STDIN_QUEUE >> 20} MiB",
+            )
 
     def eval(self, msg: M.Eval, route: bytes) -> None:
         try:
@@ -86,7 +103,7 @@ class Runtime:
             raise P.ProtocolError(P.E_BAD_MESSAGE, "the eval source is not UTF-8") from None
         if msg.timeout_ms is not None and msg.timeout_ms <= 0:
             raise P.ProtocolError(P.E_BAD_MESSAGE, "timeout_ms must be positive")
-        self.ensure_alive()
+        self.admit()
         limit = self.eval_timeout if msg.timeout_ms is None else msg.timeout_ms / 1000
         gid = self._gid()
         self.evals.add(gid, Call(route, msg.id), limit, lambda call: self._eval_timed_out(call, limit))
@@ -98,12 +115,12 @@ class Runtime:
         self.lose(P.E_TIMEOUT, message)
 
     def dispatch(self, msg: M.Dispatch, route: bytes) -> None:
-        self.ensure_alive()
+        self.admit()
         self.dispatches.start(msg, route)
 
     def stats(self, msg: M.Stats, route: bytes) -> None:
         """Counts of everything in flight, from the daemon and from inside the guest (for leak checks)."""
-        self.ensure_alive()
+        self.admit()
         gid = self._gid()
         self.stat_calls.add(gid, Call(route, msg.id), STATS_TIMEOUT, self._stats_timed_out)
         self.guest.send(G.StatsQuery(id=gid))
@@ -114,8 +131,8 @@ class Runtime:
 
     def _daemon_counts(self) -> dict[str, int]:
         counts = self.streams.counts()
-        counts["open_pipes"] += self.fetches.open_pipes()
         counts |= {"fetches": len(self.fetches), "dispatches": len(self.dispatches), "evals": len(self.evals)}
+        counts["stdin_queued"] = self.guest.queued()
         return counts | self.host.held()
 
     # ---- guest -> runtime ----------------------------------------------------------------------
@@ -162,8 +179,14 @@ class Runtime:
 
     def _on_eval_ok(self, msg: G.EvalOk) -> None:
         call = self.evals.take(msg.id)
-        if call is not None:
-            self.host.reply(M.EvalOk(id=call.req_id, c=call.route, value=values.clean(msg.value)))
+        if call is None:
+            return
+        try:
+            value = values.clean(msg.value)
+        except values.TooDeep as exc:  # legal JSON, but not forwardable: the call fails, the runtime lives
+            self.host.to_broker(call.error(P.E_GUEST, f"the default export cannot be returned: {exc}", "RangeError"))
+            return
+        self.host.reply(M.EvalOk(id=call.req_id, c=call.route, value=value))
 
     def _on_eval_error(self, msg: G.EvalError) -> None:
         call = self.evals.take(msg.id)

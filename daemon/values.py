@@ -21,10 +21,15 @@ MAX_STREAM_ERROR = 4096
 TRUNCATED = "…[truncated]"
 
 
-def clean(value: Any) -> Any:
+class TooDeep(ValueError):
+    """A value nests arrays and objects deeper than ``wire.guest.MAX_VALUE_DEPTH`` levels."""
+
+
+def clean(value: Any, depth: int = 0) -> Any:
     """A JSON value from the guest made encodable as msgpack: lone UTF-16 surrogates become
     U+FFFD, integers beyond 64 bits become floats, object keys become strings. Legal guest values
-    must never break an encoder on the daemon's side."""
+    must never break an encoder on the daemon's side: one nested deeper than MAX_VALUE_DEPTH
+    raises TooDeep (msgpack and Python's stack have limits of their own)."""
     if isinstance(value, str):
         try:
             value.encode()
@@ -35,10 +40,12 @@ def clean(value: Any) -> Any:
         return value
     if isinstance(value, int):
         return value if -(2**63) <= value < 2**64 else float(value)
+    if isinstance(value, (list, dict)) and depth >= G.MAX_VALUE_DEPTH:
+        raise TooDeep(f"the value is nested more than {G.MAX_VALUE_DEPTH} levels deep")
     if isinstance(value, list):
-        return [clean(v) for v in value]
+        return [clean(v, depth + 1) for v in value]
     if isinstance(value, dict):
-        return {clean(str(k)): clean(v) for k, v in value.items()}
+        return {clean(str(k)): clean(v, depth + 1) for k, v in value.items()}
     return None
 
 

@@ -116,7 +116,8 @@ async def run(broker: str) -> None:
     llm_app = web.Application()
     llm_app.router.add_get("/v1/chat", mock_llm)
     async with site(llm_app) as llm_url, await client.connect(broker) as conn:
-        rt = await conn.create_runtime(fetch=client.forward_fetch(), console=lambda e: print("   guest:", e.text))
+        fetch = client.forward_fetch(allow_private=True)  # the mock LLM is on 127.0.0.1
+        rt = await conn.create_runtime(fetch=fetch, console=lambda e: print("   guest:", e.text))
         await rt.eval(f"const LLM_URL = {json.dumps(llm_url + '/v1/chat')};\n{GUEST}")
         front = web.Application()
         front.router.add_get("/", client.aiohttp_handler(rt))

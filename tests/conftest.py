@@ -89,11 +89,20 @@ class Proc:
 
 class Broker(Proc):
     def __init__(self, tmp: Path, *extra: str, name: str = "broker") -> None:
-        self.frontend = f"tcp://127.0.0.1:{free_port()}"
-        self.backend = f"tcp://127.0.0.1:{free_port()}"
-        super().__init__(
-            ["-m", "broker", "--frontend", self.frontend, "--backend", self.backend, *extra], name, tmp, "ready "
-        )
+        for attempt in range(3):
+            # free_port() closes the port it found before the broker binds it: another process may
+            # take it in between (ephemeral pipe ports); then start again on new ports
+            self.frontend = f"tcp://127.0.0.1:{free_port()}"
+            self.backend = f"tcp://127.0.0.1:{free_port()}"
+            try:
+                super().__init__(
+                    ["-m", "broker", "--frontend", self.frontend, "--backend", self.backend, *extra],
+                    name, tmp, "ready ",
+                )  # fmt: skip
+                return
+            except RuntimeError as exc:
+                if "Address already in use" not in str(exc) or attempt == 2:
+                    raise
 
 
 class Daemon(Proc):

@@ -1,6 +1,6 @@
 """The broker's decisions without sockets or processes: broker.core fed with frames, and every
-message it sends compared exactly (protocol.md 2.2 refusals, 5.13 daemon loss, 5.14 client loss,
-7.1 runtime states, 7.3 liveness)."""
+message it sends compared exactly (refusals: protocol.md 2.2; daemon loss, client loss, runtime
+states and heartbeats: docs/design.md 2.13, 2.14, 3.1 and 5.1)."""
 
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ def bag(outs: list[Out]) -> list[tuple[Any, ...]]:
 
 
 def fetch(rt: str, fid: int = 5) -> Fetch:
-    return Fetch(id=fid, rt=rt, method="GET", url="http://up/", resp=RESP)
+    return Fetch(id=fid, rt=rt, method="GET", url="http://up/", resp_sid=RESP.sid)
 
 
 class World:

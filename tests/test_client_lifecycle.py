@@ -111,14 +111,18 @@ serve(() => new Response(new ReadableStream({
 """
 
 
-async def test_end_client_hanging_up_on_a_stalled_body_cancels_the_guest(conn: client.Connection) -> None:
-    """Nothing is written while the guest stalls, so only aiohttp's handler cancellation can tell
-    aiohttp_handler that the end client is gone."""
+@pytest.mark.parametrize("cancellation", [True, False], ids=["handler_cancellation", "default_app"])
+async def test_end_client_hanging_up_on_a_stalled_body_cancels_the_guest(
+    conn: client.Connection, cancellation: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Nothing is written while the guest stalls, so only aiohttp's handler cancellation (or, in an
+    app that has it off, aiohttp_handler's own watch of the connection) can tell aiohttp_handler
+    that the end client is gone."""
     rt = await conn.create_runtime()
     await rt.eval(STALLING_BODY)
     app = web.Application()
     app.router.add_get("/", client.aiohttp_handler(rt))
-    runner = web.AppRunner(app, handler_cancellation=True)
+    runner = web.AppRunner(app, handler_cancellation=cancellation)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", 0).start()
     try:
@@ -137,6 +141,8 @@ async def test_end_client_hanging_up_on_a_stalled_body_cancels_the_guest(conn: c
             return not any(v for counts in stats.values() for v in counts.values())
 
         await _until(all_closed, 5)
+        warned = [r for r in caplog.records if "handler_cancellation is off" in r.getMessage()]
+        assert len(warned) == (0 if cancellation else 1)
     finally:
         await runner.cleanup()
     await rt.dispose()

@@ -255,3 +255,13 @@ async def test_a_console_flood_is_rate_limited_and_spares_other_runtimes(conn: c
     assert any("console entries dropped" in e.text for e in entries)
     await flood.dispose()
     await other.dispose()
+
+
+async def test_a_sub_millisecond_eval_timeout_is_rounded_up_not_refused(conn: client.Connection) -> None:
+    """A positive limit below 1 ms must reach the daemon as 1 ms (it refuses 0 as malformed)."""
+    rt = await conn.create_runtime(eval_timeout=0.0004)
+    with pytest.raises(client.Timeout):
+        await rt.eval("while (true) {}")
+    rt2 = await conn.create_runtime()
+    with pytest.raises(client.Timeout):
+        await rt2.eval("while (true) {}", timeout=0.0004)

@@ -50,7 +50,6 @@ def test_guest_frames_parse_to_records() -> None:
         '{"op":"read","sid":true}',
         '{"op":"read","sid":1,"n":"2"}',
         '{"op":"chunk"}',
-        '{"op":"response","id":1,"status":99,"headers":[]}',
         '{"op":"response","id":1,"status":200}',  # headers are required
         '{"op":"response","id":1,"status":200,"headers":[["a",1]]}',
         '{"op":"response","id":1,"status":200,"headers":[],"body":{"sid":"x"}}',
@@ -69,7 +68,7 @@ def test_malformed_guest_frames_are_refused(raw: str) -> None:
 def test_every_guest_op_has_a_record_and_every_daemon_op_encodes() -> None:
     from daemon.runtime import Runtime
 
-    handled = set(Runtime.ON_GUEST) | {"ready", "fatal"}  # those two are the process's own
+    handled = set(Runtime.ON_GUEST) | {"ready", "fatal", "pong"}  # the process's own
     assert handled == set(G.GUEST_TO_DAEMON)
     head, body = G.encode(G.InboundChunk(sid=7, data=b"xyz"))
     assert json.loads(head) == {"op": "chunk", "sid": 7} and body == b"xyz"
@@ -204,6 +203,9 @@ class FakeGuest:
 
     async def drain(self) -> None:
         pass
+
+    def queued(self) -> int:
+        return 0
 
     async def kill(self, reason: str) -> None:
         self.exit_reason = self.exit_reason or reason

@@ -71,7 +71,7 @@ def _samples() -> list[M.Record]:
             headers=(("a", "b"),),
             redirect="manual",
             body=M.StreamRef(SID, "tcp://h:4"),
-            resp=M.StreamRef(b"t" * 16, "tcp://h:5"),
+            resp_sid=b"t" * 16,
         ),
         M.Console(rt="x", level="warn", args=("a", "b")),
         M.RuntimeLost(rt="x", code="memory_limit", message="gone"),

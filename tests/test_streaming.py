@@ -93,7 +93,7 @@ serve({ async fetch(req) {
 
 @pytest.mark.parametrize("mode", ["plain", "tee", "transform", "reenqueue"])
 async def test_llm_stream_chunks_arrive_as_produced(conn, upstream, front, mode) -> None:
-    rt = await conn.create_runtime(fetch=client.forward_fetch())
+    rt = await conn.create_runtime(fetch=client.forward_fetch(allow_private=True))
     await rt.eval(f"const UPSTREAM = {upstream.url!r};\n" + PASSTHROUGH.replace("UPSTREAM", repr(upstream.url)))
     url = await front(rt)
     arrivals = []
@@ -126,7 +126,7 @@ async def test_llm_stream_chunks_arrive_as_produced(conn, upstream, front, mode)
 
 
 async def test_fetched_body_is_a_real_readable_stream(conn, upstream) -> None:
-    rt = await conn.create_runtime(fetch=client.forward_fetch())
+    rt = await conn.create_runtime(fetch=client.forward_fetch(allow_private=True))
     result = await rt.eval(
         f"""
         const base = {upstream.url!r};
@@ -153,7 +153,7 @@ async def test_fetched_body_is_a_real_readable_stream(conn, upstream) -> None:
 
 async def test_large_bodies_intact_in_all_four_directions(conn, upstream) -> None:
     size = 48 * MiB + 12345
-    rt = await conn.create_runtime(fetch=client.forward_fetch())
+    rt = await conn.create_runtime(fetch=client.forward_fetch(allow_private=True))
     await rt.eval(JS_HELPERS)
     # 1. fetch response body: upstream -> client callback -> daemon -> guest
     got = await rt.eval(
@@ -219,7 +219,7 @@ async def test_large_bodies_intact_in_all_four_directions(conn, upstream) -> Non
 
 
 async def test_guest_cancel_closes_the_upstream_connection(conn, upstream) -> None:
-    rt = await conn.create_runtime(fetch=client.forward_fetch())
+    rt = await conn.create_runtime(fetch=client.forward_fetch(allow_private=True))
     await rt.eval(
         f"""
         const r = await fetch({upstream.url!r} + "/sse?n=1000&gap=0.02&key=cancelme");
@@ -255,7 +255,7 @@ async def test_guest_cancel_closes_the_upstream_connection(conn, upstream) -> No
 
 
 async def test_end_client_disconnect_cancels_the_guest_body(conn, upstream, front) -> None:
-    rt = await conn.create_runtime(fetch=client.forward_fetch())
+    rt = await conn.create_runtime(fetch=client.forward_fetch(allow_private=True))
     await rt.eval(
         f"""
         globalThis.cancelled = null;
@@ -290,7 +290,7 @@ async def test_end_client_disconnect_cancels_the_guest_body(conn, upstream, fron
 
 
 async def test_upstream_failure_mid_body_rejects_guest_read_with_type_error(conn, upstream) -> None:
-    rt = await conn.create_runtime(fetch=client.forward_fetch())
+    rt = await conn.create_runtime(fetch=client.forward_fetch(allow_private=True))
     result = await rt.eval(
         f"""
         const r = await fetch({upstream.url!r} + "/fail");
@@ -364,7 +364,7 @@ async def test_backpressure_slow_guest_bounds_upstream_and_memory(conn, upstream
 
     size = 256 * MiB
     client_rss_start = rss_mb(os.getpid())
-    rt = await conn.create_runtime(fetch=client.forward_fetch())
+    rt = await conn.create_runtime(fetch=client.forward_fetch(allow_private=True))
     await rt.eval(
         f"""
         globalThis.got = 0;
@@ -418,7 +418,7 @@ async def test_backpressure_slow_guest_bounds_upstream_and_memory(conn, upstream
 async def test_a_long_stall_loses_nothing(conn, upstream) -> None:
     """A consumer that stops reading for longer than any keep-alive timeout still gets every byte."""
     size = 8 * MiB
-    rt = await conn.create_runtime(fetch=client.forward_fetch())
+    rt = await conn.create_runtime(fetch=client.forward_fetch(allow_private=True))
     await rt.eval(JS_HELPERS)
     got = await rt.eval(
         f"""

@@ -7,12 +7,16 @@ each client the daemon's public key (``daemon_key`` in the create reply). The da
 socket and body pipes are then encrypted and admit only the clients that own runtimes on it.
 
 Keys are the certificate files ``zmq.auth.create_certificates`` writes: ``NAME.key`` (public)
-and ``NAME.key_secret`` (both halves). ``python -m wire.auth DIR NAME`` makes a pair.
+and ``NAME.key_secret`` (both halves). ``python -m wire.auth DIR NAME`` makes a pair; the secret
+file is created with mode 0600 before a key is written into it.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import os
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,12 +135,54 @@ def connect_with(sock: zmq.Socket, keys: KeyPair | None, server_key: bytes | Non
     sock.curve_serverkey = server_key
 
 
+def write_keypair(directory: str | Path, name: str) -> tuple[Path, Path]:
+    """Write ``directory/NAME.key`` and ``NAME.key_secret``; the secret is readable by its owner
+    only (created 0600 before the key goes in, so it is never readable by others, not even briefly)."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    fd = os.open(d / f"{name}.key_secret", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # an existing file keeps its mode through O_CREAT
+    finally:
+        os.close(fd)
+    public, secret = zmq.auth.create_certificates(d, name)  # truncates and rewrites: the mode stays
+    os.chmod(secret, 0o600)
+    return Path(public), Path(secret)
+
+
+def exposed(endpoints: Iterable[str]) -> list[str]:
+    """The endpoints that are not loopback-only (``ipc://`` and ``inproc://`` are local)."""
+    out = []
+    for ep in endpoints:
+        transport, _, addr = ep.partition("://")
+        if transport in ("ipc", "inproc"):
+            continue
+        host = addr.rpartition(":")[0].strip("[]")
+        try:
+            loopback = ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = host == "localhost"
+        if not loopback:
+            out.append(ep)
+    return out
+
+
+def exposure_warning(endpoints: Iterable[str], curve: bool) -> str | None:
+    """The warning a CLI prints when it binds beyond loopback without CURVE, or None."""
+    wide = exposed(endpoints)
+    if curve or not wide:
+        return None
+    return (
+        f"binding {', '.join(wide)} beyond loopback WITHOUT CURVE: anyone who can reach it can connect, "
+        "unauthenticated and unencrypted; give --curve-keypair (see README, Running across hosts)"
+    )
+
+
 def main(argv: list[str]) -> int:
     if len(argv) != 2:
-        print("usage: python -m wire.auth DIR NAME   (writes DIR/NAME.key and DIR/NAME.key_secret)")
+        print("usage: python -m wire.auth DIR NAME   (writes DIR/NAME.key and DIR/NAME.key_secret, mode 0600)")
         return 2
-    Path(argv[0]).mkdir(parents=True, exist_ok=True)
-    public, secret = zmq.auth.create_certificates(argv[0], argv[1])
+    public, secret = write_keypair(argv[0], argv[1])
     print(f"public: {public}\nsecret: {secret}")
     return 0
 

@@ -63,6 +63,23 @@ MAX_HEAD = 32 * 1024
 #: Characters kept of a response's statusText (both sides cut it).
 MAX_STATUS_TEXT = 1024
 
+# ---- what one runtime may have pending (issue 8: one tenant must not exhaust the shared daemon) ----
+# The bootstrap gets the first two in `init` and refuses past them with a TypeError naming the
+# limit; the daemon enforces them again (a guest past MAX_PENDING_FETCHES is stopped, a stream past
+# MAX_STREAMS is refused). Tool calls, when they exist, are host calls like fetch(): they count
+# toward MAX_PENDING_FETCHES (the daemon's callback registry holds both).
+
+#: fetch() calls of one runtime waiting for their response head (callbacks at the client).
+MAX_PENDING_FETCHES = 32
+#: Bodies one runtime has open at once, both directions (each holds a pipe socket in the daemon).
+MAX_STREAMS = 256
+#: Calls into one runtime (eval, dispatch, stats) waiting for the guest; more get `busy`.
+MAX_PENDING_CALLS = 1024
+#: Bytes the daemon queues for one guest's stdin (a guest that does not read); new calls get `busy`.
+MAX_STDIN_QUEUE = 8 * 1024 * 1024
+#: Levels of arrays and objects in a value the daemon forwards (an eval's default export).
+MAX_VALUE_DEPTH = 128
+
 CONSOLE_LEVELS = frozenset({"log", "info", "warn", "error", "debug", "trace"})
 
 
@@ -118,13 +135,6 @@ def _maybe_error(v: Any, p: Payload) -> GuestError | None:
     return _error(v, p) if isinstance(v, dict) else None
 
 
-def _status(v: Any, p: Payload) -> int:
-    status = INT.check(v, p)
-    if not 200 <= status <= 599:
-        raise ValueError(f"{status} is outside 200..599")
-    return status
-
-
 def _redirect(v: Any, _p: Payload) -> str:
     return v if v in ("follow", "manual", "error") else "follow"
 
@@ -144,7 +154,6 @@ def _list(v: Any, _p: Payload) -> list[Any]:
 GBODY = Kind("guest body", _guest_body, _dump_guest_body)
 ERROR = Kind("error {name, message, stack}", _error)
 MAYBE_ERROR = Kind("error, or anything (ignored)", _maybe_error)
-STATUS = Kind("int 200..599", _status)
 REDIRECT = Kind("follow|manual|error (else follow)", _redirect)
 LEVEL = Kind("console level", _level)
 LIST = Kind("array", _list)
@@ -176,6 +185,8 @@ class Init(Record):
     max_error_name: int = F(INT, MAX_ERROR_NAME, "characters of an error's name")
     max_head: int = F(INT, MAX_HEAD, "characters of method, URL and headers of a head")
     max_status_text: int = F(INT, MAX_STATUS_TEXT, "characters of a response's statusText")
+    max_pending_fetches: int = F(INT, MAX_PENDING_FETCHES, "fetch() calls waiting for their head")
+    max_streams: int = F(INT, MAX_STREAMS, "bodies open at once, both directions")
 
 
 @record("eval")
@@ -269,6 +280,13 @@ class StatsQuery(Record):
     id: int = F(U64, doc=_ID)
 
 
+@record("ping")
+class Ping(Record):
+    """Answer `pong` from the read loop: the answer shows the guest's event loop turns (CPU limit)."""
+
+    id: int = F(U64, doc="the ping's number")
+
+
 # ---- guest -> daemon ------------------------------------------------------------------------------
 
 
@@ -310,7 +328,7 @@ class Response(Record):
     """The serve() handler's response head to request `id`."""
 
     id: int = F(U64, doc=_ID)
-    status: int = F(STATUS, doc="200..599")
+    status: int = F(INT, doc="200..599; another fails the dispatch, not the runtime")
     statusText: str = F(STR, "", "status text (the daemon keeps MAX_STATUS_TEXT characters)")
     headers: tuple[tuple[str, str], ...] = F(HEADERS, doc=_HEADERS)
     body: GuestBody = F(GBODY, None, "null, inline (the frame's body) or {sid} (a new outbound stream)")
@@ -401,17 +419,24 @@ class StatsAnswer(Record):
     dispatches: int = F(U64, doc="requests being handled")
 
 
+@record("pong")
+class Pong(Record):
+    """Answers `ping` `id` (handled by the process, daemon/guest.py, not by the runtime)."""
+
+    id: int = F(U64, doc="the ping's number")
+
+
 # ---- tables and codec -----------------------------------------------------------------------------
 
 DAEMON_TO_GUEST: dict[str, type[Record]] = {
     c.T: c
     for c in (Init, Eval, Request, Abort, FetchResponse, FetchError, InboundChunk, InboundEnd, InboundError,
-              OutboundAck, OutboundCancel, StatsQuery)
+              OutboundAck, OutboundCancel, StatsQuery, Ping)
 }  # fmt: skip
 GUEST_TO_DAEMON: dict[str, type[Record]] = {
     c.T: c
     for c in (Ready, Fatal, InitOk, EvalOk, EvalError, Response, ResponseError, Fetch, FetchAbort, InboundRead,
-              InboundCancel, OutboundChunk, OutboundEnd, OutboundError, Console, StatsAnswer)
+              InboundCancel, OutboundChunk, OutboundEnd, OutboundError, Console, StatsAnswer, Pong)
 }  # fmt: skip
 
 

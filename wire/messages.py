@@ -28,7 +28,6 @@ from wire.schema import (
     HEADERS,
     INT,
     INT_MAP,
-    PIPE,
     STR,
     STRS,
     U64,
@@ -61,10 +60,7 @@ R = TypeVar("R", bound=Record)
 
 _ID = "request id; the reply carries it"
 _RT = "runtime id (32 hex characters, minted by the broker)"
-_C = (
-    "the client's session at the broker: an opaque id (never its routing id) the broker sets on what it "
-    "forwards to a daemon, echoed in the reply"
-)
+_C = "the client's opaque session id (not its route); set by the broker on what it forwards to a daemon, echoed"
 
 
 # ---- sessions and liveness -------------------------------------------------------------------------
@@ -121,6 +117,10 @@ class CreateRuntime(Record):
     console: bool = F(BOOL, False, "the client wants `console` messages")
     memory_limit_mb: int | None = F(INT, None, "V8 heap limit (MiB), 16..16384; default: the daemon's")
     eval_timeout_ms: int | None = F(INT, None, "default eval timeout (ms, > 0); default: the daemon's")
+    cpu_limit_ms: int | None = F(
+        INT, None, "CPU (ms, > 0) one event-loop turn of the guest may use; default: the daemon's"
+    )
+    request_cpu_ms: int | None = F(INT, None, "CPU (ms, > 0) a dispatch may use before its head; default: the daemon's")
     c: bytes | None = F(BIN, None, _C)
     rt: str | None = F(STR, None, "broker -> daemon: the id the broker minted")
     owner: bytes | None = F(BIN, None, "broker -> daemon: the owner's token (identity on the control link)")
@@ -251,7 +251,7 @@ class FetchOk(Record):
     headers: tuple[tuple[str, str], ...] = F(HEADERS, (), "response headers")
     url: str = F(STR, "", "final URL after redirects")
     redirected: bool = F(BOOL, False, "the response followed a redirect")
-    body: Body = F(BODY, None, "absent, inline, or {sid: resp.sid}")
+    body: Body = F(BODY, None, "absent, inline, or {sid: resp_sid}")
 
 
 # ---- guest callbacks and notices (daemon -> broker -> client) ------------------------------------
@@ -268,7 +268,9 @@ class Fetch(Record):
     headers: tuple[tuple[str, str], ...] = F(HEADERS, (), "the guest Request's headers")
     redirect: str = F(STR, "follow", "follow, manual or error")
     body: Body = F(BODY, None, "upload body: absent, inline, or {sid, ep} (connect a PULL)")
-    resp: StreamRef = F(PIPE, doc="the response-body pipe the daemon bound: stream the answer's body there")
+    resp_sid: bytes = F(
+        BIN16, doc="the response body's stream id: a streamed answer is `{sid: resp_sid}`, its pipe in `pipe_ready`"
+    )
 
 
 @record("console")
@@ -285,7 +287,7 @@ class RuntimeLost(Record):
     """Daemon -> broker -> client (or broker -> client): the runtime is gone for good."""
 
     rt: str = F(STR, doc=_RT)
-    code: str = F(STR, P.E_RUNTIME_LOST, "runtime_lost, timeout or memory_limit")
+    code: str = F(STR, P.E_RUNTIME_LOST, "runtime_lost, timeout, memory_limit or cpu_limit")
     message: str = F(STR, "", "human-readable reason")
 
 

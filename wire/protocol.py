@@ -50,10 +50,15 @@ E_QUOTA = "quota"
 E_GUEST = "guest_error"
 E_TIMEOUT = "timeout"
 E_MEMORY_LIMIT = "memory_limit"
+E_CPU_LIMIT = "cpu_limit"
 E_FETCH_FAILED = "fetch_failed"
 E_NO_HANDLER = "no_handler"
 E_CANCELLED = "cancelled"
 E_INTERNAL = "internal"
+E_BUSY = "busy"
+
+#: The codes a stopped runtime keeps in every later answer about it (others become runtime_lost).
+LIMIT_CODES = frozenset({E_MEMORY_LIMIT, E_CPU_LIMIT})
 
 
 def new_id() -> bytes:

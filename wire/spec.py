@@ -1,7 +1,8 @@
 """protocol.md's tables, generated from the code, and the check that keeps them equal.
 
 ``python -m wire.spec`` prints every generated block; ``--check protocol.md`` exits 1 on any
-difference (and on a limit whose stated value no longer matches its constant); ``--write
+difference, on a limit whose stated value no longer matches its constant, and on a comment that
+cites a section protocol.md or docs/design.md does not have (``citation_problems``); ``--write
 protocol.md`` rewrites the blocks in place. In protocol.md a block sits between
 ``<!-- generated: NAME -->`` and ``<!-- end generated -->``; the prose around it is free.
 
@@ -11,11 +12,11 @@ Blocks:
 - ``links``: which message types each side of each link accepts (``wire.messages.LINKS``).
 - ``messages``: one field table per record (``wire.messages``), from the ``F(kind, default, doc)``
   declarations.
-- ``guest-links``, ``guest-messages``: the same for the daemon<->guest channel, from
-  ``wire.guest.LINKS`` when that module exists (until then protocol.md holds hand-written tables
-  in the same format, and these two blocks are reported as not checked).
+- ``guest-kinds``, ``guest-links``, ``guest-messages``: the same for the daemon<->guest channel,
+  from ``wire.guest`` (its records and the ``DAEMON_TO_GUEST`` / ``GUEST_TO_DAEMON`` tables).
 - ``errors``: the ``E_*`` codes of ``wire.protocol`` with the meanings in ``ERRORS`` below.
-- ``limits``: ``LIMITS`` below; each value is compared with the constant(s) it names.
+- ``limits``: ``LIMITS`` below; each value is compared with the constant(s) it names (a module
+  or constant that is gone is a problem too: point the limit at the constant's new home).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from wire import messages, protocol
+from wire import guest, messages, protocol
 from wire.schema import FieldSpec, Link, Record
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,14 +47,14 @@ END = "<!-- end generated -->"
 #: Meaning of each field kind (``Kind.name``) used by the records; "payload frame" is a field that
 #: travels as a raw frame after the header.
 KINDS: dict[str, str] = {
-    "int": "msgpack integer (a bool or float is not an int)",
+    "int": "msgpack integer (not a bool or float)",
     "id": "msgpack integer in `[0, 2^63)`",
     "str": "msgpack str (UTF-8)",
     "bin": "msgpack bin (never str)",
     "bin16": "msgpack bin of 16 bytes (random: a capability)",
     "bool": "msgpack bool",
     "endpoint": "str starting with `tcp://`",
-    "headers": "array of `[name, value]` pairs of str; order and repeats kept",
+    "headers": "array of `[name, value]` str pairs; order and repeats kept",
     "map str->int": "map from str to int",
     "array of str": "array of str",
     "any": "any msgpack value",
@@ -62,25 +63,47 @@ KINDS: dict[str, str] = {
     "payload frame": "the one raw frame after the header",
 }
 
+#: Meaning of each field kind of the guest channel's records (``wire.guest``): JSON, not msgpack.
+GUEST_KINDS: dict[str, str] = {
+    "int": "JSON number without fraction or exponent",
+    "id": "int in `[0, 2^63)`",
+    "str": "JSON string",
+    "bool": "JSON `true` or `false`",
+    "headers": "array of `[name, value]` pairs of strings",
+    "any": "any JSON value",
+    "array": "JSON array",
+    "guest body": '`"inline"` (the frame body) or `{sid: id}`; any other value: no body',
+    "error {name, message, stack}": "object; each part not `null` is kept as a string",
+    "error, or anything (ignored)": "an error object, else absent",
+    "int 200..599": "int from 200 to 599",
+    "follow|manual|error (else follow)": "`follow`, `manual`, `error`; else `follow`",
+    "console level": "`log`, `info`, `warn`, `error`, `debug` or `trace`",
+    "payload frame": "the frame body (`B` bytes)",
+}
+
 #: Meaning of every error code (``wire.protocol.E_*``): who sends it, and what the receiver does.
 ERRORS: dict[str, str] = {
-    "bad_message": "malformed header, field, payload or stream id, or an answer nobody waits for",
+    "bad_message": "malformed header, field, payload or stream id; an answer nobody waits for",
     "unsupported_version": "`v` is not 1",
     "unknown_type": "`t` is not legal on this link and direction",
-    "too_large": "a frame above `MAX_FRAME` or `MAX_HEADER`, or a reply header above `MAX_HEADER`",
+    "too_large": "a frame above `MAX_FRAME`, a header (or reply header) above `MAX_HEADER`",
     "unknown_runtime": "not a runtime of this client (or not on this daemon)",
     "unknown_client": "the sender has no session at the broker: all its runtimes are gone",
     "runtime_lost": "the runtime is gone for good (also a `runtime_lost.code`)",
     "no_daemon": "no daemon has a free slot",
     "capacity": "the chosen daemon was full",
-    "quota": "the client holds its maximum of runtimes or of requests in flight at the broker; retry later",
+    "quota": "the client is at its quota of runtimes or requests in flight (broker)",
     "guest_error": "the guest code threw; with `name`, `message`, `stack`; the runtime lives on",
-    "timeout": "an eval timed out (the runtime is stopped; also a `runtime_lost.code`), or `stats` did",
+    "timeout": "an eval timed out (the runtime is stopped; also a `runtime_lost.code`), or `stats`",
     "memory_limit": "the runtime exceeded its memory limit (also a `runtime_lost.code`)",
+    "cpu_limit": "the runtime's event loop was stuck past its CPU limit per turn, or a request used up its CPU "
+    "budget: the runtime is stopped (also a `runtime_lost.code`)",
     "fetch_failed": "client: the fetch callback failed or was cancelled",
     "no_handler": "`dispatch` before the guest called `serve()`",
     "cancelled": "the client cancelled `resp_sid` before the response head",
     "internal": "the daemon could not start the process, or failed handling the request",
+    "busy": "the runtime has `MAX_PENDING_CALLS` calls pending or `MAX_STDIN_QUEUE` bytes queued for its "
+    "guest; nothing was done, retry later",
 }
 
 
@@ -100,45 +123,60 @@ LIMITS: tuple[Limit, ...] = (
     Limit("VERSION", 1, "", ("wire.protocol.VERSION",), "`v` of every header"),
     Limit("MAX_HEADER", 65536, "bytes", ("wire.protocol.MAX_HEADER",), "header frame"),
     Limit("MAX_FRAME", 1048576, "bytes", ("wire.protocol.MAX_FRAME",), "any frame on a ROUTER/DEALER link"),
-    Limit("MAX_INLINE_BODY", 65536, "bytes", ("wire.protocol.MAX_INLINE_BODY", "daemon/bootstrap.js:INLINE_MAX"),
-          "an inline body (senders)"),
+    Limit("MAX_INLINE_BODY", 65536, "bytes", ("wire.protocol.MAX_INLINE_BODY", "wire.guest.INLINE_MAX"),
+          "an inline body (senders; guest: `inline_max`)"),
     Limit("MAX_SOURCE", 983040, "bytes", ("wire.protocol.MAX_SOURCE",), "an eval source (senders)"),
-    Limit("MAX_CHUNK", 262144, "bytes", ("wire.protocol.MAX_CHUNK", "daemon/bootstrap.js:MAX_CHUNK"),
+    Limit("MAX_CHUNK", 262144, "bytes", ("wire.protocol.MAX_CHUNK", "wire.guest.MAX_CHUNK"),
           "a pipe payload; a guest-channel chunk"),
     Limit("PIPE_HWM", 4, "messages", ("wire.sockets.PIPE_HWM",), "pipe `SNDHWM`, `RCVHWM`"),
     Limit("PIPE_KERNEL_BUFFER", 262144, "bytes", ("wire.sockets.PIPE_KERNEL_BUFFER",), "pipe `SNDBUF`, `RCVBUF`"),
     Limit("END_LINGER_MS", 10000, "ms", ("wire.pipes.END_LINGER_MS",), "linger after END or ERROR"),
-    Limit("WINDOW", 4, "chunks", ("daemon.streams.WINDOW", "daemon/bootstrap.js:WINDOW"),
-          "guest-channel credit and window per stream"),
+    Limit("WINDOW", 4, "chunks", ("wire.guest.WINDOW",), "guest-channel credit and window per stream"),
     Limit("MAX_GUEST_FRAME", 1048576, "bytes", ("wire.channel.MAX_GUEST_FRAME",), "guest -> daemon `L`"),
     Limit("MAX_GUEST_HEADER", 524288, "bytes", ("wire.channel.MAX_GUEST_HEADER",), "guest -> daemon `H`"),
     Limit("MAX_FRAME (bootstrap)", 16777216, "bytes", ("daemon/bootstrap.js:MAX_FRAME",),
           "daemon -> guest `L`, plus 8"),
-    Limit("MAX_VALUE", 49152, "characters", ("daemon/bootstrap.js:MAX_VALUE",), "JSON of an eval's value"),
-    Limit("MAX_HEAD", 32768, "characters", ("daemon/bootstrap.js:MAX_HEAD",),
+    Limit("MAX_VALUE", 49152, "characters", ("wire.guest.MAX_VALUE",), "JSON of an eval's value"),
+    Limit("MAX_HEAD", 32768, "characters", ("wire.guest.MAX_HEAD",),
           "method + URL + headers (name + value + 4 each) of a guest head"),
-    Limit("MAX_CONSOLE", 16384, "UTF-16 units", ("daemon/bootstrap.js:MAX_CONSOLE",), "a console entry (guest)"),
-    Limit("MAX_ERROR_TEXT", 16384, "UTF-16 units", ("daemon/bootstrap.js:MAX_ERROR_TEXT",),
+    Limit("MAX_CONSOLE", 16384, "UTF-16 units", ("wire.guest.MAX_CONSOLE",), "a console entry (guest)"),
+    Limit("MAX_CONSOLE_ARGS", 64, "arguments", ("wire.guest.MAX_CONSOLE_ARGS",),
+          "a console entry (guest; the daemon keeps one more)"),
+    Limit("CONSOLE_RATE", 200, "entries/s", ("wire.guest.CONSOLE_RATE",), "console (guest)"),
+    Limit("MAX_ERROR_TEXT", 16384, "UTF-16 units", ("wire.guest.MAX_ERROR_TEXT",),
           "an error's `message`, `stack` (guest)"),
-    Limit("CONSOLE_RATE (bootstrap)", 200, "entries/s", ("daemon/bootstrap.js:CONSOLE_RATE",), "console (guest)"),
-    Limit("CONSOLE_RATE", 400, "entries/s", ("daemon.runtime.CONSOLE_RATE",), "console, per runtime (daemon)"),
-    Limit("MAX_CONSOLE_BYTES", 49152, "bytes", ("daemon.runtime.MAX_CONSOLE_BYTES",), "a console entry (daemon)"),
-    Limit("MAX_ERROR_BYTES", 16384, "bytes", ("daemon.runtime.MAX_ERROR_BYTES",),
+    Limit("MAX_ERROR_NAME", 256, "characters", ("wire.guest.MAX_ERROR_NAME",),
+          "an error's `name` (guest; daemon: bytes)"),
+    Limit("MAX_STATUS_TEXT", 1024, "characters", ("wire.guest.MAX_STATUS_TEXT",),
+          "`statusText` (guest, daemon)"),
+    Limit("CONSOLE_RATE (daemon)", 400, "entries/s", ("daemon.runtime.CONSOLE_RATE",), "console, per runtime (daemon)"),
+    Limit("MAX_CONSOLE_BYTES", 49152, "bytes", ("daemon.values.MAX_CONSOLE_BYTES",), "a console entry (daemon)"),
+    Limit("MAX_ERROR_BYTES", 16384, "bytes", ("daemon.values.MAX_ERROR_BYTES",),
           "an error's `message`, `stack` (daemon)"),
+    Limit("MAX_STREAM_ERROR", 4096, "characters", ("daemon.values.MAX_STREAM_ERROR",),
+          "a guest stream's error text (daemon)"),
     Limit("START_TIMEOUT", 20.0, "s", ("daemon.guest.START_TIMEOUT",), "process start (`internal` after)"),
     Limit("STATS_TIMEOUT", 10.0, "s", ("daemon.runtime.STATS_TIMEOUT",), "guest answer to `stats`"),
-    Limit("FETCH_REPLY_TIMEOUT", 300.0, "s", ("daemon.runtime.FETCH_REPLY_TIMEOUT",), "answer to a `fetch`"),
+    Limit("FETCH_REPLY_TIMEOUT", 300.0, "s", ("daemon.fetches.FETCH_REPLY_TIMEOUT",), "answer to a `fetch`"),
     Limit("MIN_MEMORY_MB", 16, "MiB", ("daemon.daemon.MIN_MEMORY_MB",), "`memory_limit_mb`"),
     Limit("MAX_MEMORY_MB", 16384, "MiB", ("daemon.daemon.MAX_MEMORY_MB",), "`memory_limit_mb`"),
+    Limit("MAX_PENDING_FETCHES", 32, "fetches", ("wire.guest.MAX_PENDING_FETCHES",),
+          "a runtime's fetch() calls waiting for their head (and, later, tool calls)"),
+    Limit("MAX_STREAMS", 256, "bodies", ("wire.guest.MAX_STREAMS",), "a runtime's open bodies, both directions"),
+    Limit("MAX_PENDING_CALLS", 1024, "calls", ("wire.guest.MAX_PENDING_CALLS",),
+          "evals, dispatches and stats pending in a runtime (`busy` after)"),
+    Limit("MAX_STDIN_QUEUE", 8388608, "bytes", ("wire.guest.MAX_STDIN_QUEUE",),
+          "bytes queued for a guest's stdin (`busy` after)"),
+    Limit("MAX_VALUE_DEPTH", 128, "levels", ("wire.guest.MAX_VALUE_DEPTH",), "nesting of an eval's value"),
     Limit("TOMBSTONES", 10000, "runtimes", ("broker.core.TOMBSTONES",), "lost runtimes the broker remembers"),
     Limit("MAX_RUNTIMES_PER_CLIENT", 64, "runtimes", ("broker.core.MAX_RUNTIMES_PER_CLIENT",),
-          "a client's runtimes, default of `--max-runtimes-per-client` (`quota` past it)"),
+          "a client's runtimes (`--max-runtimes-per-client`)"),
     Limit("MAX_INFLIGHT_PER_CLIENT", 4096, "requests", ("broker.core.MAX_INFLIGHT_PER_CLIENT",),
-          "a client's unanswered requests, default of `--max-inflight-per-client` (`quota` past it)"),
+          "a client's unanswered requests (`--max-inflight-per-client`)"),
     Limit("REFUSAL_BUDGET", 100, "messages/s", ("broker.core.REFUSAL_BUDGET",),
-          "refused messages per peer; past it the broker drops the peer's messages unread until the second ends"),
+          "refused messages per connection (broker); the rest of the second's dropped"),
     Limit("CONTROL_REFUSAL_BUDGET", 1000, "messages/s", ("daemon.daemon.CONTROL_REFUSAL_BUDGET",),
-          "refused or unknown-stream control messages per peer; past it the daemon drops the peer's unread"),
+          "refused control messages per identity (daemon); the rest dropped"),
 )  # fmt: skip
 
 
@@ -163,6 +201,10 @@ def _kind_name(spec: FieldSpec) -> str:
     return "payload frame" if spec.kind is None else spec.kind.name
 
 
+def _kind_cell(spec: FieldSpec) -> str:
+    return _cell(_kind_name(spec))
+
+
 def _req(spec: FieldSpec) -> str:
     if spec.required:
         return "yes"
@@ -180,17 +222,18 @@ def records_of(module: ModuleType) -> list[type[Record]]:
     ]
 
 
-def render_kinds(records: Iterable[type[Record]]) -> str:
+def render_kinds(records: Iterable[type[Record]], meanings: dict[str, str] = KINDS) -> str:
+    """The field kinds ``records`` use, each with its meaning from ``meanings``."""
     used: list[str] = []
     for cls in records:
         for spec in cls.FIELDS:
             name = _kind_name(spec)
             if name not in used:
                 used.append(name)
-    missing = [k for k in used if k not in KINDS]
+    missing = [k for k in used if k not in meanings]
     if missing:
-        raise KeyError(f"field kinds without a meaning in wire/spec.py KINDS: {missing}")
-    rows = [f"| {name} | {_cell(KINDS[name])} |" for name in sorted(used, key=list(KINDS).index)]
+        raise KeyError(f"field kinds without a meaning in wire/spec.py: {missing}")
+    rows = [f"| {_cell(name)} | {_cell(meanings[name])} |" for name in sorted(used, key=list(meanings).index)]
     return "\n".join(["| type | on the wire |", "|---|---|", *rows])
 
 
@@ -233,7 +276,8 @@ COMMON = 3
 
 
 def render_messages(records: Iterable[type[Record]]) -> str:
-    """One table of every record's fields; meanings shared by several records follow it once."""
+    """One table of every record's fields; meanings shared by several records follow it once
+    (``*common*``, or ``*common N*`` when one field name has several shared meanings)."""
     records = list(records)
     seen: dict[tuple[str, str], int] = {}
     for cls in records:
@@ -241,7 +285,10 @@ def render_messages(records: Iterable[type[Record]]) -> str:
             seen[(spec.name, spec.doc)] = seen.get((spec.name, spec.doc), 0) + 1
     common = [key for key, n in seen.items() if n >= COMMON and key[1]]
     names = [name for name, _ in common]
-    common = [key for key in common if names.count(key[0]) == 1]  # one shared meaning per name, or none
+    mark: dict[tuple[str, str], str] = {}
+    for key in common:
+        same = [k for k in common if k[0] == key[0]]
+        mark[key] = "*common*" if len(same) == 1 else f"*common {same.index(key) + 1}*"
     rows = ["| message | field | type | req | meaning |", "|---|---|---|---|---|"]
     shared = {cls.T for cls in records if sum(c.T == cls.T for c in records) > 1}
     for cls in records:
@@ -249,13 +296,18 @@ def render_messages(records: Iterable[type[Record]]) -> str:
         if not cls.FIELDS:
             rows.append(f"| {label} | - | | | no fields |")
         for i, spec in enumerate(cls.FIELDS):
-            meaning = "*common*" if (spec.name, spec.doc) in common else _cell(spec.doc)
+            meaning = mark.get((spec.name, spec.doc)) or _cell(spec.doc)
             rows.append(
-                f"| {label if i == 0 else ''} | `{spec.name}` | {_kind_name(spec)} | {_req(spec)} | {meaning} |"
+                f"| {label if i == 0 else ''} | `{spec.name}` | {_kind_cell(spec)} | {_req(spec)} | {meaning} |"
             )
     if common:
+        notes = [
+            f"`{name}`{'' if names.count(name) == 1 else ' (' + mark[(name, doc)].strip('*').split()[1] + ')'}: "
+            f"{_cell(doc)}"
+            for name, doc in common
+        ]
         rows.append("")
-        rows.append("*common*: " + "; ".join(f"`{name}`: {_cell(doc)}" for name, doc in common) + ".")
+        rows.append("*common*: " + "; ".join(notes) + ".")
     return "\n".join(rows)
 
 
@@ -270,8 +322,8 @@ def render_errors() -> str:
     stale = sorted(set(ERRORS) - {code for _, code in codes})
     if missing or stale:
         raise KeyError(f"wire/spec.py ERRORS: codes without a meaning {missing}, meanings without a code {stale}")
-    rows = [f"| `{code}` | `{const}` | {_cell(ERRORS[code])} |" for const, code in codes]
-    return "\n".join(["| code | constant | meaning |", "|---|---|---|", *rows])
+    rows = [f"| `{code}` | {_cell(ERRORS[code])} |" for _, code in codes]
+    return "\n".join(["| code | meaning (`wire.protocol.E_*`) |", "|---|---|", *rows])
 
 
 def _fmt_value(limit: Limit) -> str:
@@ -280,69 +332,56 @@ def _fmt_value(limit: Limit) -> str:
     return f"{text} {limit.unit}".strip()
 
 
+def _place(limit: Limit, place: str) -> str:
+    """A place as the table shows it: the module alone when the constant is named as the limit."""
+    module, _, name = place.rpartition(".") if ":" not in place else (place, "", "")
+    return f"`{module}`" if name == limit.name else f"`{place}`"
+
+
 def render_limits() -> str:
     rows = [
-        f"| `{lim.name}` | {_fmt_value(lim)} | {', '.join(f'`{p}`' for p in lim.places)} | {_cell(lim.meaning)} |"
+        f"| `{lim.name}` | {_fmt_value(lim)} | {', '.join(_place(lim, p) for p in lim.places)} | {_cell(lim.meaning)} |"
         for lim in LIMITS
     ]
     return "\n".join(["| limit | value | defined in | bounds |", "|---|---|---|---|", *rows])
 
 
-def guest_module() -> ModuleType | None:
-    """``wire.guest`` (the daemon<->guest records) if this tree has it yet."""
-    try:
-        return importlib.import_module("wire.guest")
-    except ModuleNotFoundError as exc:
-        if exc.name == "wire.guest":
-            return None
-        raise
+def guest_links() -> tuple[Link, Link]:
+    """The guest channel's two directions as link tables (every field of a record is its own)."""
+    return (
+        Link("daemon -> guest", {t: (cls, ()) for t, cls in guest.DAEMON_TO_GUEST.items()}),
+        Link("guest -> daemon", {t: (cls, ()) for t, cls in guest.GUEST_TO_DAEMON.items()}),
+    )
 
 
-#: Why a block cannot be generated in this tree (it is then not checked).
-UNAVAILABLE = "wire/guest.py is not in this tree yet: the guest channel tables are hand-written"
+def guest_records() -> list[type[Record]]:
+    """The guest channel's records: daemon -> guest first, each once."""
+    return list(dict.fromkeys([*guest.DAEMON_TO_GUEST.values(), *guest.GUEST_TO_DAEMON.values()]))
 
 
-def _guest_links() -> tuple[Link, ...] | None:
-    guest = guest_module()
-    if guest is None:
-        return None
-    links = tuple(getattr(guest, "LINKS", ()))
-    if not links or not all(isinstance(link, Link) for link in links):
-        raise TypeError("wire.guest.LINKS must be a tuple of wire.schema.Link")
-    return links
-
-
-def _guest_messages() -> str | None:
-    guest = guest_module()
-    return None if guest is None else render_messages(records_of(guest))
-
-
-#: Every block: name -> its generator (None: this tree cannot generate it, see UNAVAILABLE).
-BLOCKS: dict[str, Callable[[], str | None]] = {
+#: Every block: name -> its generator.
+BLOCKS: dict[str, Callable[[], str]] = {
     "kinds": lambda: render_kinds(records_of(messages)),
     "links": lambda: render_links(messages.LINKS),
     "messages": lambda: render_messages(records_of(messages)),
-    "guest-links": lambda: None if (links := _guest_links()) is None else render_links(links),
-    "guest-messages": _guest_messages,
+    "guest-kinds": lambda: render_kinds(guest_records(), GUEST_KINDS),
+    "guest-links": lambda: render_links(guest_links()),
+    "guest-messages": lambda: render_messages(guest_records()),
     "errors": render_errors,
     "limits": render_limits,
 }
 
 
-def render(name: str) -> str | None:
+def render(name: str) -> str:
     return BLOCKS[name]()
 
 
-def render_all() -> dict[str, str | None]:
-    """Every block by name; None for a block this tree cannot generate (see UNAVAILABLE)."""
+def render_all() -> dict[str, str]:
+    """Every block by name."""
     return {name: make() for name, make in BLOCKS.items()}
 
 
 # ---- limits against the code ----------------------------------------------------------------------
-
-
-class NotInTree(Exception):
-    """The module a limit names does not exist in this tree."""
 
 
 _JS_CONST = r"^const {name} = ([0-9 *+()-]+);"
@@ -361,8 +400,7 @@ def _arith(expr: str) -> int:
 
 
 def code_value(place: str) -> int | float:
-    """The value defined at ``place``; NotInTree if its module does not exist, LookupError if the
-    module exists but no longer defines it."""
+    """The value defined at ``place``; LookupError if its module or file no longer defines it."""
     if ":" in place:
         path, name = place.split(":", 1)
         source = (ROOT / path).read_text()
@@ -376,29 +414,116 @@ def code_value(place: str) -> int | float:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
         if exc.name is not None and module_name.startswith(exc.name):
-            raise NotInTree(f"module {module_name} does not exist in this tree") from None
+            raise LookupError(f"there is no module {module_name}; point wire/spec.py LIMITS at the constant's "
+                              "new home") from None  # fmt: skip
         raise
     if not hasattr(module, name):
         raise LookupError(f"{module_name} has no {name}; point wire/spec.py LIMITS at the constant's new home")
     return getattr(module, name)
 
 
-def limit_problems() -> tuple[list[str], list[str]]:
-    """(problems, notes): stated values that differ from the code, and places not checked."""
-    problems, notes = [], []
+def limit_problems() -> list[str]:
+    """Stated values that differ from the code, or whose constant is gone."""
+    problems = []
     for lim in LIMITS:
         for place in lim.places:
             try:
                 value = code_value(place)
-            except NotInTree as exc:
-                notes.append(f"limit {lim.name}: not checked: {exc}")
-                continue
             except LookupError as exc:
                 problems.append(f"limit {lim.name}: {exc}")
                 continue
             if value != lim.value:
                 problems.append(f"limit {lim.name}: the spec states {lim.value!r} but {place} is {value!r}")
-    return problems, notes
+    return problems
+
+
+# ---- citations of the documents in the code -------------------------------------------------------
+
+#: The documents code comments cite, by the name a citation spells.
+DOCUMENTS: dict[str, Path] = {"protocol.md": ROOT / "protocol.md", "design.md": ROOT / "docs" / "design.md"}
+
+_HEADING = re.compile(
+    r"^#{1,6}[ \t]+(?:(?P<num>\d+(?:\.\d+)*|Z\d+|Appendix [A-Z])\.?[ \t]+)?(?P<title>.+?)[ \t]*$", re.M
+)
+_DOC = re.compile(r"\b(protocol\.md|design\.md)\b")
+_NUM = r"(?:\d+(?:\.\d+)*|Z\d+|Appendix [A-Z](?:\.\d+)?)(?![\d\w])"
+#: ``doc 2.2``, ``doc section 7``, ``doc §7``, ``doc, Z5``, ``doc, Appendix A.2``, ``doc 2.13, 2.14 and 3.1``
+_NUMBERED = re.compile(rf",?[ ]*(?:§[ ]*|sections?[ ]+)?(?P<refs>{_NUM}(?:(?:,[ ]*|[ ]+and[ ]+){_NUM})*)")
+#: ``doc, "Title"`` or ``doc, Title`` (up to a closing parenthesis, a full stop, a colon or the line's end)
+_TITLED = re.compile(r',[ ]*(?:"(?P<quoted>[^"]+)"|(?P<bare>[^\s"][^).;:"\n]*?))[ ]*(?=[).;:"\n]|$)')
+
+
+@dataclass(frozen=True, slots=True)
+class Citation:
+    """One section a file cites: ``ref`` is a number (``2.2``, ``Z5``, ``Appendix A``) or a title."""
+
+    path: str
+    line: int
+    doc: str
+    ref: str
+    titled: bool
+
+
+def headings(text: str) -> tuple[set[str], set[str]]:
+    """(section numbers, lowercased titles) of a Markdown document's headings; the numbered items
+    of an appendix count as sections too (``Appendix A.2``)."""
+    nums, titles = set(), set()
+    for m in _HEADING.finditer(text):
+        if m.group("num"):
+            nums.add(m.group("num"))
+        titles.add(" ".join(m.group("title").split()).lower())
+        if (m.group("num") or "").startswith("Appendix"):
+            body = text[m.end() :].split("\n#", 1)[0]
+            nums.update(f"{m.group('num')}.{n}" for n in re.findall(r"^(\d+)\. ", body, re.M))
+    return nums, titles
+
+
+def citations_in(text: str, path: str = "") -> list[Citation]:
+    """Every citation of protocol.md or design.md in ``text``. A citation continues onto the next
+    line of a comment (``#`` or ``//``); a document name followed by a comma always starts one."""
+    found = []
+    for m in _DOC.finditer(text):
+        line = text.count("\n", 0, m.start()) + 1
+        tail = re.sub(r"[ \t]*\n[ \t]*(?:#+|//+|\*)?[ \t]*", " ", text[m.end() : m.end() + 300])
+        if tail.startswith("."):  # "protocol.md." ends a sentence
+            continue
+        if (n := _NUMBERED.match(tail)) is not None and (tail.startswith((" ", ",")) or n.start("refs") > 0):
+            for ref in re.findall(_NUM, n.group("refs")):
+                found.append(Citation(path, line, m.group(1), ref, False))
+        elif (t := _TITLED.match(tail)) is not None:
+            title = t.group("quoted") or t.group("bare")
+            found.append(Citation(path, line, m.group(1), " ".join(title.split()), True))
+        elif tail.startswith(","):
+            found.append(Citation(path, line, m.group(1), tail[1:40].strip(), True))
+    return found
+
+
+def code_files() -> list[Path]:
+    """The repository's .py and .js files (no hidden directories, caches or virtualenvs)."""
+    skip = {"__pycache__", "node_modules", "venv"}
+    return sorted(
+        p
+        for pattern in ("*.py", "*.js")
+        for p in ROOT.rglob(pattern)
+        if not any(part.startswith(".") or part in skip for part in p.relative_to(ROOT).parts)
+    )
+
+
+def citation_problems(files: Iterable[Path] | None = None, documents: dict[str, str] | None = None) -> list[str]:
+    """Citations in ``files`` (default: ``code_files()``, docs/design.md and README.md) of a section
+    that is not a heading of the cited document (``documents``: name -> text, default the files in
+    ``DOCUMENTS``)."""
+    docs = {name: path.read_text() for name, path in DOCUMENTS.items()} if documents is None else documents
+    index = {name: headings(text) for name, text in docs.items()}
+    problems = []
+    for path in [*code_files(), DOCUMENTS["design.md"], ROOT / "README.md"] if files is None else files:
+        rel = str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+        for cite in citations_in(path.read_text(errors="replace"), rel):
+            nums, titles = index[cite.doc]
+            if (cite.ref.lower() not in titles) if cite.titled else (cite.ref not in nums):
+                what = f'"{cite.ref}"' if cite.titled else cite.ref
+                problems.append(f"{cite.path}:{cite.line}: cites {cite.doc} {what}, which has no such heading")
+    return problems
 
 
 # ---- the document ---------------------------------------------------------------------------------
@@ -417,32 +542,31 @@ def blocks_in(text: str) -> dict[str, str]:
     return found
 
 
-def check_text(text: str, blocks: dict[str, str | None] | None = None) -> tuple[list[str], list[str]]:
-    """(problems, notes) of a document against the code. Each problem is a message with a diff."""
+def check_text(text: str, blocks: dict[str, str] | None = None) -> list[str]:
+    """The problems of a document against the code (``blocks``: the generated ones to compare,
+    default all). A differing block's problem shows the diff."""
     blocks = render_all() if blocks is None else blocks
-    problems, notes = [], []
+    problems = []
     try:
         found = blocks_in(text)
     except ValueError as exc:
-        return [str(exc)], []
+        return [str(exc)]
     for name in sorted(set(found) - set(blocks)):
         problems.append(f"block {name!r}: no generator of that name")
     for name, want in blocks.items():
         have = found.get(name)
         if have is None:
             problems.append(f"block {name!r}: missing (add <!-- generated: {name} --> ... {END})")
-        elif want is None:
-            notes.append(f"block {name!r}: not checked: {UNAVAILABLE}")
         elif have != want.strip():
             diff = difflib.unified_diff(
                 have.splitlines(), want.strip().splitlines(), "protocol.md", "generated", lineterm="", n=1
             )
             problems.append(f"block {name!r} differs from the code:\n" + "\n".join(diff))
-    return problems, notes
+    return problems
 
 
-def write_text(text: str, blocks: dict[str, str | None]) -> str:
-    """``text`` with every generatable block replaced by its generated content."""
+def write_text(text: str, blocks: dict[str, str]) -> str:
+    """``text`` with every block in ``blocks`` replaced by its generated content."""
 
     def repl(m: re.Match[str]) -> str:
         want = blocks.get(m.group(1))
@@ -463,22 +587,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cannot generate protocol.md's tables: {exc}", file=sys.stderr)
         return 1
     if args.check:
-        problems, notes = check_text(Path(args.check).read_text(), blocks)
-        more, more_notes = limit_problems()
-        for line in [*notes, *more_notes]:
-            print(f"note: {line}", file=sys.stderr)
-        for line in [*problems, *more]:
+        problems = [*check_text(Path(args.check).read_text(), blocks), *limit_problems(), *citation_problems()]
+        for line in problems:
             print(line, file=sys.stderr)
-        return 1 if problems or more else 0
+        return 1 if problems else 0
     if args.write:
         path = Path(args.write)
         path.write_text(write_text(path.read_text(), blocks))
         return 0
     for name, text in blocks.items():
-        if text is None:
-            print(f"<!-- {name}: {UNAVAILABLE} -->\n")
-        else:
-            print(f"<!-- generated: {name} -->\n\n{text}\n\n{END}\n")
+        print(f"<!-- generated: {name} -->\n\n{text}\n\n{END}\n")
     return 0
 
 
