@@ -28,7 +28,7 @@ from client.runtime import ConsoleEntry, Runtime, to_ms
 from wire import liveness, sockets
 from wire import messages as M
 from wire import protocol as P
-from wire.auth import KeyPair, connect_with
+from wire.auth import KeyPair, connect_with, pipe_client
 from wire.scope import Scope
 
 log = logging.getLogger("client")
@@ -124,9 +124,9 @@ class Connection:
             raise from_reply(answer)
         return answer
 
-    def dial(self, kind: int, endpoint: str, server_key: bytes | None) -> zmq.asyncio.Socket:
+    def dial(self, kind: int, endpoint: str, sid: bytes, server_key: bytes | None) -> zmq.asyncio.Socket:
         sock = sockets.pipe(self.ctx, kind)
-        connect_with(sock, self.keypair, server_key)
+        pipe_client(sock, sid, self.keypair, server_key)
         sock.connect(endpoint)
         return sock
 

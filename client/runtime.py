@@ -56,8 +56,9 @@ class Host(Protocol):
         """Send a message that expects no reply; raises client.Error once the connection is gone."""
         ...
 
-    def dial(self, kind: int, endpoint: str, server_key: bytes | None) -> zmq.asyncio.Socket:
-        """A pipe socket (PUSH or PULL) connected to a daemon's ``endpoint``."""
+    def dial(self, kind: int, endpoint: str, sid: bytes, server_key: bytes | None) -> zmq.asyncio.Socket:
+        """A pipe socket (PUSH or PULL) connected to the daemon's pipe of stream ``sid`` at ``endpoint``
+        (proving the sid, or a CURVE client of ``server_key`` if the daemon has one)."""
         ...
 
     def forget(self, runtime_id: str) -> None:
@@ -216,7 +217,7 @@ class Runtime:
             self._control.cancel(sid)
 
     def _open_body(self, sid: bytes, ep: str) -> Body:
-        reader = PipeReader(self._host.dial(zmq.PULL, ep, self.daemon_key), sid)
+        reader = PipeReader(self._host.dial(zmq.PULL, ep, sid, self.daemon_key), sid)
         stream = Inbound(streams.Consumer(reader), self._cancel_remote, self._inbound_done)
         self._inbound[sid] = stream
         body = stream.body()
@@ -261,7 +262,7 @@ class Runtime:
         await self._produce(sid, ep, body)
 
     async def _produce(self, sid: bytes, ep: str, body: BodyType) -> None:
-        writer = PipeWriter(self._host.dial(zmq.PUSH, ep, self.daemon_key), sid, self._host.timeout)
+        writer = PipeWriter(self._host.dial(zmq.PUSH, ep, sid, self.daemon_key), sid, self._host.timeout)
         await send_body(writer, body, lambda: self._cancel_remote(sid))
 
     # ---- callbacks from the guest (the connection routes them here) ------------------------------

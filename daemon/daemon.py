@@ -166,13 +166,21 @@ class Daemon:
                 continue
         log.warning("control message to a client dropped: it never connected")
 
-    def bind_reader(self, sid: bytes) -> tuple[PipeReader, str]:
-        sock, ep = sockets.bind_pipe(self.ctx, zmq.PULL, self.bind_host, self.advertise_host, self.gate)
+    def bind_reader(self, sid: bytes, owner_key: bytes | None) -> tuple[PipeReader, str]:
+        sock, ep = self._bind_pipe(zmq.PULL, sid, owner_key)
         return PipeReader(sock, sid), ep
 
-    def bind_writer(self, sid: bytes) -> tuple[PipeWriter, str]:
-        sock, ep = sockets.bind_pipe(self.ctx, zmq.PUSH, self.bind_host, self.advertise_host, self.gate)
+    def bind_writer(self, sid: bytes, owner_key: bytes | None) -> tuple[PipeWriter, str]:
+        sock, ep = self._bind_pipe(zmq.PUSH, sid, owner_key)
         return PipeWriter(sock, sid), ep
+
+    def _bind_pipe(self, kind: int, sid: bytes, owner_key: bytes | None) -> tuple[zmq.asyncio.Socket, str]:
+        """A pipe only the runtime's owner can connect to (its key with CURVE, else the sid as secret)."""
+        gate = self.gate
+        assert gate is not None, "pipes are bound only while the daemon runs"
+        return sockets.bind_pipe(
+            self.ctx, kind, self.bind_host, self.advertise_host, lambda sock: gate.serve_pipe(sock, sid, owner_key)
+        )
 
     # ---- main ------------------------------------------------------------------------------------
 
@@ -187,10 +195,9 @@ class Daemon:
                 self.cgroups = await asyncio.to_thread(MemoryCgroups.find, f"{next(_daemons)}-{os.getpid()}")
             self.pool = WarmPool(deno_bin, import_map, workdir, self.default_memory_mb, self.pool_size, self.cgroups)
             self.pool.fill()
-            if self.keys is not None:
-                self.gate = Gate.for_context(self.ctx, self.keys)
+            self.gate = Gate.for_context(self.ctx, self.keys)  # without keys it guards the pipes only
             self._control = sockets.router(self.ctx)
-            if self.gate is not None:
+            if self.keys is not None:
                 self.gate.serve(self._control)
             self._control.bind(f"tcp://{self.bind_host}:{self.control_port or '*'}")
             port = self._control.getsockopt(zmq.LAST_ENDPOINT).decode().rsplit(":", 1)[1]

@@ -53,10 +53,10 @@ class RuntimeHost(Protocol):
         """Send to the runtime's owner on the control link (cancel, pipe_ready)."""
 
     def bind_reader(self, sid: bytes) -> tuple[PipeReader, str]:
-        """A bound PULL for stream ``sid`` and the endpoint the client connects to."""
+        """A bound PULL for stream ``sid`` and the endpoint the client connects to (only the owner can)."""
 
     def bind_writer(self, sid: bytes) -> tuple[PipeWriter, str]:
-        """A bound PUSH for stream ``sid`` and the endpoint the client connects to."""
+        """A bound PUSH for stream ``sid`` and the endpoint the client connects to (only the owner can)."""
 
     def register_stream(self, sid: bytes, entry: ClientCancellable) -> None:
         """Let the runtime's owner cancel ``entry`` by ``sid`` (replaces an earlier entry)."""
@@ -83,9 +83,10 @@ class DaemonLinks(Protocol):
     def control_send(self, token: bytes, msg: Record) -> None:
         """To the client whose control socket has identity ``token``."""
 
-    def bind_reader(self, sid: bytes) -> tuple[PipeReader, str]: ...
+    def bind_reader(self, sid: bytes, owner_key: bytes | None) -> tuple[PipeReader, str]:
+        """A bound PULL for stream ``sid`` that admits only the runtime's owner (wire.auth.Gate.serve_pipe)."""
 
-    def bind_writer(self, sid: bytes) -> tuple[PipeWriter, str]: ...
+    def bind_writer(self, sid: bytes, owner_key: bytes | None) -> tuple[PipeWriter, str]: ...
 
 
 class GuestPort(Protocol):

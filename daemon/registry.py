@@ -60,7 +60,7 @@ class Seat:
         self.registry = registry
         self.rt = rt
         self.owner = owner
-        self.owner_key = owner_key  # the owner's CURVE key, admitted while the runtime lives
+        self.owner_key = owner_key  # the owner's CURVE key, admitted while the runtime lives; its pipes admit only it
 
     def to_broker(self, msg: Record) -> None:
         self.links.send(msg)
@@ -72,10 +72,10 @@ class Seat:
         self.links.control_send(self.owner, msg)
 
     def bind_reader(self, sid: bytes) -> tuple[PipeReader, str]:
-        return self.links.bind_reader(sid)
+        return self.links.bind_reader(sid, self.owner_key)
 
     def bind_writer(self, sid: bytes) -> tuple[PipeWriter, str]:
-        return self.links.bind_writer(sid)
+        return self.links.bind_writer(sid, self.owner_key)
 
     def register_stream(self, sid: bytes, entry: ClientCancellable) -> None:
         self.registry.streams[sid] = Held(self, entry)

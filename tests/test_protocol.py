@@ -11,14 +11,20 @@ from wire.channel import FrameReader, GuestProtocolError, decode_header, encode_
 
 def test_pipe_messages() -> None:
     sid = P.new_id()
-    assert P.parse_pipe(P.pipe_frames(P.PIPE_DATA, sid, b"abc"), sid) == (P.PIPE_DATA, b"abc")
-    assert P.parse_pipe(P.pipe_frames(P.PIPE_END, sid), sid)[0] == P.PIPE_END
+    assert P.parse_pipe(P.pipe_frames(P.PIPE_DATA, sid, 0, b"abc"), sid, 0) == (P.PIPE_DATA, b"abc")
+    assert P.parse_pipe(P.pipe_frames(P.PIPE_END, sid, 7), sid, 7)[0] == P.PIPE_END
     with pytest.raises(P.ProtocolError, match="another stream"):
-        P.parse_pipe(P.pipe_frames(P.PIPE_DATA, P.new_id(), b"x"), sid)
+        P.parse_pipe(P.pipe_frames(P.PIPE_DATA, P.new_id(), 0, b"x"), sid, 0)
     with pytest.raises(P.ProtocolError, match="kind"):
-        P.parse_pipe([b"Q" + sid, b""], sid)
+        P.parse_pipe([P.pipe_tag(b"Q", sid, 0), b""], sid, 0)
     with pytest.raises(P.ProtocolError, match="frames"):
-        P.parse_pipe([b"D" + sid], sid)
+        P.parse_pipe([P.pipe_tag(b"D", sid, 0)], sid, 0)
+    with pytest.raises(P.ProtocolError, match="another stream"):  # a tag without its sequence number
+        P.parse_pipe([b"D" + sid, b"x"], sid, 0)
+    # a message that never arrived: the next one (DATA or END) is refused, not taken as the end
+    for kind in (P.PIPE_DATA, P.PIPE_END, P.PIPE_ERROR):
+        with pytest.raises(P.ProtocolError, match="2 arrived where 1 was expected"):
+            P.parse_pipe(P.pipe_frames(kind, sid, 2), sid, 1)
 
 
 def test_guest_channel_frames() -> None:

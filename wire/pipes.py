@@ -3,7 +3,12 @@
 Backpressure is the point: the reader receives one message only when its consumer asks for
 the next chunk, and the writer's send blocks once the small high-water marks are full, so a
 slow consumer stalls the producer instead of growing a buffer. END and ERROR travel in-band
-after the data, so they can never overtake it.
+after the data, so they can never overtake it. Every message carries its sequence number, so a
+message that never arrived (a dropped connection, or a peer that was not meant to be there) fails
+the stream instead of shortening it.
+
+Who may connect to a pipe is settled before any message moves: the daemon binds each pipe behind
+its ZAP gate (``wire.auth.Gate.serve_pipe``), and the client dials with ``wire.auth.pipe_client``.
 
 Cancellation follows the rule of docs/design.md, Z5: a pending recv on a data socket is never
 cancelled on purpose; instead the socket is closed (``abort``), and the pending read raises the
@@ -19,7 +24,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from wire.protocol import MAX_CHUNK, PIPE_DATA, PIPE_END, PIPE_ERROR, ProtocolError, parse_pipe, pipe_frames
+from wire.protocol import MAX_CHUNK, PIPE_DATA, PIPE_END, PIPE_ERROR, ProtocolError, parse_pipe, pipe_tag
 
 #: How long a finished pipe keeps flushing its last messages after the producer is done (ms).
 END_LINGER_MS = 10_000
@@ -41,6 +46,7 @@ class PipeReader:
         self.finished = False
         self._abort_reason: BaseException | None = None
         self._count = 0
+        self._seq = 0  # messages received: the sequence number the next one must carry
 
     async def read_frame(self) -> zmq.Frame | None:
         """The next chunk as a zmq.Frame (zero-copy), or None at the end of the stream."""
@@ -57,10 +63,11 @@ class PipeReader:
                 raise self._abort_reason from None
             raise
         try:
-            kind, payload = parse_pipe(frames, self.sid)
+            kind, payload = parse_pipe(frames, self.sid, self._seq)
         except ProtocolError as exc:
-            self.abort(StreamError(f"malformed pipe message: {exc.message}"))
+            self.abort(StreamError(f"the body stream broke: {exc.message}"))
             raise self._abort_reason from None  # type: ignore[misc]
+        self._seq += 1
         if kind == PIPE_DATA:
             return payload
         self.finished = True
@@ -106,46 +113,47 @@ class PipeWriter:
         self.sid = sid
         self.connect_timeout = connect_timeout
         self._connected = False
-        self._data_tag = PIPE_DATA + sid
-        self._count = 0
+        self._seq = 0  # messages the pipe has taken: the sequence number of the next one
 
-    async def _send(self, frames: list[Any]) -> None:
-        self._count += 1
-        if self._count % YIELD_EVERY == 0:
+    async def _send(self, kind: bytes, payload: Any) -> None:
+        if (self._seq + 1) % YIELD_EVERY == 0:
             await asyncio.sleep(0)
+        frames = [pipe_tag(kind, self.sid, self._seq), payload]
         if self._connected:
             await self.sock.send_multipart(frames, copy=False)
-            return
-        # the first send blocks until the consumer has connected: bound it
-        try:
-            async with asyncio.timeout(self.connect_timeout):
-                await self.sock.send_multipart(frames, copy=False)
-        except TimeoutError:
-            raise StreamError(f"the consumer did not connect within {self.connect_timeout:g}s") from None
-        self._connected = True
+        else:
+            # the first send blocks until the consumer has connected: bound it
+            try:
+                async with asyncio.timeout(self.connect_timeout):
+                    await self.sock.send_multipart(frames, copy=False)
+            except TimeoutError:
+                raise StreamError(f"the consumer did not connect within {self.connect_timeout:g}s") from None
+            self._connected = True
+        self._seq += 1
 
     async def send(self, data: Any) -> None:
         """Send one chunk, split to MAX_CHUNK; waits while the consumer is behind (backpressure)."""
         view = memoryview(data)
         if view.nbytes <= MAX_CHUNK:
             if view.nbytes:
-                await self._send([self._data_tag, data])
+                await self._send(PIPE_DATA, data)
             return
         view = view.cast("B")
         for start in range(0, view.nbytes, MAX_CHUNK):
-            await self._send([self._data_tag, view[start : start + MAX_CHUNK]])
+            await self._send(PIPE_DATA, view[start : start + MAX_CHUNK])
 
     async def end(self) -> None:
         """Mark the end in-band, then let the socket flush in the background."""
-        await self._send(pipe_frames(PIPE_END, self.sid))
+        await self._send(PIPE_END, b"")
         self.sock.close(END_LINGER_MS)
 
     async def fail(self, message: str, timeout: float = 1.0) -> None:
-        """Tell the consumer the stream failed (best effort), then close."""
+        """Tell the consumer the stream failed (best effort), then close; the text is cut to
+        MAX_CHUNK bytes (a longer frame would drop the connection instead)."""
         with contextlib.suppress(Exception):
             async with asyncio.timeout(timeout):
-                payload = message.encode("utf-8", "replace")
-                await self.sock.send_multipart(pipe_frames(PIPE_ERROR, self.sid, payload))
+                payload = message.encode("utf-8", "replace")[:MAX_CHUNK].decode("utf-8", "ignore").encode()
+                await self.sock.send_multipart([pipe_tag(PIPE_ERROR, self.sid, self._seq), payload])
         if not self.sock.closed:
             self.sock.close(END_LINGER_MS)
 

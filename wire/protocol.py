@@ -73,28 +73,41 @@ BODY_INLINE = "inline"
 # ---------------------------------------------------------------------------------------------
 # Pipe messages: what travels on a per-stream PUSH/PULL pipe.
 #
-# Each pipe message is two frames: a 17-byte tag (one kind byte + the 16-byte stream id) and the
+# Each pipe message is two frames: a 25-byte tag (one kind byte, the 16-byte stream id, and the
+# message's sequence number as an unsigned 64-bit big-endian integer, counting from 0) and the
 # payload (chunk bytes, empty for END, a UTF-8 message for ERROR). The stream id in every message
-# lets the receiver drop anything that is not its stream.
+# lets the receiver drop anything that is not its stream; the sequence number lets it notice a
+# message that never arrived (a lost connection, or a second peer that took it), so a stream
+# with a gap fails instead of ending short.
 
 PIPE_DATA = b"D"
 PIPE_END = b"E"
 PIPE_ERROR = b"X"
+#: Bytes of a pipe tag: kind, stream id, sequence number.
+PIPE_TAG = 1 + 16 + 8
 
 
-def pipe_frames(kind: bytes, sid: bytes, payload: Any = b"") -> list[Any]:
-    return [kind + sid, payload]
+def pipe_tag(kind: bytes, sid: bytes, seq: int) -> bytes:
+    return kind + sid + seq.to_bytes(8, "big")
 
 
-def parse_pipe(frames: list[Any], sid: bytes) -> tuple[bytes, Any]:
-    """(kind, payload) of one pipe message, checked against the stream it must belong to."""
+def pipe_frames(kind: bytes, sid: bytes, seq: int, payload: Any = b"") -> list[Any]:
+    return [pipe_tag(kind, sid, seq), payload]
+
+
+def parse_pipe(frames: list[Any], sid: bytes, seq: int) -> tuple[bytes, Any]:
+    """(kind, payload) of one pipe message, checked against the stream it must belong to and the
+    sequence number it must carry (the count of messages received before it)."""
     if len(frames) != 2:
         raise ProtocolError(E_BAD_MESSAGE, f"pipe message has {len(frames)} frames, expected 2")
     tag = frames[0]
     tag = tag.bytes if hasattr(tag, "bytes") else tag
-    if len(tag) != 17 or tag[1:] != sid:
+    if len(tag) != PIPE_TAG or tag[1:17] != sid:
         raise ProtocolError(E_BAD_MESSAGE, "pipe message for another stream")
     kind = tag[:1]
     if kind not in (PIPE_DATA, PIPE_END, PIPE_ERROR):
         raise ProtocolError(E_BAD_MESSAGE, f"unknown pipe message kind {kind!r}")
+    got = int.from_bytes(tag[17:], "big")
+    if got != seq:
+        raise ProtocolError(E_BAD_MESSAGE, f"pipe message {got} arrived where {seq} was expected: the stream lost data")
     return kind, frames[1]

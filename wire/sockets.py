@@ -9,12 +9,12 @@ import asyncio
 import contextlib
 import logging
 import resource
+from collections.abc import Callable
 from typing import Any
 
 import zmq
 import zmq.asyncio
 
-from wire.auth import Gate
 from wire.protocol import MAX_CHUNK, MAX_FRAME
 
 #: Messages a pipe socket queues on each side; with MAX_CHUNK this bounds a stalled stream.
@@ -99,13 +99,15 @@ def pipe(ctx: zmq.asyncio.Context, kind: int) -> zmq.asyncio.Socket:
 
 
 def bind_pipe(
-    ctx: zmq.asyncio.Context, kind: int, bind_host: str, advertise_host: str, gate: Gate | None = None
+    ctx: zmq.asyncio.Context, kind: int, bind_host: str, advertise_host: str, guard: Callable[[zmq.Socket], None]
 ) -> tuple[zmq.asyncio.Socket, str]:
-    """Bind a pipe on an ephemeral port; returns the socket and the endpoint peers should connect to."""
+    """Bind a pipe on an ephemeral port; returns the socket and the endpoint peers should connect to.
+
+    ``guard`` sets up who may connect before the socket binds (wire.auth.Gate.serve_pipe): a PUSH
+    sends round-robin to every connected peer, so a pipe must never be open to all."""
     sock = pipe(ctx, kind)
-    if gate is not None:
-        gate.serve(sock)
     try:
+        guard(sock)
         sock.bind(f"tcp://{bind_host}:*")  # the kernel picks a free ephemeral port
     except Exception:
         sock.close(0)
