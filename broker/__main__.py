@@ -8,6 +8,7 @@ import logging
 import sys
 
 from broker.broker import Broker
+from broker.core import MAX_INFLIGHT_PER_CLIENT, MAX_RUNTIMES_PER_CLIENT
 from wire.auth import exposure_warning, load_authorized, load_keypair
 from wire.service import configure_logging, run_until_signalled
 
@@ -28,6 +29,18 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     from daemon.__main__ import add_limits
 
     add_limits(p)
+    p.add_argument(
+        "--max-runtimes-per-client",
+        type=int,
+        default=MAX_RUNTIMES_PER_CLIENT,
+        help="runtimes one client may hold; more are refused with `quota` (%(default)s)",
+    )
+    p.add_argument(
+        "--max-inflight-per-client",
+        type=int,
+        default=MAX_INFLIGHT_PER_CLIENT,
+        help="requests of one client not answered yet; more are refused with `quota` (%(default)s)",
+    )
     p.add_argument(
         "--curve-keypair",
         help="this broker's CURVE key pair (NAME.key_secret from "
@@ -62,6 +75,8 @@ async def serve(args: argparse.Namespace) -> None:
         keys=keys,
         authorized=authorized,
         daemon_keys=daemon_keys,
+        max_runtimes_per_client=args.max_runtimes_per_client,
+        max_inflight_per_client=args.max_inflight_per_client,
     )
     async with asyncio.TaskGroup() as tg:
         tg.create_task(broker.run())

@@ -16,12 +16,14 @@ from typing import Any
 
 import zmq
 
-from broker.core import CLIENT, Core, Out
+from broker.core import CLIENT, MAX_INFLIGHT_PER_CLIENT, MAX_RUNTIMES_PER_CLIENT, Core, Out
 from wire import liveness, sockets
 from wire.auth import Gate, KeyPair, user_key
 from wire.protocol import MAX_FRAME
+from wire.ratelog import RateLog
 
 log = logging.getLogger("broker")
+drops = RateLog(log)
 
 Feed = Callable[[bytes, list[Any], bytes | None, float], list[Out]]
 
@@ -38,6 +40,8 @@ class Broker:
         keys: KeyPair | None = None,
         authorized: set[bytes] | None = None,
         daemon_keys: set[bytes] | None = None,
+        max_runtimes_per_client: int = MAX_RUNTIMES_PER_CLIENT,
+        max_inflight_per_client: int = MAX_INFLIGHT_PER_CLIENT,
     ) -> None:
         self.frontend_endpoint = frontend
         self.backend_endpoint = backend
@@ -45,7 +49,13 @@ class Broker:
         self.keys = keys
         self.authorized = authorized or set()  # client keys (and daemon keys, unless daemon_keys)
         self.daemon_keys = daemon_keys if daemon_keys is not None else self.authorized
-        self.core = Core(heartbeat=heartbeat, daemon_liveness=daemon_liveness, client_liveness=client_liveness)
+        self.core = Core(
+            heartbeat=heartbeat,
+            daemon_liveness=daemon_liveness,
+            client_liveness=client_liveness,
+            max_runtimes_per_client=max_runtimes_per_client,
+            max_inflight_per_client=max_inflight_per_client,
+        )
         self.ctx = sockets.context()
         self.front: zmq.asyncio.Socket | None = None
         self.back: zmq.asyncio.Socket | None = None
@@ -54,7 +64,9 @@ class Broker:
     # ---- I/O edges ---------------------------------------------------------------------------------
 
     async def run(self) -> None:
-        self.front = sockets.router(self.ctx)
+        # no handover at the frontend: a connection can never take over a connected client's
+        # routing id (and so its session); daemons re-register under a new id anyway
+        self.front = sockets.router(self.ctx, handover=False)
         self.back = sockets.router(self.ctx)
         # the gate's default set stays empty here: the broker's sockets have their own per-domain
         # sets, and an embedded daemon's control socket and pipes admit runtime owners only
@@ -81,14 +93,20 @@ class Broker:
                 gate.stop()
 
     async def _read(self, sock: zmq.asyncio.Socket, feed: Feed) -> None:
+        reader = sockets.Reader(sock)  # the other socket and the heartbeat get their turns during a flood
+        budget = self.core.budget
         while True:
-            frames = await sock.recv_multipart(copy=False)
-            ident, rest = frames[0].bytes, frames[1:]
-            sender_key = user_key(rest[0]) if self.keys is not None and rest else None
-            try:
-                self._send(feed(ident, rest, sender_key, time.monotonic()))
-            except Exception:
-                log.exception("failed to handle a message; dropped")
+            batch = await reader.batch()
+            drops, now = budget.drops, time.monotonic()
+            for frames in batch:
+                ident, rest = frames[0].bytes, frames[1:]
+                sender_key = user_key(rest[0]) if self.keys is not None and rest else None
+                try:
+                    self._send(feed(ident, rest, sender_key, now))
+                except Exception:
+                    log.exception("failed to handle a message; dropped")
+            if 2 * (budget.drops - drops) >= reader.size:
+                reader.flooded()
 
     def _send(self, outs: list[Out]) -> None:
         """Send without ever blocking a router. A message the queue has no room for is dropped; a
@@ -99,7 +117,7 @@ class Broker:
             try:
                 sockets.send_now(sock, [out.ident, *out.frames])
             except zmq.ZMQError as exc:
-                log.warning("message to %s dropped: %s", out.ident.hex(), exc.strerror)
+                drops.warning("dropped sends", "message to %s dropped: %s", out.ident.hex(), exc.strerror)
                 if out.to == CLIENT and exc.errno == zmq.EHOSTUNREACH:
                     self._send(self.core.client_gone(out.ident, "its connection is gone"))
 

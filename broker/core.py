@@ -5,6 +5,13 @@ with the time it arrived, and sends the ``Out`` records a handler returns. The s
 daemons, clients, runtimes, requests pending in each direction (down: client -> daemon, up: a
 daemon's fetch callback -> client) and the tombstones of lost runtimes.
 
+What a daemon learns of a client is an opaque session id (``c``), never its routing id: the
+routing id is the client's address at the frontend, and a peer that knew it could try to speak
+as that client. With CURVE, every message of a session must come from the key that said hello.
+Per client, the runtimes and the requests in flight are bounded (``quota``); per peer, refused
+messages are (``REFUSAL_BUDGET``): past it, the peer's messages are dropped unread for the rest
+of the second, so a flood costs the others almost nothing.
+
 A runtime is placed on the live daemon with the most free capacity; a client can only address
 its own runtimes; replies are routed by the request they answer. Who is told about a refused
 message: protocol.md 2.2; what a lost daemon or client leaves behind, and the states of a
@@ -19,6 +26,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from wire.budget import Budget
 from wire.messages import (
     CLIENT_TO_BROKER,
     DAEMON_TO_BROKER,
@@ -40,6 +48,7 @@ from wire.messages import (
 from wire.protocol import (
     E_BAD_MESSAGE,
     E_NO_DAEMON,
+    E_QUOTA,
     E_RUNTIME_LOST,
     E_TOO_LARGE,
     E_UNKNOWN_CLIENT,
@@ -49,12 +58,24 @@ from wire.protocol import (
     ProtocolError,
     new_id,
 )
+from wire.ratelog import RateLog
 from wire.schema import Envelope, Link, Route, route
 
 log = logging.getLogger("broker")
 
 #: How many lost runtime ids are remembered, so late callers get "runtime_lost", not "unknown".
 TOMBSTONES = 10_000
+#: Default of ``--max-runtimes-per-client``: runtimes one client may hold (being created or live).
+MAX_RUNTIMES_PER_CLIENT = 64
+#: Default of ``--max-inflight-per-client``: requests of one client a daemon has not answered yet.
+MAX_INFLIGHT_PER_CLIENT = 4096
+#: Refused messages a peer (client or daemon connection) may send per ``REFUSAL_WINDOW`` seconds;
+#: past it, its messages are dropped unread, unanswered, until the window ends.
+REFUSAL_BUDGET = 100
+REFUSAL_WINDOW = 1.0
+#: Refusals a correct client meets in bursts (racing a runtime's loss or limit, at its quota, while no
+#: daemon has room): answered, but not counted against the budget.
+_NOT_STRIKES = frozenset({E_RUNTIME_LOST, *LIMIT_CODES, E_QUOTA, E_NO_DAEMON})
 
 CLIENT: Literal["client"] = "client"
 DAEMON: Literal["daemon"] = "daemon"
@@ -89,11 +110,13 @@ class Daemon:
 
 @dataclass(slots=True)
 class Client:
-    ident: bytes
+    ident: bytes  # its routing id at the frontend: never leaves the broker
     token: bytes
     last_seen: float
     runtimes: set[str] = field(default_factory=set)
-    key: bytes | None = None  # CURVE public key the gate admitted it with
+    key: bytes | None = None  # CURVE public key the gate admitted it with; every message must match it
+    session: bytes = field(default_factory=new_id)  # what daemons know it by (``c``)
+    inflight: int = 0  # its entries in Core.down
 
 
 @dataclass(slots=True)
@@ -111,38 +134,65 @@ class Pending:
     rt: str
     kind: type[Record]  # the request: CreateRuntime, Eval, ... (down) or Fetch (up)
     orphan: bool = False  # a create_runtime whose client is gone: dispose what it creates
+    client: bytes = b""  # down: the routing id of the client that asked
 
 
 class Core:
     """The broker's state machine: feed it messages and heartbeat ticks, send what it returns."""
 
-    def __init__(self, *, heartbeat: float = 1.0, daemon_liveness: int = 3, client_liveness: int = 10) -> None:
+    def __init__(
+        self,
+        *,
+        heartbeat: float = 1.0,
+        daemon_liveness: int = 3,
+        client_liveness: int = 10,
+        max_runtimes_per_client: int = MAX_RUNTIMES_PER_CLIENT,
+        max_inflight_per_client: int = MAX_INFLIGHT_PER_CLIENT,
+    ) -> None:
         self.heartbeat = heartbeat
         self.daemon_liveness = daemon_liveness
         self.client_liveness = client_liveness
+        self.max_runtimes_per_client = max_runtimes_per_client
+        self.max_inflight_per_client = max_inflight_per_client
         self.daemons: dict[bytes, Daemon] = {}
         self.clients: dict[bytes, Client] = {}
         self.runtimes: dict[str, Runtime] = {}
-        self.down: dict[tuple[bytes, int], Pending] = {}  # (client, id) -> daemon
+        self.down: dict[tuple[bytes, int], Pending] = {}  # (client session, id) -> daemon
         self.up: dict[tuple[bytes, int], Pending] = {}  # (daemon, id) -> client
         self.tombstones: OrderedDict[tuple[bytes, str], tuple[str, str]] = OrderedDict()
+        self.budget = Budget(REFUSAL_BUDGET, REFUSAL_WINDOW)  # per (CLIENT or DAEMON, routing id)
+        self.ratelog = RateLog(log)
+        self._now = 0.0
         self._out: list[Out] = []
 
     # ---- what the shell calls; each returns the messages to send -------------------------------------
 
     def from_client(self, ident: bytes, frames: list[Any], sender_key: bytes | None, now: float) -> list[Out]:
         """A message from a client; ``sender_key`` is the CURVE key the gate admitted it with."""
+        self._now = now
+        if self._over_budget(CLIENT, ident, now):
+            return []  # a flooding peer: dropped unread
+        client = self.clients.get(ident)
+        if client is not None and client.key != sender_key:
+            self._impostor(client, now)
+            return self._flush()
         try:
             self._client_message(ident, _open(frames, CLIENT_TO_BROKER), sender_key, now)
         except ProtocolError as exc:
+            if exc.code not in _NOT_STRIKES:
+                self._strike(CLIENT, ident, now)
             self._refuse_client(ident, route(frames), exc)
         return self._flush()
 
     def from_daemon(self, ident: bytes, frames: list[Any], sender_key: bytes | None, now: float) -> list[Out]:
         """A message from a daemon; ``sender_key`` is the CURVE key the gate admitted it with."""
+        self._now = now
+        if self._over_budget(DAEMON, ident, now):
+            return []
         try:
             self._daemon_message(ident, _open(frames, DAEMON_TO_BROKER).parse(), frames, sender_key, now)
         except ProtocolError as exc:
+            self._strike(DAEMON, ident, now)
             self._refuse_daemon(ident, route(frames), exc)
         return self._flush()
 
@@ -156,6 +206,9 @@ class Core:
 
         ``stall`` is how long the shell could not listen (its event loop overran the heartbeat
         interval): that silence is the broker's, not the peers', and is forgiven."""
+        self._now = now
+        self._forgive(now)
+        self.ratelog.flush(now)
         for peer in [*self.daemons.values(), *self.clients.values()]:
             peer.last_seen += stall
         for ident, daemon in list(self.daemons.items()):
@@ -176,6 +229,48 @@ class Core:
     def _flush(self) -> list[Out]:
         out, self._out = self._out, []
         return out
+
+    # ---- the refusal budget: a peer that floods is throttled, nobody else ------------------------------
+
+    def _over_budget(self, side: Literal["client", "daemon"], ident: bytes, now: float) -> bool:
+        return self.budget.over((side, ident), now)
+
+    def _strike(self, side: Literal["client", "daemon"], ident: bytes, now: float) -> None:
+        if self.budget.strike((side, ident), now):
+            self.ratelog.warning(
+                f"throttled {side}s",
+                "%s %s sent %d refused messages within %gs: its messages are dropped unread until %gs have passed",
+                side,
+                ident.hex(),
+                REFUSAL_BUDGET,
+                REFUSAL_WINDOW,
+                REFUSAL_WINDOW,
+                now=now,
+            )
+
+    def _forgive(self, now: float) -> None:
+        """Forget the windows that have ended (the table holds only this window's offenders)."""
+        for (side, ident), dropped in self.budget.expire(now):
+            self.ratelog.log(
+                logging.INFO,
+                "floods dropped",
+                "dropped %d messages of %s %s unread (over its refusal budget)",
+                dropped,
+                side,
+                ident.hex(),
+                now=now,
+            )
+
+    def _pend(self, client: Client, req_id: int, pending: Pending) -> None:
+        pending.client = client.ident
+        self.down[(client.session, req_id)] = pending
+        client.inflight += 1
+
+    def _unpend(self, key: tuple[bytes, int]) -> Pending:
+        pending = self.down.pop(key)
+        if (client := self.clients.get(pending.client)) is not None and client.session == key[0]:
+            client.inflight -= 1
+        return pending
 
     @property
     def _heartbeat_ms(self) -> int:
@@ -209,8 +304,11 @@ class Core:
         rt = self._owned(client, r)  # another client's runtime stays unknown, whatever the message holds
         msg = env.parse()
         if isinstance(msg, RUNTIME_REQUESTS):
-            self.down[(ident, msg.id)] = Pending(rt.daemon, rt.rt, type(msg))
-            self._send(DAEMON, rt.daemon, msg.replace(c=ident))
+            self._check_inflight(client)
+            if (client.session, msg.id) in self.down:
+                raise ProtocolError(E_BAD_MESSAGE, f"request id {msg.id} is already in flight")
+            self._pend(client, msg.id, Pending(rt.daemon, rt.rt, type(msg)))
+            self._send(DAEMON, rt.daemon, msg.replace(c=client.session))
             return
         pending = self.up.get((rt.daemon, msg.id))  # ok / error answering a daemon's fetch callback
         if pending is None or pending.peer != ident:
@@ -221,7 +319,9 @@ class Core:
     def _refuse_client(self, ident: bytes, r: Route, exc: ProtocolError) -> None:
         """Answer a refused client message. A refused answer to a daemon's callback fails that
         callback, and the client hears of it without an id: its own request ids are another space."""
-        log.warning("refused a message from client %s: %s", ident.hex(), exc.message)
+        self.ratelog.warning(
+            "refused client messages", "refused a message from client %s: %s", ident.hex(), exc.message, now=self._now
+        )
         if r.t not in ("ok", "error"):
             self._send(CLIENT, ident, error(exc.code, exc.message, r.id))
             return
@@ -233,6 +333,15 @@ class Core:
                 why = f"the client's answer was refused: {exc.message}"
                 self._send(DAEMON, rt.daemon, error(exc.code, why, r.id))
         self._send(CLIENT, ident, error(exc.code, exc.message))
+
+    def _impostor(self, client: Client, now: float) -> None:
+        """Only the key that opened a session may use it, whatever routing id a peer presents
+        (with CURVE; without it both keys are None). Refused unread: nothing of the session changes."""
+        self._strike(CLIENT, client.ident, now)
+        self.ratelog.warning(
+            "impostors", "refused a message for client %s from another CURVE key", client.ident.hex(), now=now
+        )
+        self._send(CLIENT, client.ident, error(E_UNKNOWN_CLIENT, "unknown client: this session belongs to another key"))
 
     def _owned(self, client: Client, r: Route) -> Runtime:
         """The client's runtime a message names, judged before the message's other fields."""
@@ -249,7 +358,18 @@ class Core:
             raise ProtocolError(code, f"runtime {r.rt} is gone: {lost[1]}")
         raise ProtocolError(E_UNKNOWN_RUNTIME, f"no runtime {r.rt} belongs to this client")
 
+    def _check_inflight(self, client: Client) -> None:
+        if client.inflight >= self.max_inflight_per_client:
+            raise ProtocolError(
+                E_QUOTA, f"too many requests in flight: at most {self.max_inflight_per_client} per client"
+            )
+
     def _create(self, client: Client, msg: CreateRuntime) -> None:
+        if len(client.runtimes) >= self.max_runtimes_per_client:
+            raise ProtocolError(E_QUOTA, f"too many runtimes: at most {self.max_runtimes_per_client} per client")
+        self._check_inflight(client)
+        if (client.session, msg.id) in self.down:
+            raise ProtocolError(E_BAD_MESSAGE, f"request id {msg.id} is already in flight")
         live = [d for d in self.daemons.values() if d.free > 0]
         if not live:
             reason = "no daemon is connected" if not self.daemons else "every daemon is at capacity"
@@ -259,8 +379,8 @@ class Core:
         self.runtimes[rt.rt] = rt
         daemon.runtimes.add(rt.rt)
         client.runtimes.add(rt.rt)
-        self.down[(client.ident, msg.id)] = Pending(daemon.ident, rt.rt, CreateRuntime)
-        placed = msg.replace(c=client.ident, rt=rt.rt, owner=client.token, owner_key=client.key)
+        self._pend(client, msg.id, Pending(daemon.ident, rt.rt, CreateRuntime))
+        placed = msg.replace(c=client.session, rt=rt.rt, owner=client.token, owner_key=client.key)
         self._send(DAEMON, daemon.ident, placed)
 
     def _client_lost(self, ident: bytes, why: str) -> None:
@@ -274,7 +394,7 @@ class Core:
                 self._send(DAEMON, rt.daemon, Dispose(rt=rt_id))
                 self._forget(rt_id)  # also drops its callbacks: the dispose ends them at the daemon
         for key, pending in list(self.down.items()):
-            if key[0] == ident:
+            if key[0] == client.session:
                 if pending.kind is CreateRuntime:
                     pending.orphan = True  # the runtime it creates must not outlive its client
                 else:
@@ -333,7 +453,7 @@ class Core:
         # an ok's fields depend on the request; one that does not fit is refused (_refuse_daemon)
         reply = msg.parse(REPLY_OF[pending.kind]) if isinstance(msg, Reply) else msg
         ok = isinstance(msg, Reply)
-        del self.down[key]
+        self._unpend(key)
         if pending.orphan:  # its client left while the runtime was being created
             if ok:
                 self._send(DAEMON, daemon.ident, Dispose(rt=pending.rt))
@@ -345,22 +465,24 @@ class Core:
                 self._forget(pending.rt)
         elif pending.kind is Dispose and ok:
             self._forget(pending.rt)
-        self._send(CLIENT, msg.c, reply.replace(c=None))
+        self._send(CLIENT, pending.client, reply.replace(c=None))
 
     def _refuse_daemon(self, ident: bytes, r: Route, exc: ProtocolError) -> None:
         """A refused reply fails the client request it answers; a refused fetch fails at the daemon."""
-        log.warning("refused a message from daemon %s: %s", ident.hex(), exc.message)
+        self.ratelog.warning(
+            "refused daemon messages", "refused a message from daemon %s: %s", ident.hex(), exc.message, now=self._now
+        )
         if r.t in ("ok", "error") and r.c is not None and r.id is not None:
             pending = self.down.get((r.c, r.id))
             if pending is None or pending.peer != ident:
                 return
-            del self.down[(r.c, r.id)]
+            self._unpend((r.c, r.id))
             if pending.kind in (CreateRuntime, Dispose):  # the runtime must not stay half-known
                 self._send(DAEMON, ident, Dispose(rt=pending.rt))
                 self._forget(pending.rt)
             if not pending.orphan:
                 why = f"the daemon's reply was refused: {exc.message}"
-                self._send(CLIENT, r.c, error(exc.code, why, r.id))
+                self._send(CLIENT, pending.client, error(exc.code, why, r.id))
         elif r.t == "fetch" and r.id is not None:
             self._send(DAEMON, ident, error(exc.code, exc.message, r.id))
 
@@ -372,8 +494,9 @@ class Core:
         log.warning("%s; %d runtimes lost", message, len(daemon.runtimes))
         for key, pending in list(self.down.items()):
             if pending.peer == ident:
-                del self.down[key]
-                self._send(CLIENT, key[0], error(E_RUNTIME_LOST, message, key[1]))
+                self._unpend(key)
+                if not pending.orphan:
+                    self._send(CLIENT, pending.client, error(E_RUNTIME_LOST, message, key[1]))
         for key in [k for k in self.up if k[0] == ident]:
             del self.up[key]
         for rt_id in list(daemon.runtimes):

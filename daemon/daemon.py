@@ -34,11 +34,14 @@ from wire import liveness, sockets
 from wire import messages as M
 from wire import protocol as P
 from wire.auth import Gate, KeyPair, connect_with
+from wire.budget import Budget
 from wire.pipes import PipeReader, PipeWriter
+from wire.ratelog import RateLog
 from wire.schema import Record, StreamRef, route
 from wire.scope import Scope, ScopeClosed
 
 log = logging.getLogger("daemon")
+_control_log = RateLog(log)  # refused control messages: a few lines per second, whatever arrives
 
 DEFAULT_MEMORY_MB = 128
 MIN_MEMORY_MB = 16
@@ -51,6 +54,9 @@ MAX_EVAL_TIMEOUT = 300.0
 _daemons = itertools.count(1)
 #: What a client asks of a daemon (through the broker, with its route ``c``): answered, even with an error.
 _REQUESTS = (M.CreateRuntime, M.Eval, M.Dispatch, M.Stats, M.Dispose)
+#: Control messages of one peer per second that are refused or name no registered stream; past
+#: it, the peer's control messages are dropped unread until the second ends.
+CONTROL_REFUSAL_BUDGET = 1000
 
 
 class Daemon:
@@ -478,21 +484,35 @@ class Daemon:
         self.reply(M.DisposeOk(id=req_id, c=route, rt=runtime.rt))
 
     async def _control_loop(self) -> None:
+        """Cancels from clients. Anyone may connect here (without CURVE), so a flood must neither
+        starve the daemon's other work (the loop yields between batches of READ_BATCH messages) nor
+        fill its log; past CONTROL_REFUSAL_BUDGET, a peer's messages are dropped unread."""
         assert self._control is not None
         sock = self._control
+        reader = sockets.Reader(sock, copy=True)
+        budget = Budget(CONTROL_REFUSAL_BUDGET)  # per identity: refused or unknown-stream messages
         while True:
-            frames = await sock.recv_multipart()
-            if len(frames) < 2:
-                continue
-            token = frames[0]
-            try:
-                msg = M.CONTROL_TO_DAEMON.parse(frames[1:])
-                if isinstance(msg, M.Cancel):
-                    self.registry.cancel(msg.sid, token)
-            except P.ProtocolError as exc:
-                log.warning("bad control message: %s", exc.message)
-            except Exception:
-                log.exception("failed to handle a control message")
+            batch = await reader.batch()
+            now, drops = time.monotonic(), budget.drops
+            for _, dropped in budget.expire(now):
+                _control_log.warning("control floods", "dropped %d control messages of a flooding peer", dropped)
+            for frames in batch:
+                token = frames[0]
+                if budget.over(token, now):
+                    continue
+                try:
+                    msg = M.CONTROL_TO_DAEMON.parse(frames[1:])
+                    if isinstance(msg, M.Cancel):
+                        if msg.sid not in self.registry.streams:
+                            budget.strike(token, now)
+                        self.registry.cancel(msg.sid, token)
+                except P.ProtocolError as exc:
+                    budget.strike(token, now)
+                    _control_log.warning("bad control messages", "bad control message: %s", exc.message)
+                except Exception:
+                    log.exception("failed to handle a control message")
+            if 2 * (budget.drops - drops) >= reader.size:
+                reader.flooded()
 
 
 class _BrokerLost(Exception):

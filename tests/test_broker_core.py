@@ -76,12 +76,16 @@ def fetch(rt: str, fid: int = 5) -> Fetch:
 class World:
     """A core and a clock; clients and daemons are routing ids that send records or raw frames."""
 
-    def __init__(self) -> None:
-        self.core = Core(heartbeat=1.0, daemon_liveness=3, client_liveness=10)
+    def __init__(self, **limits: int) -> None:
+        self.core = Core(heartbeat=1.0, daemon_liveness=3, client_liveness=10, **limits)
         self.now = 0.0
         self.tokens: dict[bytes, bytes] = {}
+        self.s: dict[bytes, bytes] = {}  # each client's session id: its ``c`` at the daemons
+        self.keys: dict[bytes, bytes | None] = {}  # the CURVE key each client said hello with
 
-    def client(self, ident: bytes, msg: Record | list[Any], key: bytes | None = None) -> list[Out]:
+    def client(self, ident: bytes, msg: Record | list[Any], key: Any = ...) -> list[Out]:
+        """From client ``ident``, with the CURVE key it said hello with unless ``key`` is given."""
+        key = self.keys.get(ident) if key is ... else key
         return self.core.from_client(ident, msg if isinstance(msg, list) else msg.frames(), key, self.now)
 
     def daemon(self, ident: bytes, msg: Record | list[Any], key: bytes | None = None) -> list[Out]:
@@ -92,11 +96,14 @@ class World:
         assert self.daemon(ident, ready) == [to_daemon(ident, Welcome(heartbeat_ms=1000))]
 
     def hello(self, ident: bytes, key: bytes | None = None) -> bytes:
+        self.keys[ident] = key
         (out,) = self.client(ident, Hello(id=0), key)
         welcome = BROKER_TO_CLIENT.parse(out.frames)
         assert isinstance(welcome, Welcome) and welcome.token is not None
         assert out == to_client(ident, Welcome(id=0, token=welcome.token, heartbeat_ms=1000))
         self.tokens[ident] = welcome.token
+        self.s[ident] = self.core.clients[ident].session
+        assert self.s[ident] != ident and len(self.s[ident]) == 16  # daemons never learn the routing id
         return welcome.token
 
     def place(self, client: bytes, req_id: int = 1) -> tuple[bytes, str]:
@@ -104,7 +111,9 @@ class World:
         (out,) = self.client(client, CreateRuntime(id=req_id, console=True))
         fwd = BROKER_TO_DAEMON.parse(out.frames)
         assert isinstance(fwd, CreateRuntime) and fwd.rt is not None
-        placed = CreateRuntime(id=req_id, console=True, c=client, rt=fwd.rt, owner=self.tokens[client])
+        placed = CreateRuntime(
+            id=req_id, console=True, c=self.s[client], rt=fwd.rt, owner=self.tokens[client], owner_key=self.keys[client]
+        )
         assert out == to_daemon(out.ident, placed)
         return out.ident, fwd.rt
 
@@ -113,7 +122,7 @@ class World:
         daemon, rt = self.place(client, req_id)
         name = daemon.decode()
         expect = CreateOk(id=req_id, rt=rt, pid=7, control=f"tcp://{name}:1", daemon=name)
-        assert self.daemon(daemon, CreateOk(id=req_id, c=client, rt=rt, pid=7)) == [to_client(client, expect)]
+        assert self.daemon(daemon, CreateOk(id=req_id, c=self.s[client], rt=rt, pid=7)) == [to_client(client, expect)]
         return daemon, rt
 
 
@@ -132,17 +141,17 @@ def w() -> World:
 def test_hello_mints_one_token_per_client_and_the_broker_sets_owner_fields() -> None:
     w = World()
     token = w.hello(A, key=b"K" * 40)
-    assert w.hello(A) == token  # a repeated hello: the same session
+    assert w.hello(A, key=b"K" * 40) == token  # a repeated hello: the same session
     assert w.hello(B) != token
     w.join(D1)
     (out,) = w.client(A, CreateRuntime(id=1))
     rt = BROKER_TO_DAEMON.parse(out.frames).rt
-    assert out == to_daemon(D1, CreateRuntime(id=1, c=A, rt=rt, owner=token, owner_key=b"K" * 40))
+    assert out == to_daemon(D1, CreateRuntime(id=1, c=w.s[A], rt=rt, owner=token, owner_key=b"K" * 40))
     # whatever a client claims, the broker sets the route, the runtime id and the owner
     spoof = CreateRuntime(id=2, c=A, rt="mine", owner=token, owner_key=b"K" * 40)
     (out,) = w.client(B, spoof)
     rt = BROKER_TO_DAEMON.parse(out.frames).rt
-    assert rt != "mine" and out == to_daemon(D1, CreateRuntime(id=2, c=B, rt=rt, owner=w.tokens[B]))
+    assert rt != "mine" and out == to_daemon(D1, CreateRuntime(id=2, c=w.s[B], rt=rt, owner=w.tokens[B]))
 
 
 def test_anything_but_hello_from_an_unknown_client_is_unknown_client() -> None:
@@ -217,7 +226,7 @@ def test_create_ok_tells_the_client_where_the_daemon_is() -> None:
     assert w.daemon(D1, ready, key=b"authenticated") == [to_daemon(D1, Welcome(heartbeat_ms=1000))]
     _, rt = w.place(A)
     expect = CreateOk(id=1, rt=rt, pid=9, control="tcp://h:9", daemon=D1.hex(), daemon_key="authenticated")
-    assert w.daemon(D1, CreateOk(id=1, c=A, rt=rt, pid=9)) == [to_client(A, expect)]
+    assert w.daemon(D1, CreateOk(id=1, c=w.s[A], rt=rt, pid=9)) == [to_client(A, expect)]
 
 
 def test_a_failed_create_forgets_the_runtime() -> None:
@@ -225,7 +234,7 @@ def test_a_failed_create_forgets_the_runtime() -> None:
     w.hello(A)
     w.join(D1, capacity=1)
     _, rt = w.place(A)
-    assert w.daemon(D1, error(P.E_CAPACITY, "full", 1, c=A)) == [to_client(A, error(P.E_CAPACITY, "full", 1))]
+    assert w.daemon(D1, error(P.E_CAPACITY, "full", 1, c=w.s[A])) == [to_client(A, error(P.E_CAPACITY, "full", 1))]
     assert w.core.runtimes == {} and w.core.daemons[D1].free == 1
     assert w.client(A, Eval(id=2, rt=rt, source=b"1")) == [to_client(A, unknown(rt, 2))]
 
@@ -237,14 +246,14 @@ def test_requests_reach_the_runtimes_daemon_and_replies_their_client(w: World) -
     _, rt = w.create(A)
     w.join(D2)
     source = b"export default 1"
-    assert w.client(A, Eval(id=2, rt=rt, source=source)) == [to_daemon(D1, Eval(id=2, rt=rt, source=source, c=A))]
-    assert w.daemon(D1, EvalOk(id=2, value=[1, "x"], c=A)) == [to_client(A, EvalOk(id=2, value=[1, "x"]))]
-    assert w.daemon(D1, EvalOk(id=2, value=1, c=A)) == []  # answered already
+    assert w.client(A, Eval(id=2, rt=rt, source=source)) == [to_daemon(D1, Eval(id=2, rt=rt, source=source, c=w.s[A]))]
+    assert w.daemon(D1, EvalOk(id=2, value=[1, "x"], c=w.s[A])) == [to_client(A, EvalOk(id=2, value=[1, "x"]))]
+    assert w.daemon(D1, EvalOk(id=2, value=1, c=w.s[A])) == []  # answered already
     w.client(A, Dispatch(id=3, rt=rt, method="GET", url="http://x/", resp_sid=SID))
-    assert w.daemon(D2, DispatchOk(id=3, status=200, c=A)) == []  # not the daemon it went to
-    ok = DispatchOk(id=3, status=201, headers=(("a", "1"),), body=StreamRef(SID, "tcp://d:2"), c=A)
+    assert w.daemon(D2, DispatchOk(id=3, status=200, c=w.s[A])) == []  # not the daemon it went to
+    ok = DispatchOk(id=3, status=201, headers=(("a", "1"),), body=StreamRef(SID, "tcp://d:2"), c=w.s[A])
     assert w.daemon(D1, ok) == [to_client(A, ok.replace(c=None))]
-    assert w.daemon(D1, error(P.E_GUEST, "boom", 9, c=A)) == []  # nothing pending
+    assert w.daemon(D1, error(P.E_GUEST, "boom", 9, c=w.s[A])) == []  # nothing pending
 
 
 def test_a_client_can_only_address_its_own_runtimes(w: World) -> None:
@@ -260,8 +269,8 @@ def test_a_client_can_only_address_its_own_runtimes(w: World) -> None:
 
 def test_dispose_ok_forgets_the_runtime(w: World) -> None:
     _, rt = w.create(A)
-    assert w.client(A, Dispose(id=2, rt=rt)) == [to_daemon(D1, Dispose(id=2, rt=rt, c=A))]
-    assert w.daemon(D1, DisposeOk(id=2, rt=rt, c=A)) == [to_client(A, DisposeOk(id=2, rt=rt))]
+    assert w.client(A, Dispose(id=2, rt=rt)) == [to_daemon(D1, Dispose(id=2, rt=rt, c=w.s[A]))]
+    assert w.daemon(D1, DisposeOk(id=2, rt=rt, c=w.s[A])) == [to_client(A, DisposeOk(id=2, rt=rt))]
     assert w.client(A, Eval(id=3, rt=rt, source=b"1")) == [to_client(A, unknown(rt, 3))]
     assert w.core.daemons[D1].runtimes == set() and w.core.clients[A].runtimes == set()
 
@@ -371,7 +380,7 @@ def test_a_refused_reply_fails_the_clients_request(w: World) -> None:
     _, rt = w.create(A)
     w.join(D2)
     w.client(A, Dispatch(id=2, rt=rt, method="GET", url="http://x/", resp_sid=SID))
-    bad = raw(t="ok", id=2, c=A, status="x")
+    bad = raw(t="ok", id=2, c=w.s[A], status="x")
     assert w.daemon(D2, bad) == []  # not from the daemon the request went to
     why = "the daemon's reply was refused: 'ok' field 'status' must be an int"
     assert w.daemon(D1, bad) == [to_client(A, error(P.E_BAD_MESSAGE, why, 2))]
@@ -381,14 +390,14 @@ def test_a_refused_reply_fails_the_clients_request(w: World) -> None:
 def test_a_refused_create_or_dispose_reply_also_disposes_the_runtime(w: World) -> None:
     _, rt = w.place(A, 1)
     why = "the daemon's reply was refused: 'ok' needs field 'rt' (str)"
-    assert w.daemon(D1, raw(t="ok", id=1, c=A, pid=3)) == [
+    assert w.daemon(D1, raw(t="ok", id=1, c=w.s[A], pid=3)) == [
         to_daemon(D1, Dispose(rt=rt)),
         to_client(A, error(P.E_BAD_MESSAGE, why, 1)),
     ]
     assert w.core.runtimes == {}
     _, rt = w.create(A, 2)
     w.client(A, Dispose(id=3, rt=rt))
-    big = [*DisposeOk(id=3, rt=rt, c=A).frames(), b"x" * (P.MAX_FRAME + 1)]
+    big = [*DisposeOk(id=3, rt=rt, c=w.s[A]).frames(), b"x" * (P.MAX_FRAME + 1)]
     why = f"the daemon's reply was refused: a frame of {P.MAX_FRAME + 1} bytes exceeds {P.MAX_FRAME}"
     assert w.daemon(D1, big) == [to_daemon(D1, Dispose(rt=rt)), to_client(A, error(P.E_TOO_LARGE, why, 3))]
     assert w.core.runtimes == {} and w.core.daemons[D1].runtimes == set()
@@ -411,8 +420,8 @@ def test_an_unregistered_daemon_is_not_listened_to(w: World) -> None:
     _, rt = w.place(A)
     assert w.daemon(b"stranger", Heartbeat(load=1)) == []
     assert w.daemon(b"stranger", fetch(rt)) == []
-    assert w.daemon(b"stranger", CreateOk(id=1, c=A, rt=rt)) == []
-    assert w.core.up == {} and (A, 1) in w.core.down and list(w.core.daemons) == [D1]
+    assert w.daemon(b"stranger", CreateOk(id=1, c=w.s[A], rt=rt)) == []
+    assert w.core.up == {} and (w.s[A], 1) in w.core.down and list(w.core.daemons) == [D1]
 
 
 # ---- orphaned creates and client loss ---------------------------------------------------------------------
@@ -421,8 +430,8 @@ def test_an_unregistered_daemon_is_not_listened_to(w: World) -> None:
 def test_a_create_whose_client_left_is_disposed_when_it_completes(w: World) -> None:
     _, rt = w.place(A, 1)
     assert w.client(A, Bye()) == [to_daemon(D1, Dispose(rt=rt))]  # the daemon may not have it yet
-    assert w.core.runtimes == {} and w.core.down[(A, 1)].orphan
-    assert w.daemon(D1, CreateOk(id=1, c=A, rt=rt, pid=3)) == [to_daemon(D1, Dispose(rt=rt))]  # nothing to A
+    assert w.core.runtimes == {} and w.core.down[(w.s[A], 1)].orphan
+    assert w.daemon(D1, CreateOk(id=1, c=w.s[A], rt=rt, pid=3)) == [to_daemon(D1, Dispose(rt=rt))]  # nothing to A
     assert w.core.down == {}
 
 
@@ -431,8 +440,8 @@ def test_a_failed_or_refused_orphaned_create_tells_nobody(w: World) -> None:
     _, rt_b = w.place(B, 1)
     assert w.core.client_gone(A, "its connection is gone") == [to_daemon(D1, Dispose(rt=rt_a))]
     w.core.client_gone(B, "its connection is gone")
-    assert w.daemon(D1, error(P.E_INTERNAL, "no", 1, c=A)) == []
-    assert w.daemon(D1, raw(t="ok", id=1, c=B)) == [to_daemon(D1, Dispose(rt=rt_b))]  # refused, still disposed
+    assert w.daemon(D1, error(P.E_INTERNAL, "no", 1, c=w.s[A])) == []
+    assert w.daemon(D1, raw(t="ok", id=1, c=w.s[B])) == [to_daemon(D1, Dispose(rt=rt_b))]  # refused, still disposed
     assert w.core.down == {}
 
 
@@ -443,7 +452,7 @@ def test_client_loss_disposes_its_runtimes_and_forgets_its_requests_and_callback
     assert w.core.client_gone(A, "its connection is gone") == [to_daemon(D1, Dispose(rt=rt))]
     assert w.core.client_gone(A, "again") == []
     assert w.core.down == {} and w.core.up == {} and w.core.runtimes == {}
-    assert w.daemon(D1, EvalOk(id=2, value=1, c=A)) == []
+    assert w.daemon(D1, EvalOk(id=2, value=1, c=w.s[A])) == []
     assert w.daemon(D1, fetch(rt, 6)) == [to_daemon(D1, error(P.E_UNKNOWN_RUNTIME, "no such runtime", 6))]
     w.hello(A)  # a new session: the old runtime is unknown (no tombstone for a disposed runtime)
     assert w.client(A, Stats(id=3, rt=rt)) == [to_client(A, unknown(rt, 3))]
@@ -474,7 +483,7 @@ def test_daemon_loss_fails_pending_requests_and_tells_owners(w: World) -> None:
     assert w.core.daemons == {} and w.core.runtimes == {} and w.core.down == {} and w.core.up == {}
     gone = f"runtime {rt_new} is gone: {message}"
     assert w.client(A, Eval(id=3, rt=rt_new, source=b"1")) == [to_client(A, error(P.E_RUNTIME_LOST, gone, 3))]
-    assert w.daemon(D1, EvalOk(id=2, value=1, c=B)) == []  # a late reply from the lost daemon
+    assert w.daemon(D1, EvalOk(id=2, value=1, c=w.s[B])) == []  # a late reply from the lost daemon
 
 
 def test_a_daemon_that_registers_again_is_a_new_daemon(w: World) -> None:
@@ -511,3 +520,124 @@ def test_a_silent_client_is_lost_and_its_runtimes_disposed() -> None:
     assert w.core.tick(10.0) == [to_daemon(D1, Heartbeat()), to_client(A, Heartbeat())]
     assert w.core.tick(10.5) == [to_daemon(D1, Heartbeat()), to_daemon(D1, Dispose(rt=rt))]
     assert w.core.clients == {} and w.core.runtimes == {}
+
+
+# ---- sessions cannot be taken over (issue 8, finding 3) ------------------------------------------------
+
+
+def test_daemons_know_an_opaque_session_that_a_new_hello_replaces(w: World) -> None:
+    _, rt = w.create(A)
+    (out,) = w.client(A, Eval(id=2, rt=rt, source=b"1"))
+    assert out == to_daemon(D1, Eval(id=2, rt=rt, source=b"1", c=w.s[A]))  # not A's routing id
+    old = w.s[A]
+    w.client(A, Bye())
+    w.hello(A)
+    assert w.s[A] != old
+    _, rt2 = w.create(A, 2)
+    w.client(A, Eval(id=2, rt=rt2, source=b"1"))
+    assert w.daemon(D1, EvalOk(id=2, value=1, c=old)) == []  # the old session's late reply goes nowhere
+    assert w.daemon(D1, EvalOk(id=2, value=1, c=A)) == []  # nor does one addressed by routing id
+    assert w.daemon(D1, EvalOk(id=2, value=1, c=w.s[A])) == [to_client(A, EvalOk(id=2, value=1))]
+
+
+def test_with_curve_only_the_key_that_said_hello_may_use_the_session() -> None:
+    w = World()
+    w.join(D1)
+    k1, k2 = b"1" * 40, b"2" * 40
+    token = w.hello(A, key=k1)
+    _, rt = w.create(A)
+    w.daemon(D1, fetch(rt))
+    refused = [to_client(A, error(P.E_UNKNOWN_CLIENT, "unknown client: this session belongs to another key"))]
+    for msg in (
+        Eval(id=2, rt=rt, source=b"1"),
+        Bye(),
+        Hello(id=3),  # no token for another key
+        FetchOk(id=5, rt=rt, status=200),
+        raw(t="ok", id=5, rt=rt, status="x"),  # not even a refused answer fails the owner's callback
+        Heartbeat(),
+    ):
+        assert w.client(A, msg, key=k2) == refused
+        assert w.client(A, msg, key=None) == refused
+    assert rt in w.core.runtimes and (D1, 5) in w.core.up and w.core.clients[A].token == token
+    assert w.core.clients[A].last_seen == 0 and w.core.down == {}
+    # the key that said hello is still served
+    assert w.client(A, Eval(id=4, rt=rt, source=b"1"), key=k1) == [
+        to_daemon(D1, Eval(id=4, rt=rt, source=b"1", c=w.s[A]))
+    ]
+
+
+# ---- per-client quotas ---------------------------------------------------------------------------------
+
+
+def test_a_client_holds_at_most_its_quota_of_runtimes() -> None:
+    w = World(max_runtimes_per_client=2)
+    w.join(D1, capacity=10)
+    w.hello(A)
+    w.hello(B)
+    _, rt1 = w.create(A, 1)
+    w.place(A, 2)  # being created counts too
+    why = "too many runtimes: at most 2 per client"
+    assert w.client(A, CreateRuntime(id=3)) == [to_client(A, error(P.E_QUOTA, why, 3))]
+    w.create(B, 1)  # another client is not affected
+    w.client(A, Dispose(id=4, rt=rt1))
+    w.daemon(D1, DisposeOk(id=4, rt=rt1, c=w.s[A]))
+    w.place(A, 5)  # room again
+
+
+def test_a_client_has_at_most_its_quota_of_requests_in_flight() -> None:
+    w = World(max_inflight_per_client=2)
+    w.join(D1)
+    w.hello(A)
+    w.hello(B)
+    _, rt = w.create(A, 1)
+    _, rt_b = w.create(B, 1)
+    assert w.client(A, Eval(id=2, rt=rt, source=b"1"))[0].to == DAEMON
+    why = "request id 2 is already in flight"
+    assert w.client(A, Eval(id=2, rt=rt, source=b"1")) == [to_client(A, error(P.E_BAD_MESSAGE, why, 2))]
+    assert w.client(A, Stats(id=3, rt=rt))[0].to == DAEMON
+    why = "too many requests in flight: at most 2 per client"
+    assert w.client(A, Eval(id=4, rt=rt, source=b"1")) == [to_client(A, error(P.E_QUOTA, why, 4))]
+    assert w.client(A, CreateRuntime(id=5)) == [to_client(A, error(P.E_QUOTA, why, 5))]
+    assert w.client(B, Eval(id=2, rt=rt_b, source=b"1"))[0].to == DAEMON  # B has its own quota
+    w.daemon(D1, EvalOk(id=2, value=1, c=w.s[A]))
+    assert w.client(A, Eval(id=6, rt=rt, source=b"1"))[0].to == DAEMON  # answered: room again
+    w.daemon(D1, raw(t="ok", id=3, c=w.s[A], x="stats must be a map"))  # a refused reply frees its slot too
+    assert w.core.clients[A].inflight == 1
+    w.now = 4.0  # the daemon is lost: every pending request is answered, and the counts follow
+    w.core.tick(w.now)
+    assert w.core.down == {} and w.core.clients[A].inflight == 0 and w.core.clients[B].inflight == 0
+
+
+# ---- floods (issue 8, finding 2) ----------------------------------------------------------------------
+
+
+def test_a_peer_past_its_refusal_budget_is_dropped_unread_until_the_window_ends(
+    w: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    _, rt = w.create(B)
+    flooder = b"flooder"
+    caplog.set_level("INFO", logger="broker")
+    answered = [w.client(flooder, [b"\xc1 garbage"]) for _ in range(5 * broker.core.REFUSAL_BUDGET)]
+    assert all(len(outs) == 1 for outs in answered[: broker.core.REFUSAL_BUDGET])
+    assert all(outs == [] for outs in answered[broker.core.REFUSAL_BUDGET :])
+    # the others are served meanwhile, their own refusals counted on their own
+    assert w.client(B, Eval(id=2, rt=rt, source=b"1")) == [to_daemon(D1, Eval(id=2, rt=rt, source=b"1", c=w.s[B]))]
+    assert w.client(B, Stats(id=3, rt="x")) == [to_client(B, unknown("x", 3))]
+    # a daemon-side flood: the same budget, per daemon connection
+    assert sum(len(w.daemon(b"stranger", raw(t="fetch", id=1))) for _ in range(500)) == broker.core.REFUSAL_BUDGET
+    assert w.daemon(D1, raw(t="fetch", id=1)) != []
+    assert len(caplog.records) < 10  # a few lines, not one per refused message
+    w.now = broker.core.REFUSAL_WINDOW
+    w.core.tick(w.now)
+    assert w.core.budget.peers == {}
+    assert len(w.client(flooder, [b"\xc1 garbage"])) == 1  # a new window
+    assert any("dropped 400 messages of client" in r.getMessage() for r in caplog.records)
+    assert any("more in the last" in r.getMessage() for r in caplog.records)
+
+
+def test_refusals_a_correct_client_meets_in_bursts_do_not_count(w: World) -> None:
+    _, rt = w.create(A)
+    w.daemon(D1, RuntimeLost(rt=rt, message="gone"))  # requests racing the loss are refused...
+    for i in range(3 * broker.core.REFUSAL_BUDGET):
+        assert w.client(A, Eval(id=i, rt=rt, source=b"1"))[0].to == CLIENT
+    assert w.client(A, Heartbeat()) == [] and w.core.budget.peers == {}  # ...but A is not throttled

@@ -60,7 +60,7 @@ R = TypeVar("R", bound=Record)
 
 _ID = "request id; the reply carries it"
 _RT = "runtime id (32 hex characters, minted by the broker)"
-_C = "the client's route at the broker; set by the broker on what it forwards to a daemon, echoed in the reply"
+_C = "the client's opaque session id (not its route); set by the broker on what it forwards to a daemon, echoed"
 
 
 # ---- sessions and liveness -------------------------------------------------------------------------

@@ -92,6 +92,7 @@ ERRORS: dict[str, str] = {
     "runtime_lost": "the runtime is gone for good (also a `runtime_lost.code`)",
     "no_daemon": "no daemon has a free slot",
     "capacity": "the chosen daemon was full",
+    "quota": "the client is at its quota of runtimes or requests in flight (broker)",
     "guest_error": "the guest code threw; with `name`, `message`, `stack`; the runtime lives on",
     "timeout": "an eval timed out (the runtime is stopped; also a `runtime_lost.code`), or `stats`",
     "memory_limit": "the runtime exceeded its memory limit (also a `runtime_lost.code`)",
@@ -169,6 +170,14 @@ LIMITS: tuple[Limit, ...] = (
           "bytes queued for a guest's stdin (`busy` after)"),
     Limit("MAX_VALUE_DEPTH", 128, "levels", ("wire.guest.MAX_VALUE_DEPTH",), "nesting of an eval's value"),
     Limit("TOMBSTONES", 10000, "runtimes", ("broker.core.TOMBSTONES",), "lost runtimes the broker remembers"),
+    Limit("MAX_RUNTIMES_PER_CLIENT", 64, "runtimes", ("broker.core.MAX_RUNTIMES_PER_CLIENT",),
+          "a client's runtimes (`--max-runtimes-per-client`)"),
+    Limit("MAX_INFLIGHT_PER_CLIENT", 4096, "requests", ("broker.core.MAX_INFLIGHT_PER_CLIENT",),
+          "a client's unanswered requests (`--max-inflight-per-client`)"),
+    Limit("REFUSAL_BUDGET", 100, "messages/s", ("broker.core.REFUSAL_BUDGET",),
+          "refused messages per connection (broker); the rest of the second's dropped"),
+    Limit("CONTROL_REFUSAL_BUDGET", 1000, "messages/s", ("daemon.daemon.CONTROL_REFUSAL_BUDGET",),
+          "refused control messages per identity (daemon); the rest dropped"),
 )  # fmt: skip
 
 
