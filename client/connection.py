@@ -146,18 +146,19 @@ class Connection:
     # ---- reading -------------------------------------------------------------------------------------
 
     async def _read(self) -> None:
+        reader = sockets.Reader(self.sock)  # bounded batches: the app's other tasks get their turns
         while True:
-            frames = await self.sock.recv_multipart(copy=False)
-            self._last_seen = time.monotonic()
-            try:
-                msg = M.BROKER_TO_CLIENT.parse(frames)
-            except P.ProtocolError as exc:
-                log.warning("bad message from the broker: %s", exc.message)
-                continue
-            try:
-                self._route(msg)
-            except Exception:
-                log.exception("failed to handle %s from the broker", msg.T)
+            for frames in await reader.batch():
+                self._last_seen = time.monotonic()
+                try:
+                    msg = M.BROKER_TO_CLIENT.parse(frames)
+                except P.ProtocolError as exc:
+                    log.warning("bad message from the broker: %s", exc.message)
+                    continue
+                try:
+                    self._route(msg)
+                except Exception:
+                    log.exception("failed to handle %s from the broker", msg.T)
 
     def _route(self, msg: Answer) -> None:
         if isinstance(msg, M.Heartbeat):

@@ -29,6 +29,7 @@ const MAX_FRAME = 16 * 1024 * 1024; // largest frame this bootstrap reads from t
 let WINDOW, MAX_CHUNK, INLINE_MAX, MAX_VALUE, MAX_CONSOLE, MAX_CONSOLE_ARGS, CONSOLE_RATE, MAX_ERROR_TEXT,
   MAX_ERROR_NAME, MAX_HEAD, MAX_STATUS_TEXT;
 let MAX_PENDING_FETCHES, MAX_STREAMS; // what this runtime may have pending (checked in fetch())
+let MAX_VALUE_DEPTH; // nesting of an eval's value (the daemon's JSON parser must never recurse deeper)
 let config = null; // { fetch, console } once `init` has arrived
 
 function init(h) {
@@ -36,9 +37,9 @@ function init(h) {
   ({ window: WINDOW, max_chunk: MAX_CHUNK, inline_max: INLINE_MAX, max_value: MAX_VALUE, max_console: MAX_CONSOLE,
     max_console_args: MAX_CONSOLE_ARGS, console_rate: CONSOLE_RATE, max_error_text: MAX_ERROR_TEXT,
     max_error_name: MAX_ERROR_NAME, max_head: MAX_HEAD, max_status_text: MAX_STATUS_TEXT } = h);
-  ({ max_pending_fetches: MAX_PENDING_FETCHES, max_streams: MAX_STREAMS } = h);
+  ({ max_pending_fetches: MAX_PENDING_FETCHES, max_streams: MAX_STREAMS, max_value_depth: MAX_VALUE_DEPTH } = h);
   for (const v of [WINDOW, MAX_CHUNK, INLINE_MAX, MAX_VALUE, MAX_CONSOLE, MAX_CONSOLE_ARGS, CONSOLE_RATE,
-    MAX_ERROR_TEXT, MAX_ERROR_NAME, MAX_HEAD, MAX_STATUS_TEXT, MAX_PENDING_FETCHES, MAX_STREAMS]) {
+    MAX_ERROR_TEXT, MAX_ERROR_NAME, MAX_HEAD, MAX_STATUS_TEXT, MAX_PENDING_FETCHES, MAX_STREAMS, MAX_VALUE_DEPTH]) {
     if (typeof v !== "number" || !(v > 0)) fatal(`init without its limits: ${stringify(h)}`);
   }
   config = { fetch: !!h.fetch, console: !!h.console };
@@ -109,6 +110,7 @@ const sliceView = (chunk, off, n) => new Uint8Array(bufferOf(chunk), byteOffsetO
 const encodeText = uncurry(TextEncoder.prototype.encode);
 const stringify = JSON.stringify;
 const sliceString = uncurry(String.prototype.slice);
+const charCodeAt = uncurry(String.prototype.charCodeAt);
 
 // HTTP heads are read through the getters of the real classes, captured here: a guest that
 // redefines `status` on its Response, patches Request.prototype.method or
@@ -369,6 +371,21 @@ function onInbound(h, body) {
 }
 
 // ---- eval ----------------------------------------------------------------------------------------
+// How deeply a JSON text nests arrays and objects (brackets inside strings do not count).
+function jsonDepth(json) {
+  let depth = 0, max = 0, inString = false;
+  for (let i = 0; i < json.length; i++) {
+    const c = charCodeAt(json, i);
+    if (inString) {
+      if (c === 92) i++; // a backslash escapes the next character
+      else if (c === 34) inString = false;
+    } else if (c === 34) inString = true;
+    else if (c === 91 || c === 123) { if (++depth > max) max = depth; }
+    else if (c === 93 || c === 125) depth--;
+  }
+  return max;
+}
+
 async function runEval(h) {
   const url = URL.createObjectURL(new Blob([h.code], { type: "text/javascript" }));
   try {
@@ -380,6 +397,9 @@ async function runEval(h) {
       if (json.length > MAX_VALUE) {
         throw new RangeError(`the default export is too large to return (${json.length} characters of JSON; `
           + `the limit is ${MAX_VALUE})`);
+      }
+      if (jsonDepth(json) > MAX_VALUE_DEPTH) {
+        throw new RangeError(`the default export is nested more than ${MAX_VALUE_DEPTH} levels deep`);
       }
       value = JSON.parse(json);
     }

@@ -305,24 +305,28 @@ class Daemon:
             self.send(M.Heartbeat(load=len(self.runtimes) + self._starting))
 
     async def _read_broker(self, sock: zmq.asyncio.Socket) -> None:
+        reader = sockets.Reader(sock)  # bounded batches: guests' frames, pipes and timers get their turns
         while True:
-            frames = await sock.recv_multipart(copy=False)
-            self._last_seen = time.monotonic()
-            try:
-                msg = M.BROKER_TO_DAEMON.parse(frames)
-            except P.ProtocolError as exc:
-                self._refuse(frames, exc)
-                continue
-            try:
-                self.ON_BROKER[msg.T](self, msg)
-            except Exception as exc:  # one bad message must never take the daemon down
-                code, text = (exc.code, exc.message) if isinstance(exc, P.ProtocolError) else (P.E_INTERNAL, repr(exc))
-                if code == P.E_INTERNAL:
-                    log.exception("failed to handle %s from the broker", msg.T)
-                else:
-                    log.warning("rejected %s from the broker: %s", msg.T, text)
-                if isinstance(msg, _REQUESTS) and msg.c is not None and msg.id is not None:
-                    self.send(M.error(code, text, msg.id, c=msg.c))
+            for frames in await reader.batch():
+                self._last_seen = time.monotonic()
+                self._from_broker(frames)
+
+    def _from_broker(self, frames: list[Any]) -> None:
+        try:
+            msg = M.BROKER_TO_DAEMON.parse(frames)
+        except P.ProtocolError as exc:
+            self._refuse(frames, exc)
+            return
+        try:
+            self.ON_BROKER[msg.T](self, msg)
+        except Exception as exc:  # one bad message must never take the daemon down
+            code, text = (exc.code, exc.message) if isinstance(exc, P.ProtocolError) else (P.E_INTERNAL, repr(exc))
+            if code == P.E_INTERNAL:
+                log.exception("failed to handle %s from the broker", msg.T)
+            else:
+                log.warning("rejected %s from the broker: %s", msg.T, text)
+            if isinstance(msg, _REQUESTS) and msg.c is not None and msg.id is not None:
+                self.send(M.error(code, text, msg.id, c=msg.c))
 
     def _refuse(self, frames: list[Any], exc: P.ProtocolError) -> None:
         """A message from the broker that does not parse: answer it if it says whom to answer."""

@@ -235,6 +235,12 @@ async def test_deep_values_and_bad_status_get_clear_errors(broker: Broker) -> No
         with pytest.raises(client.GuestError, match="nested"):
             await rt.eval('export default JSON.parse("[".repeat(600) + "]".repeat(600));', timeout=20)
         assert time.monotonic() - t0 < 5
+        # deeper than the daemon's own JSON parser could follow: refused in the guest, same error
+        with pytest.raises(client.GuestError, match="nested"):
+            await rt.eval('export default JSON.parse("[".repeat(5000) + "]".repeat(5000));', timeout=20)
+        with pytest.raises(client.GuestError, match="nested"):
+            await rt.eval('export default JSON.parse(\'{"a":\'.repeat(3000) + "1" + "}".repeat(3000));', timeout=20)
+        assert await rt.eval('export default ["[[[[", {"}": "]]]]"}];') == ["[[[[", {"}": "]]]]"}]
         assert await rt.eval("export default JSON.parse('[[[1]]]');") == [[[1]]]
         await rt.eval(
             """serve(() => { const r = new Response("x"); Object.defineProperty(r, "status", { value: 999 });

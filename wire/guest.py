@@ -187,6 +187,7 @@ class Init(Record):
     max_status_text: int = F(INT, MAX_STATUS_TEXT, "characters of a response's statusText")
     max_pending_fetches: int = F(INT, MAX_PENDING_FETCHES, "fetch() calls waiting for their head")
     max_streams: int = F(INT, MAX_STREAMS, "bodies open at once, both directions")
+    max_value_depth: int = F(INT, MAX_VALUE_DEPTH, "levels an eval's value may nest")
 
 
 @record("eval")
