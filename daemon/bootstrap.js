@@ -111,6 +111,12 @@ const encodeText = uncurry(TextEncoder.prototype.encode);
 const stringify = JSON.stringify;
 const sliceString = uncurry(String.prototype.slice);
 const charCodeAt = uncurry(String.prototype.charCodeAt);
+// what the read loop uses: a guest that patches a typed-array getter, TextDecoder or JSON.parse
+// while a frame from the daemon arrives must not make the loop misread the channel
+const lengthOf = uncurry(getOwnPropertyDescriptor(TypedArrayPrototype, "length").get);
+const copyWithin = uncurry(TypedArrayPrototype.copyWithin);
+const decodeText = uncurry(TextDecoder.prototype.decode);
+const parseJSON = JSON.parse;
 
 // HTTP heads are read through the getters of the real classes, captured here: a guest that
 // redefines `status` on its Response, patches Request.prototype.method or
@@ -170,23 +176,26 @@ async function readLoop() {
   let buf = new Uint8Array(1 << 20);
   let start = 0;
   let end = 0;
+  // element reads of a typed array consult no prototype; everything else is a captured intrinsic
+  const u32 = (at) => ((buf[at] << 24) | (buf[at + 1] << 16) | (buf[at + 2] << 8) | buf[at + 3]) >>> 0;
+  const grow = (size) => { const grown = new Uint8Array(size); copyInto(grown, sliceView(buf, 0, end)); buf = grown; };
   for (;;) {
     let need = 4;
     while (end - start >= 4) {
-      const dv = new DataView(buf.buffer, buf.byteOffset + start, end - start);
-      const len = dv.getUint32(0);
+      const len = u32(start);
       if (len > MAX_FRAME + 8) fatal(`frame of ${len} bytes from the daemon`);
       if (end - start - 4 < len) { need = len + 4; break; }
-      const hlen = dv.getUint32(4);
-      const header = JSON.parse(dec.decode(buf.subarray(start + 8, start + 8 + hlen)));
-      const body = buf.slice(start + 8 + hlen, start + 4 + len);
+      const hlen = u32(start + 4);
+      const header = parseJSON(decodeText(dec, sliceView(buf, start + 8, hlen)));
+      const body = new Uint8Array(len - 4 - hlen);
+      copyInto(body, sliceView(buf, start + 8 + hlen, len - 4 - hlen));
       start += 4 + len;
       try { handle(header, body); } catch (e) { fatal(`handling ${header.op}: ${e?.stack ?? e}`); }
     }
-    if (start > 0) { buf.copyWithin(0, start, end); end -= start; start = 0; }
-    if (need > buf.length) { const grown = new Uint8Array(need * 2); grown.set(buf.subarray(0, end)); buf = grown; }
-    if (buf.length - end < 65536) { const grown = new Uint8Array(buf.length * 2); grown.set(buf.subarray(0, end)); buf = grown; }
-    const n = await stdin.read(buf.subarray(end));
+    if (start > 0) { copyWithin(buf, 0, start, end); end -= start; start = 0; }
+    if (need > lengthOf(buf)) grow(need * 2);
+    if (lengthOf(buf) - end < 65536) grow(lengthOf(buf) * 2);
+    const n = await stdin.read(sliceView(buf, end, lengthOf(buf) - end));
     if (n === null) exit(0); // the daemon is gone: so are we
     end += n;
   }

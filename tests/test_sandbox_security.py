@@ -749,9 +749,13 @@ def guest_home(pid: int) -> Path | None:
 async def test_webgpu_is_gone_and_no_web_api_loads_native_code(conn: client.Connection, broker: Any) -> None:
     """navigator.gpu loaded LLVM and DRM drivers into the guest and wrote a shader cache under HOME.
     Now WebGPU is gone, and no web API the guest can reach maps a library an idle guest does not."""
-    before = set().union(*(mapped_libraries(p) for p in guest_pids(broker)))
-    assert any("libc.so" in lib or "libc-" in lib for lib in before), before  # the maps were really read
     rt = await conn.create_runtime()
+
+    def idle_libraries() -> set[str]:  # the guests alive now (pool processes come and go)
+        libs: set[str] = set().union(*(mapped_libraries(p) for p in guest_pids(broker)))
+        return libs if any("libc.so" in lib or "libc-" in lib for lib in libs) else set()
+
+    before = await await_until(idle_libraries, "guest processes' memory maps could be read")
     result = await probe(rt, SWEEP)
     assert result["gpu"] == {"ok": True, "value": ["undefined", False, "undefined"]}
     assert result["gpu_classes"] == {"ok": True, "value": []}
