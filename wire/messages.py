@@ -60,7 +60,7 @@ R = TypeVar("R", bound=Record)
 
 _ID = "request id; the reply carries it"
 _RT = "runtime id (32 hex characters, minted by the broker)"
-_C = "the client's opaque session id (not its route); set by the broker on what it forwards to a daemon, echoed"
+_C = "the client's opaque session id (never its route), set by the broker toward daemons; echoed"
 
 
 # ---- sessions and liveness -------------------------------------------------------------------------
@@ -78,7 +78,7 @@ class Welcome(Record):
     """Broker -> client (answer to `hello`) and broker -> daemon (answer to `ready`)."""
 
     id: int | None = F(U64, None, "the `hello`'s id")
-    token: bytes | None = F(BIN16, None, "the client's secret token: its identity on control links (clients only)")
+    token: bytes | None = F(BIN16, None, "the client's secret token: its control-link identity")
     heartbeat_ms: int = F(INT, doc="the broker's heartbeat interval in ms")
 
 
@@ -102,7 +102,7 @@ class Ready(Record):
     control: str = F(ENDPOINT, doc="its control ROUTER as clients reach it")
     name: str | None = F(STR, None, "shown in logs and create replies")
     load: int = F(INT, 0, "runtimes it already hosts")
-    key: str | None = F(STR, None, "its CURVE public key (Z85); with CURVE the broker uses the authenticated key")
+    key: str | None = F(STR, None, "its CURVE key (Z85); the broker uses the authenticated one")
 
 
 # ---- client requests (forwarded by the broker with `c` to the daemon) -----------------------------
@@ -115,16 +115,16 @@ class CreateRuntime(Record):
     id: int = F(U64, doc=_ID)
     fetch: bool = F(BOOL, False, "the client answers `fetch` callbacks")
     console: bool = F(BOOL, False, "the client wants `console` messages")
-    memory_limit_mb: int | None = F(INT, None, "V8 heap limit (MiB), 16..16384; default: the daemon's")
+    memory_limit_mb: int | None = F(INT, None, "V8 heap limit (MiB), from 16 to the daemon's maximum")
     eval_timeout_ms: int | None = F(INT, None, "default eval timeout (ms, > 0); default: the daemon's")
     cpu_limit_ms: int | None = F(
         INT, None, "CPU (ms, > 0) one event-loop turn of the guest may use; default: the daemon's"
     )
-    request_cpu_ms: int | None = F(INT, None, "CPU (ms, > 0) a dispatch may use before its head; default: the daemon's")
+    request_cpu_ms: int | None = F(INT, None, "CPU (ms) a dispatch may use before its head")
     c: bytes | None = F(BIN, None, _C)
     rt: str | None = F(STR, None, "broker -> daemon: the id the broker minted")
-    owner: bytes | None = F(BIN, None, "broker -> daemon: the owner's token (identity on the control link)")
-    owner_key: bytes | None = F(BIN, None, "broker -> daemon, with CURVE: the owner's public key (Z85 bytes)")
+    owner: bytes | None = F(BIN, None, "broker -> daemon: the owner's token")
+    owner_key: bytes | None = F(BIN, None, "broker -> daemon, with CURVE: the owner's key (Z85)")
 
 
 @record("eval")
@@ -147,7 +147,7 @@ class Dispatch(Record):
     method: str = F(STR, doc="HTTP method")
     url: str = F(STR, doc="absolute URL")
     headers: tuple[tuple[str, str], ...] = F(HEADERS, (), "request headers")
-    resp_sid: bytes = F(BIN16, doc="stream id of the response body, chosen by the client; cancels the request")
+    resp_sid: bytes = F(BIN16, doc="the response body's stream id (client-chosen); cancels the request")
     body: Body = F(BODY, None, "request body: absent, inline, or {sid} (endpoint follows in `pipe_ready`)")
     c: bytes | None = F(BIN, None, _C)
 
