@@ -173,3 +173,17 @@ async def conn(broker: Broker) -> AsyncIterator[client.Connection]:
         yield c
     finally:
         await c.close()
+
+
+def make_keys(tmp: Path, names: tuple[str, ...], authorized: tuple[str, ...]) -> Path:
+    """CURVE key pairs for ``names`` in ``tmp/secrets`` (``python -m wire.auth``'s own code), and
+    the public keys of ``authorized`` in ``tmp/authorized``; returns ``tmp``."""
+    from wire.auth import main as keygen
+
+    secrets, public = tmp / "secrets", tmp / "authorized"
+    for name in names:
+        assert keygen([str(secrets), name]) == 0
+    public.mkdir()
+    for name in authorized:
+        (public / f"{name}.key").write_bytes((secrets / f"{name}.key").read_bytes())
+    return tmp

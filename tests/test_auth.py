@@ -9,20 +9,13 @@ from pathlib import Path
 import pytest
 
 import client
-from tests.conftest import Broker, Daemon, await_until, create_when_ready
+from tests.conftest import Broker, Daemon, await_until, create_when_ready, make_keys
 from wire.auth import load_keypair, load_public_key
-from wire.auth import main as keygen
 
 
 @pytest.fixture
 def keys(tmp_path: Path) -> Path:
-    secrets, public = tmp_path / "secrets", tmp_path / "authorized"
-    for name in ("broker", "daemon", "alice", "eve"):
-        assert keygen([str(secrets), name]) == 0
-    public.mkdir()
-    for name in ("daemon", "alice"):  # eve is not authorized
-        (public / f"{name}.key").write_bytes((secrets / f"{name}.key").read_bytes())
-    return tmp_path
+    return make_keys(tmp_path, ("broker", "daemon", "alice", "eve"), ("daemon", "alice"))  # eve is not authorized
 
 
 async def test_only_authorized_peers_get_in_and_everything_works_over_curve(keys: Path) -> None:

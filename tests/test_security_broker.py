@@ -18,11 +18,10 @@ import zmq
 import zmq.asyncio
 
 import client
-from tests.conftest import Broker, await_until, create_when_ready
+from tests.conftest import Broker, await_until, create_when_ready, make_keys
 from wire import messages as M
 from wire import protocol as P
 from wire.auth import connect_with, load_keypair, load_public_key
-from wire.auth import main as keygen
 
 
 @pytest.fixture
@@ -107,13 +106,7 @@ async def test_a_rogue_daemon_learns_no_routing_id_and_cannot_take_over_a_sessio
 
 @pytest.fixture
 def keys(tmp_path: Path) -> Path:
-    secrets, public = tmp_path / "secrets", tmp_path / "authorized"
-    for name in ("broker", "alice", "mallory"):
-        assert keygen([str(secrets), name]) == 0
-    public.mkdir()
-    for name in ("alice", "mallory"):  # both authorized clients
-        (public / f"{name}.key").write_bytes((secrets / f"{name}.key").read_bytes())
-    return tmp_path
+    return make_keys(tmp_path, ("broker", "alice", "mallory"), ("alice", "mallory"))  # both authorized clients
 
 
 async def test_with_curve_a_client_that_learns_anothers_routing_id_cannot_act_as_it(

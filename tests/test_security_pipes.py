@@ -27,11 +27,10 @@ from zmq.utils.monitor import parse_monitor_message
 import client
 from client.bodies import Inbound
 from scripts.kit.upstream import JS_HELPERS
-from tests.conftest import Broker, await_until, create_when_ready
+from tests.conftest import Broker, await_until, create_when_ready, make_keys
 from wire import protocol as P
 from wire import sockets, streams
 from wire.auth import load_keypair, load_public_key
-from wire.auth import main as keygen
 from wire.pipes import PipeReader, PipeWriter, StreamError
 
 KiB = 1024
@@ -235,13 +234,7 @@ async def test_a_co_tenant_cannot_inject_into_a_victims_upload(broker: Broker) -
 
 @pytest.fixture
 def keys(tmp_path: Path) -> Path:
-    secrets, public = tmp_path / "secrets", tmp_path / "authorized"
-    for name in ("broker", "alice", "mallory"):
-        assert keygen([str(secrets), name]) == 0
-    public.mkdir()
-    for name in ("alice", "mallory"):  # mallory is an authorized client, a co-tenant of alice
-        (public / f"{name}.key").write_bytes((secrets / f"{name}.key").read_bytes())
-    return tmp_path
+    return make_keys(tmp_path, ("broker", "alice", "mallory"), ("alice", "mallory"))  # mallory: an authorized co-tenant
 
 
 async def test_with_curve_an_authorized_co_tenant_cannot_read_a_victims_body(keys: Path) -> None:
