@@ -324,8 +324,10 @@ class GuestProcess:
         if self.cgroup is not None and self.proc.returncode is not None:
             cgroups, path = self.cgroup
             self.cgroup = None
-            self._oom_killed = cgroups.oom_killed(path)
-            cgroups.remove(path)
+            # in a thread: removing a memory cgroup makes the kernel give its charges back, which
+            # took up to a second per cgroup under load, and the daemon's loop must not wait for it
+            self._oom_killed = await asyncio.to_thread(cgroups.oom_killed, path)
+            await asyncio.to_thread(cgroups.remove, path)
         await asyncio.wait([self._err_reader], timeout=1)
         if not self._err_reader.done():  # a grandchild may hold stderr open: stop reading it
             self._err_reader.cancel()

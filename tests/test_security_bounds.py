@@ -212,7 +212,10 @@ async def test_wedged_guest_stdin_is_bounded(own_broker: Broker) -> None:
             growth = rss_mb(own_broker.pid) - base
             first = next(c for c in calls if c.done() and c.exception() is not None).exception()
             assert first.code == "busy" and "MiB" in str(first), first
-            assert growth < 80, f"broker+daemon RSS grew {growth:.0f} MB"
+            # unbounded, every 900 KB source stays queued for the guest: 300 of them grew it by ~270 MB
+            # (303 MB measured before the fix); bounded, what is left is sources in flight between
+            # the broker and its embedded daemon, and allocator slack (84-136 MB seen under load)
+            assert growth < 180, f"broker+daemon RSS grew {growth:.0f} MB"
             t0 = time.monotonic()
             await rt.dispose()
             results = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 10)

@@ -19,14 +19,22 @@ from scripts.bench.scenarios import SCENARIOS
 BROKER_ARGS = ("--max-runtimes", "200")
 
 
+def _describe(exc: BaseException) -> str:
+    """The error text of a failed scenario; a TaskGroup's error names its distinct sub-errors."""
+    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    if isinstance(exc, BaseExceptionGroup):
+        subs = sorted({_describe(e) for e in exc.exceptions})
+        text += " [" + "; ".join(subs[:3]) + (f"; +{len(subs) - 3} more" if len(subs) > 3 else "") + "]"
+    return text
+
+
 async def run_scenario(env: Env, name: str) -> list[Row]:
     t0 = time.monotonic()
     try:
         async with asyncio.timeout(env.plan.scenario_timeout):
             rows = await SCENARIOS[name](env)
     except Exception as exc:
-        message = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-        rows = [Row(name, "error", error=message)]
+        rows = [Row(name, "error", error=_describe(exc))]
     say(f"{name}: {'FAILED ' + rows[0].error if rows[0].error else 'done'} in {time.monotonic() - t0:.1f} s")
     return rows
 

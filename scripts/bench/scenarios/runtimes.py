@@ -40,40 +40,51 @@ async def create_times(conn: client.Connection, n: int, pause: float, memory_lim
     return out
 
 
-async def sustained_creates(conn: client.Connection, n: int, rate: float) -> list[float]:
+async def sustained_creates(conn: client.Connection, n: int, rate: float) -> tuple[list[float], int]:
     """``n`` creates started at a fixed ``rate`` per second (open loop: a slow create does not delay
-    the next one), each runtime disposed as soon as it is created; returns the create times in ms.
+    the next one), each runtime disposed as soon as it is created; returns the create times in ms
+    and how many creates the broker refused with ``quota`` (when creates fall so far behind that
+    the client holds its maximum of runtimes at once; a broker without quotas never refuses).
 
     Unlike create_times, the pool gets no time to refill, so this shows what a busy application sees."""
     out: list[float] = []
+    refused = 0
     start = time.monotonic()
 
     async def one(i: int) -> None:
+        nonlocal refused
         await asyncio.sleep(max(0.0, start + i / rate - time.monotonic()))  # the arrival schedule
         t0 = time.perf_counter()
-        rt = await conn.create_runtime(timeout=30)
+        try:
+            rt = await conn.create_runtime(timeout=30)
+        except client.RequestRejected as exc:
+            if exc.code != "quota":
+                raise
+            refused += 1
+            return
         out.append((time.perf_counter() - t0) * 1000)
         await rt.dispose()
 
     async with asyncio.TaskGroup() as tg:
         for i in range(n):
             tg.create_task(one(i))
-    return out
+    return out, refused
 
 
 async def create_runtime(env: Env) -> list[Row]:
     p = env.plan
     warm: list[float] = []
     cold: list[float] = []
-    busy: dict[str, list[float]] = {"p50": [], "p99": []}
+    busy: dict[str, list[float]] = {"p50": [], "p99": [], "refused": []}
     async with connection(env) as conn:
         for _ in range(p.rounds):
             warm.append(percentile(await create_times(conn, p.creates_warm, p.create_pause, None), 50))
             cold.append(percentile(await create_times(conn, p.creates_cold, p.create_pause, COLD_MEMORY_MB), 50))
             await settle_children(env, POOL_SIZE)  # each sustained round starts from a full pool
-            times = await sustained_creates(conn, p.creates_sustained, SUSTAINED_RATE)
+            times, refused = await sustained_creates(conn, p.creates_sustained, SUSTAINED_RATE)
             busy["p50"].append(percentile(times, 50))
             busy["p99"].append(percentile(times, 99))
+            busy["refused"].append(refused)
     s = "create_runtime"
     rate = f"{SUSTAINED_RATE:g}/s"
     return [
@@ -97,6 +108,13 @@ async def create_runtime(env: Env) -> list[Row]:
             f"each disposed once created; the pool (size {POOL_SIZE}) refills as it can",
         ),
         figure(s, f"p99 at a sustained {rate}", "ms", busy["p99"], baseline=("cold", cold)),
+        figure(
+            s,
+            f"creates refused (quota) at a sustained {rate}",
+            "",
+            busy["refused"],
+            note="per round; the broker refuses a create while the client holds its quota of runtimes",
+        ),
     ]
 
 
