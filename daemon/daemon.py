@@ -25,6 +25,7 @@ from typing import Any
 import deno
 import zmq
 
+from daemon import spawner
 from daemon.limits import CPU_EVERY, WATCH_INTERVAL, MemoryCgroups, MemoryWatch, TurnWatch
 from daemon.pool import WarmPool, write_import_map
 from daemon.ports import OkReply
@@ -221,6 +222,7 @@ class Daemon:
                 await asyncio.gather(*(r.finished.wait() for r in runtimes))
         if self.pool is not None:
             await self.pool.close()
+        spawner.shutdown()  # after every guest is gone: the helper that started them goes too
         await self.scope.aclose()
         for sock in (self._control, self._broker_sock):
             if sock is not None:

@@ -21,8 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from daemon import sandbox
-from daemon.limits import MemoryCgroups, cpu_seconds, enter_cgroup
+from daemon import sandbox, spawner
+from daemon.limits import MemoryCgroups, cpu_seconds
 from wire import guest as G
 from wire.channel import FrameReader, GuestProtocolError, frame_head
 from wire.protocol import ProtocolError
@@ -61,7 +61,7 @@ class GuestProcess:
 
     def __init__(
         self,
-        proc: asyncio.subprocess.Process,
+        proc: spawner.Child,
         stdout_fd: int,
         memory_limit_mb: int,
         home: Path,
@@ -133,29 +133,13 @@ class GuestProcess:
         read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
         source_fd = os.open(BOOTSTRAP, os.O_RDONLY | os.O_CLOEXEC)
 
-        cgroup_procs = cgroup and str(cgroup[1] / "cgroup.procs")
-
-        def preexec() -> None:  # in the child, between fork and exec
-            os.setpgid(0, 0)
-            if cgroup_procs is not None:  # charged to its own cgroup from its first page on (before
-                enter_cgroup(cgroup_procs)  # landlock, which forbids that write)
-            sandbox.confine(layers)
-            # last, as it may replace whatever the parent had at 3 (open: source_fd is open and the
-            # lowest free number is taken first); close_fds then keeps it, as it is in pass_fds
-            os.dup2(source_fd, BOOTSTRAP_FD)
-            os.set_inheritable(BOOTSTRAP_FD, True)
-
+        cgroup_procs = str(cgroup[1] / "cgroup.procs") if cgroup is not None else None
         try:
             _widen_pipe(read_fd)
-            proc = await asyncio.create_subprocess_exec(
-                *argv,
-                stdin=asyncio.subprocess.PIPE,
-                stdout=write_fd,
-                stderr=asyncio.subprocess.PIPE,
-                env=env,
-                cwd=private,
-                pass_fds=(BOOTSTRAP_FD,),
-                preexec_fn=preexec,
+            # the spawner process forks it, confines it (cgroup, sandbox layers, its own process
+            # group) and puts the bootstrap's source at BOOTSTRAP_FD (daemon/spawner.py: why)
+            proc = await spawner.start_child(
+                argv, env, private, write_fd, cgroup_procs, layers, source_fd, BOOTSTRAP_FD
             )
         except BaseException:
             os.close(read_fd)

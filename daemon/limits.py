@@ -229,16 +229,6 @@ class MemoryCgroups:
         _sweep_one(self.parent)
 
 
-def enter_cgroup(procs: str) -> None:
-    """In the forked child before exec: move this process into the cgroup whose ``cgroup.procs``
-    file is ``procs`` (only os calls: no Python locks in a forked child)."""
-    fd = os.open(procs, os.O_WRONLY)
-    try:
-        os.write(fd, str(os.getpid()).encode())
-    finally:
-        os.close(fd)
-
-
 def _read(path: Path) -> str:
     try:
         return path.read_text()

@@ -212,3 +212,21 @@ def confine(layers: Layers) -> None:
         _landlock(layers.landlock)
     if layers.seccomp:
         _seccomp()
+
+
+def die_with_parent() -> None:
+    """SIGKILL this process when its parent (thread) exits; exit now if that already happened."""
+    parent = os.getppid()
+    _libc.prctl(PR_SET_PDEATHSIG, 9, 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(70)
+
+
+def enter_cgroup(procs: str) -> None:
+    """In the forked child before exec: move this process into the cgroup whose ``cgroup.procs``
+    file is ``procs`` (only os calls)."""
+    fd = os.open(procs, os.O_WRONLY)
+    try:
+        os.write(fd, str(os.getpid()).encode())
+    finally:
+        os.close(fd)

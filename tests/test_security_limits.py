@@ -15,6 +15,7 @@ import pytest
 
 import client
 from daemon.limits import TurnWatch
+from scripts.kit.procs import descendants
 from tests.conftest import Broker, await_until
 
 SPIN_HANDLER = "serve(() => { while (true) {} });"
@@ -178,14 +179,15 @@ HOG = (
 
 def _deno_anon_mb(parent: int) -> dict[int, float]:
     """Private resident memory (RssAnon: what a cgroup charges it; its mapped Deno binary is shared
-    page cache) of every Deno process whose parent is ``parent``."""
+    page cache) of every Deno process under ``parent`` (the daemon's spawner starts them)."""
     peaks = {}
-    for status in Path("/proc").glob("[0-9]*/status"):
+    for pid in descendants(parent):
+        status = Path(f"/proc/{pid}/status")
         try:
             fields = dict(line.split(":", 1) for line in status.read_text().splitlines() if ":" in line)
         except (OSError, ValueError):
             continue
-        if fields.get("PPid", "").strip() == str(parent) and fields.get("Name", "").strip() == "deno":
+        if fields.get("Name", "").strip() == "deno":
             peaks[int(status.parent.name)] = int(fields.get("RssAnon", "0 kB").split()[0]) / 1024
     return peaks
 
