@@ -268,3 +268,38 @@ async def test_runtime_routes_guest_ops_and_releases_everything_at_its_end() -> 
     assert host.out[-1] == M.RuntimeLost(rt="r1", code="runtime_lost", message="the runtime process exited")
     with pytest.raises(ProtocolError):
         rt.ensure_alive()
+
+
+# ---- the spawner ----------------------------------------------------------------------------------
+
+
+async def test_the_spawner_starts_guests_as_its_own_children() -> None:
+    """Guests are forked by the spawner helper, not by the daemon's (possibly huge) process: the
+    child's parent is the helper, it gets the descriptors asked for, and its exit is seen."""
+    import os
+
+    from daemon import sandbox, spawner
+
+    out_r, out_w = os.pipe()
+    source = os.open("/dev/null", os.O_RDONLY)
+    try:
+        child = await spawner.start_child(
+            ["/bin/sh", "-c", 'echo "$$ $PPID"; test -r /dev/fd/3 && echo fd3'],
+            {"PATH": "/usr/bin:/bin"}, "/", out_w, None, sandbox.Layers("", 0, False), source, 3,
+        )  # fmt: skip
+    finally:
+        os.close(out_w)
+        os.close(source)
+    try:
+        out = b""
+        while chunk := await asyncio.to_thread(os.read, out_r, 100):
+            out += chunk
+        first, second = out.decode().splitlines()
+        pid, ppid = map(int, first.split())
+        assert pid == child.pid and ppid == spawner.get().pid and ppid != os.getpid()
+        assert second == "fd3"
+        await asyncio.wait_for(child.wait(), 10)
+        assert child.returncode is not None
+    finally:
+        os.close(out_r)
+        spawner.shutdown()
