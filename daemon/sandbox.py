@@ -202,9 +202,10 @@ def available() -> Layers:
     return layers
 
 
-def confine(layers: Layers) -> None:
-    """In the child, before exec: apply every available layer; raises if one fails."""
-    _libc.prctl(PR_SET_PDEATHSIG, 9, 0, 0, 0)  # SIGKILL when the daemon dies, even by SIGKILL
+def confine(layers: Layers, parent: int) -> None:
+    """In the child, before exec: die with ``parent`` (the pid that forked us), then apply every
+    available layer; raises if one fails."""
+    die_with_parent(parent)
     _nnp()
     if layers.netns:
         _netns(layers.netns != "netns")
@@ -214,9 +215,11 @@ def confine(layers: Layers) -> None:
         _seccomp()
 
 
-def die_with_parent() -> None:
-    """SIGKILL this process when its parent (thread) exits; exit now if that already happened."""
-    parent = os.getppid()
+def die_with_parent(parent: int) -> None:
+    """SIGKILL this process when its parent (thread) exits, even by SIGKILL; exit now if that
+    already happened. ``parent`` is the forking process's pid, read *before* the fork: a parent
+    that died between fork and prctl has already made us an orphan, and only a pid taken before
+    the fork can tell (getppid() read in the child would already name the reaper)."""
     _libc.prctl(PR_SET_PDEATHSIG, 9, 0, 0, 0)
     if os.getppid() != parent:
         os._exit(70)

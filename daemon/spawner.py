@@ -46,11 +46,12 @@ class Spawner:
     @classmethod
     def fork(cls) -> Spawner:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        daemon = os.getpid()
         pid = os.fork()
         if pid == 0:  # the helper: never returns
             try:
                 ours.close()
-                _serve(theirs)
+                _serve(theirs, daemon)
             finally:
                 os._exit(0)
         theirs.close()
@@ -111,10 +112,10 @@ def shutdown() -> None:
             _spawner = None
 
 
-def _serve(sock: socket.socket) -> None:
+def _serve(sock: socket.socket, daemon: int) -> None:
     """The helper's loop: one guest per request, until the daemon closes its end."""
     gc.disable()  # the daemon's objects it inherited are never collected here (no finalizers run)
-    sandbox.die_with_parent()
+    sandbox.die_with_parent(daemon)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # guests are reaped by the kernel
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_DFL)
@@ -146,6 +147,7 @@ def _start(request: dict[str, Any], fds: list[int]) -> int:
     layers = sandbox.Layers(*request["layers"])
     target = int(request["target_fd"])
     errors_r, errors_w = os.pipe2(os.O_CLOEXEC)
+    helper = os.getpid()
     pid = os.fork()
     if pid == 0:
         try:
@@ -156,7 +158,7 @@ def _start(request: dict[str, Any], fds: list[int]) -> int:
             os.setpgid(0, 0)
             if request["cgroup"]:  # charged to its own cgroup from its first page on (before
                 sandbox.enter_cgroup(request["cgroup"])  # landlock, which forbids that write)
-            sandbox.confine(layers)
+            sandbox.confine(layers, helper)
             os.dup2(source, target)
             os.set_inheritable(target, True)
             os.chdir(request["cwd"])

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 import client
-from scripts.kit.procs import deno_pids
+from scripts.kit.procs import deno_left, deno_pids, describe
 from scripts.kit.procs import descendants as children_of
-from tests.conftest import Broker, Daemon, await_until, joined, wait_until
+from tests.conftest import Broker, Daemon, await_until, joined
 from wire import messages as M
 
 
@@ -82,7 +82,8 @@ async def test_killed_daemon_gives_owner_a_clear_error(cluster) -> None:
             await victim.eval("1")
         assert await survivor.eval("export default 'still here'") == "still here"
         # the killed daemon's Deno processes die with it (PR_SET_PDEATHSIG)
-        assert wait_until(lambda: not (set(guests_of_d1) & deno_pids()), 5)
+        left = deno_left(guests_of_d1)
+        assert not left, f"Deno outlived its daemon: {describe(left)}"
 
 
 async def test_client_cannot_touch_another_clients_runtime(broker) -> None:
@@ -152,7 +153,8 @@ async def test_broker_sigterm_leaves_no_deno_behind(tmp_path: Path) -> None:
     finally:
         rc = b.stop(signal.SIGTERM)
     assert rc == 0
-    assert wait_until(lambda: not (kids & deno_pids()), 5), "Deno processes outlived the broker"
+    left = deno_left(kids)
+    assert not left, f"Deno processes outlived the broker: {describe(left)}"
 
 
 async def test_broker_killed_fails_pending_calls_and_leaves_no_deno(tmp_path: Path) -> None:
@@ -172,4 +174,5 @@ async def test_broker_killed_fails_pending_calls_and_leaves_no_deno(tmp_path: Pa
         with pytest.raises(client.ConnectionLost):
             await rt.eval("1")
     # the embedded daemon died with the broker; its Deno processes follow (PR_SET_PDEATHSIG)
-    assert wait_until(lambda: not (kids & deno_pids()), 5)
+    left = deno_left(kids)
+    assert not left, f"Deno processes outlived the broker: {describe(left)}"

@@ -831,11 +831,12 @@ async def test_a_confined_process_cannot_write_connect_signal_or_trace(tmp_path:
     home = tmp_path / "home"
     home.mkdir(mode=0o700)
     target = tmp_path / "outside"
+    me = os.getpid()
     async with Listener() as listener:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-S", "-c", CONFINED, str(target), str(listener.port), str(os.getpid()),
             env={"HOME": str(home), "PATH": "/usr/bin:/bin"}, stdout=asyncio.subprocess.PIPE,
-            preexec_fn=lambda: sandbox.confine(layers),
+            preexec_fn=lambda: sandbox.confine(layers, me),
         )  # fmt: skip
         async with asyncio.timeout(20):
             out, _ = await proc.communicate()

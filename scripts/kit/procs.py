@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from pathlib import Path
 
 
@@ -100,3 +101,25 @@ def tcp_queued(port: int) -> int:
                 if state == "01" and int(local.rsplit(":", 1)[1], 16) == port:  # ESTABLISHED, server side
                     total += int(queues.split(":")[0], 16)
     return total
+
+
+def describe(pids: set[int] | list[int]) -> str:
+    """What each of ``pids`` is now (state, parent, command line): for assertion messages about
+    processes that should be gone."""
+    lines = []
+    for pid in sorted(pids):
+        fields = _stat_fields(pid)
+        if fields is None:
+            lines.append(f"{pid}: gone")
+            continue
+        cmd = _cmdline(pid).replace(b"\0", b" ").decode("utf-8", "replace")[:160]
+        lines.append(f"{pid}: state {fields[0]} ppid {fields[1]} {cmd}")
+    return "; ".join(lines)
+
+
+def deno_left(pids: set[int] | list[int], timeout: float = 10.0) -> set[int]:
+    """Wait (up to ``timeout``) until none of ``pids`` is a running Deno; return those that still are."""
+    deadline = time.monotonic() + timeout
+    while (left := set(pids) & deno_pids()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return left
