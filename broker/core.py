@@ -32,7 +32,9 @@ from wire.messages import (
     DAEMON_TO_BROKER,
     REPLY_OF,
     RUNTIME_REQUESTS,
+    Acquire,
     Bye,
+    CreateOk,
     CreateRuntime,
     Dispose,
     ErrorReply,
@@ -51,10 +53,13 @@ from wire.protocol import (
     E_QUOTA,
     E_RUNTIME_LOST,
     E_TOO_LARGE,
+    E_UNAVAILABLE,
     E_UNKNOWN_CLIENT,
+    E_UNKNOWN_DAEMON,
     E_UNKNOWN_RUNTIME,
     LIMIT_CODES,
     MAX_FRAME,
+    MAX_NAME,
     ProtocolError,
     new_id,
 )
@@ -67,6 +72,10 @@ log = logging.getLogger("broker")
 TOMBSTONES = 10_000
 #: Default of ``--max-runtimes-per-client``: runtimes one client may hold (being created or live).
 MAX_RUNTIMES_PER_CLIENT = 64
+#: Default of ``--max-keep-alive``: the longest a named runtime may outlive its session (seconds).
+MAX_KEEP_ALIVE = 3600.0
+#: A named runtime created without ``keep_alive_ms`` outlives its session this long (seconds).
+DEFAULT_KEEP_ALIVE = 60.0
 #: Default of ``--max-inflight-per-client``: requests of one client a daemon has not answered yet.
 MAX_INFLIGHT_PER_CLIENT = 4096
 #: Refused messages a peer (client or daemon connection) may send per ``REFUSAL_WINDOW`` seconds;
@@ -110,20 +119,29 @@ class Daemon:
 
 @dataclass(slots=True)
 class Client:
+    """A connected session. Its runtimes belong to its ``token``, not to this connection: a
+    client that reconnects (to this broker after a restart, or to a standby) and says hello with
+    the token resumes them (protocol.md 5.4)."""
+
     ident: bytes  # its routing id at the frontend: never leaves the broker
-    token: bytes
+    token: bytes  # the session secret: owner of its runtimes, its control-link identity
     last_seen: float
-    runtimes: set[str] = field(default_factory=set)
     key: bytes | None = None  # CURVE public key the gate admitted it with; every message must match it
     session: bytes = field(default_factory=new_id)  # what daemons know it by (``c``)
     inflight: int = 0  # its entries in Core.down
+    resumed: bool = False  # it said hello with the token of an earlier session
 
 
 @dataclass(slots=True)
 class Runtime:
     rt: str
-    owner: bytes
+    owner: bytes  # the owning session's token
     daemon: bytes
+    owner_key: bytes | None = None
+    name: str | None = None
+    keep_alive: float = 0.0  # seconds it outlives its session (named runtimes)
+    reclaim_at: float | None = None  # while its session is away: when it is disposed
+    ready: bool = True  # False while its create_runtime is pending
 
 
 @dataclass(slots=True)
@@ -148,18 +166,26 @@ class Core:
         client_liveness: int = 10,
         max_runtimes_per_client: int = MAX_RUNTIMES_PER_CLIENT,
         max_inflight_per_client: int = MAX_INFLIGHT_PER_CLIENT,
+        reclaim_grace: float | None = None,
+        max_keep_alive: float = MAX_KEEP_ALIVE,
     ) -> None:
         self.heartbeat = heartbeat
         self.daemon_liveness = daemon_liveness
         self.client_liveness = client_liveness
         self.max_runtimes_per_client = max_runtimes_per_client
         self.max_inflight_per_client = max_inflight_per_client
+        #: how long the runtimes of a session that went silent wait for it to come back
+        self.reclaim_grace = heartbeat * client_liveness if reclaim_grace is None else reclaim_grace
+        self.max_keep_alive = max_keep_alive
+        self.sessions: dict[bytes, Client] = {}  # token -> its connected client
+        self.owned: dict[bytes, set[str]] = {}  # token -> its runtimes (connected or not)
+        self.born: float | None = None  # when the first message or tick arrived
         self.daemons: dict[bytes, Daemon] = {}
         self.clients: dict[bytes, Client] = {}
         self.runtimes: dict[str, Runtime] = {}
         self.down: dict[tuple[bytes, int], Pending] = {}  # (client session, id) -> daemon
         self.up: dict[tuple[bytes, int], Pending] = {}  # (daemon, id) -> client
-        self.tombstones: OrderedDict[tuple[bytes, str], tuple[str, str]] = OrderedDict()
+        self.tombstones: OrderedDict[str, tuple[bytes, str, str]] = OrderedDict()  # rt -> owner, code, why
         self.budget = Budget(REFUSAL_BUDGET, REFUSAL_WINDOW)  # per (CLIENT or DAEMON, routing id)
         self.ratelog = RateLog(log)
         self._now = 0.0
@@ -170,6 +196,7 @@ class Core:
     def from_client(self, ident: bytes, frames: list[Any], sender_key: bytes | None, now: float) -> list[Out]:
         """A message from a client; ``sender_key`` is the CURVE key the gate admitted it with."""
         self._now = now
+        self.born = now if self.born is None else self.born
         if self._over_budget(CLIENT, ident, now):
             return []  # a flooding peer: dropped unread
         client = self.clients.get(ident)
@@ -187,6 +214,7 @@ class Core:
     def from_daemon(self, ident: bytes, frames: list[Any], sender_key: bytes | None, now: float) -> list[Out]:
         """A message from a daemon; ``sender_key`` is the CURVE key the gate admitted it with."""
         self._now = now
+        self.born = now if self.born is None else self.born
         if self._over_budget(DAEMON, ident, now):
             return []
         try:
@@ -207,6 +235,7 @@ class Core:
         ``stall`` is how long the shell could not listen (its event loop overran the heartbeat
         interval): that silence is the broker's, not the peers', and is forgiven."""
         self._now = now
+        self.born = now if self.born is None else self.born
         self._forgive(now)
         self.ratelog.flush(now)
         for peer in [*self.daemons.values(), *self.clients.values()]:
@@ -221,6 +250,9 @@ class Core:
                 self._client_lost(ident, f"no heartbeat for {now - client.last_seen:.1f}s")
             else:
                 self._send(CLIENT, ident, _HB)
+        for rt in [r for r in self.runtimes.values() if r.reclaim_at is not None and now >= r.reclaim_at]:
+            self._send(DAEMON, rt.daemon, Dispose(rt=rt.rt))
+            self._bury(rt, E_RUNTIME_LOST, "reclaimed: its session did not come back in time")
         return self._flush()
 
     def _send(self, to: Literal["client", "daemon"], ident: bytes, msg: Record | list[Any]) -> None:
@@ -283,8 +315,8 @@ class Core:
         client = self.clients.get(ident)
         if r.t == "hello":
             hello = env.parse()
-            if client is None:
-                client = self.clients[ident] = Client(ident, new_id(), now, key=sender_key)
+            if client is None or (hello.session is not None and hello.session != client.token):
+                client = self._open_session(ident, hello.session, sender_key, now)
             self._send(CLIENT, ident, Welcome(id=hello.id, token=client.token, heartbeat_ms=self._heartbeat_ms))
             return
         if client is None:
@@ -294,12 +326,14 @@ class Core:
                 "restarted, or dropped this client after missed heartbeats)",
             )
         client.last_seen = now
-        if r.t in ("hb", "bye", "create_runtime"):
+        if r.t in ("hb", "bye", "create_runtime", "acquire"):
             msg = env.parse()
             if isinstance(msg, Bye):
-                self._client_lost(ident, "it said goodbye")
+                self._client_lost(ident, "it said goodbye", left=True)
             elif isinstance(msg, CreateRuntime):
                 self._create(client, msg)
+            elif isinstance(msg, Acquire):
+                self._acquire(client, msg)
             return
         rt = self._owned(client, r)  # another client's runtime stays unknown, whatever the message holds
         msg = env.parse()
@@ -326,7 +360,8 @@ class Core:
             self._send(CLIENT, ident, error(exc.code, exc.message, r.id))
             return
         rt = self.runtimes.get(r.rt) if r.rt is not None else None
-        if rt is not None and rt.owner == ident and r.id is not None:
+        client = self.clients.get(ident)
+        if rt is not None and client is not None and rt.owner == client.token and r.id is not None:
             pending = self.up.get((rt.daemon, r.id))
             if pending is not None and pending.peer == ident:
                 del self.up[(rt.daemon, r.id)]
@@ -350,13 +385,60 @@ class Core:
         if r.rt is None:
             raise ProtocolError(E_BAD_MESSAGE, f"{r.t!r} needs field 'rt' (str)")
         rt = self.runtimes.get(r.rt)
-        if rt is not None and rt.owner == client.ident:
+        if rt is not None and rt.owner == client.token:
             return rt
-        lost = self.tombstones.get((client.ident, r.rt))
-        if lost is not None:
-            code = lost[0] if lost[0] in LIMIT_CODES else E_RUNTIME_LOST
-            raise ProtocolError(code, f"runtime {r.rt} is gone: {lost[1]}")
+        lost = self.tombstones.get(r.rt)
+        if lost is not None and lost[0] == client.token:
+            code = lost[1] if lost[1] in LIMIT_CODES else E_RUNTIME_LOST
+            raise ProtocolError(code, f"runtime {r.rt} is gone: {lost[2]}")
+        if rt is None and client.resumed and self.born is not None and self._now - self.born < self._settling:
+            raise ProtocolError(
+                E_UNAVAILABLE,
+                f"runtime {r.rt} is not known yet: this broker started {self._now - self.born:.1f}s ago and "
+                "its daemon may not have registered again; retry",
+            )
         raise ProtocolError(E_UNKNOWN_RUNTIME, f"no runtime {r.rt} belongs to this client")
+
+    @property
+    def _settling(self) -> float:
+        """How long after its start the broker cannot tell an unknown runtime from one whose daemon
+        has not registered again yet: the daemons' liveness timeout plus a heartbeat."""
+        return self.heartbeat * (self.daemon_liveness + 1)
+
+    def _open_session(self, ident: bytes, token: bytes | None, key: bytes | None, now: float) -> Client:
+        """A new session, or the resumption of ``token``'s: by the same client after a broker restart
+        or failover, or by a new process that holds the token. With CURVE the key must match the one
+        the session's runtimes were created with."""
+        if token is not None:
+            old = self.sessions.get(token)
+            keys = {self.runtimes[rt].owner_key for rt in self.owned.get(token, ())}
+            if old is not None:
+                keys.add(old.key)
+            if keys - {key}:
+                raise ProtocolError(E_UNKNOWN_CLIENT, "unknown client: this session belongs to another key")
+            if old is not None and old.ident != ident:
+                self._client_lost(old.ident, "its session was resumed by another connection", resumed=True)
+        if ident in self.clients:
+            self._client_lost(ident, "it started another session", left=True)
+        client = self.clients[ident] = Client(ident, token or new_id(), now, key=key, resumed=token is not None)
+        self.sessions[client.token] = client
+        for rt_id in self.owned.get(client.token, ()):
+            self.runtimes[rt_id].reclaim_at = None
+        return client
+
+    def _acquire(self, client: Client, msg: Acquire) -> None:
+        for rt_id in self.owned.get(client.token, ()):
+            rt = self.runtimes[rt_id]
+            daemon = self.daemons.get(rt.daemon)
+            if rt.name == msg.name and daemon is not None and rt.ready:
+                self._send(CLIENT, client.ident, self._created(CreateOk(id=msg.id, rt=rt.rt), daemon))
+                return
+        raise ProtocolError(E_UNKNOWN_RUNTIME, f"this session has no runtime named {msg.name!r}")
+
+    @staticmethod
+    def _created(reply: CreateOk, daemon: Daemon) -> CreateOk:
+        """A create's ``ok`` with where the client's control link and pipes go (empty values left out)."""
+        return reply.replace(control=daemon.control, daemon=daemon.name or None, daemon_key=daemon.key or None)
 
     def _check_inflight(self, client: Client) -> None:
         if client.inflight >= self.max_inflight_per_client:
@@ -365,7 +447,8 @@ class Core:
             )
 
     def _create(self, client: Client, msg: CreateRuntime) -> None:
-        if len(client.runtimes) >= self.max_runtimes_per_client:
+        owned = self.owned.setdefault(client.token, set())
+        if len(owned) >= self.max_runtimes_per_client:
             raise ProtocolError(E_QUOTA, f"too many runtimes: at most {self.max_runtimes_per_client} per client")
         self._check_inflight(client)
         if (client.session, msg.id) in self.down:
@@ -374,25 +457,53 @@ class Core:
         if not live:
             reason = "no daemon is connected" if not self.daemons else "every daemon is at capacity"
             raise ProtocolError(E_NO_DAEMON, f"cannot place a runtime: {reason}")
+        keep_alive = 0.0
+        if msg.name is not None:
+            if not 0 < len(msg.name) <= MAX_NAME:
+                raise ProtocolError(E_BAD_MESSAGE, f"a runtime name has 1-{MAX_NAME} characters")
+            if any(self.runtimes[r].name == msg.name for r in owned):
+                raise ProtocolError(E_BAD_MESSAGE, f"this session already has a runtime named {msg.name!r}")
+            keep_alive = DEFAULT_KEEP_ALIVE if msg.keep_alive_ms is None else msg.keep_alive_ms / 1000
+        elif msg.keep_alive_ms is not None:
+            raise ProtocolError(E_BAD_MESSAGE, "keep_alive_ms needs a name (only named runtimes outlive a session)")
+        if not 0 <= keep_alive <= self.max_keep_alive:
+            raise ProtocolError(E_BAD_MESSAGE, f"keep_alive_ms must be 0-{self.max_keep_alive * 1000:.0f}")
         daemon = max(live, key=lambda d: d.free)  # ties: the earliest registered
-        rt = Runtime(uuid.uuid4().hex, client.ident, daemon.ident)
+        rt = Runtime(uuid.uuid4().hex, client.token, daemon.ident, client.key, msg.name, keep_alive, ready=False)
         self.runtimes[rt.rt] = rt
         daemon.runtimes.add(rt.rt)
-        client.runtimes.add(rt.rt)
+        owned.add(rt.rt)
         self._pend(client, msg.id, Pending(daemon.ident, rt.rt, CreateRuntime))
-        placed = msg.replace(c=client.session, rt=rt.rt, owner=client.token, owner_key=client.key)
+        placed = msg.replace(
+            c=client.session, rt=rt.rt, owner=client.token, owner_key=client.key,
+            keep_alive_ms=int(keep_alive * 1000) if msg.name is not None else None,
+        )  # fmt: skip
         self._send(DAEMON, daemon.ident, placed)
 
-    def _client_lost(self, ident: bytes, why: str) -> None:
+    def _client_lost(self, ident: bytes, why: str, *, left: bool = False, resumed: bool = False) -> None:
+        """A session's connection is gone. If it ``left`` (bye), its unnamed runtimes are disposed
+        now; if it went silent, they wait ``reclaim_grace`` for it to come back; named ones wait
+        their ``keep_alive`` either way (docs/design.md 2.14). ``resumed``: another connection
+        holds the session now, nothing is reclaimed."""
         client = self.clients.pop(ident, None)
         if client is None:
             return
-        log.info("client %s lost (%s); disposing %d runtimes", ident.hex(), why, len(client.runtimes))
-        for rt_id in list(client.runtimes):
-            rt = self.runtimes.get(rt_id)
-            if rt is not None:
+        if self.sessions.get(client.token) is client:
+            del self.sessions[client.token]
+        owned = self.owned.get(client.token, set())
+        log.info("client %s lost (%s); %d runtimes", ident.hex(), why, len(owned))
+        for rt_id in list(owned) if not resumed else ():
+            rt = self.runtimes[rt_id]
+            wait = rt.keep_alive if rt.name is not None else 0.0 if left else self.reclaim_grace
+            if wait > 0:
+                rt.reclaim_at = self._now + wait
+            else:
                 self._send(DAEMON, rt.daemon, Dispose(rt=rt_id))
                 self._forget(rt_id)  # also drops its callbacks: the dispose ends them at the daemon
+        for key, pending in list(self.up.items()):  # its guests' fetches: nobody will answer them
+            if pending.peer == ident:
+                del self.up[key]
+                self._send(DAEMON, key[0], error(E_UNAVAILABLE, f"the runtime's owner is gone ({why})", key[1]))
         for key, pending in list(self.down.items()):
             if key[0] == client.session:
                 if pending.kind is CreateRuntime:
@@ -409,8 +520,10 @@ class Core:
             self._register(ident, msg, sender_key, now)
             return
         daemon = self.daemons.get(ident)
-        if daemon is None:
-            return  # not registered (the broker restarted): silence makes it register again
+        if daemon is None:  # not registered (this broker restarted, or dropped it): it must register again
+            if isinstance(msg, Heartbeat):
+                self._send(DAEMON, ident, error(E_UNKNOWN_DAEMON, "unknown daemon: register (ready) again"))
+            return
         daemon.last_seen = now
         if isinstance(msg, Heartbeat):
             daemon.load = daemon.load if msg.load is None else msg.load
@@ -422,16 +535,26 @@ class Core:
                 if isinstance(msg, Fetch):
                     self._send(DAEMON, ident, error(E_UNKNOWN_RUNTIME, "no such runtime", msg.id))
                 return
-            if isinstance(msg, Fetch):
-                self.up[(ident, msg.id)] = Pending(rt.owner, rt.rt, Fetch)
-            elif isinstance(msg, RuntimeLost):
+            owner = self.sessions.get(rt.owner)
+            if isinstance(msg, RuntimeLost):
                 self._bury(rt, msg.code, msg.message)
-            self._send(CLIENT, rt.owner, frames)  # byte-for-byte, as received
+            elif owner is None:  # its session is away (reconnecting, or gone for good)
+                if isinstance(msg, Fetch):
+                    why = "the runtime's owner is not connected"
+                    self._send(DAEMON, ident, error(E_UNAVAILABLE, why, msg.id))
+                return
+            elif isinstance(msg, Fetch):
+                self.up[(ident, msg.id)] = Pending(owner.ident, rt.rt, Fetch)
+            if owner is not None:
+                self._send(CLIENT, owner.ident, frames)  # byte-for-byte, as received
 
     def _register(self, ident: bytes, msg: Ready, sender_key: bytes | None, now: float) -> None:
-        if ident in self.daemons:
-            self._daemon_lost(ident, "it registered again")
-        daemon = self.daemons[ident] = Daemon(
+        """A daemon (re)joins with the runtimes it hosts: those this broker knows move to it, those
+        it never saw are adopted (it restarted, or is the standby), those it declared lost are
+        disposed (the daemon was dropped, e.g. after a long pause). A session that is not connected
+        gets ``reclaim_grace`` (or a named runtime's keep_alive) to come back (protocol.md 5.4)."""
+        old = [d.ident for d in self.daemons.values() if d.ident == ident or (msg.name and d.name == msg.name)]
+        daemon = Daemon(
             ident,
             ident.hex() if msg.name is None else msg.name,
             max(0, msg.capacity),
@@ -441,8 +564,27 @@ class Core:
             # with CURVE, the key it authenticated with, never one it merely claims
             key=sender_key.decode() if sender_key else msg.key,
         )
-        log.info("daemon %s joined (capacity %d)", daemon.name, daemon.capacity)
+        for held in msg.runtimes:
+            rt = self.runtimes.get(held.rt)
+            if held.rt in self.tombstones:
+                self._send(DAEMON, ident, Dispose(rt=held.rt))
+                continue
+            if rt is None:
+                wait = max(self.reclaim_grace, (held.keep_alive_ms or 0) / 1000)
+                rt = self.runtimes[held.rt] = Runtime(
+                    held.rt, held.owner, ident, held.owner_key, held.name, (held.keep_alive_ms or 0) / 1000,
+                    reclaim_at=None if held.owner in self.sessions else now + wait,
+                )  # fmt: skip
+                self.owned.setdefault(held.owner, set()).add(held.rt)
+            elif (d := self.daemons.get(rt.daemon)) is not None:
+                d.runtimes.discard(held.rt)
+            rt.daemon = ident
+            daemon.runtimes.add(held.rt)
+        for gone in old:  # what it no longer lists is lost
+            self._daemon_lost(gone, "it registered again")
+        self.daemons[ident] = daemon
         self._send(DAEMON, ident, Welcome(heartbeat_ms=self._heartbeat_ms))
+        log.info("daemon %s joined (capacity %d, %d runtimes)", daemon.name, daemon.capacity, len(msg.runtimes))
 
     def _daemon_reply(self, daemon: Daemon, msg: Reply | ErrorReply) -> None:
         assert msg.c is not None and msg.id is not None  # the daemon link requires both
@@ -457,10 +599,12 @@ class Core:
         if pending.orphan:  # its client left while the runtime was being created
             if ok:
                 self._send(DAEMON, daemon.ident, Dispose(rt=pending.rt))
+            self._forget(pending.rt)
             return
         if pending.kind is CreateRuntime and pending.rt in self.runtimes:
-            if ok:  # where the client's control link and pipes go (empty values are left out)
-                reply = reply.replace(control=daemon.control, daemon=daemon.name or None, daemon_key=daemon.key or None)
+            if ok:
+                self.runtimes[pending.rt].ready = True
+                reply = self._created(reply, daemon)
             else:
                 self._forget(pending.rt)
         elif pending.kind is Dispose and ok:
@@ -495,7 +639,13 @@ class Core:
         for key, pending in list(self.down.items()):
             if pending.peer == ident:
                 self._unpend(key)
-                if not pending.orphan:
+                if pending.orphan:
+                    continue
+                rt = self.runtimes.get(pending.rt)
+                if rt is not None and rt.daemon != ident:  # it lives on, on the daemon's new registration
+                    why = f"{message}; the runtime lives on, retry"
+                    self._send(CLIENT, pending.client, error(E_UNAVAILABLE, why, key[1]))
+                else:
                     self._send(CLIENT, pending.client, error(E_RUNTIME_LOST, message, key[1]))
         for key in [k for k in self.up if k[0] == ident]:
             del self.up[key]
@@ -503,12 +653,13 @@ class Core:
             rt = self.runtimes.get(rt_id)
             if rt is not None:
                 self._bury(rt, E_RUNTIME_LOST, message)
-                self._send(CLIENT, rt.owner, RuntimeLost(rt=rt_id, code=E_RUNTIME_LOST, message=message))
+                if (owner := self.sessions.get(rt.owner)) is not None:
+                    self._send(CLIENT, owner.ident, RuntimeLost(rt=rt_id, code=E_RUNTIME_LOST, message=message))
 
     # ---- bookkeeping ---------------------------------------------------------------------------------
 
     def _bury(self, rt: Runtime, code: str, message: str) -> None:
-        self.tombstones[(rt.owner, rt.rt)] = (code, message)
+        self.tombstones[rt.rt] = (rt.owner, code, message)
         while len(self.tombstones) > TOMBSTONES:
             self.tombstones.popitem(last=False)
         self._forget(rt.rt)
@@ -521,8 +672,11 @@ class Core:
             del self.up[key]  # callbacks of a runtime that is gone will never be answered
         if (d := self.daemons.get(rt.daemon)) is not None:
             d.runtimes.discard(rt_id)
-        if (c := self.clients.get(rt.owner)) is not None:
-            c.runtimes.discard(rt_id)
+        owned = self.owned.get(rt.owner)
+        if owned is not None:
+            owned.discard(rt_id)
+            if not owned and rt.owner not in self.sessions:
+                del self.owned[rt.owner]
 
 
 def _open(frames: list[Any], link: Link) -> Envelope:

@@ -15,6 +15,7 @@ finishes the validation once the request is known.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from wire import protocol as P
@@ -34,6 +35,7 @@ from wire.schema import (
     Body,
     F,
     Inline,
+    Kind,
     Link,
     Record,
     Reply,
@@ -63,6 +65,42 @@ _RT = "runtime id (32 hex characters, minted by the broker)"
 _C = "the client's opaque session id (never its route), set by the broker toward daemons; echoed"
 
 
+@dataclass(frozen=True, slots=True)
+class Held:
+    """One runtime a daemon hosts, as it reports it in `ready`: what a broker that never saw its
+    `create_runtime` (it restarted, or is the standby) needs to route to it and to reclaim it."""
+
+    rt: str
+    owner: bytes
+    owner_key: bytes | None = None
+    name: str | None = None
+    keep_alive_ms: int | None = None
+
+
+_HELD_FIELDS = {"rt": str, "owner": bytes, "owner_key": (bytes, type(None)), "name": (str, type(None)),
+                "keep_alive_ms": (int, type(None))}  # fmt: skip
+
+
+def _held(v: Any, _p: Any) -> tuple[Held, ...]:
+    if not isinstance(v, list) or len(v) > P.MAX_RUNTIMES_HELD:
+        raise ValueError(f"must be an array of at most {P.MAX_RUNTIMES_HELD} maps")
+    out = []
+    for item in v:
+        if not isinstance(item, dict) or set(item) - set(_HELD_FIELDS) or not {"rt", "owner"} <= set(item):
+            raise ValueError("each entry is a map {rt, owner[, owner_key, name, keep_alive_ms]}")
+        if not all(isinstance(item[k], _HELD_FIELDS[k]) for k in item):
+            raise ValueError("an entry's field has the wrong type")
+        out.append(Held(**item))
+    return tuple(out)
+
+
+def _dump_held(v: tuple[Held, ...], _payload: list[Any]) -> Any:
+    return [{k: getattr(h, k) for k in _HELD_FIELDS if getattr(h, k) is not None} for h in v]
+
+
+HELD = Kind("array of {rt, owner, owner_key?, name?, keep_alive_ms?}", _held, _dump_held)
+
+
 # ---- sessions and liveness -------------------------------------------------------------------------
 
 
@@ -71,6 +109,7 @@ class Hello(Record):
     """Client -> broker: start a session (also the first message on a control link)."""
 
     id: int | None = F(U64, None, "echoed in `welcome`")
+    session: bytes | None = F(BIN16, None, "client -> broker: resume the session of this token")
 
 
 @record("welcome")
@@ -91,7 +130,7 @@ class Heartbeat(Record):
 
 @record("bye")
 class Bye(Record):
-    """Client -> broker: the client leaves; the broker disposes its runtimes."""
+    """Client -> broker: the client leaves; the broker disposes its unnamed runtimes now."""
 
 
 @record("ready")
@@ -103,6 +142,7 @@ class Ready(Record):
     name: str | None = F(STR, None, "shown in logs and create replies")
     load: int = F(INT, 0, "runtimes it already hosts")
     key: str | None = F(STR, None, "its CURVE key (Z85); the broker uses the authenticated one")
+    runtimes: tuple[Held, ...] = F(HELD, (), "the runtimes it hosts (protocol.md 5.4)")
 
 
 # ---- client requests (forwarded by the broker with `c` to the daemon) -----------------------------
@@ -125,6 +165,16 @@ class CreateRuntime(Record):
     rt: str | None = F(STR, None, "broker -> daemon: the id the broker minted")
     owner: bytes | None = F(BIN, None, "broker -> daemon: the owner's token")
     owner_key: bytes | None = F(BIN, None, "broker -> daemon, with CURVE: the owner's key (Z85)")
+    name: str | None = F(STR, None, "found again by `acquire`; unique per session")
+    keep_alive_ms: int | None = F(INT, None, "how long it outlives its session (ms)")
+
+
+@record("acquire")
+class Acquire(Record):
+    """Client -> broker: the session's runtime named `name`; answered by the broker with a `CreateOk`."""
+
+    id: int = F(U64, doc=_ID)
+    name: str = F(STR, doc="the name given at `create_runtime`")
 
 
 @record("eval")
@@ -314,7 +364,7 @@ class PipeReady(Record):
 
 CLIENT_TO_BROKER = on(
     "client -> broker",
-    Hello, Heartbeat, Bye, CreateRuntime, Eval, Dispatch, Stats, (Dispose, ("id",)),
+    Hello, Heartbeat, Bye, CreateRuntime, Acquire, Eval, Dispatch, Stats, (Dispose, ("id",)),
     (FetchOk, ("rt",)), (ErrorReply, ("id", "rt")),
 )  # fmt: skip
 BROKER_TO_CLIENT = on(
@@ -330,7 +380,7 @@ DAEMON_TO_BROKER = on(
 BROKER_TO_DAEMON = on(
     "broker -> daemon",
     Welcome, Heartbeat, (CreateRuntime, ("c", "rt", "owner")), (Eval, ("c",)), (Dispatch, ("c",)),
-    (Stats, ("c",)), Dispose, FetchOk, (ErrorReply, ("id",)),
+    (Stats, ("c",)), Dispose, FetchOk, ErrorReply,
 )  # fmt: skip
 CONTROL_TO_DAEMON = on("control client -> daemon", Hello, Cancel)
 CONTROL_TO_CLIENT = on("control daemon -> client", Cancel, PipeReady)
@@ -341,6 +391,7 @@ RUNTIME_REQUESTS = (Eval, Dispatch, Stats, Dispose)
 #: The reply record of each request, for the side that waits for it.
 REPLY_OF: dict[type[Record], type[Record]] = {
     CreateRuntime: CreateOk,
+    Acquire: CreateOk,
     Eval: EvalOk,
     Dispatch: DispatchOk,
     Stats: StatsOk,

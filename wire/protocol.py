@@ -25,6 +25,11 @@ MAX_FRAME = 1024 * 1024
 MAX_CHUNK = 256 * 1024
 #: Largest guest source accepted by eval (the source travels inline in a frame).
 MAX_SOURCE = MAX_FRAME - MAX_HEADER
+#: Most runtimes one daemon reports in its `ready` (so the header stays under MAX_HEADER: an entry
+#: is at most ~240 bytes with a MAX_NAME name); a daemon's capacity is capped to it.
+MAX_RUNTIMES_HELD = 256
+#: Longest runtime name (characters).
+MAX_NAME = 128
 
 
 class ProtocolError(Exception):
@@ -56,6 +61,8 @@ E_NO_HANDLER = "no_handler"
 E_CANCELLED = "cancelled"
 E_INTERNAL = "internal"
 E_BUSY = "busy"
+E_UNAVAILABLE = "unavailable"
+E_UNKNOWN_DAEMON = "unknown_daemon"
 
 #: The codes a stopped runtime keeps in every later answer about it (others become runtime_lost).
 LIMIT_CODES = frozenset({E_MEMORY_LIMIT, E_CPU_LIMIT})
