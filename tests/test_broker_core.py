@@ -460,8 +460,10 @@ def test_client_loss_forgets_its_requests_and_callbacks_and_reclaims_its_runtime
     away = error(P.E_UNAVAILABLE, "the runtime's owner is not connected", 6)
     assert w.daemon(D1, fetch(rt, 6)) == [to_daemon(D1, away)]
     w.now = w.core.reclaim_grace - 0.5
+    w.daemon(D1, Heartbeat(load=1))
     assert to_daemon(D1, Dispose(rt=rt)) not in w.core.tick(w.now)
     w.now = w.core.reclaim_grace + 0.5
+    w.daemon(D1, Heartbeat(load=1))
     assert to_daemon(D1, Dispose(rt=rt)) in w.core.tick(w.now)
     assert w.core.runtimes == {} and w.core.owned == {}
     assert w.daemon(D1, fetch(rt, 7)) == [to_daemon(D1, error(P.E_UNKNOWN_RUNTIME, "no such runtime", 7))]
