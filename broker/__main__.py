@@ -8,7 +8,7 @@ import logging
 import sys
 
 from broker.broker import Broker
-from broker.core import MAX_INFLIGHT_PER_CLIENT, MAX_RUNTIMES_PER_CLIENT
+from broker.core import MAX_INFLIGHT_PER_CLIENT, MAX_KEEP_ALIVE, MAX_RUNTIMES_PER_CLIENT
 from wire.auth import exposure_warning, load_authorized, load_keypair
 from wire.service import configure_logging, run_until_signalled
 
@@ -40,6 +40,19 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=MAX_INFLIGHT_PER_CLIENT,
         help="requests of one client not answered yet; more are refused with `quota` (%(default)s)",
+    )
+    p.add_argument(
+        "--reclaim-grace",
+        type=float,
+        default=None,
+        help="seconds the unnamed runtimes of a silent client wait for it to reconnect before they are "
+        "disposed (default: its liveness timeout, --client-liveness x --heartbeat)",
+    )
+    p.add_argument(
+        "--max-keep-alive",
+        type=float,
+        default=MAX_KEEP_ALIVE,
+        help="longest keep_alive in seconds a named runtime may ask for (%(default)s)",
     )
     p.add_argument(
         "--curve-keypair",
@@ -77,6 +90,8 @@ async def serve(args: argparse.Namespace) -> None:
         daemon_keys=daemon_keys,
         max_runtimes_per_client=args.max_runtimes_per_client,
         max_inflight_per_client=args.max_inflight_per_client,
+        reclaim_grace=args.reclaim_grace,
+        max_keep_alive=args.max_keep_alive,
     )
     async with asyncio.TaskGroup() as tg:
         tg.create_task(broker.run())

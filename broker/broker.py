@@ -16,7 +16,7 @@ from typing import Any
 
 import zmq
 
-from broker.core import CLIENT, MAX_INFLIGHT_PER_CLIENT, MAX_RUNTIMES_PER_CLIENT, Core, Out
+from broker.core import CLIENT, MAX_INFLIGHT_PER_CLIENT, MAX_KEEP_ALIVE, MAX_RUNTIMES_PER_CLIENT, Core, Out
 from wire import liveness, sockets
 from wire.auth import Gate, KeyPair, user_key
 from wire.protocol import MAX_FRAME
@@ -42,6 +42,8 @@ class Broker:
         daemon_keys: set[bytes] | None = None,
         max_runtimes_per_client: int = MAX_RUNTIMES_PER_CLIENT,
         max_inflight_per_client: int = MAX_INFLIGHT_PER_CLIENT,
+        reclaim_grace: float | None = None,
+        max_keep_alive: float = MAX_KEEP_ALIVE,
     ) -> None:
         self.frontend_endpoint = frontend
         self.backend_endpoint = backend
@@ -55,6 +57,8 @@ class Broker:
             client_liveness=client_liveness,
             max_runtimes_per_client=max_runtimes_per_client,
             max_inflight_per_client=max_inflight_per_client,
+            reclaim_grace=reclaim_grace,
+            max_keep_alive=max_keep_alive,
         )
         self.ctx = sockets.context()
         self.front: zmq.asyncio.Socket | None = None

@@ -20,6 +20,7 @@ from client.errors import (
     RuntimeLost,
     StreamError,
     Timeout,
+    Unavailable,
     UnknownRuntime,
 )
 from client.glue import aiohttp_handler, forward_fetch
@@ -46,6 +47,7 @@ __all__ = [
     "RuntimeLost",
     "StreamError",
     "Timeout",
+    "Unavailable",
     "UnknownRuntime",
     "aiohttp_handler",
     "connect",

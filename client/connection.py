@@ -2,7 +2,12 @@
 
 One reader task per socket; replies resolve futures by request id; callbacks (fetch, console,
 runtime_lost) are handed to the runtime they name. The broker is watched with heartbeats: if it
-falls silent, every pending call fails with ConnectionLost instead of hanging.
+falls silent (or says it does not know us: it restarted), every call pending at the broker fails
+at once with ``Unavailable`` (retryable), and the connection says hello again with its session
+token, to the same broker or the next of its endpoints (a standby), until one answers: the
+session and its runtimes resume; pipes and control links, which go straight to the daemons, are
+untouched. Only if no broker answers for ``reconnect`` seconds is the connection lost
+(ConnectionLost, and every runtime with it). protocol.md 5.4.
 
 The connection owns a Scope (its reader, its heartbeats, the control links' readers) and its
 runtimes; ``close`` closes the runtimes first, then joins its own tasks. It is the ``Host`` of
@@ -13,16 +18,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import zmq
 import zmq.asyncio
 
 from client.control import ControlLink
-from client.errors import ConnectionLost, Error, RequestRejected, Timeout, from_reply
+from client.errors import ConnectionLost, Error, RequestRejected, Timeout, Unavailable, from_reply
 from client.http import Request, Response
 from client.runtime import ConsoleEntry, Runtime, to_ms
 from wire import liveness, sockets
@@ -34,6 +40,8 @@ from wire.scope import Scope
 log = logging.getLogger("client")
 
 DEFAULT_TIMEOUT = 30.0
+#: How long a connection tries to resume its session after its broker went away (seconds).
+DEFAULT_RECONNECT = 60.0
 
 R = TypeVar("R", bound=M.Record)
 Answer = M.Record | M.Reply
@@ -41,16 +49,26 @@ Answer = M.Record | M.Reply
 
 class Connection:
     def __init__(
-        self, endpoint: str, timeout: float, keypair: KeyPair | None = None, broker_key: bytes | None = None
+        self,
+        endpoints: list[str],
+        timeout: float,
+        keypair: KeyPair | None = None,
+        broker_key: bytes | None = None,
+        session: bytes | None = None,
+        reconnect: float = DEFAULT_RECONNECT,
     ) -> None:
-        self.endpoint = endpoint
+        self.endpoints = endpoints
+        self.endpoint = endpoints[0]
         self.timeout = timeout
         self.keypair = keypair
+        self.broker_key = broker_key
+        self.reconnect = reconnect
         self.ctx = sockets.context()
-        # an explicit identity survives a TCP reconnect, so the broker still knows us afterwards
-        self.sock = sockets.dealer(self.ctx, identity=P.new_id())
-        connect_with(self.sock, keypair, broker_key)
-        self.token = b""
+        self.sock = self._dealer(self.endpoint)
+        self.token = session or b""
+        self.reconnects = 0  # how many times the session was resumed after a broker went away
+        self._online = False  # a broker has answered our hello and not gone silent since
+        self._rehello = False  # the broker does not know us (it restarted): say hello again now
         self.heartbeat = 1.0
         self.liveness = 5
         self.runtimes: dict[str, Runtime] = {}
@@ -62,21 +80,84 @@ class Connection:
         self._last_seen = time.monotonic()
         self._shut = False
 
+    @property
+    def session(self) -> bytes:
+        """This session's secret token: ``connect(..., session=conn.session)`` from another process
+        resumes it (its runtimes, named or within their grace). Keep it as secret as a key."""
+        return self.token
+
+    def _dealer(self, endpoint: str) -> zmq.asyncio.Socket:
+        # a fresh routing id per socket: the session is the token, never the routing id
+        sock = sockets.dealer(self.ctx, identity=P.new_id())
+        connect_with(sock, self.keypair, self.broker_key)
+        sock.connect(endpoint)
+        return sock
+
     async def _open(self) -> None:
-        self.sock.connect(self.endpoint)
-        self._scope.spawn(self._read(), name="client-broker")
+        self._scope.spawn(self._read(self.sock), name="client-broker")
         try:
-            req_id = self._next_id()
-            welcome = await self._exchange(req_id, M.Hello(id=req_id).frames(), "hello", self.timeout)
-            if not isinstance(welcome, M.Welcome) or welcome.token is None:
-                raise RequestRejected("the broker did not answer hello with welcome", P.E_BAD_MESSAGE)
+            each = self.timeout / len(self.endpoints)
+            for i, endpoint in enumerate(self.endpoints):
+                if i:
+                    self._switch(endpoint)
+                try:
+                    await self._hello(each)
+                    break
+                except Timeout as exc:
+                    if i == len(self.endpoints) - 1:
+                        which = ", ".join(self.endpoints)
+                        raise Timeout(f"no broker answered within {self.timeout:g}s: {which}") from exc
         except BaseException:
             await self.close()
             raise
+        self._scope.spawn(self._heartbeats(), name="client-heartbeat")
+
+    async def _hello(self, timeout: float) -> None:
+        req_id = self._next_id()
+        hello = M.Hello(id=req_id, session=self.token or None)
+        welcome = await self._exchange(req_id, hello.frames(), "hello", timeout, hello=True)
+        if not isinstance(welcome, M.Welcome) or welcome.token is None:
+            raise RequestRejected("the broker did not answer hello with welcome", P.E_BAD_MESSAGE)
+        if self.token and welcome.token != self.token:
+            raise RequestRejected("the broker did not resume this session", P.E_BAD_MESSAGE)
         self.token = welcome.token
         if welcome.heartbeat_ms > 0:
             self.heartbeat = welcome.heartbeat_ms / 1000
-        self._scope.spawn(self._heartbeats(), name="client-heartbeat")
+        self._last_seen = time.monotonic()
+        self._online = True
+
+    def _switch(self, endpoint: str) -> None:
+        """Drop the broker socket (what it still queues is stale) and dial ``endpoint`` afresh."""
+        self.sock.close(0)  # its reader ends: closing, not cancelling, stops a pending recv
+        self.endpoint = endpoint
+        self.sock = self._dealer(endpoint)
+        self._scope.spawn(self._read(self.sock), name="client-broker")
+
+    async def _reconnect(self, why: str) -> None:
+        """Fail what waits at the broker (retryable), then say hello with our token until a broker
+        answers: first the same one if it told us it restarted, else the next endpoint."""
+        self._online = False
+        self._rehello = False
+        self._fail_waiting(Unavailable(f"the broker at {self.endpoint} {why}; the call may be retried"))
+        if self.reconnect <= 0:
+            self._fail(ConnectionLost(f"the broker at {self.endpoint} {why}"))
+            return
+        log.warning("the broker at %s %s; resuming the session", self.endpoint, why)
+        first = self.endpoints.index(self.endpoint) + (0 if "restarted" in why else 1)
+        deadline = time.monotonic() + self.reconnect
+        for attempt in itertools.count():
+            if self.closed is not None or time.monotonic() >= deadline:
+                break
+            self._switch(self.endpoints[(first + attempt) % len(self.endpoints)])
+            try:
+                await self._hello(max(2 * self.heartbeat, 0.5))
+            except Error as exc:
+                log.debug("hello to %s failed: %s", self.endpoint, exc)
+                continue
+            self.reconnects += 1
+            log.warning("session resumed at %s", self.endpoint)
+            return
+        self._fail(ConnectionLost(f"the broker at {self.endpoint} {why}, and none answered for {self.reconnect:g}s"))
 
     # ---- requests (the Host interface of client.runtime) ---------------------------------------------
 
@@ -87,9 +168,11 @@ class Connection:
     def send(self, msg: M.Record) -> None:
         self._send_frames(msg.frames())
 
-    def _send_frames(self, frames: list[Any]) -> None:
+    def _send_frames(self, frames: list[Any], hello: bool = False) -> None:
         if self.closed is not None:
             raise self.closed
+        if not self._online and not hello:
+            raise Unavailable(f"the broker at {self.endpoint} is unreachable; reconnecting (retry)")
         try:
             sockets.send_now(self.sock, frames)
         except zmq.ZMQError as exc:
@@ -107,11 +190,13 @@ class Connection:
         except P.ProtocolError as exc:
             raise RequestRejected(f"bad reply to {msg.T}: {exc.message}", exc.code) from None
 
-    async def _exchange(self, req_id: int, frames: list[Any], what: str, timeout: float | None) -> Answer:
+    async def _exchange(
+        self, req_id: int, frames: list[Any], what: str, timeout: float | None, hello: bool = False
+    ) -> Answer:
         fut: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
         self._waiting[req_id] = fut
         try:
-            self._send_frames(frames)
+            self._send_frames(frames, hello)
             limit = self.timeout if timeout is None else timeout
             try:
                 async with asyncio.timeout(limit):
@@ -145,10 +230,16 @@ class Connection:
 
     # ---- reading -------------------------------------------------------------------------------------
 
-    async def _read(self) -> None:
-        reader = sockets.Reader(self.sock)  # bounded batches: the app's other tasks get their turns
+    async def _read(self, sock: zmq.asyncio.Socket) -> None:
+        reader = sockets.Reader(sock)  # bounded batches: the app's other tasks get their turns
         while True:
-            for frames in await reader.batch():
+            try:
+                batch = await reader.batch()
+            except (zmq.ZMQError, asyncio.CancelledError):
+                if sock.closed and sock is not self.sock:  # replaced by _switch
+                    return
+                raise
+            for frames in batch:
                 self._last_seen = time.monotonic()
                 try:
                     msg = M.BROKER_TO_CLIENT.parse(frames)
@@ -180,8 +271,10 @@ class Connection:
             runtime.on_lost(msg.code, msg.message)
 
     def _answer(self, msg: M.Reply | M.Welcome | M.ErrorReply) -> None:
-        if isinstance(msg, M.ErrorReply) and msg.code == P.E_UNKNOWN_CLIENT and self.token:
-            self._fail(ConnectionLost(f"the broker at {self.endpoint} no longer knows this client: {msg.message}"))
+        if isinstance(msg, M.ErrorReply) and msg.code == P.E_UNKNOWN_CLIENT and self._online:
+            self._rehello = True  # it restarted (or dropped us): the heartbeat task says hello again
+            why = f"the broker at {self.endpoint} no longer knows this session: {msg.message}"
+            self._fail_waiting(Unavailable(why))
             return
         fut = self._waiting.get(msg.id) if msg.id is not None else None
         if fut is not None and not fut.done():
@@ -196,18 +289,23 @@ class Connection:
             self._last_seen += stall
             if sockets.has_input(self.sock):
                 self._last_seen = time.monotonic()
-            if time.monotonic() - self._last_seen > self.heartbeat * self.liveness:
-                self._fail(ConnectionLost(f"the broker at {self.endpoint} stopped answering"))
-                return
-            with contextlib.suppress(Error):
-                self.send(hb)
+            if self._rehello:
+                await self._reconnect("restarted or no longer knows this session")
+            elif time.monotonic() - self._last_seen > self.heartbeat * self.liveness:
+                await self._reconnect("stopped answering")
+            else:
+                with contextlib.suppress(Error):
+                    self.send(hb)
+
+    def _fail_waiting(self, exc: Error) -> None:
+        for fut in self._waiting.values():
+            if not fut.done():
+                fut.set_exception(exc)
 
     def _fail(self, exc: Error) -> None:
         if self.closed is None:
             self.closed = exc
-        for fut in self._waiting.values():
-            if not fut.done():
-                fut.set_exception(exc)
+        self._fail_waiting(exc)
         for runtime in list(self.runtimes.values()):
             runtime.on_lost(exc.code, exc.message)
 
@@ -222,27 +320,67 @@ class Connection:
         eval_timeout: float | None = None,
         cpu_limit: float | None = None,
         request_cpu: float | None = None,
+        name: str | None = None,
+        keep_alive: float | None = None,
         timeout: float | None = None,
     ) -> Runtime:
         """A new sandboxed runtime on the least loaded daemon. ``cpu_limit``: CPU seconds one turn
         of its event loop may take; ``request_cpu``: CPU seconds a dispatch may use before its
-        response head (both default to the daemon's; past either the runtime is stopped)."""
+        response head (both default to the daemon's; past either the runtime is stopped).
+
+        A runtime is disposed when its connection closes, or (if the client process dies or its
+        network goes) when the broker has not heard from it for its liveness timeout plus the
+        reclaim grace. A ``name``d one outlives its session by ``keep_alive`` seconds (default 60,
+        at most the broker's --max-keep-alive): ``runtime(name)`` on a connection that resumes the
+        session (``connect(session=...)``) gets it back, state and all."""
         mem = None if memory_limit_mb is None else int(memory_limit_mb)
         eval_ms = None if eval_timeout is None else to_ms(eval_timeout)
         cpu_ms = None if cpu_limit is None else to_ms(cpu_limit)
         request_ms = None if request_cpu is None else to_ms(request_cpu)
+        keep_ms = None if keep_alive is None else to_ms(keep_alive)
         created = await self.call(
             lambda id_: M.CreateRuntime(
                 id=id_, fetch=fetch is not None, console=console is not None, memory_limit_mb=mem,
-                eval_timeout_ms=eval_ms, cpu_limit_ms=cpu_ms, request_cpu_ms=request_ms,
+                eval_timeout_ms=eval_ms, cpu_limit_ms=cpu_ms, request_cpu_ms=request_ms, name=name,
+                keep_alive_ms=keep_ms,
             ),
             M.CreateOk,
             timeout=timeout,
         )  # fmt: skip
+        return self._hold(created, name, fetch, console, eval_timeout)
+
+    async def runtime(
+        self,
+        name: str,
+        *,
+        fetch: Callable[[Request], Awaitable[Response]] | None = None,
+        console: Callable[[ConsoleEntry], Any] | None = None,
+        eval_timeout: float | None = None,
+        timeout: float | None = None,
+    ) -> Runtime:
+        """This session's runtime named ``name`` (``create_runtime(name=...)``), e.g. from a new
+        connection made with ``session=`` the old one's ``session``. Its state is as it was left;
+        ``fetch`` and ``console`` are this connection's handlers for it. UnknownRuntime if the
+        session has none by that name (never created, disposed, or reclaimed after its keep_alive)."""
+        for runtime in self.runtimes.values():
+            if runtime.name == name and runtime.lost is None:
+                return runtime
+        found = await self.call(lambda id_: M.Acquire(id=id_, name=name), M.CreateOk, timeout=timeout)
+        return self._hold(found, name, fetch, console, eval_timeout)
+
+    def _hold(
+        self,
+        created: M.CreateOk,
+        name: str | None,
+        fetch: Callable[[Request], Awaitable[Response]] | None,
+        console: Callable[[ConsoleEntry], Any] | None,
+        eval_timeout: float | None,
+    ) -> Runtime:
         if created.control is None:
             raise RequestRejected("the broker's create reply names no control endpoint", P.E_BAD_MESSAGE)
         key = created.daemon_key.encode() if created.daemon_key else None
         runtime = Runtime(self, self._control(created.control, key), created, fetch, console, eval_timeout)
+        runtime.name = name
         self.runtimes[runtime.id] = runtime
         return runtime
 
@@ -273,18 +411,29 @@ class Connection:
 
 
 async def connect(
-    endpoint: str = "tcp://127.0.0.1:5555",
+    endpoint: str | Sequence[str] = "tcp://127.0.0.1:5555",
     *,
     timeout: float = DEFAULT_TIMEOUT,
     keypair: KeyPair | None = None,
     broker_key: bytes | None = None,
+    session: bytes | None = None,
+    reconnect: float = DEFAULT_RECONNECT,
 ) -> Connection:
     """Connect to a broker's frontend; fails with Timeout if it does not answer within ``timeout``.
+
+    ``endpoint`` may name several brokers (a list, or comma-separated): a primary and standbys that
+    the daemons also register with. If the broker in use falls silent or restarts, the connection
+    moves to the next that answers and resumes its session, for up to ``reconnect`` seconds
+    (0: never; the connection is lost at once). ``session``: the ``session`` of an earlier
+    connection, to resume it (its named runtimes, or all of them within the reclaim grace).
 
     With ``keypair`` and ``broker_key`` (see wire.auth) every socket of this client uses CURVE:
     the broker admits it only if its public key is authorized, and the daemons it uses admit it
     because the broker vouches for it.
     """
-    conn = Connection(endpoint, timeout, keypair, broker_key)
+    endpoints = [e.strip() for e in endpoint.split(",")] if isinstance(endpoint, str) else list(endpoint)
+    if not endpoints or not all(endpoints):
+        raise ValueError(f"no broker endpoint in {endpoint!r}")
+    conn = Connection(endpoints, timeout, keypair, broker_key, session, reconnect)
     await conn._open()
     return conn

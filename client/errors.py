@@ -71,6 +71,15 @@ class ConnectionLost(RuntimeLost):
     code = "connection_lost"
 
 
+class Unavailable(ConnectionLost):
+    """The broker could not be reached, or restarted, while this call was on its way: the call did
+    not complete and may be retried. The runtime itself is not lost: the connection reconnects
+    (to the same broker or a standby) and resumes its session by itself; only if that fails for
+    ``reconnect`` seconds is the connection lost (``ConnectionLost``)."""
+
+    code = P.E_UNAVAILABLE
+
+
 class StreamError(Error):
     """A body stream ended abnormally (producer error, cancel, lost peer)."""
 
@@ -91,6 +100,7 @@ _BY_CODE: dict[str, type[Error]] = {
     P.E_NO_DAEMON: NoCapacity,
     P.E_CAPACITY: NoCapacity,
     P.E_UNKNOWN_CLIENT: ConnectionLost,
+    P.E_UNAVAILABLE: Unavailable,
 }
 
 

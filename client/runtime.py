@@ -89,6 +89,7 @@ class Runtime:
         self._host = host
         self._control = control
         self.id = created.rt
+        self.name: str | None = None  # set by the connection for a named runtime
         self.daemon = created.daemon or ""
         self.daemon_key: bytes | None = created.daemon_key.encode() if created.daemon_key else None
         self._fetch = fetch

@@ -14,7 +14,18 @@ from wire.service import configure_logging, run_until_signalled
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m daemon", description=__doc__)
-    p.add_argument("--broker", required=True, help="the broker's backend endpoint, e.g. tcp://10.0.0.5:5556")
+    p.add_argument(
+        "--broker",
+        required=True,
+        help="the broker's backend endpoint, e.g. tcp://10.0.0.5:5556; "
+        "several, comma-separated, for a primary and standbys (tried in turn when one falls silent)",
+    )
+    p.add_argument(
+        "--orphan-grace",
+        type=float,
+        default=D.ORPHAN_GRACE,
+        help="seconds runtimes live on while no broker is reachable, for one to come back (%(default)s)",
+    )
     p.add_argument("--max-runtimes", type=int, default=64, help="runtimes this daemon hosts at most")
     p.add_argument("--bind-host", default=None, help="interface for the control socket and pipes "
                    "(default: the advertised host)")  # fmt: skip
@@ -84,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         heartbeat=args.heartbeat,
         liveness=args.liveness,
         name=args.name,
+        orphan_grace=args.orphan_grace,
         keys=load_keypair(args.curve_keypair) if args.curve_keypair else None,
         broker_key=load_public_key(args.broker_key) if args.broker_key else None,
     )

@@ -55,6 +55,9 @@ MAX_EVAL_TIMEOUT = 300.0
 _daemons = itertools.count(1)
 #: What a client asks of a daemon (through the broker, with its route ``c``): answered, even with an error.
 _REQUESTS = (M.CreateRuntime, M.Eval, M.Dispatch, M.Stats, M.Dispose)
+#: Default of ``--orphan-grace``: how long runtimes live on while no broker is reachable (seconds),
+#: for one to come back (restart, failover) and their clients to resume their sessions.
+ORPHAN_GRACE = 60.0
 #: Control messages of one peer per second that are refused or name no registered stream; past
 #: it, the peer's control messages are dropped unread until the second ends.
 CONTROL_REFUSAL_BUDGET = 1000
@@ -83,11 +86,19 @@ class Daemon:
         name: str | None = None,
         keys: KeyPair | None = None,
         broker_key: bytes | None = None,
+        orphan_grace: float = ORPHAN_GRACE,
     ) -> None:
-        self.broker = broker
+        #: the brokers to register with, in order of preference (a primary and standbys)
+        self.brokers = [b.strip() for b in broker.split(",") if b.strip()]
+        if not self.brokers:
+            raise ValueError("no broker endpoint given")
+        self.broker = self.brokers[0]
+        self.orphan_grace = orphan_grace
         self.keys = keys
         self.broker_key = broker_key
         self.gate: Gate | None = None
+        if not 0 <= max_runtimes <= P.MAX_RUNTIMES_HELD:
+            raise ValueError(f"max_runtimes must be 0-{P.MAX_RUNTIMES_HELD} (all of them are listed in `ready`)")
         self.max_runtimes = max_runtimes
         self.bind_host = bind_host
         self.advertise_host = advertise_host or bind_host
@@ -109,6 +120,9 @@ class Daemon:
         self.name = name or f"{os.uname().nodename}:{os.getpid()}"
         self.ctx = sockets.context()
         self.runtimes: dict[str, Runtime] = {}
+        #: what a broker needs to know of each runtime to route to it and reclaim it (sent in `ready`)
+        self.held: dict[str, M.Held] = {}
+        self._reregister = False  # the broker said it does not know us: register again now
         self.registry = Registry()  # streams clients may cancel, fetch callbacks awaiting answers
         #: recently ended runtimes, so a call racing the broker's notice gets "runtime_lost"
         self.ended: OrderedDict[str, tuple[str, str]] = OrderedDict()
@@ -267,8 +281,15 @@ class Daemon:
                     guest.ping(ping)
 
     async def _broker_loop(self) -> None:
-        """Register with the broker and serve it; start over if it falls silent."""
-        while True:
+        """Register with a broker and serve it; if it falls silent, register with the next one (or
+        the same, restarted) and list the runtimes we host: they live on, and their clients resume
+        their sessions through whichever broker they reach (protocol.md 5.4). Runtimes that no
+        broker has claimed for ``orphan_grace`` seconds are disposed."""
+        orphaned_since: float | None = None  # since when no broker has had us registered
+        for attempt in itertools.count():
+            if attempt and not self._reregister:  # silence: try the next broker (or the same, alone)
+                self.broker = self.brokers[attempt % len(self.brokers)]
+            self._reregister = False
             sock = sockets.dealer(self.ctx, identity=P.new_id())
             connect_with(sock, self.keys, self.broker_key)
             sock.connect(self.broker)
@@ -282,19 +303,30 @@ class Daemon:
                         name=self.name,
                         key=self.keys.public.decode() if self.keys else None,
                         load=len(self.runtimes),
+                        runtimes=tuple(self.held[rt] for rt in self.runtimes if rt in self.held),
                     )
                 )
                 async with asyncio.TaskGroup() as tg:
                     tg.create_task(self._heartbeat(sock))
                     await self._read_broker(sock)
             except* _BrokerLost:
-                log.warning("broker %s is silent; disposing runtimes and registering again", self.broker)
+                pass
             finally:
+                if self.registered.is_set():
+                    orphaned_since = time.monotonic()
+                    if not self._reregister:
+                        log.warning("broker %s is silent; registering again (runtimes kept)", self.broker)
                 self.registered.clear()
                 sock.close(0)
                 self._broker_sock = None
-            await asyncio.gather(*(r.dispose() for r in list(self.runtimes.values())), return_exceptions=True)
-            await asyncio.sleep(self.heartbeat)
+            self.registry.refuse_callbacks("the broker is unreachable")
+            if orphaned_since is not None and time.monotonic() - orphaned_since > self.orphan_grace:
+                orphaned_since = None
+                if self.runtimes:
+                    log.warning("no broker for %gs: disposing %d runtimes", self.orphan_grace, len(self.runtimes))
+                    await asyncio.gather(*(r.dispose() for r in list(self.runtimes.values())), return_exceptions=True)
+            if not self._reregister:
+                await asyncio.sleep(self.heartbeat / len(self.brokers))
 
     async def _heartbeat(self, sock: zmq.asyncio.Socket) -> None:
         while True:
@@ -312,6 +344,8 @@ class Daemon:
             for frames in await reader.batch():
                 self._last_seen = time.monotonic()
                 self._from_broker(frames)
+            if self._reregister:
+                raise _BrokerLost()
 
     def _from_broker(self, frames: list[Any]) -> None:
         try:
@@ -359,6 +393,11 @@ class Daemon:
             waiter.answer(msg)
 
     def _on_fetch_refused(self, msg: M.ErrorReply) -> None:
+        if msg.id is None:
+            if msg.code == P.E_UNKNOWN_DAEMON:  # this broker restarted, or dropped us after a pause
+                log.warning("broker %s does not know this daemon: registering again", self.broker)
+                self._reregister = True
+            return
         waiter = self.registry.take_callback(msg.id) if msg.id is not None else None
         if waiter is not None:
             waiter.refuse(msg.message)
@@ -460,6 +499,7 @@ class Daemon:
             await guest.kill("the daemon is shutting down")
             return
         self.runtimes[rt_id] = runtime
+        self.held[rt_id] = M.Held(rt_id, msg.owner, seat.owner_key, msg.name, msg.keep_alive_ms)
         self._watches[rt_id] = (turns, MemoryWatch())
         if self.gate is not None and seat.owner_key:
             self.gate.allow(seat.owner_key)
@@ -472,6 +512,7 @@ class Daemon:
         finally:
             if self.runtimes.get(runtime.rt) is runtime:
                 del self.runtimes[runtime.rt]
+                self.held.pop(runtime.rt, None)
                 self._watches.pop(runtime.rt, None)
                 if self.gate is not None and seat.owner_key:
                     self.gate.revoke(seat.owner_key)

@@ -41,6 +41,12 @@ class Registry:
         if held is not None and held.seat.owner == token:
             held.target.cancel_by_client()
 
+    def refuse_callbacks(self, message: str) -> None:
+        """Every fetch callback waiting for a client's answer fails: the link it went out on is gone."""
+        held, self.callbacks = self.callbacks, {}
+        for h in held.values():
+            h.target.refuse(message)
+
     def take_callback(self, fid: int) -> CallbackWaiter | None:
         held = self.callbacks.pop(fid, None)
         return None if held is None else held.target
