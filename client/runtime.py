@@ -90,6 +90,7 @@ class Runtime:
         self._control = control
         self.id = created.rt
         self.name: str | None = None  # set by the connection for a named runtime
+        self.pid = created.pid  # its Deno process on the daemon's host (informational; 0 if not known)
         self.daemon = created.daemon or ""
         self.daemon_key: bytes | None = created.daemon_key.encode() if created.daemon_key else None
         self._fetch = fetch

@@ -89,25 +89,33 @@ class Proc:
 
 class Broker(Proc):
     def __init__(self, tmp: Path, *extra: str, name: str = "broker") -> None:
+        self.tmp, self.name, self.extra, self.starts = tmp, name, extra, 1
         for attempt in range(3):
             # free_port() closes the port it found before the broker binds it: another process may
             # take it in between (ephemeral pipe ports); then start again on new ports
             self.frontend = f"tcp://127.0.0.1:{free_port()}"
             self.backend = f"tcp://127.0.0.1:{free_port()}"
             try:
-                super().__init__(
-                    ["-m", "broker", "--frontend", self.frontend, "--backend", self.backend, *extra],
-                    name, tmp, "ready ",
-                )  # fmt: skip
+                super().__init__(self._argv(), name, tmp, "ready ")
                 return
             except RuntimeError as exc:
                 if "Address already in use" not in str(exc) or attempt == 2:
                     raise
 
+    def _argv(self) -> list[str]:
+        return ["-m", "broker", "--frontend", self.frontend, "--backend", self.backend, *self.extra]
+
+    def restart(self) -> None:
+        """Start it again on the same endpoints (after ``stop``): a restarted broker, as peers see it."""
+        assert self.p.poll() is not None, "stop the broker first"
+        self.starts += 1
+        super().__init__(self._argv(), f"{self.name}-{self.starts}", self.tmp, "ready ")
+
 
 class Daemon(Proc):
-    def __init__(self, tmp: Path, broker: Broker, name: str, *extra: str) -> None:
-        super().__init__(["-m", "daemon", "--broker", broker.backend, "--name", name, *extra], name, tmp, None)
+    def __init__(self, tmp: Path, broker: Broker | list[Broker], name: str, *extra: str) -> None:
+        brokers = ",".join(b.backend for b in (broker if isinstance(broker, list) else [broker]))
+        super().__init__(["-m", "daemon", "--broker", brokers, "--name", name, *extra], name, tmp, None)
 
 
 def wait_until(pred, timeout: float = 10.0, interval: float = 0.05) -> bool:
