@@ -121,7 +121,7 @@ class Daemon:
 class Client:
     """A connected session. Its runtimes belong to its ``token``, not to this connection: a
     client that reconnects (to this broker after a restart, or to a standby) and says hello with
-    the token resumes them (protocol.md 5.4)."""
+    the token resumes them (protocol.md 3.3, Recovery)."""
 
     ident: bytes  # its routing id at the frontend: never leaves the broker
     token: bytes  # the session secret: owner of its runtimes, its control-link identity
@@ -552,7 +552,7 @@ class Core:
         """A daemon (re)joins with the runtimes it hosts: those this broker knows move to it, those
         it never saw are adopted (it restarted, or is the standby), those it declared lost are
         disposed (the daemon was dropped, e.g. after a long pause). A session that is not connected
-        gets ``reclaim_grace`` (or a named runtime's keep_alive) to come back (protocol.md 5.4)."""
+        gets ``reclaim_grace`` (or a named runtime's keep_alive) to come back (protocol.md 3.3, Recovery)."""
         old = [d.ident for d in self.daemons.values() if d.ident == ident or (msg.name and d.name == msg.name)]
         daemon = Daemon(
             ident,

@@ -7,7 +7,7 @@ at once with ``Unavailable`` (retryable), and the connection says hello again wi
 token, to the same broker or the next of its endpoints (a standby), until one answers: the
 session and its runtimes resume; pipes and control links, which go straight to the daemons, are
 untouched. Only if no broker answers for ``reconnect`` seconds is the connection lost
-(ConnectionLost, and every runtime with it). protocol.md 5.4.
+(ConnectionLost, and every runtime with it). protocol.md 3.3, Recovery.
 
 The connection owns a Scope (its reader, its heartbeats, the control links' readers) and its
 runtimes; ``close`` closes the runtimes first, then joins its own tasks. It is the ``Host`` of

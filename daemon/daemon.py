@@ -283,7 +283,7 @@ class Daemon:
     async def _broker_loop(self) -> None:
         """Register with a broker and serve it; if it falls silent, register with the next one (or
         the same, restarted) and list the runtimes we host: they live on, and their clients resume
-        their sessions through whichever broker they reach (protocol.md 5.4). Runtimes that no
+        their sessions through whichever broker they reach (protocol.md 3.3, Recovery). Runtimes that no
         broker has claimed for ``orphan_grace`` seconds are disposed."""
         orphaned_since: float | None = None  # since when no broker has had us registered
         for attempt in itertools.count():
@@ -316,6 +316,8 @@ class Daemon:
                     orphaned_since = time.monotonic()
                     if not self._reregister:
                         log.warning("broker %s is silent; registering again (runtimes kept)", self.broker)
+                elif not self._reregister:
+                    log.warning("broker %s is silent: no answer to our registration; trying again", self.broker)
                 self.registered.clear()
                 sock.close(0)
                 self._broker_sock = None

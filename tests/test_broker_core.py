@@ -15,6 +15,7 @@ from wire import protocol as P
 from wire.messages import (
     BROKER_TO_CLIENT,
     BROKER_TO_DAEMON,
+    Acquire,
     Bye,
     Console,
     CreateOk,
@@ -23,11 +24,13 @@ from wire.messages import (
     DispatchOk,
     Dispose,
     DisposeOk,
+    ErrorReply,
     Eval,
     EvalOk,
     Fetch,
     FetchOk,
     Heartbeat,
+    Held,
     Hello,
     Ready,
     Record,
@@ -658,3 +661,103 @@ def test_refusals_a_correct_client_meets_in_bursts_do_not_count(w: World) -> Non
     for i in range(3 * broker.core.REFUSAL_BUDGET):
         assert w.client(A, Eval(id=i, rt=rt, source=b"1"))[0].to == CLIENT
     assert w.client(A, Heartbeat()) == [] and w.core.budget.peers == {}  # ...but A is not throttled
+
+
+# ---- recovery: sessions by token, daemons re-registering with their runtimes (issue 9) ------------------
+
+
+def held(rt: str, owner: bytes, **kw: Any) -> Held:
+    return Held(rt=rt, owner=owner, **kw)
+
+
+def test_a_restarted_broker_adopts_what_a_daemon_lists_and_the_session_resumes_it() -> None:
+    w = World()  # a broker that knows nothing: it has just restarted
+    token, rt = b"t" * 16, "a" * 32
+    ready = Ready(capacity=4, control="tcp://d1:1", name="d1", runtimes=(held(rt, token),))
+    assert w.daemon(D1, ready) == [to_daemon(D1, Welcome(heartbeat_ms=1000))]
+    assert w.core.runtimes[rt].reclaim_at == w.core.reclaim_grace  # its session has that long to come back
+    assert w.core.daemons[D1].free == 3
+    (out,) = w.client(A, Hello(id=0, session=token))
+    assert out == to_client(A, Welcome(id=0, token=token, heartbeat_ms=1000))
+    assert w.core.runtimes[rt].reclaim_at is None
+    s = w.core.clients[A].session
+    assert w.client(A, Eval(id=1, rt=rt, source=b"1")) == [to_daemon(D1, Eval(id=1, rt=rt, source=b"1", c=s))]
+    w.hello(B)  # a session of its own: another's runtime stays unknown
+    assert w.client(B, Eval(id=1, rt=rt, source=b"1")) == [to_client(B, unknown(rt, 1))]
+
+
+def test_a_resumed_sessions_unknown_runtime_is_unavailable_until_the_daemons_had_time_to_register() -> None:
+    w = World()
+    w.client(A, Hello(id=0, session=b"t" * 16))
+    rt = "b" * 32
+    (out,) = w.client(A, Stats(id=1, rt=rt))
+    assert BROKER_TO_CLIENT.parse(out.frames).code == P.E_UNAVAILABLE
+    w.now = w.core.heartbeat * (w.core.daemon_liveness + 1) + 0.1
+    w.client(A, Heartbeat())
+    assert w.client(A, Stats(id=2, rt=rt)) == [to_client(A, unknown(rt, 2))]
+
+
+def test_a_runtime_declared_lost_is_disposed_when_its_daemon_registers_again(w: World) -> None:
+    _, rt = w.create(A)
+    _, kept = w.create(A, 2)
+    w.core.tick(5.0)  # D1 silent for 3 heartbeats: dropped, its runtimes lost
+    assert rt not in w.core.runtimes
+    # it resumes and registers again (a new routing id, the same name), listing what it still hosts
+    ready = Ready(capacity=4, control="tcp://daemon-1:1", name="daemon-1", runtimes=(held(rt, w.tokens[A]),))
+    assert w.daemon(D2, ready) == [to_daemon(D2, Dispose(rt=rt)), to_daemon(D2, Welcome(heartbeat_ms=1000))]
+    (out,) = w.client(A, Stats(id=3, rt=rt))
+    assert BROKER_TO_CLIENT.parse(out.frames).code == P.E_RUNTIME_LOST  # as its owner was told
+    assert rt not in w.core.runtimes and kept not in w.core.runtimes
+
+
+def test_a_daemon_registering_again_keeps_what_it_lists_and_loses_the_rest(w: World) -> None:
+    _, rt = w.create(A)
+    _, gone = w.create(A, 2)
+    w.client(A, Eval(id=3, rt=rt, source=b"1"))  # in flight on the old registration
+    w.client(A, Eval(id=4, rt=gone, source=b"1"))
+    ready = Ready(capacity=4, control="tcp://daemon-1:2", name="daemon-1", runtimes=(held(rt, w.tokens[A]),))
+    outs = [(o.to, o.ident, BROKER_TO_CLIENT.parse(o.frames)) for o in w.daemon(D2, ready) if o.to == CLIENT]
+    answers = {m.id: m.code for _, _, m in outs if isinstance(m, ErrorReply)}
+    assert answers == {3: P.E_UNAVAILABLE, 4: P.E_RUNTIME_LOST}  # the eval of the kept one may be retried
+    assert [m.rt for _, _, m in outs if isinstance(m, RuntimeLost)] == [gone]
+    assert w.core.runtimes[rt].daemon == D2 and gone not in w.core.runtimes and D1 not in w.core.daemons
+    s = w.s[A]
+    assert w.client(A, Eval(id=5, rt=rt, source=b"1")) == [to_daemon(D2, Eval(id=5, rt=rt, source=b"1", c=s))]
+
+
+def test_named_runtimes_outlive_their_session_and_are_found_by_acquire(w: World) -> None:
+    (out,) = w.client(A, CreateRuntime(id=1, name="agent", keep_alive_ms=5000))
+    placed = BROKER_TO_DAEMON.parse(out.frames)
+    assert placed.name == "agent" and placed.keep_alive_ms == 5000
+    w.daemon(D1, CreateOk(id=1, c=w.s[A], rt=placed.rt, pid=7))
+    (out,) = w.client(A, CreateRuntime(id=2, name="agent"))
+    assert "already has a runtime named 'agent'" in BROKER_TO_CLIENT.parse(out.frames).message
+    (out,) = w.client(A, CreateRuntime(id=3, keep_alive_ms=5))
+    assert "keep_alive_ms needs a name" in BROKER_TO_CLIENT.parse(out.frames).message
+    _, plain = w.create(A, 4)
+    token = w.tokens[A]
+    assert w.client(A, Bye()) == [to_daemon(D1, Dispose(rt=plain))]  # the unnamed one goes now
+    assert w.core.runtimes[placed.rt].reclaim_at == w.now + 5
+    (out,) = w.client(B, Acquire(id=1, name="agent"))  # another session: not found
+    assert BROKER_TO_CLIENT.parse(out.frames).code == P.E_UNKNOWN_RUNTIME
+    w.client(b"client-c", Hello(id=0, session=token))  # a new connection with the token
+    found = CreateOk(id=1, rt=placed.rt, control="tcp://daemon-1:1", daemon="daemon-1")
+    assert w.client(b"client-c", Acquire(id=1, name="agent")) == [to_client(b"client-c", found)]
+    assert w.core.runtimes[placed.rt].reclaim_at is None
+    w.core.client_gone(b"client-c", "gone")
+    w.now = 100.0
+    w.daemon(D1, Heartbeat())
+    assert to_daemon(D1, Dispose(rt=placed.rt)) in w.core.tick(w.now)
+
+
+def test_with_curve_a_session_resumes_only_from_its_key() -> None:
+    w = World()
+    w.join(D1)
+    w.hello(A, key=b"k" * 40)
+    w.create(A)
+    token = w.tokens[A]
+    (out,) = w.client(B, Hello(id=0, session=token), key=b"e" * 40)
+    assert BROKER_TO_CLIENT.parse(out.frames).code == P.E_UNKNOWN_CLIENT
+    assert w.core.sessions[token].ident == A and B not in w.core.clients
+    (out,) = w.client(B, Hello(id=0, session=token), key=b"k" * 40)  # the same key, another connection
+    assert BROKER_TO_CLIENT.parse(out.frames).token == token and A not in w.core.clients

@@ -1,7 +1,7 @@
 """Issue 9: a broker restart or failover loses nothing that lives on daemons; sessions resume;
 named runtimes outlive their connection; what a dead client leaves is reclaimed; a daemon that was
 dropped after a long pause learns it and cleans up. Real processes, SIGKILL and SIGSTOP
-(protocol.md 5.4, docs/design.md 2.15)."""
+(protocol.md 3.3 Recovery, docs/design.md 2.15)."""
 
 from __future__ import annotations
 
@@ -114,6 +114,7 @@ async def test_a_broker_restart_loses_no_runtime_no_state_and_no_byte_in_flight(
             print(f"service restored {restored * 1000:.0f} ms after the broker printed ready")
             # a new runtime, and the old one's counters back to zero on every hop
             assert await (await conn.create_runtime()).eval("export default 1") == 1
+
             async def drained() -> bool:
                 stats = await rt.stats()
                 return all(v == 0 for hop in stats.values() for v in hop.values())

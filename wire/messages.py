@@ -142,7 +142,7 @@ class Ready(Record):
     name: str | None = F(STR, None, "shown in logs and create replies")
     load: int = F(INT, 0, "runtimes it already hosts")
     key: str | None = F(STR, None, "its CURVE key (Z85); the broker uses the authenticated one")
-    runtimes: tuple[Held, ...] = F(HELD, (), "the runtimes it hosts (protocol.md 5.4)")
+    runtimes: tuple[Held, ...] = F(HELD, (), "the runtimes it hosts (protocol.md 3.3, Recovery)")
 
 
 # ---- client requests (forwarded by the broker with `c` to the daemon) -----------------------------

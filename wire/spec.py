@@ -57,6 +57,8 @@ KINDS: dict[str, str] = {
     "headers": "`[name, value]` str pairs; order and repeats kept",
     "map str->int": "map of str to int",
     "array of str": "array of str",
+    "array of {rt, owner, owner_key?, name?, keep_alive_ms?}": "array of maps (`owner`: the token; `keep_alive_ms`: int;"
+    " others str/bin as in `create_runtime`)",
     "any": "any msgpack value",
     "body": '`"inline"` (one payload frame) or `{sid: bin16, ep?: endpoint}` (4)',
     "pipe {sid, ep}": "map `{sid: bin16, ep: endpoint}`, both present",
@@ -88,7 +90,7 @@ ERRORS: dict[str, str] = {
     "unknown_type": "`t` is not legal on this link and direction",
     "too_large": "a frame above `MAX_FRAME`, a (reply) header above `MAX_HEADER`",
     "unknown_runtime": "not this client's runtime (or not on this daemon)",
-    "unknown_client": "no session of the sender (with its key): its runtimes are gone",
+    "unknown_client": "no session of the sender (with its key): say `hello` again (3.3)",
     "runtime_lost": "the runtime is gone (also a `runtime_lost.code`)",
     "no_daemon": "no daemon has a free slot",
     "capacity": "the chosen daemon was full",
@@ -102,6 +104,8 @@ ERRORS: dict[str, str] = {
     "cancelled": "the client cancelled `resp_sid` before the response head",
     "internal": "the daemon failed to start the process or to handle the request",
     "busy": "the runtime has too many calls pending or too much input unread (4); retry later",
+    "unavailable": "the broker or the runtime's owner is (for now) unreachable; the call did not complete; retry",
+    "unknown_daemon": "broker -> daemon, without id: no registration of the sender; send `ready` again",
 }
 
 
@@ -124,6 +128,8 @@ LIMITS: tuple[Limit, ...] = (
     Limit("MAX_INLINE_BODY", 65536, "bytes", ("wire.protocol.MAX_INLINE_BODY", "wire.guest.INLINE_MAX"),
           "an inline body (senders; guest: `inline_max`)"),
     Limit("MAX_SOURCE", 983040, "bytes", ("wire.protocol.MAX_SOURCE",), "an eval source (senders)"),
+    Limit("MAX_RUNTIMES_HELD", 256, "entries", ("wire.protocol.MAX_RUNTIMES_HELD",), "`ready.runtimes`; a daemon's capacity"),
+    Limit("MAX_NAME", 128, "characters", ("wire.protocol.MAX_NAME",), "a runtime's `name`"),
     Limit("MAX_CHUNK", 262144, "bytes", ("wire.protocol.MAX_CHUNK", "wire.guest.MAX_CHUNK"),
           "a pipe payload; a guest-channel chunk"),
     Limit("PIPE_HWM", 4, "messages", ("wire.sockets.PIPE_HWM",), "pipe `SNDHWM`, `RCVHWM`"),
