@@ -57,8 +57,9 @@ KINDS: dict[str, str] = {
     "headers": "`[name, value]` str pairs; order and repeats kept",
     "map str->int": "map of str to int",
     "array of str": "array of str",
-    "array of {rt, owner, owner_key?, name?, keep_alive_ms?}": "array of maps (`owner`: the token; `keep_alive_ms`: int;"
-    " others str/bin as in `create_runtime`)",
+    "array of {rt, owner, owner_key?, name?, keep_alive_ms?}": (
+        "array of maps; `owner`: the token, the others as in `create_runtime`"
+    ),
     "any": "any msgpack value",
     "body": '`"inline"` (one payload frame) or `{sid: bin16, ep?: endpoint}` (4)',
     "pipe {sid, ep}": "map `{sid: bin16, ep: endpoint}`, both present",
@@ -128,7 +129,9 @@ LIMITS: tuple[Limit, ...] = (
     Limit("MAX_INLINE_BODY", 65536, "bytes", ("wire.protocol.MAX_INLINE_BODY", "wire.guest.INLINE_MAX"),
           "an inline body (senders; guest: `inline_max`)"),
     Limit("MAX_SOURCE", 983040, "bytes", ("wire.protocol.MAX_SOURCE",), "an eval source (senders)"),
-    Limit("MAX_RUNTIMES_HELD", 256, "entries", ("wire.protocol.MAX_RUNTIMES_HELD",), "`ready.runtimes`; a daemon's capacity"),
+    Limit(
+        "MAX_RUNTIMES_HELD", 256, "entries", ("wire.protocol.MAX_RUNTIMES_HELD",), "`ready.runtimes`; a daemon's capacity"
+    ),
     Limit("MAX_NAME", 128, "characters", ("wire.protocol.MAX_NAME",), "a runtime's `name`"),
     Limit("MAX_CHUNK", 262144, "bytes", ("wire.protocol.MAX_CHUNK", "wire.guest.MAX_CHUNK"),
           "a pipe payload; a guest-channel chunk"),
