@@ -130,7 +130,7 @@ LIMITS: tuple[Limit, ...] = (
           "an inline body (senders; guest: `inline_max`)"),
     Limit("MAX_SOURCE", 983040, "bytes", ("wire.protocol.MAX_SOURCE",), "an eval source (senders)"),
     Limit(
-        "MAX_RUNTIMES_HELD", 256, "entries", ("wire.protocol.MAX_RUNTIMES_HELD",), "`ready.runtimes`; a daemon's capacity"
+        "MAX_RUNTIMES_HELD", 256, "entries", ("wire.protocol.MAX_RUNTIMES_HELD",), "`ready.runtimes`, capacity"
     ),
     Limit("MAX_NAME", 128, "characters", ("wire.protocol.MAX_NAME",), "a runtime's `name`"),
     Limit("MAX_CHUNK", 262144, "bytes", ("wire.protocol.MAX_CHUNK", "wire.guest.MAX_CHUNK"),
