@@ -133,7 +133,7 @@ class Connection:
         self.sock = self._dealer(endpoint)
         self._scope.spawn(self._read(self.sock), name="client-broker")
 
-    async def _reconnect(self, why: str) -> None:
+    async def _reconnect(self, why: str, *, same_first: bool) -> None:
         """Fail what waits at the broker (retryable), then say hello with our token until a broker
         answers: first the same one if it told us it restarted, else the next endpoint."""
         self._online = False
@@ -143,7 +143,7 @@ class Connection:
             self._fail(ConnectionLost(f"the broker at {self.endpoint} {why}"))
             return
         log.warning("the broker at %s %s; resuming the session", self.endpoint, why)
-        first = self.endpoints.index(self.endpoint) + (0 if "restarted" in why else 1)
+        first = self.endpoints.index(self.endpoint) + (0 if same_first else 1)
         deadline = time.monotonic() + self.reconnect
         for attempt in itertools.count():
             if self.closed is not None or time.monotonic() >= deadline:
@@ -290,9 +290,9 @@ class Connection:
             if sockets.has_input(self.sock):
                 self._last_seen = time.monotonic()
             if self._rehello:
-                await self._reconnect("restarted or no longer knows this session")
+                await self._reconnect("restarted or no longer knows this session", same_first=True)
             elif time.monotonic() - self._last_seen > self.heartbeat * self.liveness:
-                await self._reconnect("stopped answering")
+                await self._reconnect("stopped answering", same_first=False)
             else:
                 with contextlib.suppress(Error):
                     self.send(hb)

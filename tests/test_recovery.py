@@ -255,3 +255,60 @@ async def test_a_daemon_paused_past_its_liveness_is_dropped_and_cleans_up_when_i
     finally:
         d1.stop()
         b.stop()
+
+
+PAUSED_CLIENT = """
+import asyncio, json, sys
+import client
+
+async def main():
+    conn = await client.connect(sys.argv[1], timeout=10, reconnect=30)
+    rt = await conn.create_runtime()
+    await rt.eval("globalThis.n = 1")
+    print(json.dumps({"ready": True}), flush=True)
+    loop = asyncio.get_running_loop()
+    while await loop.run_in_executor(None, sys.stdin.readline):
+        for _ in range(200):  # what an application does with a retryable error
+            try:
+                value = await rt.eval("export default ++globalThis.n")
+                break
+            except client.Unavailable:
+                await asyncio.sleep(0.05)
+        print(json.dumps({"value": value, "reconnects": conn.reconnects}), flush=True)
+
+asyncio.run(main())
+"""
+
+
+async def test_a_client_paused_past_its_liveness_resumes_its_session(tmp_path: Path) -> None:
+    b = Broker(tmp_path, "--heartbeat", HB, "--client-liveness", "5", "--reclaim-grace", "20", "--pool-size", "1")
+    proc = subprocess.Popen(  # noqa: ASYNC220 (the test talks to it through its pipes, in a thread)
+        [sys.executable, "-c", PAUSED_CLIENT, b.frontend], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert proc.stdin is not None and proc.stdout is not None
+    stdin, stdout = proc.stdin, proc.stdout
+
+    async def ask() -> dict[str, int]:
+        stdin.write(b"go\n")
+        stdin.flush()
+        return json.loads(await asyncio.wait_for(asyncio.to_thread(stdout.readline), 30))
+
+    async def pause(seconds: float) -> None:
+        proc.send_signal(signal.SIGSTOP)
+        try:
+            await asyncio.sleep(seconds)  # the pause itself is what is under test
+        finally:
+            proc.send_signal(signal.SIGCONT)
+
+    try:
+        assert json.loads(await asyncio.wait_for(asyncio.to_thread(stdout.readline), 60)) == {"ready": True}
+        await pause(0.3)  # under the broker's 5 x 0.2 s: nothing happens
+        assert await ask() == {"value": 2, "reconnects": 0}
+        await pause(3)  # the broker drops the connection; the runtime waits out the grace
+        await await_until(lambda: "lost (no heartbeat" in b.log.read_text(), "the broker dropped the client")
+        assert await ask() == {"value": 3, "reconnects": 1}  # the session resumed, state and all
+    finally:
+        proc.kill()
+        proc.wait(10)
+        b.stop()
