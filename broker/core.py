@@ -315,9 +315,14 @@ class Core:
         client = self.clients.get(ident)
         if r.t == "hello":
             hello = env.parse()
-            if client is None or (hello.session is not None and hello.session != client.token):
+            opened = client is None or (hello.session is not None and hello.session != client.token)
+            if opened:
                 client = self._open_session(ident, hello.session, sender_key, now)
+            assert client is not None
             self._send(CLIENT, ident, Welcome(id=hello.id, token=client.token, heartbeat_ms=self._heartbeat_ms))
+            for rt_id, (owner, code, message) in self.tombstones.items() if opened and client.resumed else ():
+                if owner == client.token:  # lost while it was away: it fails their calls and bodies now
+                    self._send(CLIENT, ident, RuntimeLost(rt=rt_id, code=code, message=message))
             return
         if client is None:
             raise ProtocolError(

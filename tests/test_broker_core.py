@@ -761,3 +761,13 @@ def test_with_curve_a_session_resumes_only_from_its_key() -> None:
     assert w.core.sessions[token].ident == A and B not in w.core.clients
     (out,) = w.client(B, Hello(id=0, session=token), key=b"k" * 40)  # the same key, another connection
     assert BROKER_TO_CLIENT.parse(out.frames).token == token and A not in w.core.clients
+
+
+def test_a_resumed_session_hears_which_of_its_runtimes_were_lost_while_it_was_away(w: World) -> None:
+    _, rt = w.create(A)
+    _, kept = w.create(A, 2)
+    w.core.client_gone(A, "its connection is gone")
+    w.daemon(D1, RuntimeLost(rt=rt, code=P.E_MEMORY_LIMIT, message="too big"))
+    outs = w.client(b"client-c", Hello(id=0, session=w.tokens[A]))
+    assert outs[1:] == [to_client(b"client-c", RuntimeLost(rt=rt, code=P.E_MEMORY_LIMIT, message="too big"))]
+    assert kept in w.core.runtimes and w.core.runtimes[kept].reclaim_at is None
