@@ -21,7 +21,8 @@ import pytest
 
 import client
 from scripts.kit.procs import deno_children, deno_pids
-from tests.conftest import ROOT, Broker, Daemon, await_until, create_when_ready, joined
+from tests.conftest import ROOT, Broker, Daemon, await_until, create_when_ready, joined, make_keys
+from wire.auth import load_keypair, load_public_key
 
 T = TypeVar("T")
 HB = "0.2"  # heartbeats of every process here: losses are noticed within a second
@@ -311,4 +312,32 @@ async def test_a_client_paused_past_its_liveness_resumes_its_session(tmp_path: P
     finally:
         proc.kill()
         proc.wait(10)
+        b.stop()
+
+
+async def test_with_curve_a_session_resumes_after_a_restart_only_from_its_owners_key(tmp_path: Path) -> None:
+    keys = make_keys(tmp_path, ("broker", "daemon", "alice", "bob"), ("daemon", "alice", "bob"))
+    s = keys / "secrets"
+    curve = ("--curve-keypair", str(s / "broker.key_secret"), "--authorized-keys", str(keys / "authorized"))
+    (b,) = brokers(keys, 1, *curve)
+    d = Daemon(keys, b, "d1", "--curve-keypair", str(s / "daemon.key_secret"), "--broker-key", str(s / "broker.key"),
+               "--heartbeat", HB, "--liveness", "3", "--pool-size", "1")  # fmt: skip
+    broker_key = load_public_key(s / "broker.key")
+    try:
+        alice = await client.connect(b.frontend, keypair=load_keypair(s / "alice.key_secret"), broker_key=broker_key)
+        async with alice:
+            rt = await create_when_ready(alice)
+            await rt.eval("globalThis.n = 41")
+            b.stop(signal.SIGKILL)
+            b.restart()
+            assert await retrying(lambda: rt.eval("export default globalThis.n + 1")) == 42
+            # bob holds the token (it leaked), but not alice's key: the session stays hers
+            with pytest.raises(client.ConnectionLost, match="belongs to another key"):
+                await client.connect(
+                    b.frontend, keypair=load_keypair(s / "bob.key_secret"), broker_key=broker_key,
+                    session=alice.session, timeout=5,
+                )  # fmt: skip
+            assert await rt.eval("export default globalThis.n") == 41
+    finally:
+        d.stop()
         b.stop()
