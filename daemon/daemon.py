@@ -123,6 +123,7 @@ class Daemon:
         #: what a broker needs to know of each runtime to route to it and reclaim it (sent in `ready`)
         self.held: dict[str, M.Held] = {}
         self._reregister = False  # the broker said it does not know us: register again now
+        self._link = 0  # which registration is current: a create that outlives its link is undone
         self.registry = Registry()  # streams clients may cancel, fetch callbacks awaiting answers
         #: recently ended runtimes, so a call racing the broker's notice gets "runtime_lost"
         self.ended: OrderedDict[str, tuple[str, str]] = OrderedDict()
@@ -290,6 +291,7 @@ class Daemon:
             if attempt and not self._reregister:  # silence: try the next broker (or the same, alone)
                 self.broker = self.brokers[attempt % len(self.brokers)]
             self._reregister = False
+            self._link = attempt
             sock = sockets.dealer(self.ctx, identity=P.new_id())
             connect_with(sock, self.keys, self.broker_key)
             sock.connect(self.broker)
@@ -478,6 +480,7 @@ class Daemon:
         except P.ProtocolError as exc:
             self.send(M.error(exc.code, exc.message, msg.id, c=route))
             return
+        link = self._link
         self._starting += 1
         try:
             assert self.pool is not None
@@ -487,6 +490,9 @@ class Daemon:
             return
         finally:
             self._starting -= 1
+        if link != self._link:  # registered again meanwhile: no broker knows of this create any more
+            await guest.kill("its broker link was replaced while it started")
+            return
         seat = Seat(self, self.registry, rt_id, msg.owner, msg.owner_key if self.gate is not None else None)
         turns = TurnWatch(
             self.cpu_limit if msg.cpu_limit_ms is None else msg.cpu_limit_ms / 1000,
