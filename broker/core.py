@@ -26,6 +26,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from wire import liveness
 from wire.budget import Budget
 from wire.messages import (
     CLIENT_TO_BROKER,
@@ -144,7 +145,7 @@ class Core:
         self,
         *,
         heartbeat: float = 1.0,
-        daemon_liveness: int = 3,
+        daemon_liveness: int = liveness.LIVENESS,
         client_liveness: int = 10,
         max_runtimes_per_client: int = MAX_RUNTIMES_PER_CLIENT,
         max_inflight_per_client: int = MAX_INFLIGHT_PER_CLIENT,
@@ -210,7 +211,7 @@ class Core:
         self._forgive(now)
         self.ratelog.flush(now)
         for peer in [*self.daemons.values(), *self.clients.values()]:
-            peer.last_seen += stall
+            peer.last_seen = liveness.forgive(peer.last_seen, now, stall)
         for ident, daemon in list(self.daemons.items()):
             if now - daemon.last_seen > self.heartbeat * self.daemon_liveness:
                 self._daemon_lost(ident, f"no heartbeat for {now - daemon.last_seen:.1f}s")
@@ -374,7 +375,9 @@ class Core:
         if not live:
             reason = "no daemon is connected" if not self.daemons else "every daemon is at capacity"
             raise ProtocolError(E_NO_DAEMON, f"cannot place a runtime: {reason}")
-        daemon = max(live, key=lambda d: d.free)  # ties: the earliest registered
+        # a daemon silent for longer than FRESH heartbeats may be stopped or dying: not while another has room
+        fresh = [d for d in live if self._now - d.last_seen <= self.heartbeat * liveness.FRESH]
+        daemon = max(fresh or live, key=lambda d: d.free)  # ties: the earliest registered
         rt = Runtime(uuid.uuid4().hex, client.ident, daemon.ident)
         self.runtimes[rt.rt] = rt
         daemon.runtimes.add(rt.rt)
@@ -409,8 +412,11 @@ class Core:
             self._register(ident, msg, sender_key, now)
             return
         daemon = self.daemons.get(ident)
-        if daemon is None:
-            return  # not registered (the broker restarted): silence makes it register again
+        if daemon is None:  # dropped after a silence (e.g. it was stopped), or the broker restarted
+            if isinstance(msg, Heartbeat):  # tell it at once: it registers again (the rest is dropped)
+                self._strike(DAEMON, ident, now)
+                self._send(DAEMON, ident, error(E_UNKNOWN_CLIENT, "unknown daemon: register again"))
+            return
         daemon.last_seen = now
         if isinstance(msg, Heartbeat):
             daemon.load = daemon.load if msg.load is None else msg.load

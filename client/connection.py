@@ -52,7 +52,7 @@ class Connection:
         connect_with(self.sock, keypair, broker_key)
         self.token = b""
         self.heartbeat = 1.0
-        self.liveness = 5
+        self.liveness = liveness.LIVENESS
         self.runtimes: dict[str, Runtime] = {}
         self.closed: Error | None = None
         self._ids = 0
@@ -192,8 +192,8 @@ class Connection:
     async def _heartbeats(self) -> None:
         hb = M.Heartbeat()
         while self.closed is None:
-            stall = await liveness.tick(self.heartbeat)  # not `x += await`: that reads x before sleeping
-            self._last_seen += stall
+            stall = await liveness.tick(self.heartbeat)
+            self._last_seen = liveness.forgive(self._last_seen, time.monotonic(), stall)
             if sockets.has_input(self.sock):
                 self._last_seen = time.monotonic()
             if time.monotonic() - self._last_seen > self.heartbeat * self.liveness:

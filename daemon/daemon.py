@@ -27,7 +27,7 @@ import zmq
 
 from daemon import spawner
 from daemon.limits import CPU_EVERY, WATCH_INTERVAL, MemoryCgroups, MemoryWatch, TurnWatch
-from daemon.pool import WarmPool, write_import_map
+from daemon.pool import MAX_STARTING, START_QUEUE_TIMEOUT, WarmPool, write_import_map
 from daemon.ports import OkReply
 from daemon.registry import Registry, Seat
 from daemon.runtime import Runtime
@@ -36,6 +36,7 @@ from wire import messages as M
 from wire import protocol as P
 from wire.auth import Gate, KeyPair, connect_with
 from wire.budget import Budget
+from wire.liveness import LIVENESS
 from wire.pipes import PipeReader, PipeWriter
 from wire.ratelog import RateLog
 from wire.schema import Record, StreamRef, route
@@ -70,6 +71,8 @@ class Daemon:
         advertise_host: str | None = None,
         control_port: int = 0,
         pool_size: int = 2,
+        max_starting: int = MAX_STARTING,
+        start_queue_timeout: float = START_QUEUE_TIMEOUT,
         default_memory_mb: int = DEFAULT_MEMORY_MB,
         eval_timeout: float = 30.0,
         max_memory_mb: int = MAX_MEMORY_MB,
@@ -79,7 +82,7 @@ class Daemon:
         max_cpu_limit: float = MAX_CPU_LIMIT,
         cgroups: bool = True,
         heartbeat: float = 1.0,
-        liveness: int = 3,
+        liveness: int = LIVENESS,
         name: str | None = None,
         keys: KeyPair | None = None,
         broker_key: bytes | None = None,
@@ -93,6 +96,8 @@ class Daemon:
         self.advertise_host = advertise_host or bind_host
         self.control_port = control_port
         self.pool_size = pool_size
+        self.max_starting = max_starting
+        self.start_queue_timeout = start_queue_timeout
         self.default_memory_mb = min(default_memory_mb, max_memory_mb)  # the defaults obey the maximums too
         self.eval_timeout = min(eval_timeout, max_eval_timeout)
         self.max_memory_mb = max_memory_mb
@@ -118,6 +123,7 @@ class Daemon:
         self._broker_sock: zmq.asyncio.Socket | None = None
         self._control: zmq.asyncio.Socket | None = None
         self._last_seen = 0.0
+        self._dropped = False  # the broker said it does not know this daemon: register again
         self.registered = asyncio.Event()
         self.pool: WarmPool | None = None
 
@@ -194,7 +200,10 @@ class Daemon:
             await asyncio.to_thread(write_import_map, deno_bin, import_map, workdir)
             if self.use_cgroups:
                 self.cgroups = await asyncio.to_thread(MemoryCgroups.find, f"{next(_daemons)}-{os.getpid()}")
-            self.pool = WarmPool(deno_bin, import_map, workdir, self.default_memory_mb, self.pool_size, self.cgroups)
+            self.pool = WarmPool(
+                deno_bin, import_map, workdir, self.default_memory_mb, self.pool_size, self.cgroups,
+                self.max_starting, self.start_queue_timeout,
+            )  # fmt: skip
             self.pool.fill()
             self.gate = Gate.for_context(self.ctx, self.keys)  # without keys it guards the pipes only
             self._control = sockets.router(self.ctx)
@@ -274,6 +283,7 @@ class Daemon:
             sock.connect(self.broker)
             self._broker_sock = sock
             self._last_seen = time.monotonic()
+            self._dropped = False
             try:
                 self.send(
                     M.Ready(
@@ -288,7 +298,8 @@ class Daemon:
                     tg.create_task(self._heartbeat(sock))
                     await self._read_broker(sock)
             except* _BrokerLost:
-                log.warning("broker %s is silent; disposing runtimes and registering again", self.broker)
+                why = "dropped this daemon" if self._dropped else "is silent"
+                log.warning("broker %s %s; disposing runtimes and registering again", self.broker, why)
             finally:
                 self.registered.clear()
                 sock.close(0)
@@ -298,8 +309,10 @@ class Daemon:
 
     async def _heartbeat(self, sock: zmq.asyncio.Socket) -> None:
         while True:
-            stall = await liveness.tick(self.heartbeat)  # not `x += await`: that reads x before sleeping
-            self._last_seen += stall
+            stall = await liveness.tick(self.heartbeat)
+            if stall > self.heartbeat / 4:  # the loop was blocked or starved: worth knowing why
+                log.info("event loop stalled: heartbeat %.3fs late", stall)
+            self._last_seen = liveness.forgive(self._last_seen, time.monotonic(), stall)
             if sockets.has_input(sock):
                 self._last_seen = time.monotonic()
             if time.monotonic() - self._last_seen > self.heartbeat * self.liveness:
@@ -312,6 +325,8 @@ class Daemon:
             for frames in await reader.batch():
                 self._last_seen = time.monotonic()
                 self._from_broker(frames)
+                if self._dropped:
+                    raise _BrokerLost()
 
     def _from_broker(self, frames: list[Any]) -> None:
         try:
@@ -359,6 +374,10 @@ class Daemon:
             waiter.answer(msg)
 
     def _on_fetch_refused(self, msg: M.ErrorReply) -> None:
+        if msg.id is None and msg.code == P.E_UNKNOWN_CLIENT:  # it dropped us (protocol.md 3.3, Liveness)
+            log.warning("the broker no longer knows this daemon: %s", msg.message)
+            self._dropped = True
+            return
         waiter = self.registry.take_callback(msg.id) if msg.id is not None else None
         if waiter is not None:
             waiter.refuse(msg.message)
@@ -441,6 +460,9 @@ class Daemon:
         try:
             assert self.pool is not None
             guest = await self.pool.claim(limit)
+        except P.ProtocolError as exc:  # busy: no start slot came free in time
+            self.send(M.error(exc.code, exc.message, msg.id, c=route))
+            return
         except Exception as exc:
             self.send(M.error(P.E_INTERNAL, f"could not start a runtime: {exc}", msg.id, c=route))
             return

@@ -418,7 +418,9 @@ def test_a_refused_fetch_is_answered_at_the_daemon_and_other_refusals_dropped(w:
 
 def test_an_unregistered_daemon_is_not_listened_to(w: World) -> None:
     _, rt = w.place(A)
-    assert w.daemon(b"stranger", Heartbeat(load=1)) == []
+    # only told that it is unknown, so that it registers again (once dropped, or after a broker restart)
+    unknown_daemon = error(P.E_UNKNOWN_CLIENT, "unknown daemon: register again")
+    assert w.daemon(b"stranger", Heartbeat(load=1)) == [to_daemon(b"stranger", unknown_daemon)]
     assert w.daemon(b"stranger", fetch(rt)) == []
     assert w.daemon(b"stranger", CreateOk(id=1, c=w.s[A], rt=rt)) == []
     assert w.core.up == {} and (w.s[A], 1) in w.core.down and list(w.core.daemons) == [D1]

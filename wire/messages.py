@@ -330,7 +330,7 @@ DAEMON_TO_BROKER = on(
 BROKER_TO_DAEMON = on(
     "broker -> daemon",
     Welcome, Heartbeat, (CreateRuntime, ("c", "rt", "owner")), (Eval, ("c",)), (Dispatch, ("c",)),
-    (Stats, ("c",)), Dispose, FetchOk, (ErrorReply, ("id",)),
+    (Stats, ("c",)), Dispose, FetchOk, ErrorReply,
 )  # fmt: skip
 CONTROL_TO_DAEMON = on("control client -> daemon", Hello, Cancel)
 CONTROL_TO_CLIENT = on("control daemon -> client", Cancel, PipeReady)
