@@ -136,6 +136,7 @@ class Pending:
     kind: type[Record]  # the request: CreateRuntime, Eval, ... (down) or Fetch (up)
     orphan: bool = False  # a create_runtime whose client is gone: dispose what it creates
     client: bytes = b""  # down: the routing id of the client that asked
+    placed: Record | None = None  # a create_runtime as sent to its daemon: placed again if that one is lost
 
 
 class Core:
@@ -371,20 +372,36 @@ class Core:
         self._check_inflight(client)
         if (client.session, msg.id) in self.down:
             raise ProtocolError(E_BAD_MESSAGE, f"request id {msg.id} is already in flight")
-        live = [d for d in self.daemons.values() if d.free > 0]
-        if not live:
+        daemon = self._choose()
+        if daemon is None:
             reason = "no daemon is connected" if not self.daemons else "every daemon is at capacity"
             raise ProtocolError(E_NO_DAEMON, f"cannot place a runtime: {reason}")
-        # a daemon silent for longer than FRESH heartbeats may be stopped or dying: not while another has room
-        fresh = [d for d in live if self._now - d.last_seen <= self.heartbeat * liveness.FRESH]
-        daemon = max(fresh or live, key=lambda d: d.free)  # ties: the earliest registered
         rt = Runtime(uuid.uuid4().hex, client.ident, daemon.ident)
         self.runtimes[rt.rt] = rt
         daemon.runtimes.add(rt.rt)
         client.runtimes.add(rt.rt)
-        self._pend(client, msg.id, Pending(daemon.ident, rt.rt, CreateRuntime))
         placed = msg.replace(c=client.session, rt=rt.rt, owner=client.token, owner_key=client.key)
+        self._pend(client, msg.id, Pending(daemon.ident, rt.rt, CreateRuntime, placed=placed))
         self._send(DAEMON, daemon.ident, placed)
+
+    def _choose(self) -> Daemon | None:
+        """The daemon for a new runtime: the most free room, among those heard from within FRESH
+        heartbeats if any has room (one silent for longer may be stopped or dying; docs/design.md 5.1)."""
+        live = [d for d in self.daemons.values() if d.free > 0]
+        fresh = [d for d in live if self._now - d.last_seen <= self.heartbeat * liveness.FRESH]
+        return max(fresh or live, key=lambda d: d.free, default=None)  # ties: the earliest registered
+
+    def _place_again(self, pending: Pending) -> bool:
+        """A create its daemon never answered (the daemon was lost): send it to another daemon with
+        room, under the same runtime id, so the client never hears of the loss. False if none has room."""
+        rt = self.runtimes.get(pending.rt)
+        daemon = self._choose()
+        if rt is None or daemon is None or pending.placed is None:
+            return False
+        rt.daemon = pending.peer = daemon.ident
+        daemon.runtimes.add(rt.rt)
+        self._send(DAEMON, daemon.ident, pending.placed)
+        return True
 
     def _client_lost(self, ident: bytes, why: str) -> None:
         client = self.clients.pop(ident, None)
@@ -500,6 +517,10 @@ class Core:
         log.warning("%s; %d runtimes lost", message, len(daemon.runtimes))
         for key, pending in list(self.down.items()):
             if pending.peer == ident:
+                if pending.kind is CreateRuntime and not pending.orphan and self._place_again(pending):
+                    daemon.runtimes.discard(pending.rt)
+                    log.info("runtime %s placed again on %s", pending.rt, self.daemons[pending.peer].name)
+                    continue
                 self._unpend(key)
                 if not pending.orphan:
                     self._send(CLIENT, pending.client, error(E_RUNTIME_LOST, message, key[1]))

@@ -124,6 +124,7 @@ class Daemon:
         self._control: zmq.asyncio.Socket | None = None
         self._last_seen = 0.0
         self._dropped = False  # the broker said it does not know this daemon: register again
+        self._links = 0  # broker links ended so far: a create started on an ended link is abandoned
         self.registered = asyncio.Event()
         self.pool: WarmPool | None = None
 
@@ -302,6 +303,7 @@ class Daemon:
                 log.warning("broker %s %s; disposing runtimes and registering again", self.broker, why)
             finally:
                 self.registered.clear()
+                self._links += 1
                 sock.close(0)
                 self._broker_sock = None
             await asyncio.gather(*(r.dispose() for r in list(self.runtimes.values())), return_exceptions=True)
@@ -457,6 +459,7 @@ class Daemon:
             self.send(M.error(exc.code, exc.message, msg.id, c=route))
             return
         self._starting += 1
+        link = self._links
         try:
             assert self.pool is not None
             guest = await self.pool.claim(limit)
@@ -468,6 +471,9 @@ class Daemon:
             return
         finally:
             self._starting -= 1
+        if link != self._links:  # the broker link it came on ended meanwhile: nobody knows this runtime
+            await guest.kill("the broker dropped this daemon while the runtime started")
+            return
         seat = Seat(self, self.registry, rt_id, msg.owner, msg.owner_key if self.gate is not None else None)
         turns = TurnWatch(
             self.cpu_limit if msg.cpu_limit_ms is None else msg.cpu_limit_ms / 1000,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import subprocess
 from pathlib import Path
 
@@ -27,8 +28,9 @@ from wire.scope import Scope
 log = logging.getLogger("daemon.pool")
 
 REFILL_DELAY = 0.05
-#: Defaults of ``--max-starting`` (processes booting at once) and ``--start-queue-timeout`` (s).
-MAX_STARTING = 4
+#: Defaults of ``--max-starting`` (processes booting at once) and ``--start-queue-timeout`` (s). A
+#: boot is CPU-bound: more at once than cores only share the same CPUs and starve the daemon's loop.
+MAX_STARTING = max(2, os.cpu_count() or 2)
 START_QUEUE_TIMEOUT = 10.0
 
 #: node: built-ins a guest may import: pure helpers that reach no I/O of the process.

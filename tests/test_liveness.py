@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import time
 from collections.abc import Iterator
@@ -19,11 +20,11 @@ import client
 from broker.core import DAEMON
 from scripts.kit.procs import deno_children, deno_left, deno_pids, describe
 from tests.conftest import Broker, Daemon, await_until, joined
-from tests.test_broker_core import D1, D2, World, to_daemon
+from tests.test_broker_core import D1, D2, World, bag, to_client, to_daemon
 from wire import liveness
 from wire import messages as M
 from wire import protocol as P
-from wire.messages import Heartbeat, error
+from wire.messages import CreateRuntime, Heartbeat, error
 
 # ---- forgiveness (sans-I/O) -------------------------------------------------------------------------------
 
@@ -84,6 +85,36 @@ def test_a_create_is_not_placed_on_a_daemon_silent_for_more_than_fresh_heartbeat
     assert w.place(b"client-a", 3)[0] == D2
     w.now = 3.2  # nobody fresh (e.g. the broker itself stalled): by free room again
     assert w.place(b"client-a", 4)[0] == D1
+
+
+def test_a_create_its_daemon_never_answered_is_placed_again_where_there_is_room() -> None:
+    """The chosen daemon is lost before it answers a create: the create goes to another daemon under
+    the same runtime id and the client only sees its ok; without room elsewhere, `runtime_lost`."""
+    w = World()
+    a = b"client-a"
+    w.hello(a)
+    w.join(D1, capacity=8)
+    w.join(D2, capacity=1)
+    _, rt = w.place(a, 1)
+    _, rt_too = w.place(a, 2)  # both on D1 (more room)
+    w.now = 0.9
+    w.daemon(D2, Heartbeat(load=0))
+    w.now = 3.5  # D1 silent for 3.5 s: lost; D2 has room for one of them
+    placed = CreateRuntime(id=1, console=True, c=w.s[a], rt=rt, owner=w.tokens[a])
+    lost = "daemon daemon-1 was lost (no heartbeat for 3.5s)"
+    assert bag(w.core.tick(w.now)) == bag(
+        [
+            to_daemon(D2, placed),
+            to_client(a, error(P.E_RUNTIME_LOST, lost, 2)),
+            to_client(a, M.RuntimeLost(rt=rt_too, message=lost)),
+            to_daemon(D2, Heartbeat()),
+            to_client(a, Heartbeat()),
+        ]
+    )
+    assert w.core.runtimes[rt].daemon == D2 and w.core.daemons[D2].runtimes == {rt}
+    ok = M.CreateOk(id=1, rt=rt, pid=7, control="tcp://daemon-2:1", daemon="daemon-2")
+    assert w.daemon(D2, M.CreateOk(id=1, c=w.s[a], rt=rt, pid=7)) == [to_client(a, ok)]
+    assert w.daemon(D1, M.CreateOk(id=1, c=w.s[a], rt=rt, pid=3)) == []  # the lost one, late: ignored
 
 
 def test_a_daemon_the_broker_does_not_know_is_told_so_on_its_heartbeat() -> None:
@@ -177,9 +208,8 @@ async def test_a_daemon_paused_past_the_timeout_disposes_its_runtimes_and_rejoin
 
         os.kill(d1.pid, signal.SIGSTOP)
         stopped = time.monotonic()
-        # silent for more than FRESH heartbeats but not yet dropped: a create goes to d2 (today's
-        # placement sent it to d1, with more room, where it failed once d1 was dropped)
-        await asyncio.sleep(float(HB) * 3)
+        # d1 has more room: while fresh it gets the create, which goes to d2 once d1 is dropped; once
+        # silent for FRESH heartbeats, d2 gets it at once (before: it failed with d1, runtime_lost)
         elsewhere = await conn.create_runtime(timeout=10)
         assert elsewhere.daemon == "d2"
         # the owner hears promptly that d1's runtimes are lost
@@ -198,6 +228,8 @@ async def test_a_daemon_paused_past_the_timeout_disposes_its_runtimes_and_rejoin
         assert "the broker no longer knows this daemon" in d1.log.read_text(errors="replace")
         left = await asyncio.to_thread(deno_left, guests)
         assert not left, f"Deno processes of d1's dropped runtimes outlived it: {describe(left)}"
+        # nor does a runtime it started for a create it read only on waking (placed on d2 meanwhile)
+        await await_until(lambda: not deno_children(d1.pid), "d1 runs no Deno process", timeout=10)
         assert rejoined < 4 * float(HB) + 1.0, f"d1 joined again only {rejoined:.2f}s after SIGCONT"
 
         # its old runtimes are gone for good (the broker's tombstones answer), new ones work there
@@ -208,3 +240,70 @@ async def test_a_daemon_paused_past_the_timeout_disposes_its_runtimes_and_rejoin
         assert "d1" in {r.daemon for r in fresh}
         for r in [*fresh, elsewhere]:
             assert await r.eval("export default 6 * 7") == 42
+
+
+# ---- a burst of creates -------------------------------------------------------------------------------------
+
+BURST = 150
+STARTING = 2
+QUEUE_TIMEOUT = 2.0
+
+
+async def test_a_burst_of_creates_is_started_a_few_at_a_time_and_the_excess_refused_clearly(tmp_path: Path) -> None:
+    """150 concurrent creates on a daemon with 5 live runtimes: at most --max-starting processes boot at
+    once, a create that waited --start-queue-timeout for a turn is refused with `busy` (client.Busy),
+    every other create succeeds, the live runtimes keep answering and the daemon is never dropped."""
+    b = Broker(tmp_path, "--no-local-daemon", "--heartbeat", HB, "--max-runtimes-per-client", "512")
+    d = Daemon(tmp_path, b, "d1", "--heartbeat", HB, "--max-runtimes", "256", "--pool-size", "1",
+               "--max-starting", str(STARTING), "--start-queue-timeout", str(QUEUE_TIMEOUT))  # fmt: skip
+    try:
+        async with await client.connect(b.frontend, timeout=30) as conn:
+            await await_until(lambda: joined(b, "d1"), "d1 has joined", timeout=60)
+            live = [await conn.create_runtime() for _ in range(5)]
+            booting: list[int] = []  # Deno processes of d1 that are not (yet) a runtime, sampled
+
+            async def sample() -> None:
+                while True:
+                    procs = await asyncio.to_thread(deno_children, d.pid)
+                    booting.append(len(procs) - len(conn.runtimes))
+                    await asyncio.sleep(0.05)
+
+            async def answer(rt: client.Runtime) -> float:
+                t0 = time.monotonic()
+                assert await rt.eval("export default 1") == 1
+                return time.monotonic() - t0
+
+            sampler = asyncio.ensure_future(sample())
+            t0 = time.monotonic()
+            burst = [asyncio.ensure_future(conn.create_runtime(timeout=30)) for _ in range(BURST)]
+            evals = []
+            while not all(f.done() for f in burst):  # the live runtimes answer throughout the burst
+                evals.append(await asyncio.wait_for(answer(live[len(evals) % 5]), 10))
+                await asyncio.wait(burst, timeout=0.05)
+            took = time.monotonic() - t0
+            sampler.cancel()
+            await asyncio.gather(sampler, return_exceptions=True)
+            created = [f.result() for f in burst if f.exception() is None]
+            refused = [f.exception() for f in burst if f.exception() is not None]
+            print(
+                f"burst of {BURST}: {len(created)} created, {len(refused)} busy in {took:.1f}s; "
+                f"live evals max {max(evals):.3f}s; Deno processes not yet runtimes at most {max(booting)}; "
+                f"daemon heartbeats late at most {_max_lateness(d.log):.3f}s"
+            )
+            assert all(isinstance(e, client.Busy) and "retry later" in str(e) for e in refused), refused[:3]
+            assert refused, "a burst this size should outlast the start queue's deadline"
+            assert len(created) >= STARTING, "creates should progress while the burst is queued"
+            # pool refills + cold starts, and runtimes the client has not heard of yet: a small bound
+            assert max(booting) <= STARTING + 1 + 4, f"too many processes booting at once: {max(booting)}"
+            for r in live:
+                assert await r.eval("export default 2") == 2
+            assert _count(b.log, "was lost") == 0 and _count(d.log, "registering again") == 0
+    finally:
+        d.stop()
+        b.stop()
+
+
+def _max_lateness(log: Path) -> float:
+    """The daemon's largest heartbeat delay it logged (its event loop's longest stall)."""
+    text = log.read_text(errors="replace")
+    return max((float(x) for x in re.findall(r"heartbeat ([0-9.]+)s late", text)), default=0.0)

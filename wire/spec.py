@@ -88,7 +88,7 @@ ERRORS: dict[str, str] = {
     "unknown_type": "`t` is not legal on this link and direction",
     "too_large": "a frame above `MAX_FRAME`, a (reply) header above `MAX_HEADER`",
     "unknown_runtime": "not this client's runtime (or not on this daemon)",
-    "unknown_client": "no session of the sender (with its key): its runtimes are gone",
+    "unknown_client": "no session of the sender (with its key): its runtimes are gone (a daemon registers again)",
     "runtime_lost": "the runtime is gone (also a `runtime_lost.code`)",
     "no_daemon": "no daemon has a free slot",
     "capacity": "the chosen daemon was full",
@@ -101,7 +101,8 @@ ERRORS: dict[str, str] = {
     "no_handler": "`dispatch` before the guest called `serve()`",
     "cancelled": "the client cancelled `resp_sid` before the response head",
     "internal": "the daemon failed to start the process or to handle the request",
-    "busy": "the runtime has too many calls pending or too much input unread (4); retry later",
+    "busy": "the runtime has too many calls pending or too much input unread (4), or no runtime could start "
+    "in time (3.3); retry later",
 }
 
 
@@ -155,6 +156,8 @@ LIMITS: tuple[Limit, ...] = (
     Limit("MAX_STREAM_ERROR", 4096, "characters", ("daemon.values.MAX_STREAM_ERROR",),
           "a guest stream's error text (daemon)"),
     Limit("START_TIMEOUT", 20.0, "s", ("daemon.guest.START_TIMEOUT",), "process start (`internal` after)"),
+    Limit("START_QUEUE_TIMEOUT", 10.0, "s", ("daemon.pool.START_QUEUE_TIMEOUT",),
+          "default `--start-queue-timeout` (`busy` after)"),
     Limit("STATS_TIMEOUT", 10.0, "s", ("daemon.runtime.STATS_TIMEOUT",), "guest answer to `stats`"),
     Limit("FETCH_REPLY_TIMEOUT", 300.0, "s", ("daemon.fetches.FETCH_REPLY_TIMEOUT",), "answer to a `fetch`"),
     Limit("MIN_MEMORY_MB", 16, "MiB", ("daemon.daemon.MIN_MEMORY_MB",), "`memory_limit_mb`"),
