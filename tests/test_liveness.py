@@ -18,6 +18,7 @@ import pytest
 
 import client
 from broker.core import DAEMON
+from daemon.spawner import GUEST_NICE
 from scripts.kit.procs import deno_children, deno_left, deno_pids, describe
 from tests.conftest import Broker, Daemon, await_until, joined
 from tests.test_broker_core import D1, D2, World, bag, to_client, to_daemon
@@ -297,6 +298,9 @@ async def test_a_burst_of_creates_is_started_a_few_at_a_time_and_the_excess_refu
             assert max(booting) <= STARTING + 1 + 4, f"too many processes booting at once: {max(booting)}"
             for r in live:
                 assert await r.eval("export default 2") == 2
+            # guests yield the CPU to the daemon (their boots and JavaScript cannot starve its loop)
+            niceness = {pid: _nice(pid) for pid in deno_children(d.pid)}
+            assert set(niceness.values()) == {_nice(d.pid) + GUEST_NICE}, niceness
             assert _count(b.log, "was lost") == 0 and _count(d.log, "registering again") == 0
     finally:
         d.stop()
@@ -307,3 +311,7 @@ def _max_lateness(log: Path) -> float:
     """The daemon's largest heartbeat delay it logged (its event loop's longest stall)."""
     text = log.read_text(errors="replace")
     return max((float(x) for x in re.findall(r"heartbeat ([0-9.]+)s late", text)), default=0.0)
+
+
+def _nice(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
