@@ -375,7 +375,8 @@ class Daemon:
         if waiter is not None:
             waiter.answer(msg)
 
-    def _on_fetch_refused(self, msg: M.ErrorReply) -> None:
+    def _on_error(self, msg: M.ErrorReply) -> None:
+        """Without an id: the broker does not know this daemon; else it refused a fetch callback."""
         if msg.id is None and msg.code == P.E_UNKNOWN_CLIENT:  # it dropped us (protocol.md 3.3, Liveness)
             log.warning("the broker no longer knows this daemon: %s", msg.message)
             self._dropped = True
@@ -429,7 +430,7 @@ class Daemon:
         M.Welcome.T: _on_welcome,
         M.Heartbeat.T: _on_heartbeat,
         M.FetchOk.T: _on_fetch_answer,
-        M.ErrorReply.T: _on_fetch_refused,
+        M.ErrorReply.T: _on_error,
         M.CreateRuntime.T: _on_create,
         M.Eval.T: _on_eval,
         M.Dispatch.T: _on_dispatch,
