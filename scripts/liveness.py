@@ -103,7 +103,8 @@ async def pause(args: argparse.Namespace, tmp: Path) -> None:
             fresh = await conn.create_runtime()
             print(f"a new runtime on {fresh.daemon}: eval -> {await fresh.eval('export default 42')}")
     finally:
-        os.kill(d.pid, signal.SIGCONT) if d.p.poll() is None else None
+        if d.p.poll() is None:
+            os.kill(d.pid, signal.SIGCONT)
         d.stop()
         b.stop()
 

@@ -150,7 +150,8 @@ def pair(tmp_path: Path) -> Iterator[tuple[Broker, Daemon, Daemon]]:
         yield b, d1, d2
     finally:
         for p in (d1, d2):
-            os.kill(p.pid, signal.SIGCONT) if p.p.poll() is None else None
+            if p.p.poll() is None:  # a test that failed while it was stopped
+                os.kill(p.pid, signal.SIGCONT)
             p.stop()
         b.stop()
 
