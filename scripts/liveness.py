@@ -2,6 +2,7 @@
 
     python -m scripts.liveness burst --creates 150 --heartbeat 0.2 --liveness 3 -- --max-starting 1000
     python -m scripts.liveness pause --stop 15
+    python -m scripts.liveness spin --guests 30
 
 Both start a broker (no local daemon) and one daemon (arguments after ``--`` are the daemon's).
 ``burst`` creates ``--live`` runtimes, then ``--creates`` at once while one live runtime is asked to
@@ -9,7 +10,8 @@ eval every 50 ms, and prints what became of the creates, the evals' latency, whe
 dropped and by how much its heartbeats ran late (its log: its event loop's stalls). ``pause``
 SIGSTOPs the daemon under two runtimes (one with an eval pending) for ``--stop`` seconds, and
 prints when the owner heard of the loss, how long after SIGCONT the daemon joined again and
-whether its runtimes' Deno processes were gone by then.
+whether its runtimes' Deno processes were gone by then. ``spin`` has ``--guests`` runtimes burn
+50 ms of CPU per timer turn for 8 s while a quiet one is asked to eval every 50 ms.
 """
 
 from __future__ import annotations
@@ -109,22 +111,59 @@ async def pause(args: argparse.Namespace, tmp: Path) -> None:
         b.stop()
 
 
+SPIN = "globalThis.spin = () => { const t = Date.now(); while (Date.now() - t < 50) {} setTimeout(spin, 0); }; spin();"
+
+
+async def spin(args: argparse.Namespace, tmp: Path) -> None:
+    hb = ["--heartbeat", str(args.heartbeat), "--liveness", str(args.liveness)]
+    b = Broker(tmp, "--no-local-daemon", *hb, "--max-runtimes-per-client", "100000")
+    d = Daemon(tmp, b, "d1", *hb, "--max-runtimes", str(args.guests + 8), *args.daemon)
+    try:
+        async with await client.connect(b.frontend, timeout=60) as conn:
+            await await_until(lambda: joined(b, "d1"), "the daemon has joined", timeout=60)
+            quiet = await conn.create_runtime()
+            busy = [await conn.create_runtime() for _ in range(args.guests)]
+            before = len(d.log.read_text(errors="replace"))
+            for r in busy:
+                await r.eval(SPIN)
+            lat: list[float] = []
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < 8:
+                t = time.monotonic()
+                try:
+                    await quiet.eval("export default 1")
+                except client.Error as exc:
+                    print(f"the quiet runtime failed: {exc}")
+                    break
+                lat.append(time.monotonic() - t)
+                await asyncio.sleep(0.05)
+            log = d.log.read_text(errors="replace")[before:]
+    finally:
+        d.stop()
+        b.stop()
+    late = [float(x) for x in re.findall(r"heartbeat ([0-9.]+)s late", log)]
+    lat.sort()
+    print(f"{args.guests} spinning guests: daemon heartbeats late at most {max(late, default=0):.3f}s "
+          f"({len(late)} times); quiet evals p50 {lat[len(lat) // 2]:.3f}s, max {lat[-1]:.3f}s")  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     ours, daemon = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
     p = argparse.ArgumentParser(prog="python -m scripts.liveness", description=__doc__)
-    p.add_argument("scenario", choices=("burst", "pause"))
+    p.add_argument("scenario", choices=("burst", "pause", "spin"))
     p.add_argument("--creates", type=int, default=150, help="burst: creates at once (%(default)s)")
     p.add_argument("--live", type=int, default=5, help="burst: live runtimes before (%(default)s)")
     p.add_argument("--stop", type=float, default=15.0, help="pause: seconds stopped (%(default)s)")
-    p.add_argument("--heartbeat", type=float, default=None, help="(burst: 0.2, pause: 1.0)")
+    p.add_argument("--guests", type=int, default=30, help="spin: busy runtimes (%(default)s)")
+    p.add_argument("--heartbeat", type=float, default=None, help="(pause: 1.0, else 0.2)")
     p.add_argument("--liveness", type=int, default=LIVENESS, help="(%(default)s)")
     args = p.parse_args(ours)
     args.daemon = daemon
     if args.heartbeat is None:
-        args.heartbeat = 0.2 if args.scenario == "burst" else 1.0
+        args.heartbeat = 1.0 if args.scenario == "pause" else 0.2
     with tempfile.TemporaryDirectory(prefix=f"liveness-{args.scenario}-") as tmp:
-        asyncio.run((burst if args.scenario == "burst" else pause)(args, Path(tmp)))
+        asyncio.run({"burst": burst, "pause": pause, "spin": spin}[args.scenario](args, Path(tmp)))
     return 0
 
 
