@@ -125,8 +125,8 @@ class WarmPool:
         except TimeoutError:
             raise ProtocolError(
                 E_BUSY,
-                f"{self.max_starting} runtimes were starting for {self.queue_timeout:g}s and none "
-                "finished for this request: the daemon is busy starting runtimes, retry later",
+                f"the daemon is busy starting runtimes ({self.max_starting} at a time) and had no "
+                f"turn for this one within {self.queue_timeout:g}s: retry later",
             ) from None
         try:
             guest = await self._pooled(memory_limit_mb)  # a refill may have finished while we waited
