@@ -10,6 +10,7 @@ import sys
 from broker.broker import Broker
 from broker.core import MAX_INFLIGHT_PER_CLIENT, MAX_KEEP_ALIVE, MAX_RUNTIMES_PER_CLIENT
 from wire.auth import exposure_warning, load_authorized, load_keypair
+from wire.liveness import LIVENESS
 from wire.service import configure_logging, run_until_signalled
 
 DEFAULT_FRONTEND = "tcp://127.0.0.1:5555"
@@ -22,12 +23,15 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--backend", default=DEFAULT_BACKEND, help="endpoint daemons connect to (%(default)s)")
     p.add_argument("--no-local-daemon", action="store_true", help="do not start the embedded daemon")
     p.add_argument("--heartbeat", type=float, default=1.0, help="heartbeat interval in seconds (%(default)s)")
-    p.add_argument("--liveness", type=int, default=3, help="missed heartbeats before a daemon is dropped")
+    p.add_argument(
+        "--liveness", type=int, default=LIVENESS, help="missed heartbeats before a daemon is dropped (%(default)s)"
+    )
     p.add_argument("--client-liveness", type=int, default=10, help="missed heartbeats before a client is dropped")
     p.add_argument("--max-runtimes", type=int, default=64, help="capacity of the local daemon (%(default)s)")
     p.add_argument("--pool-size", type=int, default=2, help="pre-started runtimes in the local daemon")
-    from daemon.__main__ import add_limits
+    from daemon.__main__ import add_limits, add_starts
 
+    add_starts(p)
     add_limits(p)
     p.add_argument(
         "--max-runtimes-per-client",
@@ -104,6 +108,8 @@ async def serve(args: argparse.Namespace) -> None:
                 broker.backend_endpoint,
                 max_runtimes=args.max_runtimes,
                 pool_size=args.pool_size,
+                max_starting=args.max_starting,
+                start_queue_timeout=args.start_queue_timeout,
                 heartbeat=args.heartbeat,
                 liveness=args.liveness,
                 name="local",

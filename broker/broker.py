@@ -35,7 +35,7 @@ class Broker:
         backend: str,
         *,
         heartbeat: float = 1.0,
-        daemon_liveness: int = 3,
+        daemon_liveness: int = liveness.LIVENESS,
         client_liveness: int = 10,
         keys: KeyPair | None = None,
         authorized: set[bytes] | None = None,

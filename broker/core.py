@@ -26,6 +26,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from wire import liveness
 from wire.budget import Budget
 from wire.messages import (
     CLIENT_TO_BROKER,
@@ -153,6 +154,7 @@ class Pending:
     kind: type[Record]  # the request: CreateRuntime, Eval, ... (down) or Fetch (up)
     orphan: bool = False  # a create_runtime whose client is gone: dispose what it creates
     client: bytes = b""  # down: the routing id of the client that asked
+    placed: Record | None = None  # a create_runtime as sent to its daemon: placed again if that one is lost
 
 
 class Core:
@@ -162,7 +164,7 @@ class Core:
         self,
         *,
         heartbeat: float = 1.0,
-        daemon_liveness: int = 3,
+        daemon_liveness: int = liveness.LIVENESS,
         client_liveness: int = 10,
         max_runtimes_per_client: int = MAX_RUNTIMES_PER_CLIENT,
         max_inflight_per_client: int = MAX_INFLIGHT_PER_CLIENT,
@@ -239,7 +241,7 @@ class Core:
         self._forgive(now)
         self.ratelog.flush(now)
         for peer in [*self.daemons.values(), *self.clients.values()]:
-            peer.last_seen += stall
+            peer.last_seen = liveness.forgive(peer.last_seen, now, stall)
         for ident, daemon in list(self.daemons.items()):
             if now - daemon.last_seen > self.heartbeat * self.daemon_liveness:
                 self._daemon_lost(ident, f"no heartbeat for {now - daemon.last_seen:.1f}s")
@@ -458,8 +460,8 @@ class Core:
         self._check_inflight(client)
         if (client.session, msg.id) in self.down:
             raise ProtocolError(E_BAD_MESSAGE, f"request id {msg.id} is already in flight")
-        live = [d for d in self.daemons.values() if d.free > 0]
-        if not live:
+        daemon = self._choose()
+        if daemon is None:
             reason = "no daemon is connected" if not self.daemons else "every daemon is at capacity"
             raise ProtocolError(E_NO_DAEMON, f"cannot place a runtime: {reason}")
         keep_alive = 0.0
@@ -473,17 +475,35 @@ class Core:
             raise ProtocolError(E_BAD_MESSAGE, "keep_alive_ms needs a name (only named runtimes outlive a session)")
         if not 0 <= keep_alive <= self.max_keep_alive:
             raise ProtocolError(E_BAD_MESSAGE, f"keep_alive_ms must be 0-{self.max_keep_alive * 1000:.0f}")
-        daemon = max(live, key=lambda d: d.free)  # ties: the earliest registered
         rt = Runtime(uuid.uuid4().hex, client.token, daemon.ident, client.key, msg.name, keep_alive, ready=False)
         self.runtimes[rt.rt] = rt
         daemon.runtimes.add(rt.rt)
         owned.add(rt.rt)
-        self._pend(client, msg.id, Pending(daemon.ident, rt.rt, CreateRuntime))
         placed = msg.replace(
             c=client.session, rt=rt.rt, owner=client.token, owner_key=client.key,
             keep_alive_ms=int(keep_alive * 1000) if msg.name is not None else None,
         )  # fmt: skip
+        self._pend(client, msg.id, Pending(daemon.ident, rt.rt, CreateRuntime, placed=placed))
         self._send(DAEMON, daemon.ident, placed)
+
+    def _choose(self) -> Daemon | None:
+        """The daemon for a new runtime: the most free room, among those heard from within FRESH
+        heartbeats if any has room (one silent for longer may be stopped or dying; docs/design.md 5.1)."""
+        live = [d for d in self.daemons.values() if d.free > 0]
+        fresh = [d for d in live if self._now - d.last_seen <= self.heartbeat * liveness.FRESH]
+        return max(fresh or live, key=lambda d: d.free, default=None)  # ties: the earliest registered
+
+    def _place_again(self, pending: Pending) -> bool:
+        """A create its daemon never answered (the daemon was lost): send it to another daemon with
+        room, under the same runtime id, so the client never hears of the loss. False if none has room."""
+        rt = self.runtimes.get(pending.rt)
+        daemon = self._choose()
+        if rt is None or daemon is None or pending.placed is None:
+            return False
+        rt.daemon = pending.peer = daemon.ident
+        daemon.runtimes.add(rt.rt)
+        self._send(DAEMON, daemon.ident, pending.placed)
+        return True
 
     def _client_lost(self, ident: bytes, why: str, *, left: bool = False, resumed: bool = False) -> None:
         """A session's connection is gone. If it ``left`` (bye), its unnamed runtimes are disposed
@@ -525,8 +545,9 @@ class Core:
             self._register(ident, msg, sender_key, now)
             return
         daemon = self.daemons.get(ident)
-        if daemon is None:  # not registered (this broker restarted, or dropped it): it must register again
-            if isinstance(msg, Heartbeat):
+        if daemon is None:  # dropped after a silence (e.g. it was stopped), or the broker restarted
+            if isinstance(msg, Heartbeat):  # tell it at once: it registers again (the rest is dropped)
+                self._strike(DAEMON, ident, now)
                 self._send(DAEMON, ident, error(E_UNKNOWN_DAEMON, "unknown daemon: register (ready) again"))
             return
         daemon.last_seen = now
@@ -643,6 +664,10 @@ class Core:
         log.warning("%s; %d runtimes lost", message, len(daemon.runtimes))
         for key, pending in list(self.down.items()):
             if pending.peer == ident:
+                if pending.kind is CreateRuntime and not pending.orphan and self._place_again(pending):
+                    daemon.runtimes.discard(pending.rt)
+                    log.info("runtime %s placed again on %s", pending.rt, self.daemons[pending.peer].name)
+                    continue
                 self._unpend(key)
                 if pending.orphan:
                     continue

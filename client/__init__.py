@@ -9,6 +9,7 @@ resp = await rt.dispatch_request(client.Request("GET", "http://localhost/"))
 from client.bodies import Body
 from client.connection import Connection, connect
 from client.errors import (
+    Busy,
     ConnectionLost,
     CpuLimitExceeded,
     Error,
@@ -30,6 +31,7 @@ from wire.auth import KeyPair, load_keypair, load_public_key
 
 __all__ = [
     "Body",
+    "Busy",
     "Connection",
     "ConnectionLost",
     "ConsoleEntry",

@@ -70,7 +70,7 @@ class Connection:
         self._online = False  # a broker has answered our hello and not gone silent since
         self._rehello = False  # the broker does not know us (it restarted): say hello again now
         self.heartbeat = 1.0
-        self.liveness = 5
+        self.liveness = liveness.LIVENESS
         self.runtimes: dict[str, Runtime] = {}
         self.closed: Error | None = None
         self._ids = 0
@@ -285,8 +285,8 @@ class Connection:
     async def _heartbeats(self) -> None:
         hb = M.Heartbeat()
         while self.closed is None:
-            stall = await liveness.tick(self.heartbeat)  # not `x += await`: that reads x before sleeping
-            self._last_seen += stall
+            stall = await liveness.tick(self.heartbeat)
+            self._last_seen = liveness.forgive(self._last_seen, time.monotonic(), stall)
             if sockets.has_input(self.sock):
                 self._last_seen = time.monotonic()
             if self._rehello:

@@ -90,6 +90,13 @@ class RequestRejected(Error):
     """The broker or daemon refused a request as malformed or too large."""
 
 
+class Busy(RequestRejected):
+    """Refused for now, nothing changed: a runtime with too many calls pending or input unread, or
+    a daemon busy starting runtimes (``create_runtime``). Retrying later may succeed."""
+
+    code = P.E_BUSY
+
+
 _BY_CODE: dict[str, type[Error]] = {
     P.E_NO_HANDLER: NoHandler,
     P.E_RUNTIME_LOST: RuntimeLost,
@@ -101,6 +108,7 @@ _BY_CODE: dict[str, type[Error]] = {
     P.E_CAPACITY: NoCapacity,
     P.E_UNKNOWN_CLIENT: ConnectionLost,
     P.E_UNAVAILABLE: Unavailable,
+    P.E_BUSY: Busy,
 }
 
 

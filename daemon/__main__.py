@@ -8,7 +8,9 @@ import sys
 
 from daemon import daemon as D
 from daemon.daemon import Daemon
+from daemon.pool import MAX_STARTING, START_QUEUE_TIMEOUT
 from wire.auth import exposure_warning, load_keypair, load_public_key
+from wire.liveness import LIVENESS
 from wire.service import configure_logging, run_until_signalled
 
 
@@ -32,11 +34,14 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--advertise-host", default="127.0.0.1", help="address clients use to reach this daemon")
     p.add_argument("--control-port", type=int, default=0, help="control socket port (default: any free port)")
     p.add_argument("--pool-size", type=int, default=2, help="pre-started runtimes kept warm")
+    add_starts(p)
     p.add_argument("--memory-mb", type=int, default=128, help="default runtime heap limit in MB")
     p.add_argument("--eval-timeout", type=float, default=30.0, help="default eval timeout in seconds")
     add_limits(p)
     p.add_argument("--heartbeat", type=float, default=1.0, help="heartbeat interval in seconds")
-    p.add_argument("--liveness", type=int, default=3, help="missed broker heartbeats before re-registering")
+    p.add_argument(
+        "--liveness", type=int, default=LIVENESS, help="missed broker heartbeats before re-registering (%(default)s)"
+    )
     p.add_argument("--name", default=None, help="name shown in logs and errors")
     p.add_argument(
         "--curve-keypair",
@@ -55,6 +60,15 @@ LIMIT_FLAGS = (
     ("--request-cpu", float, D.DEFAULT_REQUEST_CPU, "default CPU seconds a dispatch may use before its head"),
     ("--max-cpu-limit", float, D.MAX_CPU_LIMIT, "largest CPU limit in seconds a client may ask for"),
 )
+
+
+def add_starts(p: argparse.ArgumentParser) -> None:
+    """How many runtime processes boot at once, and how long a create waits for a turn (also the
+    broker's, for its embedded daemon)."""
+    p.add_argument("--max-starting", type=int, default=MAX_STARTING,
+                   help="runtime processes booting at once; more creates wait (%(default)s)")  # fmt: skip
+    p.add_argument("--start-queue-timeout", type=float, default=START_QUEUE_TIMEOUT,
+                   help="seconds a create waits to start before it is refused with `busy` (%(default)s)")  # fmt: skip
 
 
 def add_limits(p: argparse.ArgumentParser) -> None:
@@ -89,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         advertise_host=args.advertise_host,
         control_port=args.control_port,
         pool_size=args.pool_size,
+        max_starting=args.max_starting,
+        start_queue_timeout=args.start_queue_timeout,
         default_memory_mb=args.memory_mb,
         eval_timeout=args.eval_timeout,
         **limits(args),

@@ -27,7 +27,7 @@ import zmq
 
 from daemon import spawner
 from daemon.limits import CPU_EVERY, WATCH_INTERVAL, MemoryCgroups, MemoryWatch, TurnWatch
-from daemon.pool import WarmPool, write_import_map
+from daemon.pool import MAX_STARTING, START_QUEUE_TIMEOUT, WarmPool, write_import_map
 from daemon.ports import OkReply
 from daemon.registry import Registry, Seat
 from daemon.runtime import Runtime
@@ -36,6 +36,7 @@ from wire import messages as M
 from wire import protocol as P
 from wire.auth import Gate, KeyPair, connect_with
 from wire.budget import Budget
+from wire.liveness import LIVENESS
 from wire.pipes import PipeReader, PipeWriter
 from wire.ratelog import RateLog
 from wire.schema import Record, StreamRef, route
@@ -73,6 +74,8 @@ class Daemon:
         advertise_host: str | None = None,
         control_port: int = 0,
         pool_size: int = 2,
+        max_starting: int = MAX_STARTING,
+        start_queue_timeout: float = START_QUEUE_TIMEOUT,
         default_memory_mb: int = DEFAULT_MEMORY_MB,
         eval_timeout: float = 30.0,
         max_memory_mb: int = MAX_MEMORY_MB,
@@ -82,7 +85,7 @@ class Daemon:
         max_cpu_limit: float = MAX_CPU_LIMIT,
         cgroups: bool = True,
         heartbeat: float = 1.0,
-        liveness: int = 3,
+        liveness: int = LIVENESS,
         name: str | None = None,
         keys: KeyPair | None = None,
         broker_key: bytes | None = None,
@@ -104,6 +107,8 @@ class Daemon:
         self.advertise_host = advertise_host or bind_host
         self.control_port = control_port
         self.pool_size = pool_size
+        self.max_starting = max_starting
+        self.start_queue_timeout = start_queue_timeout
         self.default_memory_mb = min(default_memory_mb, max_memory_mb)  # the defaults obey the maximums too
         self.eval_timeout = min(eval_timeout, max_eval_timeout)
         self.max_memory_mb = max_memory_mb
@@ -209,7 +214,10 @@ class Daemon:
             await asyncio.to_thread(write_import_map, deno_bin, import_map, workdir)
             if self.use_cgroups:
                 self.cgroups = await asyncio.to_thread(MemoryCgroups.find, f"{next(_daemons)}-{os.getpid()}")
-            self.pool = WarmPool(deno_bin, import_map, workdir, self.default_memory_mb, self.pool_size, self.cgroups)
+            self.pool = WarmPool(
+                deno_bin, import_map, workdir, self.default_memory_mb, self.pool_size, self.cgroups,
+                self.max_starting, self.start_queue_timeout,
+            )  # fmt: skip
             self.pool.fill()
             self.gate = Gate.for_context(self.ctx, self.keys)  # without keys it guards the pipes only
             self._control = sockets.router(self.ctx)
@@ -334,8 +342,10 @@ class Daemon:
 
     async def _heartbeat(self, sock: zmq.asyncio.Socket) -> None:
         while True:
-            stall = await liveness.tick(self.heartbeat)  # not `x += await`: that reads x before sleeping
-            self._last_seen += stall
+            stall = await liveness.tick(self.heartbeat)
+            if stall > self.heartbeat / 4:  # the loop was blocked or starved: worth knowing why
+                log.info("event loop stalled: heartbeat %.3fs late", stall)
+            self._last_seen = liveness.forgive(self._last_seen, time.monotonic(), stall)
             if sockets.has_input(sock):
                 self._last_seen = time.monotonic()
             if time.monotonic() - self._last_seen > self.heartbeat * self.liveness:
@@ -396,7 +406,8 @@ class Daemon:
         if waiter is not None:
             waiter.answer(msg)
 
-    def _on_fetch_refused(self, msg: M.ErrorReply) -> None:
+    def _on_error(self, msg: M.ErrorReply) -> None:
+        """Without an id: the broker does not know this daemon; else it refused a fetch callback."""
         if msg.id is None:
             if msg.code == P.E_UNKNOWN_DAEMON:  # this broker restarted, or dropped us after a pause
                 log.warning("broker %s does not know this daemon: registering again", self.broker)
@@ -451,7 +462,7 @@ class Daemon:
         M.Welcome.T: _on_welcome,
         M.Heartbeat.T: _on_heartbeat,
         M.FetchOk.T: _on_fetch_answer,
-        M.ErrorReply.T: _on_fetch_refused,
+        M.ErrorReply.T: _on_error,
         M.CreateRuntime.T: _on_create,
         M.Eval.T: _on_eval,
         M.Dispatch.T: _on_dispatch,
@@ -485,6 +496,9 @@ class Daemon:
         try:
             assert self.pool is not None
             guest = await self.pool.claim(limit)
+        except P.ProtocolError as exc:  # busy: no start slot came free in time
+            self.send(M.error(exc.code, exc.message, msg.id, c=route))
+            return
         except Exception as exc:
             self.send(M.error(P.E_INTERNAL, f"could not start a runtime: {exc}", msg.id, c=route))
             return

@@ -2,6 +2,13 @@
 
 Only the default memory limit is pooled (the heap limit is fixed when the process starts);
 other limits start cold.
+
+Every process start, pooled or cold, takes one of ``max_starting`` slots: a Deno boot costs tens
+of ms of CPU, and a burst of 195 creates once booted them all at once, so two cores were shared by
+hundreds of booting processes and the daemon's own loop (its heartbeats, the live runtimes' calls)
+got a sliver of them. A create that finds no pooled process waits for a slot at most
+``queue_timeout`` seconds and is then refused with ``busy`` (retry later); a process that
+finished meanwhile (a refill) is handed to the first waiter instead.
 """
 
 from __future__ import annotations
@@ -9,16 +16,22 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import subprocess
 from pathlib import Path
 
 from daemon.guest import GuestProcess
 from daemon.limits import MemoryCgroups
+from wire.protocol import E_BUSY, ProtocolError
 from wire.scope import Scope
 
 log = logging.getLogger("daemon.pool")
 
 REFILL_DELAY = 0.05
+#: Defaults of ``--max-starting`` (processes booting at once) and ``--start-queue-timeout`` (s). A
+#: boot is CPU-bound: more at once than cores only share the same CPUs and starve the daemon's loop.
+MAX_STARTING = max(2, os.cpu_count() or 2)
+START_QUEUE_TIMEOUT = 10.0
 
 #: node: built-ins a guest may import: pure helpers that reach no I/O of the process.
 ALLOWED_NODE_MODULES = frozenset(
@@ -60,8 +73,13 @@ class WarmPool:
         memory_limit_mb: int,
         size: int,
         cgroups: MemoryCgroups | None = None,
+        max_starting: int = MAX_STARTING,
+        queue_timeout: float = START_QUEUE_TIMEOUT,
     ) -> None:
         self.deno = deno
+        self.max_starting = max(1, max_starting)
+        self.queue_timeout = queue_timeout
+        self._slots = asyncio.Semaphore(self.max_starting)
         self.cgroups = cgroups
         self.import_map = import_map
         self.deno_dir = deno_dir
@@ -88,21 +106,45 @@ class WarmPool:
             self._ready.append(guest)
 
     async def _start(self, memory_limit_mb: int) -> GuestProcess:
+        async with self._slots:
+            return await self._boot(memory_limit_mb)
+
+    async def _boot(self, memory_limit_mb: int) -> GuestProcess:
         return await GuestProcess.start(self.deno, self.import_map, self.deno_dir, memory_limit_mb, self.cgroups)
 
     async def claim(self, memory_limit_mb: int) -> GuestProcess:
-        """A started guest with this heap limit: from the pool when it matches, else a cold start."""
-        if memory_limit_mb == self.memory_limit_mb:
-            while self._ready:
-                guest = self._ready.pop()
-                if guest.alive:
-                    # refill a moment later: starting a process forks this one, which stalls the
-                    # event loop for a few ms, and the reply for this claim should leave first
-                    asyncio.get_running_loop().call_later(REFILL_DELAY, self.fill)
-                    return guest
-                await guest.kill("it stopped in the pool")  # reap it
+        """A started guest with this heap limit: from the pool when it matches, else a cold start
+        once a start slot is free (``busy`` if none is within ``queue_timeout``)."""
+        guest = await self._pooled(memory_limit_mb)
+        if guest is not None:
+            return guest
         self.fill()
-        return await self._start(memory_limit_mb)
+        try:
+            async with asyncio.timeout(self.queue_timeout):
+                await self._slots.acquire()
+        except TimeoutError:
+            raise ProtocolError(
+                E_BUSY,
+                f"the daemon is busy starting runtimes ({self.max_starting} at a time) and had no "
+                f"turn for this one within {self.queue_timeout:g}s: retry later",
+            ) from None
+        try:
+            guest = await self._pooled(memory_limit_mb)  # a refill may have finished while we waited
+            return guest if guest is not None else await self._boot(memory_limit_mb)
+        finally:
+            self._slots.release()
+
+    async def _pooled(self, memory_limit_mb: int) -> GuestProcess | None:
+        if memory_limit_mb != self.memory_limit_mb:
+            return None
+        while self._ready:
+            guest = self._ready.pop()
+            if guest.alive:
+                # refill a moment later: the reply for this claim should leave first
+                asyncio.get_running_loop().call_later(REFILL_DELAY, self.fill)
+                return guest
+            await guest.kill("it stopped in the pool")  # reap it
+        return None
 
     async def close(self) -> None:
         self._closed = True

@@ -104,7 +104,8 @@ ERRORS: dict[str, str] = {
     "no_handler": "`dispatch` before the guest called `serve()`",
     "cancelled": "the client cancelled `resp_sid` before the response head",
     "internal": "the daemon failed to start the process or to handle the request",
-    "busy": "the runtime has too many calls pending or too much input unread (4); retry later",
+    "busy": "the runtime has too many calls pending or too much input unread (4), or no runtime could start "
+    "in time (3.3); retry later",
     "unavailable": "the broker or the runtime's owner is (for now) unreachable; the call did not complete; retry",
     "unknown_daemon": "broker -> daemon, without id: no registration of the sender; send `ready` again",
 }
@@ -164,6 +165,8 @@ LIMITS: tuple[Limit, ...] = (
     Limit("MAX_STREAM_ERROR", 4096, "characters", ("daemon.values.MAX_STREAM_ERROR",),
           "a guest stream's error text (daemon)"),
     Limit("START_TIMEOUT", 20.0, "s", ("daemon.guest.START_TIMEOUT",), "process start (`internal` after)"),
+    Limit("START_QUEUE_TIMEOUT", 10.0, "s", ("daemon.pool.START_QUEUE_TIMEOUT",),
+          "default `--start-queue-timeout` (`busy` after)"),
     Limit("STATS_TIMEOUT", 10.0, "s", ("daemon.runtime.STATS_TIMEOUT",), "guest answer to `stats`"),
     Limit("FETCH_REPLY_TIMEOUT", 300.0, "s", ("daemon.fetches.FETCH_REPLY_TIMEOUT",), "answer to a `fetch`"),
     Limit("MIN_MEMORY_MB", 16, "MiB", ("daemon.daemon.MIN_MEMORY_MB",), "`memory_limit_mb`"),
