@@ -218,7 +218,9 @@ class Runtime:
 
     def _open_body(self, sid: bytes, ep: str) -> Body:
         reader = PipeReader(self._host.dial(zmq.PULL, ep, sid, self.daemon_key), sid)
-        stream = Inbound(streams.Consumer(reader), self._cancel_remote, self._inbound_done)
+        # once END or ERROR is read, the cancel acknowledges it: the daemon may close its end
+        consumer = streams.Consumer(reader, on_finished=lambda: self._cancel_remote(sid))
+        stream = Inbound(consumer, self._cancel_remote, self._inbound_done)
         self._inbound[sid] = stream
         body = stream.body()
         if self.lost is not None:
@@ -263,6 +265,8 @@ class Runtime:
 
     async def _produce(self, sid: bytes, ep: str, body: BodyType) -> None:
         writer = PipeWriter(self._host.dial(zmq.PUSH, ep, sid, self.daemon_key), sid, self._host.timeout)
+        task = self._outbound[sid]  # the daemon's cancel: an acknowledged END, or stop producing
+        self._control.watch(sid, lambda: streams.consumer_done(writer, task.cancel))
         await send_body(writer, body, lambda: self._cancel_remote(sid))
 
     # ---- callbacks from the guest (the connection routes them here) ------------------------------

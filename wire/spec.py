@@ -128,7 +128,6 @@ LIMITS: tuple[Limit, ...] = (
           "a pipe payload; a guest-channel chunk"),
     Limit("PIPE_HWM", 4, "messages", ("wire.sockets.PIPE_HWM",), "pipe `SNDHWM`, `RCVHWM`"),
     Limit("PIPE_KERNEL_BUFFER", 262144, "bytes", ("wire.sockets.PIPE_KERNEL_BUFFER",), "pipe `SNDBUF`, `RCVBUF`"),
-    Limit("END_LINGER_MS", 10000, "ms", ("wire.pipes.END_LINGER_MS",), "linger after END or ERROR"),
     Limit("PIPE_TAG", 25, "bytes", ("wire.protocol.PIPE_TAG",), "pipe message tag: kind, sid, sequence number"),
     Limit("WINDOW", 4, "chunks", ("wire.guest.WINDOW",), "guest-channel credit and window per stream"),
     Limit("MAX_GUEST_FRAME", 1048576, "bytes", ("wire.channel.MAX_GUEST_FRAME",), "guest -> daemon `L`"),
