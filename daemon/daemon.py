@@ -25,6 +25,7 @@ from typing import Any
 import deno
 import zmq
 
+from daemon import memory as heap
 from daemon import spawner
 from daemon.limits import CPU_EVERY, WATCH_INTERVAL, MemoryCgroups, MemoryWatch, TurnWatch
 from daemon.pool import WarmPool, write_import_map
@@ -58,6 +59,11 @@ _REQUESTS = (M.CreateRuntime, M.Eval, M.Dispatch, M.Stats, M.Dispose)
 #: Control messages of one peer per second that are refused or name no registered stream; past
 #: it, the peer's control messages are dropped unread until the second ends.
 CONTROL_REFUSAL_BUDGET = 1000
+#: Default cap on a daemon's open body pipes, per runtime it may host (``--max-streams``): bounds
+#: the memory and descriptors streams take (each holds up to 2 x PIPE_HWM chunks in flight).
+STREAMS_PER_RUNTIME = 32
+#: Descriptors a hosted runtime holds in the daemon (its process's stdio, pidfd, cgroup files).
+FDS_PER_RUNTIME = 8
 
 
 class Daemon:
@@ -83,6 +89,7 @@ class Daemon:
         name: str | None = None,
         keys: KeyPair | None = None,
         broker_key: bytes | None = None,
+        max_streams: int | None = None,
     ) -> None:
         self.broker = broker
         self.keys = keys
@@ -107,7 +114,12 @@ class Daemon:
         self.heartbeat = heartbeat
         self.liveness = liveness
         self.name = name or f"{os.uname().nodename}:{os.getpid()}"
+        heap.limit_arenas()  # before the context starts libzmq's threads
         self.ctx = sockets.context()
+        #: open body pipes at most (the operator's cap; by default sized from the capacity)
+        self.max_streams = STREAMS_PER_RUNTIME * max(1, max_runtimes) if max_streams is None else max_streams
+        self._pipes: set[zmq.asyncio.Socket] = set()  # every pipe bound; closed ones pruned when full
+        self._trim = heap.Trimmer()
         self.runtimes: dict[str, Runtime] = {}
         self.registry = Registry()  # streams clients may cancel, fetch callbacks awaiting answers
         #: recently ended runtimes, so a call racing the broker's notice gets "runtime_lost"
@@ -176,12 +188,41 @@ class Daemon:
         return PipeWriter(sock, sid), ep
 
     def _bind_pipe(self, kind: int, sid: bytes, owner_key: bytes | None) -> tuple[zmq.asyncio.Socket, str]:
-        """A pipe only the runtime's owner can connect to (its key with CURVE, else the sid as secret)."""
+        """A pipe only the runtime's owner can connect to (its key with CURVE, else the sid as secret).
+
+        At the daemon's stream limit, or when the system refuses a socket anyway, the one call that
+        asked gets ``busy`` (a P.ProtocolError): nothing else is touched. The limit keeps descriptors
+        in reserve, so that libzmq can still accept the peer's connection to every pipe it bound."""
         gate = self.gate
         assert gate is not None, "pipes are bound only while the daemon runs"
-        return sockets.bind_pipe(
-            self.ctx, kind, self.bind_host, self.advertise_host, lambda sock: gate.serve_pipe(sock, sid, owner_key)
-        )
+        limit = self.stream_limit()
+        if len(self._pipes) >= limit and self.open_pipes() >= limit:
+            raise P.ProtocolError(
+                P.E_BUSY,
+                f"daemon {self.name} has {limit} body streams open, its limit (--max-streams {self.max_streams}, "
+                f"or what {sockets.fd_limit()} file descriptors allow); retry later",
+            )
+        try:
+            sock, ep = sockets.bind_pipe(
+                self.ctx, kind, self.bind_host, self.advertise_host, lambda sock: gate.serve_pipe(sock, sid, owner_key)
+            )
+        except zmq.ZMQError as exc:
+            log.warning("cannot open a body pipe: %s (%d pipes open)", exc, self.open_pipes())
+            raise P.ProtocolError(
+                P.E_BUSY, f"daemon {self.name} cannot open a body stream now ({exc.strerror}); retry later"
+            ) from None
+        self._pipes.add(sock)
+        return sock, ep
+
+    def stream_limit(self) -> int:
+        """Pipes that may be open now: the operator's cap, or fewer if the descriptor limit (read
+        each time) leaves less room after what the hosted runtimes hold."""
+        return min(self.max_streams, sockets.pipe_room(reserved=FDS_PER_RUNTIME * len(self.runtimes)))
+
+    def open_pipes(self) -> int:
+        """Body pipes open now (the closed ones are forgotten here)."""
+        self._pipes = {s for s in self._pipes if not s.closed}
+        return len(self._pipes)
 
     # ---- main ------------------------------------------------------------------------------------
 
@@ -238,6 +279,8 @@ class Daemon:
         for tick in itertools.count():
             await asyncio.sleep(WATCH_INTERVAL)
             cpu_due = tick % CPU_EVERY == 0
+            if tick % CPU_EVERY == 1 and self._trim.due(self.open_pipes()):
+                await asyncio.to_thread(heap.trim)
             for rt, runtime in list(self.runtimes.items()):
                 watches = self._watches.get(rt)
                 if watches is None or runtime.lost_code is not None:

@@ -101,7 +101,7 @@ ERRORS: dict[str, str] = {
     "no_handler": "`dispatch` before the guest called `serve()`",
     "cancelled": "the client cancelled `resp_sid` before the response head",
     "internal": "the daemon failed to start the process or to handle the request",
-    "busy": "the runtime has too many calls pending or too much input unread (4); retry later",
+    "busy": "a runtime's or the daemon's bound (4) is reached; retry later",
 }
 
 
@@ -165,6 +165,8 @@ LIMITS: tuple[Limit, ...] = (
           "a runtime's pending calls (`busy`)"),
     Limit("MAX_STDIN_QUEUE", 8388608, "bytes", ("wire.guest.MAX_STDIN_QUEUE",),
           "queued for a guest's stdin (`busy`)"),
+    Limit("STREAMS_PER_RUNTIME", 32, "streams", ("daemon.daemon.STREAMS_PER_RUNTIME",),
+          "default `--max-streams` per runtime (4)"),
     Limit("MAX_VALUE_DEPTH", 128, "levels", ("wire.guest.MAX_VALUE_DEPTH",), "nesting of an eval's value"),
     Limit("TOMBSTONES", 10000, "runtimes", ("broker.core.TOMBSTONES",), "lost runtimes the broker remembers"),
     Limit("MAX_RUNTIMES_PER_CLIENT", 64, "runtimes", ("broker.core.MAX_RUNTIMES_PER_CLIENT",),
