@@ -29,11 +29,14 @@ from wire import liveness, sockets
 from wire import messages as M
 from wire import protocol as P
 from wire.auth import KeyPair, connect_with, pipe_client
+from wire.pipes import PipeCount
 from wire.scope import Scope
 
 log = logging.getLogger("client")
 
 DEFAULT_TIMEOUT = 30.0
+#: Every pipe of this process (descriptors are counted per process, whatever the connection).
+_PIPES = PipeCount(lambda why: RequestRejected(f"this client {why}; retry later", P.E_BUSY))
 
 R = TypeVar("R", bound=M.Record)
 Answer = M.Record | M.Reply
@@ -125,9 +128,18 @@ class Connection:
         return answer
 
     def dial(self, kind: int, endpoint: str, sid: bytes, server_key: bytes | None) -> zmq.asyncio.Socket:
+        """A pipe socket, or ``busy`` (RequestRejected) for this one body when the process is out
+        of descriptors for pipes: it never takes the last ones (wire.pipes.PipeCount)."""
+        return _PIPES.open(lambda: self._dial(kind, endpoint, sid, server_key))
+
+    def _dial(self, kind: int, endpoint: str, sid: bytes, server_key: bytes | None) -> zmq.asyncio.Socket:
         sock = sockets.pipe(self.ctx, kind)
-        pipe_client(sock, sid, self.keypair, server_key)
-        sock.connect(endpoint)
+        try:
+            pipe_client(sock, sid, self.keypair, server_key)
+            sock.connect(endpoint)
+        except BaseException:
+            sock.close(0)
+            raise
         return sock
 
     def forget(self, runtime_id: str) -> None:
@@ -242,7 +254,14 @@ class Connection:
         if created.control is None:
             raise RequestRejected("the broker's create reply names no control endpoint", P.E_BAD_MESSAGE)
         key = created.daemon_key.encode() if created.daemon_key else None
-        runtime = Runtime(self, self._control(created.control, key), created, fetch, console, eval_timeout)
+        try:
+            control = self._control(created.control, key)
+        except zmq.ZMQError as exc:  # out of descriptors: this create fails, its runtime goes
+            with contextlib.suppress(Error):
+                await self.call(lambda id_: M.Dispose(id=id_, rt=created.rt), M.DisposeOk)
+            why = f"this client cannot open a control link ({exc.strerror}); retry later"
+            raise RequestRejected(why, P.E_BUSY) from None
+        runtime = Runtime(self, control, created, fetch, console, eval_timeout)
         self.runtimes[runtime.id] = runtime
         return runtime
 

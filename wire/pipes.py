@@ -26,11 +26,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from typing import Any
 
 import zmq
 import zmq.asyncio
 
+from wire import sockets
 from wire.protocol import MAX_CHUNK, PIPE_DATA, PIPE_END, PIPE_ERROR, ProtocolError, parse_pipe, pipe_tag
 
 #: How long an ERROR written because the runtime ended may flush (ms): no acknowledgement is
@@ -195,3 +197,34 @@ class PipeWriter:
     @property
     def closed(self) -> bool:
         return self.sock.closed
+
+
+class PipeCount:
+    """The pipe sockets a process holds open: a new one is refused (``refuse(reason)`` is raised)
+    before the process runs out of descriptors, so only the call that asked for it fails.
+
+    Waiting for EMFILE is not enough: libzmq aborts the whole process when some of its internal
+    calls meet it (resolving a bind address; the epoll set of pyzmq's zero-copy garbage collector
+    starting late), and the last descriptors belong to what is not a pipe (links, guests, HTTP).
+    The room is ``wire.sockets.pipe_room()``, read at each open, so a lowered limit applies at once.
+    """
+
+    def __init__(self, refuse: Callable[[str], Exception]) -> None:
+        self._refuse = refuse
+        self._socks: set[zmq.asyncio.Socket] = set()
+
+    def open(self, make: Callable[[], zmq.asyncio.Socket]) -> zmq.asyncio.Socket:
+        room = sockets.pipe_room()
+        if len(self._socks) >= room and self.count() >= room:
+            raise self._refuse(f"has {room} body pipes open, as many as its file descriptors allow")
+        try:
+            sock = make()
+        except zmq.ZMQError as exc:
+            raise self._refuse(f"cannot open a body pipe ({exc.strerror})") from None
+        self._socks.add(sock)
+        return sock
+
+    def count(self) -> int:
+        """Pipes open now (closed ones are forgotten here)."""
+        self._socks = {s for s in self._socks if not s.closed}
+        return len(self._socks)
