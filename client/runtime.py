@@ -228,6 +228,8 @@ class Runtime:
         consumer = streams.Consumer(reader, on_finished=lambda: self._cancel_remote(sid))
         stream = Inbound(consumer, self._cancel_remote, self._inbound_done)
         self._inbound[sid] = stream
+        # the daemon's cancel of a body we consume: its producer failed and could not say so in-band
+        self._control.watch(sid, lambda: stream.fail("the daemon could not send the body"))
         body = stream.body()
         if self.lost is not None:
             stream.fail(self.lost.message)
@@ -236,6 +238,7 @@ class Runtime:
     def _inbound_done(self, stream: Inbound) -> None:
         if self._inbound.get(stream.sid) is stream:
             del self._inbound[stream.sid]
+            self._control.unwatch(stream.sid)
 
     def _producer(self, sid: bytes, coro: Any) -> asyncio.Task[Any]:
         """Run ``coro`` as the producer of stream ``sid``: a cancel from the daemon cancels it."""

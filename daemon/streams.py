@@ -23,7 +23,7 @@ from wire import guest as G
 from wire.messages import Cancel
 from wire.pipes import PipeReader, PipeWriter, StreamError
 from wire.scope import Scope
-from wire.streams import Consumer, Lifecycle, SourceFailed, State, consumer_done, produce
+from wire.streams import Consumer, Lifecycle, SourceFailed, State, consumer_done, produce, untold
 
 log = logging.getLogger("daemon.streams")
 
@@ -172,6 +172,8 @@ class OutboundStream:
                 log.info("outbound stream %s ended: %s", self.gsid, life.reason)
                 if not self.closed:
                     self.port.send(G.OutboundCancel(sid=self.gsid))
+            if untold(life, self.writer):  # the client must not wait for this body forever
+                self.owner.cancel_upstream(self.wire_sid)
         finally:
             self._finish()
 

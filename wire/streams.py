@@ -114,6 +114,12 @@ async def produce(
     return life
 
 
+def untold(life: Lifecycle, writer: PipeWriter) -> bool:
+    """The stream failed and no ERROR reached the pipe (it broke, or the consumer never connected):
+    the consumer hears of it only if the producer sends a control ``cancel`` (protocol.md 5)."""
+    return life.state is State.FAILED and not writer.last_sent
+
+
 def consumer_done(writer: PipeWriter, stop: Callable[[], object]) -> None:
     """The consumer's control ``cancel`` reached the producer of ``writer``: after END or ERROR
     it is the acknowledgement that releases the pipe, before it the order to stop producing."""
