@@ -37,7 +37,7 @@ from wire import messages as M
 from wire import protocol as P
 from wire.auth import Gate, KeyPair, connect_with
 from wire.budget import Budget
-from wire.pipes import PipeReader, PipeWriter
+from wire.pipes import PipeCount, PipeReader, PipeWriter
 from wire.ratelog import RateLog
 from wire.schema import Record, StreamRef, route
 from wire.scope import Scope, ScopeClosed
@@ -118,7 +118,9 @@ class Daemon:
         self.ctx = sockets.context()
         #: open body pipes at most (the operator's cap; by default sized from the capacity)
         self.max_streams = STREAMS_PER_RUNTIME * max(1, max_runtimes) if max_streams is None else max_streams
-        self._pipes: set[zmq.asyncio.Socket] = set()  # every pipe bound; closed ones pruned when full
+        #: the body pipes open: one past ``stream_room`` fails only the call that needed it, with ``busy``
+        self.pipes = PipeCount(lambda why: P.ProtocolError(P.E_BUSY, f"daemon {self.name} {why}; retry later"),
+                               self.stream_room)  # fmt: skip
         self._trim = heap.Trimmer()
         self.runtimes: dict[str, Runtime] = {}
         self.registry = Registry()  # streams clients may cancel, fetch callbacks awaiting answers
@@ -190,39 +192,25 @@ class Daemon:
     def _bind_pipe(self, kind: int, sid: bytes, owner_key: bytes | None) -> tuple[zmq.asyncio.Socket, str]:
         """A pipe only the runtime's owner can connect to (its key with CURVE, else the sid as secret).
 
-        At the daemon's stream limit, or when the system refuses a socket anyway, the one call that
-        asked gets ``busy`` (a P.ProtocolError): nothing else is touched. The limit keeps descriptors
-        in reserve, so that libzmq can still accept the peer's connection to every pipe it bound."""
+        Past ``stream_room``, or when the system refuses a socket anyway, the one call that asked
+        gets ``busy`` (a P.ProtocolError raised here): nothing else is touched."""
         gate = self.gate
         assert gate is not None, "pipes are bound only while the daemon runs"
-        limit = self.stream_limit()
-        if len(self._pipes) >= limit and self.open_pipes() >= limit:
-            raise P.ProtocolError(
-                P.E_BUSY,
-                f"daemon {self.name} has {limit} body streams open, its limit (--max-streams {self.max_streams}, "
-                f"or what {sockets.fd_limit()} file descriptors allow); retry later",
-            )
-        try:
-            sock, ep = sockets.bind_pipe(
-                self.ctx, kind, self.bind_host, self.advertise_host, lambda sock: gate.serve_pipe(sock, sid, owner_key)
-            )
-        except zmq.ZMQError as exc:
-            log.warning("cannot open a body pipe: %s (%d pipes open)", exc, self.open_pipes())
-            raise P.ProtocolError(
-                P.E_BUSY, f"daemon {self.name} cannot open a body stream now ({exc.strerror}); retry later"
-            ) from None
-        self._pipes.add(sock)
-        return sock, ep
 
-    def stream_limit(self) -> int:
-        """Pipes that may be open now: the operator's cap, or fewer if the descriptor limit (read
-        each time) leaves less room after what the hosted runtimes hold."""
-        return min(self.max_streams, sockets.pipe_room(reserved=FDS_PER_RUNTIME * len(self.runtimes)))
+        def guard(sock: zmq.Socket) -> None:
+            gate.serve_pipe(sock, sid, owner_key)
 
-    def open_pipes(self) -> int:
-        """Body pipes open now (the closed ones are forgotten here)."""
-        self._pipes = {s for s in self._pipes if not s.closed}
-        return len(self._pipes)
+        sock = self.pipes.open(lambda: sockets.bind_pipe(self.ctx, kind, self.bind_host, guard))
+        return sock, sockets.advertised(sock, self.advertise_host)
+
+    def stream_room(self) -> tuple[int, str]:
+        """Pipes that may be open now, and why that many: the operator's cap, or fewer if the
+        descriptor limit (read each time) leaves less room after what the runtimes hold. The
+        reserve lets libzmq still accept the peer's connection to every pipe bound."""
+        fds = sockets.pipe_room(reserved=FDS_PER_RUNTIME * len(self.runtimes))
+        if self.max_streams <= fds:
+            return self.max_streams, f"its limit (--max-streams {self.max_streams})"
+        return fds, f"as many as its {sockets.fd_limit()} file descriptors allow"
 
     # ---- main ------------------------------------------------------------------------------------
 
@@ -279,7 +267,7 @@ class Daemon:
         for tick in itertools.count():
             await asyncio.sleep(WATCH_INTERVAL)
             cpu_due = tick % CPU_EVERY == 0
-            if tick % CPU_EVERY == 1 and self._trim.due(self.open_pipes()):
+            if tick % CPU_EVERY == 1 and self._trim.due(self.pipes.count()):
                 await asyncio.to_thread(heap.trim)
             for rt, runtime in list(self.runtimes.items()):
                 watches = self._watches.get(rt)

@@ -101,9 +101,9 @@ async def test_the_stream_over_the_daemons_cap_gets_busy_and_the_others_finish(c
         await rt.eval(SERVE_CHUNKS)
         held = await open_streams(rt, 4)
         error = await refused_busy(rt)
-        assert "4 body streams open" in error.message and "--max-streams 4" in error.message
+        assert "4 body pipes open" in error.message and "--max-streams 4" in error.message
         # a guest fetch whose upload needs a pipe fails in the guest; the runtime lives on
-        assert "body streams open" in await upload_refused() and not called
+        assert "body pipes open" in await upload_refused() and not called
         assert await rt.eval("export default 6 * 7") == 42
         await finish_intact(held)
         # once the streams are acknowledged and closed, the cap admits new ones

@@ -199,6 +199,11 @@ class PipeWriter:
         return self.sock.closed
 
 
+def fd_room() -> tuple[int, str]:
+    """The pipes this process's descriptor limit leaves room for, and why that many."""
+    return sockets.pipe_room(), "as many as its file descriptors allow"
+
+
 class PipeCount:
     """The pipe sockets a process holds open: a new one is refused (``refuse(reason)`` is raised)
     before the process runs out of descriptors, so only the call that asked for it fails.
@@ -206,17 +211,19 @@ class PipeCount:
     Waiting for EMFILE is not enough: libzmq aborts the whole process when some of its internal
     calls meet it (resolving a bind address; the epoll set of pyzmq's zero-copy garbage collector
     starting late), and the last descriptors belong to what is not a pipe (links, guests, HTTP).
-    The room is ``wire.sockets.pipe_room()``, read at each open, so a lowered limit applies at once.
+    ``room()`` says how many pipes may be open and why: by default ``wire.sockets.pipe_room()``;
+    the daemon adds its stream cap. It is read at each open, so a lowered limit applies at once.
     """
 
-    def __init__(self, refuse: Callable[[str], Exception]) -> None:
+    def __init__(self, refuse: Callable[[str], Exception], room: Callable[[], tuple[int, str]] = fd_room) -> None:
         self._refuse = refuse
+        self._room = room
         self._socks: set[zmq.asyncio.Socket] = set()
 
     def open(self, make: Callable[[], zmq.asyncio.Socket]) -> zmq.asyncio.Socket:
-        room = sockets.pipe_room()
+        room, why = self._room()
         if len(self._socks) >= room and self.count() >= room:
-            raise self._refuse(f"has {room} body pipes open, as many as its file descriptors allow")
+            raise self._refuse(f"has {room} body pipes open, {why}")
         try:
             sock = make()
         except zmq.ZMQError as exc:

@@ -127,9 +127,9 @@ def pipe(ctx: zmq.asyncio.Context, kind: int) -> zmq.asyncio.Socket:
 
 
 def bind_pipe(
-    ctx: zmq.asyncio.Context, kind: int, bind_host: str, advertise_host: str, guard: Callable[[zmq.Socket], None]
-) -> tuple[zmq.asyncio.Socket, str]:
-    """Bind a pipe on an ephemeral port; returns the socket and the endpoint peers should connect to.
+    ctx: zmq.asyncio.Context, kind: int, bind_host: str, guard: Callable[[zmq.Socket], None]
+) -> zmq.asyncio.Socket:
+    """A pipe bound on an ephemeral port (``advertised`` says where peers connect to it).
 
     ``guard`` sets up who may connect before the socket binds (wire.auth.Gate.serve_pipe): a PUSH
     sends round-robin to every connected peer, so a pipe must never be open to all."""
@@ -140,8 +140,13 @@ def bind_pipe(
     except Exception:
         sock.close(0)
         raise
+    return sock
+
+
+def advertised(sock: zmq.asyncio.Socket, advertise_host: str) -> str:
+    """The endpoint peers connect to, for a socket bound on an ephemeral port."""
     port = sock.getsockopt(zmq.LAST_ENDPOINT).decode().rsplit(":", 1)[1]
-    return sock, f"tcp://{advertise_host}:{port}"
+    return f"tcp://{advertise_host}:{port}"
 
 
 def send_now(sock: zmq.asyncio.Socket, frames: list[Any]) -> None:
