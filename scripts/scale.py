@@ -4,6 +4,7 @@ the figures (JSON with ``--json``).
 
     python -m scripts.scale                                   # 2,000 streams, 200 runtimes, 1,000 cycles
     python -m scripts.scale --streams 500 --runtimes 50 --cycles 100 --only streams,cycles
+    python -m scripts.scale --only streams --streams 400 --chunks 48 --stall 15   # consumers pause 15 s
 
 tests/test_scale.py runs the same scenarios at a size that fits the test suite.
 """
@@ -35,17 +36,20 @@ CHUNK = 64 * KiB
 STREAMS_PER_RUNTIME = 200
 
 #: GET /?n=N&s=S: N chunks of 64 KiB, chunk i filled with the byte (S + i) % 251. POST: the body's
-#: length and CRC-32, computed by the guest.
+#: length and CRC-32, computed by the guest, which pauses ``stall`` ms after the first chunk.
 GUEST = (
     JS_HELPERS
     + """
 serve({ async fetch(req) {
+  const q = new URL(req.url).searchParams;
   if (req.method === "POST") {
     let crc = 0, n = 0;
-    for await (const c of req.body) { crc = crc32(c, crc); n += c.length; }
+    for await (const c of req.body) {
+      if (n === 0 && q.get("stall")) await new Promise((ok) => setTimeout(ok, Number(q.get("stall"))));
+      crc = crc32(c, crc); n += c.length;
+    }
     return Response.json({ n, crc });
   }
-  const q = new URL(req.url).searchParams;
   const n = Number(q.get("n")), s = Number(q.get("s"));
   let i = 0;
   return new Response(new ReadableStream({ pull(c) {
@@ -138,10 +142,14 @@ async def bounded(n: int, parallel: int, job: Callable[[int], Awaitable[Any]]) -
 # ---- streams ---------------------------------------------------------------------------------------
 
 
-async def streams(conn: Any, daemon_pid: int, count: int, chunks: int = 8, timeout: float = 120.0) -> dict[str, Any]:
+async def streams(
+    conn: Any, daemon_pid: int, count: int, chunks: int = 8, timeout: float = 120.0, stall: float = 0.0
+) -> dict[str, Any]:
     """``count`` checksummed bodies open at once, half responses (guest -> client), half request
     bodies (client -> guest). Every stream reads or writes its first chunk, then waits until all
-    ``count`` are open, then finishes; a body arrives whole or it is counted lost or corrupt."""
+    ``count`` are open, then finishes; a body arrives whole or it is counted lost or corrupt.
+    With ``stall``, every consumer pauses that long after its first chunk (the client for a
+    response, the guest for a request body) while its producer finishes, if the pipe holds it."""
     import client
 
     runtimes = [await created(conn, memory_limit_mb=512) for _ in range(math.ceil(count / STREAMS_PER_RUNTIME))]
@@ -170,6 +178,7 @@ async def streams(conn: Any, daemon_pid: int, count: int, chunks: int = 8, timeo
             if first:
                 first = False
                 await barrier()
+                await asyncio.sleep(stall)
         return "ok" if (n, crc) == (chunks * CHUNK, body_crc(i, chunks)) else "corrupt"
 
     async def upload(i: int) -> str:
@@ -181,7 +190,8 @@ async def streams(conn: Any, daemon_pid: int, count: int, chunks: int = 8, timeo
                 if k == 0:
                     await barrier()
 
-        resp = await rt.dispatch_request(client.Request("POST", "http://x/", body=body()), timeout=timeout)
+        url = f"http://x/?stall={stall * 1000:.0f}"
+        resp = await rt.dispatch_request(client.Request("POST", url, body=body()), timeout=timeout)
         got = await resp.json()
         return "ok" if got == {"n": chunks * CHUNK, "crc": body_crc(i, chunks)} else "corrupt"
 
@@ -204,6 +214,7 @@ async def streams(conn: Any, daemon_pid: int, count: int, chunks: int = 8, timeo
     return {
         "streams": count,
         "bytes_each": chunks * CHUNK,
+        "consumer_stall_s": stall,
         "all_open_at_once": all_open.is_set(),
         "ok": results.count("ok"),
         "corrupt": results.count("corrupt"),
@@ -304,7 +315,7 @@ async def run(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
         daemon_args = ("--max-runtimes", str(runtimes + 2), "--max-streams", str(args.streams + 64))
         with cluster(log_dir / "streams", daemon_args) as c:
             async with await client.connect(c.frontend, timeout=60) as conn:
-                figures["streams"] = await streams(conn, c.daemon.pid, args.streams, args.chunks)
+                figures["streams"] = await streams(conn, c.daemon.pid, args.streams, args.chunks, stall=args.stall)
     if "runtimes" in only:
         quota = ("--max-runtimes-per-client", str(args.runtimes + 8))
         with cluster(log_dir / "runtimes", ("--max-runtimes", str(args.runtimes)), quota) as c:
@@ -321,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m scripts.scale", description=__doc__.split("\n\n")[0])
     p.add_argument("--streams", type=int, default=2000)
     p.add_argument("--chunks", type=int, default=8, help="64 KiB chunks per stream")
+    p.add_argument("--stall", type=float, default=0.0, help="seconds each consumer pauses after its first chunk")
     p.add_argument("--runtimes", type=int, default=200)
     p.add_argument("--cycles", type=int, default=1000)
     p.add_argument("--only", default="streams,runtimes,cycles")
