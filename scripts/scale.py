@@ -315,7 +315,9 @@ async def run(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
         daemon_args = ("--max-runtimes", str(runtimes + 2), "--max-streams", str(args.streams + 64))
         with cluster(log_dir / "streams", daemon_args) as c:
             async with await client.connect(c.frontend, timeout=60) as conn:
-                figures["streams"] = await streams(conn, c.daemon.pid, args.streams, args.chunks, stall=args.stall)
+                figures["streams"] = await streams(
+                    conn, c.daemon.pid, args.streams, args.chunks, timeout=args.timeout, stall=args.stall
+                )
     if "runtimes" in only:
         quota = ("--max-runtimes-per-client", str(args.runtimes + 8))
         with cluster(log_dir / "runtimes", ("--max-runtimes", str(args.runtimes)), quota) as c:
@@ -333,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--streams", type=int, default=2000)
     p.add_argument("--chunks", type=int, default=8, help="64 KiB chunks per stream")
     p.add_argument("--stall", type=float, default=0.0, help="seconds each consumer pauses after its first chunk")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds a stream may take before it counts as lost")
     p.add_argument("--runtimes", type=int, default=200)
     p.add_argument("--cycles", type=int, default=1000)
     p.add_argument("--only", default="streams,runtimes,cycles")
