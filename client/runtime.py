@@ -224,7 +224,8 @@ class Runtime:
             self._cancel_remote(sid)
             raise
         reader = PipeReader(sock, sid)
-        # once END or ERROR is read, the cancel acknowledges it: the daemon may close its end
+        # the body ended by itself: the cancel acknowledges END/ERROR (the daemon closes its end) or
+        # stops a producer whose stream broke
         consumer = streams.Consumer(reader, on_finished=lambda: self._cancel_remote(sid))
         stream = Inbound(consumer, self._cancel_remote, self._inbound_done)
         self._inbound[sid] = stream

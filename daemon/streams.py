@@ -39,7 +39,8 @@ class InboundStream:
         self.gsid = gsid
         self.reader = reader
         self.wire_sid = reader.sid
-        # the END (or ERROR) read: acknowledge it, so the client may close its end of the pipe
+        # the body ended by itself: acknowledge END/ERROR (the client closes its end), or stop a
+        # producer whose stream broke
         self.consumer = Consumer(reader, on_finished=lambda: owner.cancel_upstream(self.wire_sid))
         self.closed = False
         self._chunk_head = G.header_of(G.InboundChunk(sid=gsid, data=b""))

@@ -132,8 +132,10 @@ def consumer_done(writer: PipeWriter, stop: Callable[[], object]) -> None:
 class Consumer:
     """The reading end of one stream: ``next()`` pulls one chunk on demand (that is the backpressure).
 
-    ``on_finished`` runs once the producer's END or ERROR has been read: it acknowledges it (a
-    control ``cancel``), so the producer may close its end (wire.pipes, PipeWriter.settle)."""
+    ``on_finished`` runs once this end stops reading by itself (a control ``cancel`` to the
+    producer): after END or ERROR that is the acknowledgement, so the producer may close its end
+    (wire.pipes, PipeWriter.settle); after a broken stream (a gap) it stops the producer. A
+    cancel from our side (``cancel``) tells the producer itself, so it does not run then."""
 
     __slots__ = ("life", "on_finished", "reader")
 
@@ -155,8 +157,8 @@ class Consumer:
         try:
             frame = await self.reader.read_frame()
         except StreamError as exc:
-            self.life.move(State.FAILED, str(exc))
-            self._finished()
+            if self.life.move(State.FAILED, str(exc)):  # not cancelled meanwhile: it ended by itself
+                self._finished()
             raise StreamError(self.life.reason) from None
         if frame is None:
             self.life.move(State.ENDED)
@@ -164,7 +166,7 @@ class Consumer:
         return frame
 
     def _finished(self) -> None:
-        if self.reader.finished and self.on_finished is not None:  # END or ERROR arrived
+        if self.on_finished is not None:
             on_finished, self.on_finished = self.on_finished, None
             on_finished()
 
