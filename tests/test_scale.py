@@ -24,13 +24,17 @@ CYCLES = 60
 #: Memory the daemon may keep after a load is over (MiB): without arena cap and trim it kept
 #: about half its peak (~230 MiB after 1,000 streams).
 KEPT_MIB = 64
+#: Runtimes the daemon keeps started in its warm pool (``--pool-size``, passed below).
+POOL = 2
 
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Broker, Daemon]]:
     tmp = tmp_path_factory.mktemp("scale")
     b = Broker(tmp, "--no-local-daemon", "--max-runtimes-per-client", str(RUNTIMES + 8))
-    d = Daemon(tmp, b, "d1", "--max-runtimes", str(RUNTIMES), "--max-streams", str(STREAMS + 64))
+    d = Daemon(
+        tmp, b, "d1", "--max-runtimes", str(RUNTIMES), "--max-streams", str(STREAMS + 64), "--pool-size", str(POOL)
+    )
     try:
         yield b, d
     finally:
@@ -72,7 +76,8 @@ async def test_create_eval_dispose_cycles_hold_nothing(conn, daemon) -> None:
     assert got["ok"] == CYCLES, got
     warm, end = got["daemon_after_first_tenth"], got["daemon_at_end"]
     assert end["fds"] <= warm["fds"] and end["sockets"] <= warm["sockets"], got
-    assert end["deno"] <= warm["deno"] and end["rss_mib"] <= warm["rss_mib"] + 16, got
+    # Deno: none beyond the warm pool (the first tenth's count may catch the pool refilling)
+    assert end["deno"] <= max(warm["deno"], POOL) and end["rss_mib"] <= warm["rss_mib"] + 16, got
 
 
 def test_the_scale_script_runs(tmp_path: Path) -> None:
