@@ -149,7 +149,9 @@ async def send_body(writer: PipeWriter, body: BodyType, on_cancel: Callable[[], 
     Cancelling drops the pipe and calls ``on_cancel`` (the consumer must not wait for bytes that
     will never come)."""
     try:
-        await streams.produce(writer, _chunks(body))
+        life = await streams.produce(writer, _chunks(body))
+        if streams.untold(life, writer):
+            on_cancel()
     except asyncio.CancelledError:
         on_cancel()
         raise

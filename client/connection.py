@@ -35,6 +35,7 @@ from wire import liveness, sockets
 from wire import messages as M
 from wire import protocol as P
 from wire.auth import KeyPair, connect_with, pipe_client
+from wire.pipes import PipeCount
 from wire.scope import Scope
 
 log = logging.getLogger("client")
@@ -42,6 +43,8 @@ log = logging.getLogger("client")
 DEFAULT_TIMEOUT = 30.0
 #: How long a connection tries to resume its session after its broker went away (seconds).
 DEFAULT_RECONNECT = 60.0
+#: Every pipe of this process (descriptors are counted per process, whatever the connection).
+_PIPES = PipeCount(lambda why: RequestRejected(f"this client {why}; retry later", P.E_BUSY))
 
 R = TypeVar("R", bound=M.Record)
 Answer = M.Record | M.Reply
@@ -210,9 +213,18 @@ class Connection:
         return answer
 
     def dial(self, kind: int, endpoint: str, sid: bytes, server_key: bytes | None) -> zmq.asyncio.Socket:
+        """A pipe socket, or ``busy`` (RequestRejected) for this one body when the process is out
+        of descriptors for pipes: it never takes the last ones (wire.pipes.PipeCount)."""
+        return _PIPES.open(lambda: self._dial(kind, endpoint, sid, server_key))
+
+    def _dial(self, kind: int, endpoint: str, sid: bytes, server_key: bytes | None) -> zmq.asyncio.Socket:
         sock = sockets.pipe(self.ctx, kind)
-        pipe_client(sock, sid, self.keypair, server_key)
-        sock.connect(endpoint)
+        try:
+            pipe_client(sock, sid, self.keypair, server_key)
+            sock.connect(endpoint)
+        except BaseException:
+            sock.close(0)
+            raise
         return sock
 
     def forget(self, runtime_id: str) -> None:
@@ -347,7 +359,7 @@ class Connection:
             M.CreateOk,
             timeout=timeout,
         )  # fmt: skip
-        return self._hold(created, name, fetch, console, eval_timeout)
+        return await self._hold(created, name, fetch, console, eval_timeout, new=True)
 
     async def runtime(
         self,
@@ -366,20 +378,30 @@ class Connection:
             if runtime.name == name and runtime.lost is None:
                 return runtime
         found = await self.call(lambda id_: M.Acquire(id=id_, name=name), M.CreateOk, timeout=timeout)
-        return self._hold(found, name, fetch, console, eval_timeout)
+        return await self._hold(found, name, fetch, console, eval_timeout, new=False)
 
-    def _hold(
+    async def _hold(
         self,
         created: M.CreateOk,
         name: str | None,
         fetch: Callable[[Request], Awaitable[Response]] | None,
         console: Callable[[ConsoleEntry], Any] | None,
         eval_timeout: float | None,
+        *,
+        new: bool,
     ) -> Runtime:
         if created.control is None:
             raise RequestRejected("the broker's create reply names no control endpoint", P.E_BAD_MESSAGE)
         key = created.daemon_key.encode() if created.daemon_key else None
-        runtime = Runtime(self, self._control(created.control, key), created, fetch, console, eval_timeout)
+        try:
+            control = self._control(created.control, key)
+        except zmq.ZMQError as exc:  # out of descriptors: this call fails; a runtime it created goes
+            if new:
+                with contextlib.suppress(Error):
+                    await self.call(lambda id_: M.Dispose(id=id_, rt=created.rt), M.DisposeOk)
+            why = f"this client cannot open a control link ({exc.strerror}); retry later"
+            raise RequestRejected(why, P.E_BUSY) from None
+        runtime = Runtime(self, control, created, fetch, console, eval_timeout)
         runtime.name = name
         self.runtimes[runtime.id] = runtime
         return runtime

@@ -150,7 +150,8 @@ class Runtime:
             )  # fmt: skip
 
         try:
-            reply = await self._host.call(make, M.DispatchOk, timeout=timeout)
+            call = self._host.call(make, M.DispatchOk, timeout=timeout)
+            reply = await (call if upload is None else _unless_refused(call, upload))
         except BaseException:
             self._cancel_remote(resp_sid)  # the guest's request.signal aborts
             if upload is not None:
@@ -219,9 +220,19 @@ class Runtime:
             self._control.cancel(sid)
 
     def _open_body(self, sid: bytes, ep: str) -> Body:
-        reader = PipeReader(self._host.dial(zmq.PULL, ep, sid, self.daemon_key), sid)
-        stream = Inbound(streams.Consumer(reader), self._cancel_remote, self._inbound_done)
+        try:
+            sock = self._host.dial(zmq.PULL, ep, sid, self.daemon_key)
+        except Error:  # out of descriptors: this body fails, and its producer must hear of it
+            self._cancel_remote(sid)
+            raise
+        reader = PipeReader(sock, sid)
+        # the body ended by itself: the cancel acknowledges END/ERROR (the daemon closes its end) or
+        # stops a producer whose stream broke
+        consumer = streams.Consumer(reader, on_finished=lambda: self._cancel_remote(sid))
+        stream = Inbound(consumer, self._cancel_remote, self._inbound_done)
         self._inbound[sid] = stream
+        # the daemon's cancel of a body we consume: its producer failed and could not say so in-band
+        self._control.watch(sid, lambda: stream.fail("the daemon could not send the body"))
         body = stream.body()
         if self.lost is not None:
             stream.fail(self.lost.message)
@@ -230,6 +241,7 @@ class Runtime:
     def _inbound_done(self, stream: Inbound) -> None:
         if self._inbound.get(stream.sid) is stream:
             del self._inbound[stream.sid]
+            self._control.unwatch(stream.sid)
 
     def _producer(self, sid: bytes, coro: Any) -> asyncio.Task[Any]:
         """Run ``coro`` as the producer of stream ``sid``: a cancel from the daemon cancels it."""
@@ -246,26 +258,37 @@ class Runtime:
         task.add_done_callback(done)
         return task
 
-    def _upload(self, sid: bytes, body: BodyType) -> asyncio.Task[None]:
+    def _upload(self, sid: bytes, body: BodyType) -> asyncio.Task[Error | None]:
         """Stream a request body once the daemon has bound its pipe (control: pipe_ready)."""
         self._ready[sid] = self._control.expect_pipe(sid)
         return self._producer(sid, self._produce_when_ready(sid, body))
 
-    async def _produce_when_ready(self, sid: bytes, body: BodyType) -> None:
-        """Stream ``body`` once the daemon's pipe_ready for ``sid`` (expected in ``_ready``) came."""
+    async def _produce_when_ready(self, sid: bytes, body: BodyType) -> Error | None:
+        """Stream ``body`` once the daemon's pipe_ready for ``sid`` (expected in ``_ready``) came;
+        returns why the pipe could not be opened, if it could not."""
         try:
             async with asyncio.timeout(self._host.timeout):
                 ep = await self._ready[sid]
         except TimeoutError:
             log.warning("the daemon never opened the pipe for a body")
             await aclose_quietly(body)
-            return
+            return None
         self._ready.pop(sid, None)
-        await self._produce(sid, ep, body)
+        return await self._produce(sid, ep, body)
 
-    async def _produce(self, sid: bytes, ep: str, body: BodyType) -> None:
-        writer = PipeWriter(self._host.dial(zmq.PUSH, ep, sid, self.daemon_key), sid, self._host.timeout)
+    async def _produce(self, sid: bytes, ep: str, body: BodyType) -> Error | None:
+        try:
+            sock = self._host.dial(zmq.PUSH, ep, sid, self.daemon_key)
+        except Error as exc:  # out of descriptors: the consumer must not wait for this body
+            log.warning("a body was not sent: %s", exc)
+            self._cancel_remote(sid)
+            await aclose_quietly(body)
+            return exc
+        writer = PipeWriter(sock, sid, self._host.timeout)
+        task = self._outbound[sid]  # the daemon's cancel: an acknowledged END, or stop producing
+        self._control.watch(sid, lambda: streams.consumer_done(writer, task.cancel))
         await send_body(writer, body, lambda: self._cancel_remote(sid))
+        return None
 
     # ---- callbacks from the guest (the connection routes them here) ------------------------------
 
@@ -358,6 +381,23 @@ class Runtime:
 
 async def _wait(awaitable: Awaitable[Any]) -> None:
     await awaitable
+
+
+async def _unless_refused(call: Awaitable[R], upload: asyncio.Task[Error | None]) -> R:
+    """The reply of ``call``, unless the request body's pipe could not be opened first: then that
+    error (``call`` is cancelled; the caller tells the daemon to drop the dispatch)."""
+    replied = asyncio.ensure_future(call)  # owner: this frame, which always joins it
+    try:
+        await asyncio.wait((replied, upload), return_when=asyncio.FIRST_COMPLETED)
+        if not replied.done() and not upload.cancelled() and upload.exception() is None:
+            refused = upload.result()
+            if refused is not None:
+                raise refused
+        return await replied
+    finally:
+        if not replied.done():
+            replied.cancel()
+            await asyncio.gather(replied, return_exceptions=True)
 
 
 def to_ms(seconds: float) -> int:

@@ -76,6 +76,8 @@ def add_limits(p: argparse.ArgumentParser) -> None:
     for flag, kind, default, text in LIMIT_FLAGS:
         p.add_argument(flag, type=kind, default=default, help=f"{text} (%(default)s)")
     p.add_argument("--no-cgroups", action="store_true", help="no memory cgroups (the RSS watchdog only)")
+    p.add_argument("--max-streams", type=int, default=None, help="body streams open at once at most, past "
+                   f"it a call gets `busy` (default: {D.STREAMS_PER_RUNTIME} per runtime of capacity)")  # fmt: skip
 
 
 def limits(args: argparse.Namespace) -> dict[str, object]:
@@ -86,6 +88,7 @@ def limits(args: argparse.Namespace) -> dict[str, object]:
         "request_cpu": args.request_cpu,
         "max_cpu_limit": args.max_cpu_limit,
         "cgroups": not args.no_cgroups,
+        "max_streams": args.max_streams,
     }
 
 

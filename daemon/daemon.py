@@ -25,6 +25,7 @@ from typing import Any
 import deno
 import zmq
 
+from daemon import memory as heap
 from daemon import spawner
 from daemon.limits import CPU_EVERY, WATCH_INTERVAL, MemoryCgroups, MemoryWatch, TurnWatch
 from daemon.pool import MAX_STARTING, START_QUEUE_TIMEOUT, WarmPool, write_import_map
@@ -37,7 +38,7 @@ from wire import protocol as P
 from wire.auth import Gate, KeyPair, connect_with
 from wire.budget import Budget
 from wire.liveness import LIVENESS
-from wire.pipes import PipeReader, PipeWriter
+from wire.pipes import PipeCount, PipeReader, PipeWriter
 from wire.ratelog import RateLog
 from wire.schema import Record, StreamRef, route
 from wire.scope import Scope, ScopeClosed
@@ -62,6 +63,11 @@ ORPHAN_GRACE = 60.0
 #: Control messages of one peer per second that are refused or name no registered stream; past
 #: it, the peer's control messages are dropped unread until the second ends.
 CONTROL_REFUSAL_BUDGET = 1000
+#: Default cap on a daemon's open body pipes, per runtime it may host (``--max-streams``): bounds
+#: the memory and descriptors streams take (each holds up to 2 x PIPE_HWM chunks in flight).
+STREAMS_PER_RUNTIME = 32
+#: Descriptors a hosted runtime holds in the daemon (its process's stdio, pidfd, cgroup files).
+FDS_PER_RUNTIME = 8
 
 
 class Daemon:
@@ -90,6 +96,7 @@ class Daemon:
         keys: KeyPair | None = None,
         broker_key: bytes | None = None,
         orphan_grace: float = ORPHAN_GRACE,
+        max_streams: int | None = None,
     ) -> None:
         #: the brokers to register with, in order of preference (a primary and standbys)
         self.brokers = [b.strip() for b in broker.split(",") if b.strip()]
@@ -123,7 +130,14 @@ class Daemon:
         self.heartbeat = heartbeat
         self.liveness = liveness
         self.name = name or f"{os.uname().nodename}:{os.getpid()}"
+        heap.limit_arenas()  # before the context starts libzmq's threads
         self.ctx = sockets.context()
+        #: open body pipes at most (the operator's cap; by default sized from the capacity)
+        self.max_streams = STREAMS_PER_RUNTIME * max(1, max_runtimes) if max_streams is None else max_streams
+        #: the body pipes open: one past ``stream_room`` fails only the call that needed it, with ``busy``
+        self.pipes = PipeCount(lambda why: P.ProtocolError(P.E_BUSY, f"daemon {self.name} {why}; retry later"),
+                               self.stream_room)  # fmt: skip
+        self._trim = heap.Trimmer()
         self.runtimes: dict[str, Runtime] = {}
         #: what a broker needs to know of each runtime to route to it and reclaim it (sent in `ready`)
         self.held: dict[str, M.Held] = {}
@@ -196,12 +210,27 @@ class Daemon:
         return PipeWriter(sock, sid), ep
 
     def _bind_pipe(self, kind: int, sid: bytes, owner_key: bytes | None) -> tuple[zmq.asyncio.Socket, str]:
-        """A pipe only the runtime's owner can connect to (its key with CURVE, else the sid as secret)."""
+        """A pipe only the runtime's owner can connect to (its key with CURVE, else the sid as secret).
+
+        Past ``stream_room``, or when the system refuses a socket anyway, the one call that asked
+        gets ``busy`` (a P.ProtocolError raised here): nothing else is touched."""
         gate = self.gate
         assert gate is not None, "pipes are bound only while the daemon runs"
-        return sockets.bind_pipe(
-            self.ctx, kind, self.bind_host, self.advertise_host, lambda sock: gate.serve_pipe(sock, sid, owner_key)
-        )
+
+        def guard(sock: zmq.Socket) -> None:
+            gate.serve_pipe(sock, sid, owner_key)
+
+        sock = self.pipes.open(lambda: sockets.bind_pipe(self.ctx, kind, self.bind_host, guard))
+        return sock, sockets.advertised(sock, self.advertise_host)
+
+    def stream_room(self) -> tuple[int, str]:
+        """Pipes that may be open now, and why that many: the operator's cap, or fewer if the
+        descriptor limit (read each time) leaves less room after what the runtimes hold. The
+        reserve lets libzmq still accept the peer's connection to every pipe bound."""
+        fds = sockets.pipe_room(reserved=FDS_PER_RUNTIME * len(self.runtimes))
+        if self.max_streams <= fds:
+            return self.max_streams, f"its limit (--max-streams {self.max_streams})"
+        return fds, f"as many as its {sockets.fd_limit()} file descriptors allow"
 
     # ---- main ------------------------------------------------------------------------------------
 
@@ -261,6 +290,8 @@ class Daemon:
         for tick in itertools.count():
             await asyncio.sleep(WATCH_INTERVAL)
             cpu_due = tick % CPU_EVERY == 0
+            if tick % CPU_EVERY == 1 and self._trim.due(self.pipes.count()):
+                await asyncio.to_thread(heap.trim)
             for rt, runtime in list(self.runtimes.items()):
                 watches = self._watches.get(rt)
                 if watches is None or runtime.lost_code is not None:

@@ -92,7 +92,13 @@ class Dispatches:
             return
         body: Inline | StreamRef | None
         if isinstance(msg.body, G.GuestStream):
-            writer, ep = self.host.bind_writer(call.resp_sid)
+            try:
+                writer, ep = self.host.bind_writer(call.resp_sid)
+            except P.ProtocolError as exc:  # the daemon's stream cap, or no descriptor left: this call fails
+                self.port.send(G.OutboundCancel(sid=msg.body.sid))
+                self._end(call)
+                self.host.to_broker(call.error(exc.code, exc.message))
+                return
             self.streams.open_outbound(msg.body.sid, writer, on_done=lambda: self._end(call))
             body = StreamRef(call.resp_sid, ep)
         else:

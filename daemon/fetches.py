@@ -80,12 +80,17 @@ class Fetches:
         if isinstance(msg.body, G.GuestStream):
             if msg.body.sid in self.streams.outbound:
                 raise GuestProtocolError(f"stream id {msg.body.sid} reused")
-            if self._bodies_full():
-                self.port.send(G.OutboundCancel(sid=msg.body.sid))
-                self.port.send(G.FetchError(id=msg.id, message=self._bodies_full()))
-                return
             wire_sid = P.new_id()
-            writer, ep = self.host.bind_writer(wire_sid)
+            try:
+                refusal = self._bodies_full()
+                if not refusal:
+                    writer, ep = self.host.bind_writer(wire_sid)
+            except P.ProtocolError as exc:  # the daemon's stream cap, or no descriptor left
+                refusal = exc.message
+            if refusal:  # this fetch fails, the runtime goes on
+                self.port.send(G.OutboundCancel(sid=msg.body.sid))
+                self.port.send(G.FetchError(id=msg.id, message=refusal))
+                return
             upload = self.streams.open_outbound(msg.body.sid, writer)
             body = StreamRef(wire_sid, ep)
         else:
@@ -133,12 +138,16 @@ class Fetches:
                 self._failed(f, f"invalid response from the fetch callback: {message}")
                 return
             case StreamRef():
-                full = self._bodies_full()
-                if full:
+                try:
+                    refusal = self._bodies_full()
+                    if not refusal:  # only now: a streamed answer needs a pipe
+                        reader, ep = self.host.bind_reader(f.resp_sid)
+                except P.ProtocolError as exc:  # the daemon's stream cap, or no descriptor left
+                    refusal = exc.message
+                if refusal:  # this fetch fails, the runtime goes on
                     self.streams.cancel_upstream(f.resp_sid)
-                    self._failed(f, full)
+                    self._failed(f, refusal)
                     return
-                reader, ep = self.host.bind_reader(f.resp_sid)  # only now: a streamed answer needs it
                 body = G.GuestStream(self.streams.open_inbound(self.next_gid(), reader).gsid)
                 self.host.to_client(M.PipeReady(sid=f.resp_sid, ep=ep))
             case _:

@@ -23,7 +23,7 @@ from wire import guest as G
 from wire.messages import Cancel
 from wire.pipes import PipeReader, PipeWriter, StreamError
 from wire.scope import Scope
-from wire.streams import Consumer, Lifecycle, SourceFailed, State, produce
+from wire.streams import Consumer, Lifecycle, SourceFailed, State, consumer_done, produce, untold
 
 log = logging.getLogger("daemon.streams")
 
@@ -37,9 +37,11 @@ class InboundStream:
         self.owner = owner
         self.port = port
         self.gsid = gsid
-        self.consumer = Consumer(reader)
         self.reader = reader
         self.wire_sid = reader.sid
+        # the body ended by itself: acknowledge END/ERROR (the client closes its end), or stop a
+        # producer whose stream broke
+        self.consumer = Consumer(reader, on_finished=lambda: owner.cancel_upstream(self.wire_sid))
         self.closed = False
         self._chunk_head = G.header_of(G.InboundChunk(sid=gsid, data=b""))
         self._credit = asyncio.Event()
@@ -171,6 +173,8 @@ class OutboundStream:
                 log.info("outbound stream %s ended: %s", self.gsid, life.reason)
                 if not self.closed:
                     self.port.send(G.OutboundCancel(sid=self.gsid))
+            if untold(life, self.writer):  # the client must not wait for this body forever
+                self.owner.cancel_upstream(self.wire_sid)
         finally:
             self._finish()
 
@@ -187,16 +191,17 @@ class OutboundStream:
         """The consumer cancelled (or the runtime is going away): drop the pipe, stop the guest."""
         if self.closed:
             return
+        tell_guest = tell_guest and self.life.state is State.OPEN  # after the END the guest is done
         if self.life.move(State.CANCELLED, "cancelled"):
             self.writer.abort()
-        self.task.cancel()  # waits for the queue or sends on the PUSH: nothing to lose
+        self.task.cancel()  # waits for the queue, sends on the PUSH or waits for the END's ack
         if tell_guest:
             self.port.send(G.OutboundCancel(sid=self.gsid))
         self._finish()
 
     def cancel_by_client(self) -> None:
-        """The client stopped consuming: the guest stops producing."""
-        self.cancel()
+        """The client read the END (the pipe may close now), or stopped consuming (the guest stops)."""
+        consumer_done(self.writer, self.cancel)
 
     async def fail(self, message: str) -> None:
         """End the consumer's body with an error (the runtime died under it), best effort."""
@@ -205,7 +210,7 @@ class OutboundStream:
         if self.life.move(State.FAILED, message):  # produce() leaves the pipe to us
             self.task.cancel()
             await asyncio.gather(self.task, return_exceptions=True)
-            await self.writer.fail(message, timeout=0.2)
+            await self.writer.fail(message, timeout=0.2, settle=False)
         self._finish()
 
 

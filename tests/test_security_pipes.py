@@ -371,14 +371,21 @@ async def test_a_long_error_text_is_cut_and_still_reaches_the_consumer() -> None
     push = sockets.pipe(sockets.context(), zmq.PUSH)
     push.connect(pull.getsockopt(zmq.LAST_ENDPOINT).decode())
     writer, reader = PipeWriter(push, sid, connect_timeout=10), PipeReader(pull, sid)
+    failing: asyncio.Future[None] | None = None
     try:
         await writer.send(b"abc")
-        await writer.fail("\u00e9" * P.MAX_CHUNK)  # 2 bytes each in UTF-8
+        # fail() holds the pipe until the consumer acknowledges the ERROR (protocol.md 5): run it aside
+        failing = asyncio.ensure_future(writer.fail("\u00e9" * P.MAX_CHUNK))  # 2 bytes each in UTF-8
         async with asyncio.timeout(10):
             assert (await reader.read()) == b"abc"
             with pytest.raises(StreamError) as err:
                 await reader.read()
+            assert not failing.done()  # nothing was discarded while the ERROR was unread
+            writer.release()  # the consumer's control cancel
+            await failing
         assert str(err.value) == "\u00e9" * (P.MAX_CHUNK // 2)
     finally:
+        if failing is not None:
+            failing.cancel()
         writer.abort()
         reader.abort(StreamError("done"))

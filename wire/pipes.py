@@ -13,21 +13,31 @@ its ZAP gate (``wire.auth.Gate.serve_pipe``), and the client dials with ``wire.a
 Cancellation follows the rule of docs/design.md, Z5: a pending recv on a data socket is never
 cancelled on purpose; instead the socket is closed (``abort``), and the pending read raises the
 reason it was closed with.
+
+The producer never closes a pipe that may still hold messages the consumer has not taken: closing
+would leave them to a linger timer, and libzmq discards what is queued when it expires (a consumer
+stalled longer would wait forever, its body cut short). After END or ERROR the writer keeps its
+socket (LINGER 0 but open, so nothing is ever discarded) until the consumer acknowledges the last
+message with a control ``cancel`` (``release``) or the stream's owner drops it (``abort``: the
+runtime or the peer is gone, and the consumer hears that instead).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from typing import Any
 
 import zmq
 import zmq.asyncio
 
+from wire import sockets
 from wire.protocol import MAX_CHUNK, PIPE_DATA, PIPE_END, PIPE_ERROR, ProtocolError, parse_pipe, pipe_tag
 
-#: How long a finished pipe keeps flushing its last messages after the producer is done (ms).
-END_LINGER_MS = 10_000
+#: How long an ERROR written because the runtime ended may flush (ms): no acknowledgement is
+#: awaited then, the consumer hears ``runtime_lost`` anyway. END and other ERRORs wait for theirs.
+ERROR_LINGER_MS = 10_000
 #: Awaiting a socket that is always ready never suspends; yield to the event loop this often so a
 #: busy stream cannot starve heartbeats and other streams.
 YIELD_EVERY = 8
@@ -114,6 +124,9 @@ class PipeWriter:
         self.connect_timeout = connect_timeout
         self._connected = False
         self._seq = 0  # messages the pipe has taken: the sequence number of the next one
+        #: END or ERROR is written: a consumer's cancel now acknowledges it (``release``)
+        self.last_sent = False
+        self._released = asyncio.Event()
 
     async def _send(self, kind: bytes, payload: Any) -> None:
         if (self._seq + 1) % YIELD_EVERY == 0:
@@ -143,25 +156,82 @@ class PipeWriter:
             await self._send(PIPE_DATA, view[start : start + MAX_CHUNK])
 
     async def end(self) -> None:
-        """Mark the end in-band, then let the socket flush in the background."""
+        """Mark the end in-band (after every chunk: backpressure still applies to it)."""
         await self._send(PIPE_END, b"")
-        self.sock.close(END_LINGER_MS)
+        self.last_sent = True
 
-    async def fail(self, message: str, timeout: float = 1.0) -> None:
-        """Tell the consumer the stream failed (best effort), then close; the text is cut to
-        MAX_CHUNK bytes (a longer frame would drop the connection instead)."""
+    async def settle(self) -> None:
+        """After END or ERROR: hold the socket, unread messages included, until the consumer
+        acknowledges (``release``); the stream's owner going away cancels this wait."""
+        try:
+            await self._released.wait()
+        finally:
+            self.abort()
+
+    def release(self) -> None:
+        """The consumer is done with the stream (it read END or ERROR, or gave up): close now."""
+        self._released.set()
+        self.abort()
+
+    async def fail(self, message: str, timeout: float = 1.0, settle: bool = True) -> None:
+        """Tell the consumer the stream failed, then wait for its acknowledgement (``settle``), or
+        without ``settle`` (the runtime is gone) let the ERROR flush for at most ERROR_LINGER_MS.
+        Sending is best effort within ``timeout``; the text is cut to MAX_CHUNK bytes (a longer
+        frame would drop the connection instead)."""
         with contextlib.suppress(Exception):
             async with asyncio.timeout(timeout):
                 payload = message.encode("utf-8", "replace")[:MAX_CHUNK].decode("utf-8", "ignore").encode()
                 await self.sock.send_multipart([pipe_tag(PIPE_ERROR, self.sid, self._seq), payload])
-        if not self.sock.closed:
-            self.sock.close(END_LINGER_MS)
+                self.last_sent = True
+        if self.last_sent and settle:
+            await self.settle()
+        elif not self.sock.closed:
+            self.sock.close(ERROR_LINGER_MS)
 
     def abort(self) -> None:
-        """Drop the stream at once (the consumer cancelled, or the runtime is gone)."""
+        """Drop the stream at once (the consumer cancelled or acknowledged, or the owner is gone)."""
         if not self.sock.closed:
             self.sock.close(0)
+        self._released.set()
 
     @property
     def closed(self) -> bool:
         return self.sock.closed
+
+
+def fd_room() -> tuple[int, str]:
+    """The pipes this process's descriptor limit leaves room for, and why that many."""
+    return sockets.pipe_room(), "as many as its file descriptors allow"
+
+
+class PipeCount:
+    """The pipe sockets a process holds open: a new one is refused (``refuse(reason)`` is raised)
+    before the process runs out of descriptors, so only the call that asked for it fails.
+
+    Waiting for EMFILE is not enough: libzmq aborts the whole process when some of its internal
+    calls meet it (resolving a bind address; the epoll set of pyzmq's zero-copy garbage collector
+    starting late), and the last descriptors belong to what is not a pipe (links, guests, HTTP).
+    ``room()`` says how many pipes may be open and why: by default ``wire.sockets.pipe_room()``;
+    the daemon adds its stream cap. It is read at each open, so a lowered limit applies at once.
+    """
+
+    def __init__(self, refuse: Callable[[str], Exception], room: Callable[[], tuple[int, str]] = fd_room) -> None:
+        self._refuse = refuse
+        self._room = room
+        self._socks: set[zmq.asyncio.Socket] = set()
+
+    def open(self, make: Callable[[], zmq.asyncio.Socket]) -> zmq.asyncio.Socket:
+        room, why = self._room()
+        if len(self._socks) >= room and self.count() >= room:
+            raise self._refuse(f"has {room} body pipes open, {why}")
+        try:
+            sock = make()
+        except zmq.ZMQError as exc:
+            raise self._refuse(f"cannot open a body pipe ({exc.strerror})") from None
+        self._socks.add(sock)
+        return sock
+
+    def count(self) -> int:
+        """Pipes open now (closed ones are forgotten here)."""
+        self._socks = {s for s in self._socks if not s.closed}
+        return len(self._socks)

@@ -26,21 +26,49 @@ READ_BATCH = 32
 #: Seconds a read loop rests after a full batch of mostly dropped (flooding) messages.
 FLOOD_PAUSE = 0.001
 
+#: Descriptors one open pipe costs a process at most: the socket's mailbox (an eventfd), the
+#: listening socket (the daemon binds every pipe) and its one TCP connection (docs/design.md, Z4).
+FDS_PER_PIPE = 3
+#: Descriptors a process keeps for everything but pipes (links, guests' stdio, HTTP, logs).
+FD_RESERVE = 256
+
 _context: zmq.asyncio.Context | None = None
 
 
 def context() -> zmq.asyncio.Context:
-    """The process-wide asyncio context, sized for thousands of concurrent pipes."""
+    """The process-wide asyncio context, sized for thousands of concurrent pipes.
+
+    libzmq refuses a socket past ZMQ_MAX_SOCKETS (default 1,023, closed sockets still lingering
+    included) with EMFILE. Every socket holds at least one descriptor, so a socket limit equal to
+    the descriptor limit is never the one reached first: the only limit left is the descriptor
+    limit, raised here to the hard limit, which ``pipe_room`` turns into a count of pipes."""
     global _context
     if _context is None or _context.closed:
         _raise_fd_limit()
         _context = zmq.asyncio.Context()
-        _context.set(zmq.MAX_SOCKETS, 32768)
+        _context.set(zmq.MAX_SOCKETS, max(1024, min(fd_limit(), _context.get(zmq.SOCKET_LIMIT))))
+        # pyzmq frees zero-copy frames through sockets of its garbage-collector thread, made on the
+        # first such frame: make them now, while descriptors are plentiful (made at EMFILE under
+        # load, their failure inside libzmq's free callback aborts the process)
+        zmq.Frame(bytes(zmq.COPY_THRESHOLD), copy=False)
     return _context
 
 
+def fd_limit() -> int:
+    """This process's soft limit on open descriptors (RLIMIT_NOFILE)."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
+
+
+def pipe_room(reserved: int = 0) -> int:
+    """How many pipes this process can hold open at once without running out of descriptors, when
+    ``reserved`` descriptors (besides FD_RESERVE) go to other things. The limit is read each time:
+    an operator may change it while the process runs (prlimit)."""
+    return max(0, (fd_limit() - FD_RESERVE - reserved) // FDS_PER_PIPE)
+
+
 def _raise_fd_limit() -> None:
-    # each pipe costs about five descriptors (docs/design.md, Z4); 1,000 streams need more than 1,024
+    # 1,000 streams need more than the usual soft limit of 1,024 descriptors
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     target = hard if hard != resource.RLIM_INFINITY else 65536
     if soft < target:
@@ -99,9 +127,9 @@ def pipe(ctx: zmq.asyncio.Context, kind: int) -> zmq.asyncio.Socket:
 
 
 def bind_pipe(
-    ctx: zmq.asyncio.Context, kind: int, bind_host: str, advertise_host: str, guard: Callable[[zmq.Socket], None]
-) -> tuple[zmq.asyncio.Socket, str]:
-    """Bind a pipe on an ephemeral port; returns the socket and the endpoint peers should connect to.
+    ctx: zmq.asyncio.Context, kind: int, bind_host: str, guard: Callable[[zmq.Socket], None]
+) -> zmq.asyncio.Socket:
+    """A pipe bound on an ephemeral port (``advertised`` says where peers connect to it).
 
     ``guard`` sets up who may connect before the socket binds (wire.auth.Gate.serve_pipe): a PUSH
     sends round-robin to every connected peer, so a pipe must never be open to all."""
@@ -112,8 +140,13 @@ def bind_pipe(
     except Exception:
         sock.close(0)
         raise
+    return sock
+
+
+def advertised(sock: zmq.asyncio.Socket, advertise_host: str) -> str:
+    """The endpoint peers connect to, for a socket bound on an ephemeral port."""
     port = sock.getsockopt(zmq.LAST_ENDPOINT).decode().rsplit(":", 1)[1]
-    return sock, f"tcp://{advertise_host}:{port}"
+    return f"tcp://{advertise_host}:{port}"
 
 
 def send_now(sock: zmq.asyncio.Socket, frames: list[Any]) -> None:

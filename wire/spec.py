@@ -104,8 +104,8 @@ ERRORS: dict[str, str] = {
     "no_handler": "`dispatch` before the guest called `serve()`",
     "cancelled": "the client cancelled `resp_sid` before the response head",
     "internal": "the daemon failed to start the process or to handle the request",
-    "busy": "the runtime has too many calls pending or too much input unread (4), or no runtime could start "
-    "in time (3.3); retry later",
+    "busy": "a runtime's, the daemon's (4) or the client's bound is reached, or no runtime could start in time "
+    "(3.3); retry later",
     "unavailable": "the broker or the runtime's owner is (for now) unreachable; the call did not complete; retry",
     "unknown_daemon": "broker -> daemon, without id: no registration of the sender; send `ready` again",
 }
@@ -138,7 +138,6 @@ LIMITS: tuple[Limit, ...] = (
           "a pipe payload; a guest-channel chunk"),
     Limit("PIPE_HWM", 4, "messages", ("wire.sockets.PIPE_HWM",), "pipe `SNDHWM`, `RCVHWM`"),
     Limit("PIPE_KERNEL_BUFFER", 262144, "bytes", ("wire.sockets.PIPE_KERNEL_BUFFER",), "pipe `SNDBUF`, `RCVBUF`"),
-    Limit("END_LINGER_MS", 10000, "ms", ("wire.pipes.END_LINGER_MS",), "linger after END or ERROR"),
     Limit("PIPE_TAG", 25, "bytes", ("wire.protocol.PIPE_TAG",), "pipe message tag: kind, sid, sequence number"),
     Limit("WINDOW", 4, "chunks", ("wire.guest.WINDOW",), "guest-channel credit and window per stream"),
     Limit("MAX_GUEST_FRAME", 1048576, "bytes", ("wire.channel.MAX_GUEST_FRAME",), "guest -> daemon `L`"),
@@ -178,6 +177,8 @@ LIMITS: tuple[Limit, ...] = (
           "a runtime's pending calls (`busy`)"),
     Limit("MAX_STDIN_QUEUE", 8388608, "bytes", ("wire.guest.MAX_STDIN_QUEUE",),
           "queued for a guest's stdin (`busy`)"),
+    Limit("STREAMS_PER_RUNTIME", 32, "streams", ("daemon.daemon.STREAMS_PER_RUNTIME",),
+          "default `--max-streams` per runtime (4)"),
     Limit("MAX_VALUE_DEPTH", 128, "levels", ("wire.guest.MAX_VALUE_DEPTH",), "nesting of an eval's value"),
     Limit("TOMBSTONES", 10000, "runtimes", ("broker.core.TOMBSTONES",), "lost runtimes the broker remembers"),
     Limit("MAX_RUNTIMES_PER_CLIENT", 64, "runtimes", ("broker.core.MAX_RUNTIMES_PER_CLIENT",),

@@ -80,11 +80,13 @@ async def produce(
     """Write every chunk of ``source`` to ``writer``, then END; a failing source becomes ERROR.
 
     Each send waits while the consumer is behind (backpressure); ``on_sent`` runs after each chunk
-    has been accepted by the pipe (the daemon acknowledges it to the guest then). Cancelling the
-    task that runs this drops the pipe at once (the consumer's read fails) and re-raises, unless
-    the canceller first moved ``life`` to a terminal state itself: ending the pipe is then its job
-    (e.g. writing ERROR when the producer's runtime died). A pipe that breaks under us (the
-    consumer went away) ends as FAILED without an ERROR.
+    has been accepted by the pipe (the daemon acknowledges it to the guest then). After END or
+    ERROR this waits, however long the consumer stalls, until the consumer acknowledges it
+    (``writer.release()``) or the pipe is dropped: closing earlier could discard the tail.
+    Cancelling the task that runs this drops the pipe at once (the consumer's read fails) and
+    re-raises, unless the canceller first moved ``life`` to a terminal state itself: ending the
+    pipe is then its job (e.g. writing ERROR when the producer's runtime died). A pipe that breaks
+    under us (the consumer went away) ends as FAILED without an ERROR.
     """
     life = life or Lifecycle()
     try:
@@ -94,8 +96,10 @@ async def produce(
                 on_sent()
         await writer.end()
         life.move(State.ENDED)
+        await writer.settle()  # until the consumer has the END: closing earlier could lose the tail
     except asyncio.CancelledError:
-        if life.move(State.CANCELLED, "cancelled"):  # else whoever ended it first owns the pipe's end
+        # else whoever ended it first owns the pipe's end; after our END the pipe is still ours
+        if life.move(State.CANCELLED, "cancelled") or life.state is State.ENDED:
             writer.abort()
         raise
     except StreamError as exc:  # the pipe itself failed (e.g. the consumer never connected)
@@ -110,14 +114,35 @@ async def produce(
     return life
 
 
+def untold(life: Lifecycle, writer: PipeWriter) -> bool:
+    """The stream failed and no ERROR reached the pipe (it broke, or the consumer never connected):
+    the consumer hears of it only if the producer sends a control ``cancel`` (protocol.md 5)."""
+    return life.state is State.FAILED and not writer.last_sent
+
+
+def consumer_done(writer: PipeWriter, stop: Callable[[], object]) -> None:
+    """The consumer's control ``cancel`` reached the producer of ``writer``: after END or ERROR
+    it is the acknowledgement that releases the pipe, before it the order to stop producing."""
+    if writer.last_sent:
+        writer.release()
+    else:
+        stop()
+
+
 class Consumer:
-    """The reading end of one stream: ``next()`` pulls one chunk on demand (that is the backpressure)."""
+    """The reading end of one stream: ``next()`` pulls one chunk on demand (that is the backpressure).
 
-    __slots__ = ("life", "reader")
+    ``on_finished`` runs once this end stops reading by itself (a control ``cancel`` to the
+    producer): after END or ERROR that is the acknowledgement, so the producer may close its end
+    (wire.pipes, PipeWriter.settle); after a broken stream (a gap) it stops the producer. A
+    cancel from our side (``cancel``) tells the producer itself, so it does not run then."""
 
-    def __init__(self, reader: PipeReader) -> None:
+    __slots__ = ("life", "on_finished", "reader")
+
+    def __init__(self, reader: PipeReader, on_finished: Callable[[], None] | None = None) -> None:
         self.reader = reader
         self.life = Lifecycle()
+        self.on_finished = on_finished
 
     @property
     def sid(self) -> bytes:
@@ -132,11 +157,18 @@ class Consumer:
         try:
             frame = await self.reader.read_frame()
         except StreamError as exc:
-            self.life.move(State.FAILED, str(exc))
+            if self.life.move(State.FAILED, str(exc)):  # not cancelled meanwhile: it ended by itself
+                self._finished()
             raise StreamError(self.life.reason) from None
         if frame is None:
             self.life.move(State.ENDED)
+            self._finished()
         return frame
+
+    def _finished(self) -> None:
+        if self.on_finished is not None:
+            on_finished, self.on_finished = self.on_finished, None
+            on_finished()
 
     def cancel(self, reason: str = "cancelled") -> bool:
         """Stop reading for good (a pending ``next`` raises); True if the stream was still open."""
