@@ -18,9 +18,7 @@ import zmq.asyncio
 from wire.protocol import MAX_CHUNK, MAX_FRAME
 
 #: Messages a pipe socket queues on each side; with MAX_CHUNK this bounds a stalled stream.
-PIPE_HWM = 4
-#: Kernel socket buffer per pipe socket (bytes); part of the per-stream memory bound.
-PIPE_KERNEL_BUFFER = 256 * 1024
+PIPE_HWM = 2
 #: Messages a read loop handles in a row before it lets every other task run (see ``Reader``).
 READ_BATCH = 32
 #: Seconds a read loop rests after a full batch of mostly dropped (flooding) messages.
@@ -86,8 +84,10 @@ def pipe(ctx: zmq.asyncio.Context, kind: int) -> zmq.asyncio.Socket:
     sock = ctx.socket(kind)
     sock.setsockopt(zmq.SNDHWM, PIPE_HWM)
     sock.setsockopt(zmq.RCVHWM, PIPE_HWM)
-    sock.setsockopt(zmq.SNDBUF, PIPE_KERNEL_BUFFER)
-    sock.setsockopt(zmq.RCVBUF, PIPE_KERNEL_BUFFER)
+    # no SNDBUF/RCVBUF: a fixed size turns off the kernel's autotuning and caps every stream at
+    # buffer/RTT (256 KiB over 20 ms: 13.5 MB/s). Autotuning sizes each buffer to about twice the
+    # bytes the stream moved per round trip, at most the host's tcp_rmem[2]/tcp_wmem[2], so a slow or
+    # stalled consumer keeps them small (docs/design.md 4.2 derives the bound, 9 has the figures)
     sock.setsockopt(zmq.MAXMSGSIZE, MAX_CHUNK + 1024)
     sock.setsockopt(zmq.LINGER, 0)
     if kind == zmq.PUSH:

@@ -21,7 +21,7 @@ from aiohttp import web
 from scripts.bench.net import start_site
 from scripts.kit.upstream import BLOCK
 from wire.protocol import MAX_CHUNK
-from wire.sockets import PIPE_HWM, PIPE_KERNEL_BUFFER
+from wire.sockets import PIPE_HWM
 
 #: HTTP headers a proxy never forwards (one hop's framing, not the message).
 HOP_BY_HOP = frozenset(
@@ -77,9 +77,9 @@ class ZmqSettings:
     tag_frame: bool = False  # a 17-byte tag frame before each chunk, as the product's pipe messages
 
 
-#: A pipe as the product sets it up (wire/sockets.py pipe()): small queues, fixed kernel buffers,
+#: A pipe as the product sets it up (wire/sockets.py pipe()): small queues, autotuned kernel buffers,
 #: messages of a tag frame (kind + stream id) and a chunk of at most MAX_CHUNK.
-PRODUCT_PIPE = ZmqSettings(hwm=PIPE_HWM, chunk=MAX_CHUNK, kernel_buffer=PIPE_KERNEL_BUFFER, tag_frame=True)
+PRODUCT_PIPE = ZmqSettings(hwm=PIPE_HWM, chunk=MAX_CHUNK, tag_frame=True)
 #: The ceiling reported before (deeper queues, 64 KiB single frames): what the transport could do.
 LOOSE_PIPE = ZmqSettings(hwm=16, chunk=64 * 1024)
 
