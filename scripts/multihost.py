@@ -37,6 +37,7 @@ import ctypes
 import fcntl
 import json
 import os
+import re
 import secrets
 import select
 import shutil
@@ -100,6 +101,15 @@ def list_namespaces() -> list[str]:
     return [line.split()[0] for line in r.stdout.splitlines() if line.strip()]
 
 
+def remove_stale() -> None:
+    """Delete namespaces of earlier runs whose process is gone (killed before it could clean up:
+    its processes died with it, PR_SET_PDEATHSIG, but named namespaces stay until deleted)."""
+    for ns in list_namespaces():
+        m = re.fullmatch(r"mh(\d+)x[0-9a-f]{4}-\w+", ns)
+        if m and not Path(f"/proc/{m[1]}").exists():
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
+
+
 def addr(host: str) -> str:
     return f"{SUBNET}.{HOSTS[host]}"
 
@@ -115,6 +125,7 @@ class Net:
         return f"{self.tag}-{host}"
 
     def up(self) -> None:
+        remove_stale()
         for host in ("bridge", *HOSTS):
             _ip("netns", "add", self.ns(host))
             self.made.append(self.ns(host))
