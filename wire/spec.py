@@ -127,6 +127,7 @@ LIMITS: tuple[Limit, ...] = (
     Limit("MAX_CHUNK", 262144, "bytes", ("wire.protocol.MAX_CHUNK", "wire.guest.MAX_CHUNK"),
           "a pipe payload; a guest-channel chunk"),
     Limit("PIPE_HWM", 2, "messages", ("wire.sockets.PIPE_HWM",), "pipe `SNDHWM`, `RCVHWM`"),
+    Limit("PIPE_SNDBUF", 1572864, "bytes", ("wire.sockets.PIPE_SNDBUF",), "pipe PUSH `SNDBUF`"),
     Limit("END_LINGER_MS", 10000, "ms", ("wire.pipes.END_LINGER_MS",), "linger after END or ERROR"),
     Limit("PIPE_TAG", 25, "bytes", ("wire.protocol.PIPE_TAG",), "pipe message tag: kind, sid, sequence number"),
     Limit("WINDOW", 4, "chunks", ("wire.guest.WINDOW",), "guest-channel credit and window per stream"),
