@@ -49,6 +49,11 @@ FETCH_TIMEOUT = 30.0
 CONNECT_TIMEOUT = 10.0
 #: Redirects followed at most (the fetch standard's limit).
 MAX_REDIRECTS = 20
+#: Upstream connections one forward_fetch holds at most (aiohttp's default pool size). A connection
+#: is held from the request until its body is read to the end or closed.
+MAX_CONNECTIONS = 100
+#: Seconds a fetch waits for one of those connections to come free before it fails.
+POOL_TIMEOUT = 10.0
 
 
 class ForwardFetch:
@@ -62,6 +67,12 @@ class ForwardFetch:
     A refused fetch rejects in the guest with ``TypeError("FetchDenied: fetch denied: ...")``
     naming the rule. ``timeout`` bounds the wait for the response head (connecting, redirects,
     the upload), ``connect_timeout`` each connection attempt.
+
+    At most ``max_connections`` upstream connections are held at once, each from its request until
+    its body was read to the end or closed. A fetch beyond that waits (logged) at most
+    ``pool_timeout`` seconds for one to come free, then fails with a TimeoutError that says so: a
+    guest holding many unread bodies gets errors, never a silent wait on aiohttp's pool (which,
+    with bodies nobody reads, deadlocked until a timeout far away).
 
     Responses are decoded like a browser's fetch (gzip etc. removed), so content-encoding and
     content-length are dropped from the headers the guest sees. A session it creates itself is
@@ -77,7 +88,11 @@ class ForwardFetch:
         timeout: float | None = FETCH_TIMEOUT,
         connect_timeout: float | None = CONNECT_TIMEOUT,
         max_redirects: int = MAX_REDIRECTS,
+        max_connections: int = MAX_CONNECTIONS,
+        pool_timeout: float = POOL_TIMEOUT,
     ) -> None:
+        if max_connections < 1:
+            raise ValueError(f"max_connections must be at least 1, not {max_connections}")
         self._policy = policy or H.FetchPolicy()
         if session is not None and not self._policy.allow_private:
             raise ValueError(
@@ -90,12 +105,20 @@ class ForwardFetch:
         self._timeout = timeout
         self._connect_timeout = connect_timeout
         self._max_redirects = max_redirects
+        self._max_connections = max_connections
+        self._pool_timeout = pool_timeout
+        self._slots = asyncio.Semaphore(max_connections)
+        self._queued = 0  # fetches waiting for a slot (for the log)
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is not None:
             return self._session
         if self._own is None or self._own.closed:
-            connector = aiohttp.TCPConnector(socket_factory=self._socket, resolver=_CheckedResolver(self._policy))
+            # no pool limit of aiohttp's own: the slots (see __call__) are the one limit, and they fail
+            # a fetch after pool_timeout where aiohttp's pool would just wait
+            connector = aiohttp.TCPConnector(
+                socket_factory=self._socket, resolver=_CheckedResolver(self._policy), limit=0, limit_per_host=0
+            )
             # a read buffer of one pipe chunk: iter_any() then yields ~MAX_CHUNK pieces, half the
             # per-chunk work of the default 64 KiB buffer on every hop after this one
             self._own = aiohttp.ClientSession(
@@ -125,15 +148,18 @@ class ForwardFetch:
             raise H.FetchDenied(f"fetch denied: method {request.method} is forbidden")
         H.check_request_head(request.method, request.url, request.headers.items())  # the app may have changed it
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in REQUEST_DROPPED]
+        release = await self._slot()
         try:
             async with asyncio.timeout(self._timeout):
                 upstream, redirected = await self._follow(request, headers)
-        except TimeoutError:
-            raise TimeoutError(f"no response head within {self._timeout:g}s (forward_fetch's timeout)") from None
-        except (aiohttp.ClientError, OSError) as exc:
-            denied = _denial(exc)
-            if denied is not None:
-                raise denied from None
+        except BaseException as exc:
+            release()
+            if isinstance(exc, TimeoutError):
+                raise TimeoutError(f"no response head within {self._timeout:g}s (forward_fetch's timeout)") from None
+            if isinstance(exc, (aiohttp.ClientError, OSError)):
+                denied = _denial(exc)
+                if denied is not None:
+                    raise denied from None
             raise
         return Response(
             status=upstream.status,
@@ -142,11 +168,46 @@ class ForwardFetch:
                 for k, v in upstream.headers.items()
                 if k.lower() not in HOP_BY_HOP | {"content-encoding", "content-length"} and H.valid_header(k, v)
             ],
-            body=_UpstreamBody(upstream),
+            body=_UpstreamBody(upstream, release),
             status_text=H.valid_status_text(upstream.reason or ""),
             url=str(upstream.url),
             redirected=redirected,
         )
+
+    async def _slot(self) -> Callable[[], None]:
+        """Take one of the ``max_connections`` slots, waiting at most ``pool_timeout``; returns
+        the function that gives it back (idempotent: a body may end and be closed)."""
+        if self._slots.locked():
+            self._queued += 1
+            if self._queued == 1:
+                log.warning(
+                    "forward_fetch: all %d upstream connections are held by bodies not read to the end; "
+                    "fetches wait up to %gs for one",
+                    self._max_connections,
+                    self._pool_timeout,
+                )
+            try:
+                async with asyncio.timeout(self._pool_timeout):
+                    await self._slots.acquire()
+            except TimeoutError:
+                raise TimeoutError(
+                    f"forward_fetch: no upstream connection came free within {self._pool_timeout:g}s: all "
+                    f"{self._max_connections} (max_connections) are held by response bodies not read to the end "
+                    "or closed yet; read or cancel earlier bodies, or raise max_connections"
+                ) from None
+            finally:
+                self._queued -= 1
+        else:
+            await self._slots.acquire()
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self._slots.release()
+
+        return release
 
     async def _follow(self, request: Request, headers: list[tuple[str, str]]) -> tuple[aiohttp.ClientResponse, bool]:
         """Send ``request``, following redirects here (not in aiohttp) so that each hop's URL is
@@ -192,6 +253,8 @@ def forward_fetch(
     connect_timeout: float | None = CONNECT_TIMEOUT,
     max_redirects: int = MAX_REDIRECTS,
     rcvbuf: int = UPSTREAM_RCVBUF,
+    max_connections: int = MAX_CONNECTIONS,
+    pool_timeout: float = POOL_TIMEOUT,
 ) -> ForwardFetch:
     """A fetch callback that performs guest fetches for real with aiohttp (see ForwardFetch).
 
@@ -201,7 +264,9 @@ def forward_fetch(
     (169.254.169.254, fd00:ec2::254, ...) stay refused unless listed. ``allow_hosts`` (names,
     ``*.example.com``, IPs, networks), ``allow_schemes`` and ``allow_ports`` restrict the URLs
     (each redirect hop's). ``timeout`` (seconds, None: none) bounds the wait for the response
-    head, ``connect_timeout`` each connection attempt.
+    head, ``connect_timeout`` each connection attempt. ``max_connections`` bounds the upstream
+    connections held at once (a body holds one until read to the end or closed); a fetch beyond it
+    waits at most ``pool_timeout`` seconds, then fails saying why (see ForwardFetch).
 
     ``rcvbuf`` bounds the kernel receive buffer of upstream connections (0: the kernel's default).
     A ``session`` you pass in does its own connecting, so forward_fetch cannot check the addresses
@@ -209,8 +274,9 @@ def forward_fetch(
     """
     policy = H.FetchPolicy.make(allow_private, allow_hosts, allow_schemes, allow_ports)
     return ForwardFetch(
-        session, rcvbuf, policy=policy, timeout=timeout, connect_timeout=connect_timeout, max_redirects=max_redirects
-    )
+        session, rcvbuf, policy=policy, timeout=timeout, connect_timeout=connect_timeout,
+        max_redirects=max_redirects, max_connections=max_connections, pool_timeout=pool_timeout,
+    )  # fmt: skip
 
 
 class _CheckedResolver(AbstractResolver):
@@ -260,10 +326,12 @@ def _discard(upstream: aiohttp.ClientResponse) -> None:
 
 
 class _UpstreamBody:
-    """The upstream body as an async iterator whose ``aclose`` closes the upstream connection."""
+    """The upstream body as an async iterator whose ``aclose`` closes the upstream connection;
+    its end or ``aclose`` gives back the connection slot (``release``)."""
 
-    def __init__(self, upstream: aiohttp.ClientResponse) -> None:
+    def __init__(self, upstream: aiohttp.ClientResponse, release: Callable[[], None]) -> None:
         self.upstream = upstream
+        self._release = release
         self._it: AsyncIterator[bytes] = upstream.content.iter_any().__aiter__()
 
     def __aiter__(self) -> _UpstreamBody:
@@ -274,6 +342,7 @@ class _UpstreamBody:
             return await self._it.__anext__()
         except StopAsyncIteration:
             self.upstream.release()
+            self._release()
             raise
 
     async def aclose(self) -> None:
@@ -281,6 +350,7 @@ class _UpstreamBody:
             self.upstream.close()  # not release: an unfinished body must not be reused
         else:
             self.upstream.release()
+        self._release()
 
 
 def aiohttp_handler(runtime: Runtime, *, poll: float = 0.1) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:

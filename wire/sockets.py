@@ -18,9 +18,12 @@ import zmq.asyncio
 from wire.protocol import MAX_CHUNK, MAX_FRAME
 
 #: Messages a pipe socket queues on each side; with MAX_CHUNK this bounds a stalled stream.
-PIPE_HWM = 4
-#: Kernel socket buffer per pipe socket (bytes); part of the per-stream memory bound.
-PIPE_KERNEL_BUFFER = 256 * 1024
+PIPE_HWM = 2
+#: SO_SNDBUF of a pipe's producing (PUSH) side, sized to a bandwidth-delay product: a stream moves
+#: at most about PIPE_SNDBUF per round trip (measured: ~75 MB/s at 20 ms RTT, ~150 at 10 ms), and a
+#: stalled one leaves at most 2/3 of the kernel's doubled value unsent (2 MiB; autotuning would grow
+#: it to the host's tcp_wmem[2], 4 MiB by default). The receiving side stays autotuned (4.2).
+PIPE_SNDBUF = 1536 * 1024
 #: Messages a read loop handles in a row before it lets every other task run (see ``Reader``).
 READ_BATCH = 32
 #: Seconds a read loop rests after a full batch of mostly dropped (flooding) messages.
@@ -114,12 +117,17 @@ def pipe(ctx: zmq.asyncio.Context, kind: int) -> zmq.asyncio.Socket:
     sock = ctx.socket(kind)
     sock.setsockopt(zmq.SNDHWM, PIPE_HWM)
     sock.setsockopt(zmq.RCVHWM, PIPE_HWM)
-    sock.setsockopt(zmq.SNDBUF, PIPE_KERNEL_BUFFER)
-    sock.setsockopt(zmq.RCVBUF, PIPE_KERNEL_BUFFER)
+    # a fixed buffer turns off the kernel's autotuning and caps a stream at buffer/RTT (the former
+    # 256 KiB on both sides: 13.5 MB/s over 20 ms). RCVBUF stays autotuned: the receive buffer grows
+    # to about twice what the consumer read per round trip, so it follows the bandwidth-delay
+    # product and stays small behind a slow consumer. The send side's autotuning grows to
+    # tcp_wmem[2] whatever the consumer does and holds most of it unsent once the consumer stalls,
+    # so the PUSH gets PIPE_SNDBUF (docs/design.md 4.2 derives the bound, benchmarks.md has figures)
     sock.setsockopt(zmq.MAXMSGSIZE, MAX_CHUNK + 1024)
     sock.setsockopt(zmq.LINGER, 0)
     if kind == zmq.PUSH:
         sock.setsockopt(zmq.IMMEDIATE, 1)
+        sock.setsockopt(zmq.SNDBUF, PIPE_SNDBUF)
     # no ZMTP heartbeats here: a consumer that stops reading stops reading the pongs too, and
     # libzmq would then drop a healthy but stalled stream (losing data). Peer loss reaches a pipe
     # through the runtime instead (runtime_lost, client loss at the broker).

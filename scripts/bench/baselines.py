@@ -21,7 +21,7 @@ from aiohttp import web
 from scripts.bench.net import start_site
 from scripts.kit.upstream import BLOCK
 from wire.protocol import MAX_CHUNK
-from wire.sockets import PIPE_HWM, PIPE_KERNEL_BUFFER
+from wire.sockets import PIPE_HWM, PIPE_SNDBUF
 
 #: HTTP headers a proxy never forwards (one hop's framing, not the message).
 HOP_BY_HOP = frozenset(
@@ -73,13 +73,13 @@ class ZmqSettings:
 
     hwm: int
     chunk: int  # payload bytes per message
-    kernel_buffer: int | None = None  # SO_SNDBUF/SO_RCVBUF, None: the OS default
+    sndbuf: int | None = None  # the PUSH's SO_SNDBUF, None: autotuned (the PULL's always is)
     tag_frame: bool = False  # a 17-byte tag frame before each chunk, as the product's pipe messages
 
 
-#: A pipe as the product sets it up (wire/sockets.py pipe()): small queues, fixed kernel buffers,
-#: messages of a tag frame (kind + stream id) and a chunk of at most MAX_CHUNK.
-PRODUCT_PIPE = ZmqSettings(hwm=PIPE_HWM, chunk=MAX_CHUNK, kernel_buffer=PIPE_KERNEL_BUFFER, tag_frame=True)
+#: A pipe as the product sets it up (wire/sockets.py pipe()): small queues, the PUSH's SNDBUF (the
+#: PULL's buffer autotuned), messages of a tag frame (kind + stream id) and a chunk of at most MAX_CHUNK.
+PRODUCT_PIPE = ZmqSettings(hwm=PIPE_HWM, chunk=MAX_CHUNK, sndbuf=PIPE_SNDBUF, tag_frame=True)
 #: The ceiling reported before (deeper queues, 64 KiB single frames): what the transport could do.
 LOOSE_PIPE = ZmqSettings(hwm=16, chunk=64 * 1024)
 
@@ -98,9 +98,8 @@ async def raw_zmq_seconds(size: int, settings: ZmqSettings) -> float:
             sock.setsockopt(zmq.SNDHWM, settings.hwm)
             sock.setsockopt(zmq.RCVHWM, settings.hwm)
             sock.setsockopt(zmq.LINGER, 0)
-            if settings.kernel_buffer is not None:
-                sock.setsockopt(zmq.SNDBUF, settings.kernel_buffer)
-                sock.setsockopt(zmq.RCVBUF, settings.kernel_buffer)
+        if settings.sndbuf is not None:
+            push.setsockopt(zmq.SNDBUF, settings.sndbuf)
         port = pull.bind_to_random_port("tcp://127.0.0.1")
         push.connect(f"tcp://127.0.0.1:{port}")
         block = _payload(settings.chunk)
