@@ -455,11 +455,13 @@ class Soak:
 
     # ---- samples ------------------------------------------------------------------------------------
 
+    def _pids(self) -> dict[str, int]:
+        return {"broker": self.procs["broker"].pid, **{n: self.procs[n].pid for n in DAEMONS}, "client": os.getpid()}
+
     def _measure(self) -> dict[str, Any]:
         procs: dict[str, dict[str, Any]] = {}
         deno = 0
-        roles = {"broker": self.procs["broker"].pid, **{n: self.procs[n].pid for n in DAEMONS}}
-        for role, pid in {**roles, "client": os.getpid()}.items():
+        for role, pid in self._pids().items():
             fds, socks = open_fds(pid)
             rss = 0.0
             with contextlib.suppress(OSError, RuntimeError):
@@ -494,6 +496,9 @@ class Soak:
                 if _counts(now) == _counts(last):
                     break
                 last = now
+            if phase == "idle":  # what each holds, by kind: tells a leaked socket from a pipe
+                for role, pid in self._pids().items():
+                    now["procs"][role]["kinds"] = fd_kinds(pid)
             return {"phase": phase, "quiet": quiet, **now}
         finally:
             self.running.set()
@@ -564,7 +569,7 @@ class Soak:
         with contextlib.suppress(Defect):
             await self._until(lambda: not any(alive(p, t) for p, t in self.seen_deno.items()), "no Deno is left", 10)
         self.end["deno_left"] = sorted(p for p, t in self.seen_deno.items() if alive(p, t))
-        self.end["deno_seen"] = len(self.seen_deno)
+        self.end["deno_seen"] = {str(pid): started for pid, started in self.seen_deno.items()}
         for proc in self.procs.values():
             proc.stop()  # kills what is left, closes the logs
         self.end["children_left"] = descendants(os.getpid())
@@ -739,7 +744,10 @@ def summary(rep: dict[str, Any]) -> str:
             f" runtimes lost after {r['lost_after'] or 0:.2f}s, rejoined after {r['joined_after'] or 0:.2f}s"
         )
     end = rep["end"]
-    lines.append(f"end: {end}")
+    lines.append(
+        f"end: {len(end.get('deno_seen', {}))} Deno processes seen, left running: {end.get('deno_left')};"
+        f" child processes left: {end.get('children_left')}; client fds after close: {end.get('client_fds')}"
+    )
     lines.append("PASS" if not rep["failures"] else "FAIL:\n  " + "\n  ".join(rep["failures"]))
     return "\n".join(lines)
 
