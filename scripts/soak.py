@@ -170,6 +170,8 @@ class Soak:
         self.total = Tally()
         self.samples: list[dict[str, Any]] = []
         self.messages: list[str] = []  # the first unexpected errors, in words
+        #: expected errors whose clarity is judged once their runtime's loss is known
+        self.judge: list[tuple[str, Exception, client.Runtime | None]] = []
         self.restarts = self._plan_restarts()
         self.procs: dict[str, Proc] = {}
         self.started: dict[str, float] = {}  # role -> when its process started (seconds into the run)
@@ -389,12 +391,24 @@ class Soak:
             self._say(f"CORRUPT {kind}: {exc}")
         elif self._expected(exc, rt):
             self.period.expected[label] += 1
-            if not _clear(exc, rt):
-                self.period.unclear[label] += 1
-                self._say(f"UNCLEAR {label}: {exc}")
+            self.judge.append((label, exc, rt))
         else:
             self.period.unexpected[label] += 1
             self._say(f"ERROR {label}: {exc}")
+
+    def _judge(self, final: bool) -> None:
+        """Count the expected errors that were not a clear loss. A body's StreamError is judged once
+        its runtime's loss has been reported (the notice may come after the pipe's error frame); at
+        the end of the run an error whose runtime was never reported lost is unclear too."""
+        waiting = []
+        for label, exc, rt in self.judge:
+            if not final and rt is not None and rt.lost is None and not isinstance(exc, client.RuntimeLost):
+                waiting.append((label, exc, rt))
+            elif not _clear(exc, rt):
+                self.period.unclear[label] += 1
+                lost = rt.lost.message if rt is not None and rt.lost is not None else "never reported lost"
+                self._say(f"UNCLEAR {label}: {exc} (the runtime: {lost})")
+        self.judge = waiting
 
     def _expected(self, exc: Exception, rt: client.Runtime | None) -> bool:
         """An error of work on a runtime that lived on a daemon killed since (or, for a create, one
@@ -504,13 +518,18 @@ class Soak:
             self.running.set()
 
     async def sampler(self) -> None:
+        """A sample every interval while the load runs (the idle ones before and after are run()'s)."""
         for k in itertools.count(1):
-            await asyncio.sleep(max(0.0, k * self.interval - self.now()))
-            if self.stopping:
+            if k * self.interval > self.duration - 1:
                 return
-            self._record(await self._quiet_sample())
+            await asyncio.sleep(max(0.0, k * self.interval - self.now()))
+            sample = await self._quiet_sample()
+            if self.stopping:  # taken while the workers were disposing their runtimes: not under load
+                return
+            self._record(sample)
 
-    def _record(self, sample: dict[str, Any]) -> None:
+    def _record(self, sample: dict[str, Any], final: bool = False) -> None:
+        self._judge(final)
         period, self.period = self.period, Tally()
         self.total.add(period)
         row = {"t": round(self.now(), 1), **period.as_dict(), **sample}
@@ -538,7 +557,7 @@ class Soak:
                     self._say(f"ERROR {task.get_name()} did not stop within {OP_TIMEOUT + 30:g}s")
                     self.period.unexpected["stop: Timeout"] += 1
                     task.cancel()
-            self._record(await self._quiet_sample("idle"))  # every runtime disposed
+            self._record(await self._quiet_sample("idle"), final=True)  # every runtime disposed
             await self._wind_down(fds_before)
         finally:
             await self._stop_all()
@@ -628,15 +647,19 @@ def _counts(sample: dict[str, Any]) -> list[int]:
 
 
 def _growth(samples: list[dict[str, Any]], role: str, warmup: float) -> dict[str, Any] | None:
-    """Last minus first sample of the process now in ``role``, from ``warmup`` s after it started."""
+    """Last minus first load sample, from ``warmup`` s after it started, of the process in ``role``
+    with the most such samples."""
     if not samples:
         return None
     samples = [s for s in samples if s["phase"] == "load"]
     if not samples:
         return None
-    pid = samples[-1]["procs"][role]["pid"]
-    mine = [s for s in samples if s["procs"][role]["pid"] == pid]
-    usable = [s for s in mine if s["t"] >= s["procs"][role]["since"] + warmup]
+    usable = [s for s in samples if s["t"] >= s["procs"][role]["since"] + warmup]
+    by_pid: dict[int, list[dict[str, Any]]] = {}
+    for s in usable:
+        by_pid.setdefault(s["procs"][role]["pid"], []).append(s)
+    # a daemon restarted late in the run has few samples: judge the process that has the most
+    pid, usable = max(by_pid.items(), key=lambda kv: (len(kv[1]), kv[1][-1]["t"]), default=(None, []))
     if len(usable) < 2:
         return {"pid": pid, "samples": len(usable)}
     return {"samples": len(usable), **_diff(usable[0], usable[-1], role)}
