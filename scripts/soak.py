@@ -39,6 +39,7 @@ import sys
 import tempfile
 import time
 import uuid
+import weakref
 import zlib
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -176,7 +177,8 @@ class Soak:
         self.procs: dict[str, Proc] = {}
         self.started: dict[str, float] = {}  # role -> when its process started (seconds into the run)
         self.seen_deno: dict[int, int | None] = {}  # every Deno pid seen -> its start time
-        self.born: dict[str, float] = {}  # runtime id -> when it was created
+        #: runtime -> when it was created (weak: the lifecycle worker makes thousands an hour)
+        self.born: weakref.WeakKeyDictionary[client.Runtime, float] = weakref.WeakKeyDictionary()
         self.held: dict[str, client.Runtime] = {}  # worker -> its runtime now
         self.running = asyncio.Event()  # cleared while a sample is taken
         self.running.set()
@@ -246,7 +248,7 @@ class Soak:
         fetcher = client.forward_fetch(allow_private=True) if fetch else None
         assert self.conn is not None
         rt = await self.conn.create_runtime(fetch=fetcher)
-        self.born[rt.id] = self.now()
+        self.born[rt] = self.now()
         return rt
 
     async def _guest(self, fetch: bool) -> client.Runtime:
@@ -368,8 +370,9 @@ class Soak:
                 try:
                     async with asyncio.timeout(OP_TIMEOUT):
                         if fetch is not None and (rt is None or rt.lost is not None):
-                            if rt is not None:
+                            if rt is not None:  # lost: its errors are counted, a create's are not its
                                 await rt.close()
+                                rt = None
                             rt = self.held[name] = await self._guest(fetch)
                         op = kind
                         await getattr(self, kind)(rt)
@@ -416,7 +419,7 @@ class Soak:
         for r in self.restarts:
             if r.killed is None:
                 continue
-            if rt is not None and rt.daemon == r.name and self.born.get(rt.id, 0.0) <= r.killed:
+            if rt is not None and rt.daemon == r.name and self.born.get(rt, 0.0) <= r.killed:
                 return True
             if rt is None or rt.daemon != r.name:
                 window = r.joined_after is None or self.now() < r.killed + r.joined_after + 10
@@ -736,8 +739,20 @@ def _row(s: dict[str, Any]) -> str:
     return f"{s['t']:>6.1f} {counts} | {procs} | {s['deno']:>4}{mark}"
 
 
+def periods(rep: dict[str, Any]) -> list[str]:
+    """Operations per kind and errors in each period (up to its sample): one row per sample."""
+    kinds = rep["kinds"]
+    lines = [f"{'t':>6} " + " ".join(f"{k[:8]:>8}" for k in kinds) + f" {'unexp':>5} {'exp':>4} {'bad':>4}"]
+    for s in rep["samples"]:
+        errs = [sum(s[k].values()) for k in ("unexpected", "expected", "corrupt")]
+        ops = " ".join(f"{s['ops'].get(k, 0):>8}" for k in kinds)
+        lines.append(f"{s['t']:>6.1f} {ops} {errs[0]:>5} {errs[1]:>4} {errs[2]:>4}")
+    return lines
+
+
 def summary(rep: dict[str, Any]) -> str:
-    lines = ["", f"{'operation':<14} {'done':>7} {'unexpected':>10} {'expected':>8} {'corrupt':>7}"]
+    lines = ["", "operations per period:", *periods(rep)]
+    lines += ["", f"{'operation':<14} {'done':>7} {'unexpected':>10} {'expected':>8} {'corrupt':>7}"]
     for kind in rep["kinds"]:
         une = sum(v for k, v in rep["unexpected"].items() if k.startswith(kind + ":"))
         exp = sum(v for k, v in rep["expected"].items() if k.startswith(kind + ":"))
