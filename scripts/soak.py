@@ -38,6 +38,7 @@ import signal
 import sys
 import tempfile
 import time
+import tracemalloc
 import uuid
 import weakref
 import zlib
@@ -190,6 +191,9 @@ class Soak:
         self.http: aiohttp.ClientSession | None = None
         self.rng = random.Random(args.seed)
         self.end: dict[str, Any] = {}
+        self.heap: tracemalloc.Snapshot | None = None
+        if args.tracemalloc:
+            tracemalloc.start()
 
     def now(self) -> float:
         return time.monotonic() - self.t0
@@ -478,18 +482,20 @@ class Soak:
     def _measure(self) -> dict[str, Any]:
         procs: dict[str, dict[str, Any]] = {}
         deno = 0
+        runtimes = list(self.conn.runtimes.values()) if self.conn else []
         for role, pid in self._pids().items():
             fds, socks = open_fds(pid)
             rss = 0.0
             with contextlib.suppress(OSError, RuntimeError):
                 rss = round(rss_mib(pid), 1)
             procs[role] = {"pid": pid, "since": round(self.started.get(role, 0.0), 1), "rss_mib": rss}
-            procs[role] |= {"fds": fds, "sockets": socks}
+            hosted = sum(rt.daemon == role for rt in runtimes) if role in DAEMONS else len(runtimes)
+            procs[role] |= {"fds": fds, "sockets": socks, "runtimes": hosted}
         for name in DAEMONS:
             guests = deno_children(self.procs[name].pid)
             deno += len(guests)
             self.seen_deno.update({pid: start_time(pid) for pid in guests})
-        return {"procs": procs, "deno": deno, "runtimes": len(self.conn.runtimes) if self.conn else 0}
+        return {"procs": procs, "deno": deno, "runtimes": len(runtimes)}
 
     async def _quiet_sample(self, phase: str = "load") -> dict[str, Any]:
         """Pause the workers between operations, then measure until two readings agree (sockets
@@ -533,11 +539,25 @@ class Soak:
 
     def _record(self, sample: dict[str, Any], final: bool = False) -> None:
         self._judge(final)
+        self._trace(sample, final)
         period, self.period = self.period, Tally()
         self.total.add(period)
         row = {"t": round(self.now(), 1), **period.as_dict(), **sample}
         self.samples.append(row)
         print(_row(row), file=sys.stderr, flush=True)
+
+    def _trace(self, sample: dict[str, Any], final: bool) -> None:
+        """With --tracemalloc: where the client's Python heap grew, from the first sample after the
+        warm-up to the idle one at the end (the 10 biggest growths, by the line that allocated)."""
+        if not tracemalloc.is_tracing():
+            return
+        if self.heap is None and sample["phase"] == "load" and self.now() >= self.warmup:
+            self.heap = tracemalloc.take_snapshot()
+        elif final and self.heap is not None:
+            diff = tracemalloc.take_snapshot().compare_to(self.heap, "lineno")
+            self.end["heap_growth"] = [
+                f"{d.size_diff / 1024:+.0f} KiB {d.count_diff:+d} blocks {d.traceback}" for d in diff[:10]
+            ]
 
     # ---- the whole run ------------------------------------------------------------------------------
 
@@ -651,21 +671,23 @@ def _counts(sample: dict[str, Any]) -> list[int]:
 
 def _growth(samples: list[dict[str, Any]], role: str, warmup: float) -> dict[str, Any] | None:
     """Last minus first load sample, from ``warmup`` s after it started, of the process in ``role``
-    with the most such samples."""
+    hosting the same number of runtimes, for the (process, runtimes) with the most such samples.
+
+    A daemon's fds and sockets grow with the runtimes it hosts (pipes to each Deno, control links),
+    and a restart moves runtimes to the other daemon: only samples with equal placement compare."""
     if not samples:
         return None
     samples = [s for s in samples if s["phase"] == "load"]
     if not samples:
         return None
     usable = [s for s in samples if s["t"] >= s["procs"][role]["since"] + warmup]
-    by_pid: dict[int, list[dict[str, Any]]] = {}
+    groups: dict[tuple[int, int], list[dict[str, Any]]] = {}
     for s in usable:
-        by_pid.setdefault(s["procs"][role]["pid"], []).append(s)
-    # a daemon restarted late in the run has few samples: judge the process that has the most
-    pid, usable = max(by_pid.items(), key=lambda kv: (len(kv[1]), kv[1][-1]["t"]), default=(None, []))
+        groups.setdefault((s["procs"][role]["pid"], s["procs"][role]["runtimes"]), []).append(s)
+    key, usable = max(groups.items(), key=lambda kv: (len(kv[1]), kv[1][-1]["t"]), default=((None, None), []))
     if len(usable) < 2:
-        return {"pid": pid, "samples": len(usable)}
-    return {"samples": len(usable), **_diff(usable[0], usable[-1], role)}
+        return {"pid": key[0], "samples": len(usable)}
+    return {"samples": len(usable), "runtimes": key[1], **_diff(usable[0], usable[-1], role)}
 
 
 def _idle_growth(samples: list[dict[str, Any]], role: str) -> dict[str, Any] | None:
@@ -765,7 +787,7 @@ def summary(rep: dict[str, Any]) -> str:
         if g and "fds" in g:
             lines.append(
                 f"  {role:<7} pid {g['pid']:<7} t {g['from_t']:>6.1f}..{g['to_t']:<6.1f} RSS {g['rss_mib']:+7.1f} MiB"
-                f"  fds {g['fds']:+4d}  sockets {g['sockets']:+4d}  ({g['samples']} samples)"
+                f"  fds {g['fds']:+4d}  sockets {g['sockets']:+4d}  ({g['samples']} samples, {g['runtimes']} runtimes)"
             )
         else:
             lines.append(f"  {role:<7} not enough samples: {g}")
@@ -782,6 +804,8 @@ def summary(rep: dict[str, Any]) -> str:
             f" runtimes lost after {r['lost_after'] or 0:.2f}s, rejoined after {r['joined_after'] or 0:.2f}s"
         )
     end = rep["end"]
+    if end.get("heap_growth"):
+        lines += ["client heap growth (tracemalloc), biggest first:", *(f"  {g}" for g in end["heap_growth"])]
     lines.append(
         f"end: {len(end.get('deno_seen', {}))} Deno processes seen, left running: {end.get('deno_left')};"
         f" child processes left: {end.get('children_left')}; client fds after close: {end.get('client_fds')}"
@@ -803,6 +827,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--restart-signal", choices=("kill", "term", "alternate"), default="alternate")
     p.add_argument("--workers", type=int, default=1, help="copies of each worker (1: five workers)")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--tracemalloc", action="store_true", help="report where the client's heap grew (slower)")
     p.add_argument("--max-fd-growth", type=int, default=Bounds.max_fd_growth)
     p.add_argument("--max-socket-growth", type=int, default=Bounds.max_socket_growth)
     p.add_argument("--max-rss-growth-mib", type=float, default=Bounds.max_rss_growth_mib)
