@@ -235,10 +235,18 @@ class Soak:
 
     async def start(self) -> None:
         self.upstream_url = self._start("upstream", ["-m", "scripts.kit.upstream"], "ready ").field("url")
-        self.frontend = f"tcp://127.0.0.1:{free_port()}"
-        self.backend = f"tcp://127.0.0.1:{free_port()}"
-        broker = ["-m", "broker", "--frontend", self.frontend, "--backend", self.backend, "--no-local-daemon"]
-        self._start("broker", [*broker, "--heartbeat", HEARTBEAT, "--liveness", "3"], "ready ")
+        for attempt in range(3):
+            # free_port() lets the port go before the broker binds it: another process may take it
+            self.frontend = f"tcp://127.0.0.1:{free_port()}"
+            self.backend = f"tcp://127.0.0.1:{free_port()}"
+            broker = ["-m", "broker", "--frontend", self.frontend, "--backend", self.backend, "--no-local-daemon"]
+            try:
+                self._start("broker", [*broker, "--heartbeat", HEARTBEAT, "--liveness", "3"], "ready ")
+                break
+            except RuntimeError as exc:
+                self.procs.pop("broker").stop()
+                if "Address already in use" not in str(exc) or attempt == 2:
+                    raise
         for name in DAEMONS:
             self._daemon(name)
         await self._until(lambda: all(self._joins(n) for n in DAEMONS), "both daemons joined the broker", 60)
