@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import itertools
 import json
 import os
@@ -53,6 +54,7 @@ if __package__ in (None, ""):  # run as a file: make the checkout importable
     sys.path.insert(0, str(ROOT))
 
 import aiohttp  # noqa: E402
+import zmq  # noqa: E402
 
 import client  # noqa: E402
 from scripts.kit.launch import Proc, free_port  # noqa: E402
@@ -166,8 +168,9 @@ class Soak:
         self.args = args
         self.log_dir = log_dir
         self.duration: float = args.seconds if args.seconds is not None else args.minutes * 60
-        self.interval: float = args.interval or min(60.0, max(5.0, self.duration / 12))
-        self.warmup: float = args.warmup if args.warmup is not None else 2 * self.interval
+        # a daemon restarted every minute lives two: samples must come often enough to measure it
+        self.interval: float = args.interval or min(20.0, max(5.0, self.duration / 12))
+        self.warmup: float = args.warmup if args.warmup is not None else min(20.0, 2 * self.interval)
         self.period = Tally()
         self.total = Tally()
         self.samples: list[dict[str, Any]] = []
@@ -601,6 +604,7 @@ class Soak:
         if self.conn is not None:
             await asyncio.wait_for(self.conn.close(), 30)
         self.end["client_fds"] = {"before": fds_before, "after_close": fd_kinds(os.getpid())}
+        self.end["zmq_open_after_close"] = _open_zmq_sockets()
 
     async def _stop_all(self) -> None:
         """SIGTERM every process, then look for Deno processes and children that outlived them."""
@@ -673,6 +677,25 @@ def _clear(exc: Exception, rt: client.Runtime | None) -> bool:
     return isinstance(exc, client.StreamError) and lost is not None and lost.message in str(exc)
 
 
+#: pyzmq's own pair for tracking zero-copy sends (one thread, started by the first large frame sent)
+PYZMQ_GC = "inproc://pyzmq.gc."
+
+
+def _open_zmq_sockets() -> list[str]:
+    """The ZeroMQ sockets of this process still open (type and endpoint): after the connection has
+    closed there should be none. Found through the garbage collector, after a collection."""
+    gc.collect()
+    found = []
+    for obj in gc.get_objects():
+        if isinstance(obj, zmq.Socket) and not obj.closed:
+            with contextlib.suppress(zmq.ZMQError):
+                kind = {zmq.PUSH: "PUSH", zmq.PULL: "PULL", zmq.DEALER: "DEALER"}.get(obj.socket_type, obj.socket_type)
+                endpoint = obj.getsockopt(zmq.LAST_ENDPOINT).decode() or "(not connected)"
+                if not endpoint.startswith(PYZMQ_GC):
+                    found.append(f"{kind} {endpoint}")
+    return sorted(found)
+
+
 def _counts(sample: dict[str, Any]) -> list[int]:
     return [sample["deno"], *(p[k] for p in sample["procs"].values() for k in ("fds", "sockets"))]
 
@@ -743,6 +766,8 @@ def verdict(rep: dict[str, Any], bounds: Bounds) -> list[str]:
     end = rep["end"]
     if end.get("deno_left"):
         fail.append(f"Deno processes outlived their daemons: {end['deno_left']}")
+    if end.get("zmq_open_after_close"):
+        fail.append(f"ZeroMQ sockets still open after the connection closed: {end['zmq_open_after_close']}")
     if end.get("children_left"):
         fail.append(f"child processes left after the stop: {end['children_left']}")
     fail += [f"restart of {r['name']} left Deno {r['orphans']}" for r in rep["restarts"] if r["orphans"]]
@@ -829,8 +854,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     length = p.add_mutually_exclusive_group()
     length.add_argument("--minutes", type=float, default=1.0, help="how long to run (1)")
     length.add_argument("--seconds", type=float, help="how long to run, in seconds")
-    p.add_argument("--interval", type=float, help="seconds between samples (duration/12, within 5..60)")
-    p.add_argument("--warmup", type=float, help="seconds after a process starts before growth counts (2 intervals)")
+    p.add_argument("--interval", type=float, help="seconds between samples (duration/12, within 5..20)")
+    p.add_argument("--warmup", type=float, help="seconds from a start to the first growth sample (2 intervals, <= 20)")
     p.add_argument("--restart-every", type=float, default=60.0, help="seconds between daemon restarts (60; 0: none)")
     p.add_argument("--restart-signal", choices=("kill", "term", "alternate"), default="alternate")
     p.add_argument("--workers", type=int, default=1, help="copies of each worker (1: five workers)")
