@@ -31,6 +31,7 @@ import argparse
 import asyncio
 import contextlib
 import gc
+import inspect
 import itertools
 import json
 import os
@@ -692,8 +693,22 @@ def _open_zmq_sockets() -> list[str]:
                 kind = {zmq.PUSH: "PUSH", zmq.PULL: "PULL", zmq.DEALER: "DEALER"}.get(obj.socket_type, obj.socket_type)
                 endpoint = obj.getsockopt(zmq.LAST_ENDPOINT).decode() or "(not connected)"
                 if not endpoint.startswith(PYZMQ_GC):
-                    found.append(f"{kind} {endpoint}")
+                    found.append(f"{kind} {endpoint} held by {_holders(obj)}")
     return sorted(found)
+
+
+def _holders(obj: object, depth: int = 2) -> str:
+    """What refers to ``obj`` (``depth`` levels: a frame or coroutine by its function's name): says
+    which code kept a socket open."""
+    names = []
+    for ref in gc.get_referrers(obj):
+        if isinstance(ref, list) or ref is sys._getframe():
+            continue  # gc.get_objects()'s list, this frame
+        name = f"frame {ref.f_code.co_name}" if inspect.isframe(ref) else type(ref).__qualname__
+        name = f"coroutine {ref.__qualname__}" if inspect.iscoroutine(ref) else name
+        inner = _holders(ref, depth - 1) if depth > 1 and not inspect.isframe(ref) else ""
+        names.append(f"{name} <- [{inner}]" if inner else name)
+    return ", ".join(sorted(set(names))) or "nothing"
 
 
 def _counts(sample: dict[str, Any]) -> list[int]:
