@@ -19,10 +19,12 @@ only. Workers run in parallel, each on a runtime of its own, one operation after
 
 Every ``--interval`` seconds the workers are paused between operations and a sample is taken of
 RSS, open fds and sockets (fds of type socket) of the broker, each daemon and the client, and the
-number of Deno processes; growth is the difference between the first sample after ``--warmup``
-(counted from each process's start, so a restarted daemon has its own) and the last one. The run
-fails (exit 1) on any unexpected error, any corrupt body, an unclear expected error, growth past the
-bounds, a Deno process or child process left behind, or an operation kind that never ran.
+number of Deno processes. Growth under load is the last minus the first sample after ``--warmup``
+(from each process's start, so a restarted daemon has its own) of one process hosting the same
+number of runtimes; idle growth compares the samples before and after the load. The run fails
+(exit 1) on any unexpected error, any corrupt body, an unclear expected error, growth past the
+bounds, a Deno process, child process or client ZeroMQ socket left behind, or an operation kind
+that never ran. docs/design.md 5.4 has a run's figures.
 """
 
 from __future__ import annotations
