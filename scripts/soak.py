@@ -695,7 +695,7 @@ def _open_zmq_sockets() -> list[str]:
                 kind = {zmq.PUSH: "PUSH", zmq.PULL: "PULL", zmq.DEALER: "DEALER"}.get(obj.socket_type, obj.socket_type)
                 endpoint = obj.getsockopt(zmq.LAST_ENDPOINT).decode() or "(not connected)"
                 if not endpoint.startswith(PYZMQ_GC):
-                    found.append(f"{kind} {endpoint} held by {_holders(obj)}")
+                    found.append(f"{kind} {endpoint} held by {_holders(obj, 4)}")
     return sorted(found)
 
 
@@ -707,7 +707,8 @@ def _holders(obj: object, depth: int = 2) -> str:
         if isinstance(ref, list) or ref is sys._getframe():
             continue  # gc.get_objects()'s list, this frame
         name = f"frame {ref.f_code.co_name}" if inspect.isframe(ref) else type(ref).__qualname__
-        name = f"coroutine {ref.__qualname__}" if inspect.iscoroutine(ref) else name
+        if inspect.iscoroutine(ref) or inspect.isfunction(ref):
+            name = f"{type(ref).__name__} {ref.__qualname__}"
         inner = _holders(ref, depth - 1) if depth > 1 and not inspect.isframe(ref) else ""
         names.append(f"{name} <- [{inner}]" if inner else name)
     return ", ".join(sorted(set(names))) or "nothing"

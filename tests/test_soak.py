@@ -4,13 +4,19 @@ socket or RSS growth past the bounds, nothing left running afterwards."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import zmq
+
+from scripts.kit.launch import free_port
 from scripts.kit.procs import alive
 from scripts.soak import Bounds, verdict
+from wire import sockets
+from wire.pipes import PipeWriter
 
 ROOT = Path(__file__).resolve().parent.parent
 BOUNDS = Bounds(max_fd_growth=16, max_socket_growth=8, max_rss_growth_mib=64)
@@ -102,3 +108,19 @@ def test_verdict_fails_on_leaks_corruption_and_leftovers() -> None:
     }
     for words, rep in cases.items():
         assert any(words in f for f in verdict(rep, BOUNDS)), (words, verdict(rep, BOUNDS))
+
+
+async def test_pipe_writer_cancelled_while_failing_still_closes() -> None:
+    """Found by the soak (one client PUSH socket left open per few daemon restarts): a producer whose
+    source failed tells the consumer with ``fail``; when the consumer is dead that send waits, and a
+    cancel arriving then (the runtime was lost) skipped the close. The socket stayed registered with
+    the event loop, open for good."""
+    sock = sockets.pipe(sockets.context(), zmq.PUSH)
+    sock.connect(f"tcp://127.0.0.1:{free_port()}")  # nobody listens: the send waits (IMMEDIATE)
+    writer = PipeWriter(sock, b"s" * 16)
+    failing = asyncio.ensure_future(writer.fail("the upstream broke", timeout=30))
+    await asyncio.sleep(0)  # one step: fail() is now waiting in its send
+    assert not failing.done() and not sock.closed
+    failing.cancel()
+    await asyncio.gather(failing, return_exceptions=True)
+    assert sock.closed

@@ -149,13 +149,17 @@ class PipeWriter:
 
     async def fail(self, message: str, timeout: float = 1.0) -> None:
         """Tell the consumer the stream failed (best effort), then close; the text is cut to
-        MAX_CHUNK bytes (a longer frame would drop the connection instead)."""
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(timeout):
-                payload = message.encode("utf-8", "replace")[:MAX_CHUNK].decode("utf-8", "ignore").encode()
-                await self.sock.send_multipart([pipe_tag(PIPE_ERROR, self.sid, self._seq), payload])
-        if not self.sock.closed:
-            self.sock.close(END_LINGER_MS)
+        MAX_CHUNK bytes (a longer frame would drop the connection instead). Closes even when
+        cancelled while the send waits (a dead consumer): an unclosed socket stays registered with
+        the event loop, which keeps it open for good."""
+        try:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(timeout):
+                    payload = message.encode("utf-8", "replace")[:MAX_CHUNK].decode("utf-8", "ignore").encode()
+                    await self.sock.send_multipart([pipe_tag(PIPE_ERROR, self.sid, self._seq), payload])
+        finally:
+            if not self.sock.closed:
+                self.sock.close(END_LINGER_MS)
 
     def abort(self) -> None:
         """Drop the stream at once (the consumer cancelled, or the runtime is gone)."""
