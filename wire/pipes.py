@@ -177,12 +177,17 @@ class PipeWriter:
         """Tell the consumer the stream failed, then wait for its acknowledgement (``settle``), or
         without ``settle`` (the runtime is gone) let the ERROR flush for at most ERROR_LINGER_MS.
         Sending is best effort within ``timeout``; the text is cut to MAX_CHUNK bytes (a longer
-        frame would drop the connection instead)."""
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(timeout):
-                payload = message.encode("utf-8", "replace")[:MAX_CHUNK].decode("utf-8", "ignore").encode()
-                await self.sock.send_multipart([pipe_tag(PIPE_ERROR, self.sid, self._seq), payload])
-                self.last_sent = True
+        frame would drop the connection instead). Closes even when cancelled while the send waits
+        (a dead consumer): an unclosed socket stays registered with the event loop, open for good."""
+        try:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(timeout):
+                    payload = message.encode("utf-8", "replace")[:MAX_CHUNK].decode("utf-8", "ignore").encode()
+                    await self.sock.send_multipart([pipe_tag(PIPE_ERROR, self.sid, self._seq), payload])
+                    self.last_sent = True
+        except BaseException:
+            self.abort()
+            raise
         if self.last_sent and settle:
             await self.settle()
         elif not self.sock.closed:

@@ -123,3 +123,31 @@ def deno_left(pids: set[int] | list[int], timeout: float = 10.0) -> set[int]:
     while (left := set(pids) & deno_pids()) and time.monotonic() < deadline:
         time.sleep(0.05)
     return left
+
+
+def fd_kinds(pid: int) -> dict[str, int]:
+    """Open file descriptors of ``pid`` by kind ("socket", "anon_inode:[eventfd]", "pipe", "/dev/null",
+    or "file"); empty if the process is gone. Reading another process's fds needs the same user."""
+    kinds: dict[str, int] = {}
+    with contextlib.suppress(OSError):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:  # closed between listdir and readlink
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            kind = target.split(":", 1)[0] if target.startswith(("socket:", "pipe:")) else target
+            kind = kind if kind.startswith(("socket", "pipe", "anon_inode", "/dev/")) else "file"
+            kinds[kind] = kinds.get(kind, 0) + 1
+    return kinds
+
+
+def open_fds(pid: int) -> tuple[int, int]:
+    """(open file descriptors, of which sockets) of ``pid``: a ZeroMQ socket's TCP connections are
+    sockets, its mailbox an eventfd; (0, 0) if the process is gone."""
+    kinds = fd_kinds(pid)
+    return sum(kinds.values()), kinds.get("socket", 0)
+
+
+def alive(pid: int, started: int | None) -> bool:
+    """Whether ``pid`` is still the process that had start time ``started`` (not a reused pid)."""
+    return started is not None and start_time(pid) == started
