@@ -57,6 +57,8 @@ MAX_EVAL_TIMEOUT = 300.0
 _daemons = itertools.count(1)
 #: What a client asks of a daemon (through the broker, with its route ``c``): answered, even with an error.
 _REQUESTS = (M.CreateRuntime, M.Eval, M.Dispatch, M.Stats, M.Dispose)
+#: How long a stopping daemon lets its last messages to the broker (runtime_lost) flush (ms).
+SHUTDOWN_LINGER_MS = 1000
 #: Default of ``--orphan-grace``: how long runtimes live on while no broker is reachable (seconds),
 #: for one to come back (restart, failover) and their clients to resume their sessions.
 ORPHAN_GRACE = 60.0
@@ -276,9 +278,10 @@ class Daemon:
             await self.pool.close()
         spawner.shutdown()  # after every guest is gone: the helper that started them goes too
         await self.scope.aclose()
-        for sock in (self._control, self._broker_sock):
-            if sock is not None:
-                sock.close(0)
+        if self._control is not None:
+            self._control.close(0)
+        if self._broker_sock is not None:
+            self._broker_sock.close(SHUTDOWN_LINGER_MS)  # the runtime_lost notices go out first
         if self.gate is not None:
             self.gate.stop()
         if self.cgroups is not None:
@@ -352,16 +355,17 @@ class Daemon:
                     await self._read_broker(sock)
             except* _BrokerLost:
                 pass
-            finally:
-                if self.registered.is_set():
-                    orphaned_since = time.monotonic()
-                    if not self._reregister:
-                        log.warning("broker %s is silent; registering again (runtimes kept)", self.broker)
-                elif not self._reregister:
-                    log.warning("broker %s is silent: no answer to our registration; trying again", self.broker)
-                self.registered.clear()
-                sock.close(0)
-                self._broker_sock = None
+            # (no finally: when the daemon stops, _shutdown still reports the runtimes' ends on this
+            # socket, then closes it)
+            if self.registered.is_set():
+                orphaned_since = time.monotonic()
+                if not self._reregister:
+                    log.warning("broker %s is silent; registering again (runtimes kept)", self.broker)
+            elif not self._reregister:
+                log.warning("broker %s is silent: no answer to our registration; trying again", self.broker)
+            self.registered.clear()
+            sock.close(0)
+            self._broker_sock = None
             self.registry.refuse_callbacks("the broker is unreachable")
             if orphaned_since is not None and time.monotonic() - orphaned_since > self.orphan_grace:
                 orphaned_since = None

@@ -276,9 +276,9 @@ class Runtime:
                 self.dispatches.fail_all(code, message)
                 self.stat_calls.fail_all(lambda call: self.host.to_broker(call.error(code, message)))
                 self.fetches.fail_all(code, message)
-                await self.streams.close(message)
-                if not self.disposing:
+                if not self.disposing:  # before its bodies fail: the owner hears why first, if it can
                     self.host.to_broker(M.RuntimeLost(rt=self.rt, code=code, message=message))
+                await self.streams.close(message)
             finally:
                 self.finished.set()
 

@@ -341,3 +341,25 @@ async def test_with_curve_a_session_resumes_after_a_restart_only_from_its_owners
     finally:
         d.stop()
         b.stop()
+
+
+async def test_a_daemon_stopped_with_sigterm_reports_its_runtimes_lost_at_once(tmp_path: Path) -> None:
+    """Its runtime_lost notices go out before its broker link closes: owners need not wait for the
+    broker's liveness timeout (here 5 x 1 s) to hear of it."""
+    b = Broker(tmp_path, "--no-local-daemon", "--heartbeat", "1", "--liveness", "5")
+    d = Daemon(tmp_path, b, "d1", "--heartbeat", "1", "--liveness", "5", "--pool-size", "1")
+    try:
+        async with await client.connect(b.frontend, timeout=10) as conn:
+            rt = await create_when_ready(conn)
+            pending = asyncio.ensure_future(rt.eval("await new Promise(() => {})", timeout=60))
+            await await_until(lambda: rt.stats(), "the runtime answers stats")
+            t0 = time.monotonic()
+            d.stop(signal.SIGTERM)
+            with pytest.raises(client.RuntimeLost) as info:
+                await asyncio.wait_for(pending, 15)
+            took = time.monotonic() - t0
+            assert "shutting down" in str(info.value), info.value
+            assert took < 4, f"the owner heard of the loss after {took:.1f}s, as if the daemon had died"
+    finally:
+        d.stop()
+        b.stop()
