@@ -53,6 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from scripts.kit.launch import terminate
 from scripts.kit.procs import deno_left, descendants
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -224,14 +225,7 @@ class Proc:
         return self.log.read_text(errors="replace")[-2000:]
 
     def stop(self, timeout: float = 15) -> None:
-        if self.p.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.p.send_signal(signal.SIGTERM)
-            try:
-                self.p.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.p.kill()
-                self.p.wait(5)
+        terminate(self.p, timeout)
         for f in (self.p.stdin, self.p.stdout):
             if f is not None:
                 with contextlib.suppress(OSError):

@@ -60,6 +60,7 @@ import aiohttp  # noqa: E402
 import zmq  # noqa: E402
 
 import client  # noqa: E402
+from scripts.kit.drain import in_flight  # noqa: E402
 from scripts.kit.launch import Proc, free_port  # noqa: E402
 from scripts.kit.procs import alive, deno_children, descendants, fd_kinds, open_fds, rss_mib, start_time  # noqa: E402
 from scripts.kit.upstream import JS_HELPERS, stream_crc  # noqa: E402
@@ -353,15 +354,9 @@ class Soak:
 
     async def _drained(self, rt: client.Runtime) -> None:
         """Wait until the runtime has nothing in flight on any hop (client, daemon, guest)."""
-        deadline = time.monotonic() + SETTLE_TIMEOUT
-        while True:
-            stats = await rt.stats()
-            busy = {f"{hop}.{k}": v for hop, counts in stats.items() for k, v in counts.items() if v}
-            if not busy:
-                return
-            if time.monotonic() > deadline:
-                raise Defect(f"{SETTLE_TIMEOUT:g}s after a cancel the runtime still has in flight: {busy}")
-            await asyncio.sleep(0.05)
+        busy = await in_flight(rt, SETTLE_TIMEOUT)
+        if busy:
+            raise Defect(f"{SETTLE_TIMEOUT:g}s after a cancel the runtime still has in flight: {busy}")
 
     # ---- workers ------------------------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ import pytest
 from aiohttp import web
 
 import client
+from scripts.kit.drain import in_flight
 from scripts.kit.upstream import BLOCK, JS_HELPERS, Upstream, stream_crc
 from tests.conftest import Broker, Daemon, await_until, create_when_ready
 
@@ -23,15 +24,8 @@ MiB = 1 << 20
 async def assert_nothing_left(rt: client.Runtime, timeout: float = 15.0) -> None:
     """Every stream, socket, reader and task of the runtime is gone, on every hop (polls: cleanup
     after a cancel is asynchronous)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        stats = await rt.stats()
-        left = {f"{hop}.{k}": v for hop, counts in stats.items() for k, v in counts.items() if v}
-        if not left:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"left behind: {left}")
-        await asyncio.sleep(0.05)
+    left = await in_flight(rt, timeout)
+    assert not left, f"left behind: {left}"
 
 
 @pytest.fixture

@@ -31,6 +31,19 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None).prctl(1, signal.SIGTERM)
 
 
+def terminate(p: subprocess.Popen[bytes], timeout: float) -> None:
+    """SIGTERM, wait up to ``timeout``, then SIGKILL; the process is reaped either way."""
+    if p.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                p.kill()
+            p.wait(5)
+
+
 class Proc:
     """A child process in its own session, with stderr in a log file; ``stop`` leaves nothing behind."""
 
@@ -95,15 +108,7 @@ class Proc:
         collected before the signal rather than found through the group afterwards.
         """
         children = [(pid, start_time(pid)) for pid in descendants(self.p.pid)] if self.p.poll() is None else []
-        if self.p.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.p.send_signal(signal.SIGTERM)
-            try:
-                self.p.wait(timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    self.p.kill()
-                self.p.wait(5)
+        terminate(self.p, timeout)
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.p.pid, signal.SIGKILL)  # the group it led
         for pid, started in children:
