@@ -221,7 +221,24 @@ def _field(spec: FieldSpec) -> str:
 def _type(spec: FieldSpec) -> str:
     """A field's kind, with `` = default`` when an optional field has one."""
     kind = _cell(_kind_name(spec))
-    return kind if spec.required or spec.default is None else f"{kind} = {_fmt_default(spec.default)}"
+    if spec.required or spec.default is None:
+        return kind
+    limit = _stated_limit(spec)
+    return f"{kind} = `{limit.name}`" if limit else f"{kind} = {_fmt_default(spec.default)}"
+
+
+def _stated_limit(spec: FieldSpec) -> Limit | None:
+    """The limit (9) a field's default is, if any: a row of ``LIMITS`` with the field's name in
+    upper case as one of its constants and the default as its value (``init``'s limits). The
+    table then names it instead of repeating its value and meaning; a default that drifts from
+    it shows as a number again, so the drift is caught."""
+    if type(spec.default) is not int:
+        return None
+    name = spec.name.upper()
+    for lim in LIMITS:
+        if lim.value == spec.default and any(p.rpartition(".")[2] == name for p in lim.places if ":" not in p):
+            return lim
+    return None
 
 
 def records_of(module: ModuleType) -> list[type[Record]]:
@@ -290,7 +307,8 @@ COMMON = 3
 
 
 def render_messages(records: Iterable[type[Record]]) -> str:
-    """One table of every record's fields: ``name?`` is optional, ``kind = v`` its default. A field
+    """One table of every record's fields: ``name?`` is optional, ``kind = v`` its default (a
+    limit's name when it is one, ``_stated_limit``, without a meaning: 9 has it). A field
     shared by several records (``COMMON``) is described once under the table (``*common*``; with
     a number when one name has several shared meanings) and named after the message, in parentheses,
     unless it has a default there (then it keeps its row, its meaning ``*common*``)."""
@@ -315,14 +333,15 @@ def render_messages(records: Iterable[type[Record]]) -> str:
             if key in tag and spec.default is None:
                 named.append(tag[key] + ("" if spec.required else "?"))
             else:
-                own.append((spec, "*common*" if key in tag else _cell(spec.doc)))
+                meaning = "" if _stated_limit(spec) else _cell(spec.doc)
+                own.append((spec, "*common*" if key in tag else meaning))
         if named:
             label += " (" + ", ".join(named) + ")"
         if not own:
             rows.append(f"| {label} | | |" + (" |" if named else " no fields |"))
         for i, (spec, meaning) in enumerate(own):
             first = f"| {label} |" if i == 0 else "| |"
-            rows.append(f"{first} {_field(spec)} | {_type(spec)} | {meaning} |")
+            rows.append(f"{first} {_field(spec)} | {_type(spec)} |" + (f" {meaning} |" if meaning else " |"))
     if common:
         notes = [f"{tag[key]} ({_cell(key[1])}): {_cell(key[2])}" for key in common]
         rows.append("")
@@ -346,9 +365,16 @@ def render_errors() -> str:
 
 
 def _fmt_value(limit: Limit) -> str:
-    v = limit.value
+    """The value with its unit; a byte count that is whole KiB, or whole or half MiB, in those
+    (exact: 1.5 MiB is 1,572,864 bytes)."""
+    v, unit = limit.value, limit.unit
+    if unit == "bytes" and isinstance(v, int) and v >= 1024:
+        if v >= 1 << 20 and v % (1 << 19) == 0:
+            v, unit = v / (1 << 20), "MiB"
+        elif v % 1024 == 0:
+            v, unit = v // 1024, "KiB"
     text = f"{v:,}" if isinstance(v, int) else f"{v:g}"
-    return f"{text} {limit.unit}".strip()
+    return f"{text} {unit}".strip()
 
 
 def render_limits() -> str:
