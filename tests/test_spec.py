@@ -18,7 +18,7 @@ from wire.schema import INT, FieldSpec, Link
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTOCOL_MD = ROOT / "protocol.md"
-MAX_PROTOCOL_MD = 33 * 1024  # issue 9 grew it past 32 KiB (each part by at most ~1.5 KB)
+MAX_PROTOCOL_MD = 32 * 1024  # the issue asked for ~30 KB; narrative and rationale go to docs/design.md
 
 
 @pytest.fixture
@@ -125,8 +125,8 @@ def _problems(doc: str, **blocks: str) -> list[str]:
 
 
 def test_a_changed_field_meaning_in_the_document_is_caught(doc: str, generated: dict[str, str]) -> None:
-    assert "| `resp_sid` | bin16 | yes |" in doc
-    edited = doc.replace("| `resp_sid` | bin16 | yes |", "| `resp_sid` | bin16 | no |", 1)
+    assert "| `resp_sid` | bin16 |" in doc
+    edited = doc.replace("| `resp_sid` | bin16 |", "| `resp_sid`? | bin16 |", 1)
     assert _problems(edited, messages=generated["messages"])
 
 
@@ -151,6 +151,22 @@ def test_a_changed_field_type_flag_or_default_is_caught(doc: str, monkeypatch: p
         "default": dataclasses.replace(f, default=True),
     }[change]
     monkeypatch.setattr(messages.CreateRuntime, "FIELDS", tuple(fields))
+    assert _problems(doc, messages=spec.render_messages(spec.records_of(messages)))
+
+
+@pytest.mark.parametrize("change", ["required", "default", "kind"])
+def test_a_changed_common_field_is_caught(doc: str, monkeypatch: pytest.MonkeyPatch, change: str) -> None:
+    """A common field is named after its message, not given a row: a change of its flag, a
+    default it gains, or another kind still shows."""
+    fields = list(messages.Dispose.FIELDS)
+    i = next(n for n, f in enumerate(fields) if f.name == "id")
+    f = fields[i]
+    fields[i] = {
+        "required": dataclasses.replace(f, required=True),
+        "default": dataclasses.replace(f, default=0),
+        "kind": dataclasses.replace(f, kind=messages.Dispatch.FIELDS[2].kind),  # str
+    }[change]
+    monkeypatch.setattr(messages.Dispose, "FIELDS", tuple(fields))
     assert _problems(doc, messages=spec.render_messages(spec.records_of(messages)))
 
 
@@ -226,7 +242,7 @@ def test_a_removed_block_is_caught(doc: str, generated: dict[str, str]) -> None:
 
 
 def test_write_mode_repairs_a_drifted_block(doc: str, generated: dict[str, str]) -> None:
-    edited = doc.replace("| `resp_sid` | bin16 | yes |", "| `resp_sid` | bin16 | no |", 1)
+    edited = doc.replace("| `resp_sid` | bin16 |", "| `resp_sid`? | bin16 |", 1)
     repaired = spec.write_text(edited, generated)
     assert spec.check_text(repaired, generated) == []
 

@@ -206,7 +206,7 @@ class Request(Record):
     method: str = F(STR, doc="HTTP method")
     url: str = F(STR, doc="absolute URL")
     headers: tuple[tuple[str, str], ...] = F(HEADERS, (), _HEADERS)
-    body: GuestBody = F(GBODY, None, "null, inline (the frame's body) or {sid} (inbound)")
+    body: GuestBody = F(GBODY, None, "the body; a `sid`: an inbound stream")
 
 
 @record("abort")
@@ -226,7 +226,7 @@ class FetchResponse(Record):
     headers: tuple[tuple[str, str], ...] = F(HEADERS, (), _HEADERS)
     url: str = F(STR, "", "final URL")
     redirected: bool = F(BOOL, False, "the response followed a redirect")
-    body: GuestBody = F(GBODY, None, "null, inline (the frame's body) or {sid} (inbound)")
+    body: GuestBody = F(GBODY, None, "the body; a `sid`: an inbound stream")
 
 
 @record("fetch_error")
@@ -332,7 +332,7 @@ class Response(Record):
     status: int = F(INT, doc="200..599; another fails the dispatch, not the runtime")
     statusText: str = F(STR, "", "status text (the daemon keeps MAX_STATUS_TEXT characters)")
     headers: tuple[tuple[str, str], ...] = F(HEADERS, doc=_HEADERS)
-    body: GuestBody = F(GBODY, None, "null, inline (the frame's body) or {sid} (a new outbound stream)")
+    body: GuestBody = F(GBODY, None, "the body; a `sid`: a new outbound stream")
 
 
 @record("response_error")
@@ -352,8 +352,8 @@ class Fetch(Record):
     method: str = F(STR, doc="the Request's method")
     url: str = F(STR, doc="the Request's URL")
     headers: tuple[tuple[str, str], ...] = F(HEADERS, doc=_HEADERS)
-    redirect: str = F(REDIRECT, "follow", "follow, manual or error (anything else: follow)")
-    body: GuestBody = F(GBODY, None, "null, inline (the frame's body) or {sid} (a new outbound stream)")
+    redirect: str = F(REDIRECT, "follow", "the Request's redirect mode")
+    body: GuestBody = F(GBODY, None, "the body; a `sid`: a new outbound stream")
 
 
 @record("fetch_abort")
@@ -405,7 +405,7 @@ class OutboundError(Record):
 class Console(Record):
     """One console entry."""
 
-    level: str = F(LEVEL, doc="log, info, warn, error, debug or trace")
+    level: str = F(LEVEL, doc="the console method")
     args: list[Any] = F(LIST, doc="the formatted arguments")
 
 

@@ -213,16 +213,32 @@ def _kind_name(spec: FieldSpec) -> str:
     return "payload frame" if spec.kind is None else spec.kind.name
 
 
-def _kind_cell(spec: FieldSpec) -> str:
-    return _cell(_kind_name(spec))
+def _field(spec: FieldSpec) -> str:
+    """A field as the tables show it: its name, with ``?`` when optional."""
+    return f"`{spec.name}`" + ("" if spec.required else "?")
 
 
-def _req(spec: FieldSpec) -> str:
-    if spec.required:
-        return "yes"
-    if spec.default is None:
-        return "no"
-    return f"no, {_fmt_default(spec.default)}"
+def _type(spec: FieldSpec) -> str:
+    """A field's kind, with `` = default`` when an optional field has one."""
+    kind = _cell(_kind_name(spec))
+    if spec.required or spec.default is None:
+        return kind
+    limit = _stated_limit(spec)
+    return f"{kind} = `{limit.name}`" if limit else f"{kind} = {_fmt_default(spec.default)}"
+
+
+def _stated_limit(spec: FieldSpec) -> Limit | None:
+    """The limit (9) a field's default is, if any: a row of ``LIMITS`` with the field's name in
+    upper case as one of its constants and the default as its value (``init``'s limits). The
+    table then names it instead of repeating its value and meaning; a default that drifts from
+    it shows as a number again, so the drift is caught."""
+    if type(spec.default) is not int:
+        return None
+    name = spec.name.upper()
+    for lim in LIMITS:
+        if lim.value == spec.default and any(p.rpartition(".")[2] == name for p in lim.places if ":" not in p):
+            return lim
+    return None
 
 
 def records_of(module: ModuleType) -> list[type[Record]]:
@@ -250,7 +266,9 @@ def render_kinds(records: Iterable[type[Record]], meanings: dict[str, str] = KIN
 
 
 def render_links(links: Iterable[Link]) -> str:
-    """One matrix: a row per message type, a column per link (receiving side), what it accepts."""
+    """One matrix: a row per message type, a column per link (receiving side), what it accepts:
+    ``yes``, or the record when a type has several (``reply``: the request's), and ``+`` the
+    optional fields the link requires; an empty cell: not accepted."""
     links = list(links)
     types: dict[str, list[type[Record]]] = {}
     for link in links:
@@ -260,18 +278,18 @@ def render_links(links: Iterable[Link]) -> str:
                 types[t].append(cls)
         if link.replies is not None:
             types.setdefault("ok", [])
-    header = "| type | record | " + " | ".join(_cell(link.name) for link in links) + " |"
-    rows = [header, "|---" * (len(links) + 2) + "|"]
+    header = "| type | " + " | ".join(_cell(link.name) for link in links) + " |"
+    rows = [header, "|---" * (len(links) + 1) + "|"]
     for t, classes in types.items():
         replies = any(t == "ok" and link.replies is not None for link in links)
-        shared = classes[0].__name__ if len(classes) == 1 and not replies else None
+        shared = len(classes) == 1 and not replies
         cells = []
         for link in links:
             entry = link.types.get(t)
             if t == "ok" and link.replies is not None:
                 text, extra = "reply", link.replies
             elif entry is None:
-                cells.append("-")
+                cells.append("")
                 continue
             else:
                 cls, extra = entry
@@ -279,45 +297,53 @@ def render_links(links: Iterable[Link]) -> str:
             if extra:
                 text += " +" + ", ".join(f"`{f}`" for f in extra)
             cells.append(text)
-        rows.append(f"| `{t}` | {shared or 'per link'} | " + " | ".join(cells) + " |")
+        rows.append(f"| `{t}` |" + "|".join(f" {c} " if c else " " for c in cells) + "|")
     return "\n".join(rows)
 
 
-#: A field (name and meaning) shared by at least this many records is described once, under the table.
+#: A field (name, kind and meaning) shared by at least this many records is described once, under
+#: the table, and named after the message rather than given a row of its own.
 COMMON = 3
 
 
 def render_messages(records: Iterable[type[Record]]) -> str:
-    """One table of every record's fields; meanings shared by several records follow it once
-    (``*common*``, or ``*common N*`` when one field name has several shared meanings)."""
+    """One table of every record's fields: ``name?`` is optional, ``kind = v`` its default (a
+    limit's name when it is one, ``_stated_limit``, without a meaning: 9 has it). A field
+    shared by several records (``COMMON``) is described once under the table (``*common*``; with
+    a number when one name has several shared meanings) and named after the message, in parentheses,
+    unless it has a default there (then it keeps its row, its meaning ``*common*``)."""
     records = list(records)
-    seen: dict[tuple[str, str], int] = {}
+    seen: dict[tuple[str, str, str], int] = {}
     for cls in records:
         for spec in cls.FIELDS:
-            seen[(spec.name, spec.doc)] = seen.get((spec.name, spec.doc), 0) + 1
-    common = [key for key, n in seen.items() if n >= COMMON and key[1]]
-    names = [name for name, _ in common]
-    mark: dict[tuple[str, str], str] = {}
+            key = (spec.name, _kind_name(spec), spec.doc)
+            seen[key] = seen.get(key, 0) + 1
+    common = [key for key, n in seen.items() if n >= COMMON and key[2]]
+    tag: dict[tuple[str, str, str], str] = {}
     for key in common:
         same = [k for k in common if k[0] == key[0]]
-        mark[key] = "*common*" if len(same) == 1 else f"*common {same.index(key) + 1}*"
-    rows = ["| message | field | type | req | meaning |", "|---|---|---|---|---|"]
+        tag[key] = f"`{key[0]}`" if len(same) == 1 else f"`{key[0]}`({same.index(key) + 1})"
+    rows = ["| message | field | type | meaning |", "|---|---|---|---|"]
     shared = {cls.T for cls in records if sum(c.T == cls.T for c in records) > 1}
     for cls in records:
         label = f"`{cls.T}` {cls.__name__}" if cls.T in shared else f"`{cls.T}`"
-        if not cls.FIELDS:
-            rows.append(f"| {label} | - | | | no fields |")
-        for i, spec in enumerate(cls.FIELDS):
-            meaning = mark.get((spec.name, spec.doc)) or _cell(spec.doc)
-            rows.append(
-                f"| {label if i == 0 else ''} | `{spec.name}` | {_kind_cell(spec)} | {_req(spec)} | {meaning} |"
-            )
+        own, named = [], []
+        for spec in cls.FIELDS:
+            key = (spec.name, _kind_name(spec), spec.doc)
+            if key in tag and spec.default is None:
+                named.append(tag[key] + ("" if spec.required else "?"))
+            else:
+                meaning = "" if _stated_limit(spec) else _cell(spec.doc)
+                own.append((spec, "*common*" if key in tag else meaning))
+        if named:
+            label += " (" + ", ".join(named) + ")"
+        if not own:
+            rows.append(f"| {label} | | |" + (" |" if named else " no fields |"))
+        for i, (spec, meaning) in enumerate(own):
+            first = f"| {label} |" if i == 0 else "| |"
+            rows.append(f"{first} {_field(spec)} | {_type(spec)} |" + (f" {meaning} |" if meaning else " |"))
     if common:
-        notes = [
-            f"`{name}`{'' if names.count(name) == 1 else ' (' + mark[(name, doc)].strip('*').split()[1] + ')'}: "
-            f"{_cell(doc)}"
-            for name, doc in common
-        ]
+        notes = [f"{tag[key]} ({_cell(key[1])}): {_cell(key[2])}" for key in common]
         rows.append("")
         rows.append("*common*: " + "; ".join(notes) + ".")
     return "\n".join(rows)
@@ -335,27 +361,26 @@ def render_errors() -> str:
     if missing or stale:
         raise KeyError(f"wire/spec.py ERRORS: codes without a meaning {missing}, meanings without a code {stale}")
     rows = [f"| `{code}` | {_cell(ERRORS[code])} |" for _, code in codes]
-    return "\n".join(["| code | meaning (`wire.protocol.E_*`) |", "|---|---|", *rows])
+    return "\n".join(["| code | meaning |", "|---|---|", *rows])
 
 
 def _fmt_value(limit: Limit) -> str:
-    v = limit.value
+    """The value with its unit; a byte count that is whole KiB, or whole or half MiB, in those
+    (exact: 1.5 MiB is 1,572,864 bytes)."""
+    v, unit = limit.value, limit.unit
+    if unit == "bytes" and isinstance(v, int) and v >= 1024:
+        if v >= 1 << 20 and v % (1 << 19) == 0:
+            v, unit = v / (1 << 20), "MiB"
+        elif v % 1024 == 0:
+            v, unit = v // 1024, "KiB"
     text = f"{v:,}" if isinstance(v, int) else f"{v:g}"
-    return f"{text} {limit.unit}".strip()
-
-
-def _place(limit: Limit, place: str) -> str:
-    """A place as the table shows it: the module alone when the constant is named as the limit."""
-    module, _, name = place.rpartition(".") if ":" not in place else (place, "", "")
-    return f"`{module}`" if name == limit.name else f"`{place}`"
+    return f"{text} {unit}".strip()
 
 
 def render_limits() -> str:
-    rows = [
-        f"| `{lim.name}` | {_fmt_value(lim)} | {', '.join(_place(lim, p) for p in lim.places)} | {_cell(lim.meaning)} |"
-        for lim in LIMITS
-    ]
-    return "\n".join(["| limit | value | defined in | bounds |", "|---|---|---|---|", *rows])
+    """The limits, each with its value; ``limit_problems`` ties every value to its constant(s)."""
+    rows = [f"| `{lim.name}` | {_fmt_value(lim)} | {_cell(lim.meaning)} |" for lim in LIMITS]
+    return "\n".join(["| limit | value | bounds |", "|---|---|---|", *rows])
 
 
 def guest_links() -> tuple[Link, Link]:
