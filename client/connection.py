@@ -154,8 +154,11 @@ class Connection:
             self._switch(self.endpoints[(first + attempt) % len(self.endpoints)])
             try:
                 await self._hello(max(2 * self.heartbeat, 0.5))
-            except Error as exc:
+            except Timeout:
+                continue  # it waited its turn already
+            except Error as exc:  # refused at once: do not spin
                 log.debug("hello to %s failed: %s", self.endpoint, exc)
+                await asyncio.sleep(max(self.heartbeat, 0.2))
                 continue
             self.reconnects += 1
             log.warning("session resumed at %s", self.endpoint)
