@@ -658,6 +658,10 @@ def _check(ok: bool, what: str) -> None:
 
 
 async def _crc_of(body: Any) -> tuple[int, int]:
+    """Length and CRC-32 of a response body: inline bytes (a small body the guest had complete
+    when it answered) or a streamed ``client.Body``."""
+    if isinstance(body, (bytes, bytearray, memoryview)):
+        return len(body), zlib.crc32(body)
     n = crc = 0
     async for chunk in body:
         n, crc = n + len(chunk), zlib.crc32(chunk, crc)
