@@ -170,12 +170,18 @@ serve(() => { let i = 0; return new Response(new ReadableStream({ async pull(c) 
 WHOLE = "".join(f"chunk {i};" for i in range(200)).encode()
 
 
+async def _two_runtimes_on_d1(b: Broker, conn: client.Connection) -> list[client.Runtime]:
+    """Once both daemons have joined, two runtimes: the pair's placement puts both on d1."""
+    await await_until(lambda: joined(b, "d1", "d2"), "both daemons have joined", timeout=60)
+    rts = [await conn.create_runtime() for _ in range(2)]
+    assert [r.daemon for r in rts] == ["d1", "d1"]
+    return rts
+
+
 async def test_a_daemon_paused_for_half_the_liveness_timeout_loses_nothing(pair) -> None:
     b, d1, _d2 = pair
     async with await client.connect(b.frontend, timeout=20) as conn:
-        await await_until(lambda: joined(b, "d1", "d2"), "both daemons have joined", timeout=60)
-        rts = [await conn.create_runtime() for _ in range(2)]
-        assert [r.daemon for r in rts] == ["d1", "d1"]
+        rts = await _two_runtimes_on_d1(b, conn)
         await rts[0].eval(STREAM)
         resp = await rts[0].dispatch_request(client.Request("GET", "http://x/"))
         assert resp.body is not None
@@ -196,9 +202,7 @@ async def test_a_daemon_paused_for_half_the_liveness_timeout_loses_nothing(pair)
 async def test_a_daemon_paused_past_the_timeout_disposes_its_runtimes_and_rejoins_at_once(pair) -> None:
     b, d1, _d2 = pair
     async with await client.connect(b.frontend, timeout=20) as conn:
-        await await_until(lambda: joined(b, "d1", "d2"), "both daemons have joined", timeout=60)
-        rts = [await conn.create_runtime() for _ in range(2)]
-        assert [r.daemon for r in rts] == ["d1", "d1"]
+        rts = await _two_runtimes_on_d1(b, conn)
         guests = set(deno_children(d1.pid))
         assert len(guests) == 2, f"d1 should run a Deno process per runtime: {describe(guests)}"
         pending = asyncio.ensure_future(rts[0].eval("await new Promise(r => setTimeout(r, 60000))"))
