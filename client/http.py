@@ -24,6 +24,15 @@ BodyType = bytes | bytearray | memoryview | AsyncIterable[bytes] | None
 HeadersLike = Mapping[str, str] | Iterable[tuple[str, str]] | None
 
 
+def check_body(body: object, what: str) -> None:
+    """Refuse a body that is not one (a str, a dict, a sync iterable) where it is made, with a
+    TypeError that says what would do, instead of a failure deep in a stream later."""
+    if body is None or isinstance(body, (bytes, bytearray, memoryview)) or hasattr(body, "__aiter__"):
+        return
+    hint = " (encode it: body=text.encode())" if isinstance(body, str) else ""
+    raise TypeError(f"{what} body must be bytes, an async iterable of bytes or None, not {type(body).__name__}{hint}")
+
+
 def make_headers(headers: HeadersLike) -> CIMultiDict[str]:
     if headers is None:
         return CIMultiDict()
@@ -42,7 +51,11 @@ class Request:
     redirect: str = "follow"
 
     def __post_init__(self) -> None:
+        if not isinstance(self.method, str) or not isinstance(self.url, str):
+            kinds = f"{type(self.method).__name__}, {type(self.url).__name__}"
+            raise TypeError(f"a Request's method and url are str, not {kinds}")
         self.method = self.method.upper()
+        check_body(self.body, "a Request's")
         self.headers = make_headers(self.headers)
         H.check_request_head(self.method, self.url, self.headers.items())  # wire.http.HeadError
 
@@ -60,6 +73,9 @@ class Response:
     redirected: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.status, int) or isinstance(self.status, bool):
+            raise TypeError(f"a Response's status is an int, not {type(self.status).__name__}")
+        check_body(self.body, "a Response's")
         self.headers = make_headers(self.headers)
         H.check_response_head(self.status_text, self.headers.items())  # wire.http.HeadError
 

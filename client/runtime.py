@@ -18,7 +18,7 @@ import logging
 import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeAlias, TypeVar
 
 import zmq
 import zmq.asyncio
@@ -40,6 +40,29 @@ log = logging.getLogger("client.runtime")
 DISPATCH_TIMEOUT = 60.0
 
 R = TypeVar("R", bound=M.Record)
+
+#: The fetch callback: ``async def fetch(request: client.Request) -> client.Response``. It performs
+#: the guest's ``fetch()`` (``client.forward_fetch()`` does it for real with aiohttp); what it raises
+#: rejects the guest's fetch with a TypeError naming it, and is logged with its traceback.
+FetchCallback: TypeAlias = Callable[[Request], Awaitable[Response]]
+#: The console callback: called with each ``console.*`` call of the guest, as a ``ConsoleEntry``
+#: (``level`` is log/info/warn/error/debug); it may be a plain function or an ``async def``.
+ConsoleCallback: TypeAlias = Callable[["ConsoleEntry"], object]
+
+
+def check_callbacks(fetch: object, console: object) -> None:
+    """Refuse callbacks that cannot work at the call that passes them (TypeError), not at the guest's
+    first fetch: ``fetch`` must be an ``async def`` (or an object whose ``__call__`` is one, like
+    forward_fetch()), since the daemon's fetch waits for a Response that a plain function cannot stream."""
+    if fetch is not None and not (
+        inspect.iscoroutinefunction(fetch) or inspect.iscoroutinefunction(getattr(fetch, "__call__", None))  # noqa: B004
+    ):
+        raise TypeError(
+            f"fetch must be an async function, async def fetch(request: client.Request) -> client.Response, "
+            f"not {fetch!r} (use client.forward_fetch() to perform fetches for real)"
+        )
+    if console is not None and not callable(console):
+        raise TypeError(f"console must be a function taking a client.ConsoleEntry, not {console!r}")
 
 
 class Host(Protocol):
@@ -82,8 +105,8 @@ class Runtime:
         host: Host,
         control: ControlLink,
         created: M.CreateOk,
-        fetch: Callable[[Request], Awaitable[Response]] | None,
-        console: Callable[[ConsoleEntry], Any] | None,
+        fetch: FetchCallback | None,
+        console: ConsoleCallback | None,
         eval_timeout: float | None,
     ) -> None:
         self._host = host
@@ -107,6 +130,13 @@ class Runtime:
 
     def __repr__(self) -> str:
         return f"<Runtime {self.id} on {self.daemon}{' lost' if self.lost else ''}>"
+
+    async def __aenter__(self) -> Runtime:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        """``async with await conn.create_runtime() as rt:`` disposes of the runtime at the end."""
+        await self.dispose()
 
     # ---- calls -----------------------------------------------------------------------------------
 
@@ -298,10 +328,16 @@ class Runtime:
         try:
             result = self._console(ConsoleEntry(msg.level, list(msg.args)))
         except Exception:
-            log.exception("console callback failed")
+            log.exception("runtime %s: the console callback failed", self.id)
             return
         if inspect.isawaitable(result):
-            self._scope.spawn(_wait(result), name="client-console")
+            self._scope.spawn(self._wait_console(result), name="client-console")
+
+    async def _wait_console(self, awaitable: Awaitable[Any]) -> None:
+        try:
+            await awaitable
+        except Exception:
+            log.exception("runtime %s: the console callback failed", self.id)
 
     def on_fetch(self, msg: M.Fetch) -> None:
         if self.lost is not None:
@@ -331,6 +367,11 @@ class Runtime:
         except BaseException as exc:
             if not isinstance(exc, asyncio.CancelledError):
                 self._reply_fetch_error(msg.id, f"{type(exc).__name__}: {exc}")
+                if isinstance(exc, H.FetchDenied):  # the policy working, not a bug: one line
+                    log.info("runtime %s: fetch %s %s refused: %s", self.id, msg.method, msg.url, exc)
+                else:
+                    why = "runtime %s: the fetch callback failed on %s %s"
+                    log.error(why, self.id, msg.method, msg.url, exc_info=exc)
             if request_body is not None:
                 request_body.cancel()  # the guest's upload stops too
             if isinstance(exc, Exception):
@@ -377,10 +418,6 @@ class Runtime:
             stream.fail(message)
         self._scope.cancel()
         self._control.release()  # the daemon may be gone: the last lease closes the link
-
-
-async def _wait(awaitable: Awaitable[Any]) -> None:
-    await awaitable
 
 
 async def _unless_refused(call: Awaitable[R], upload: asyncio.Task[Error | None]) -> R:
