@@ -257,10 +257,13 @@ class Connection:
         try:
             self._send_frames(frames, hello)
             limit = self.timeout if timeout is None else timeout
+            deadline = asyncio.timeout(limit)
             try:
-                async with asyncio.timeout(limit):
+                async with deadline:
                     answer = await fut
             except TimeoutError:
+                if not deadline.expired():  # an answer that is a TimeoutError (AuthenticationFailed)
+                    raise
                 raise Timeout(f"no reply to {what} within {limit:g}s") from None
         finally:
             self._waiting.pop(req_id, None)
