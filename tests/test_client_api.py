@@ -335,6 +335,7 @@ async def main(endpoint: str, close: bool) -> None:
     await rt.eval('''serve(() => new Response(new ReadableStream({ async pull(c) {
         await new Promise((r) => setTimeout(r, 20)); c.enqueue(new Uint8Array(1000)); } })))''')
     resp = await rt.dispatch_request(client.Request("GET", "http://x/"))
+    abandoned = await rt.dispatch_request(client.Request("GET", "http://x/"))  # never read nor closed
     body = resp.body.__aiter__()
     await body.__anext__()
     os.kill(rt.pid, signal.SIGKILL)  # the runtime dies mid-body
@@ -347,6 +348,7 @@ async def main(endpoint: str, close: bool) -> None:
         await rt.eval("export default 1")
     except client.RuntimeLost as exc:
         print("lost:", type(exc).__name__)
+    del abandoned  # dropped after the loss: its stream's clean-up must not use the closed control link
     if close:
         await conn.close()
 
