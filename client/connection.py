@@ -77,7 +77,7 @@ class Connection:
         broker_key: bytes | None = None,
         session: bytes | None = None,
         reconnect: float = DEFAULT_RECONNECT,
-        connect_timeout: float | None = None,
+        connect_timeout: float = CONNECT_TIMEOUT,
         on_lost: Callable[[ConnectionLost], object] | None = None,
     ) -> None:
         self.endpoints = endpoints
@@ -86,7 +86,7 @@ class Connection:
         self.keypair = keypair
         self.broker_key = broker_key
         self.reconnect = reconnect
-        self.connect_timeout = min(timeout, CONNECT_TIMEOUT) if connect_timeout is None else connect_timeout
+        self.connect_timeout = connect_timeout
         #: called once with the ConnectionLost when the connection is lost (not when it is closed):
         #: no broker answered for ``reconnect`` seconds. Every runtime of it is lost with it.
         self.on_lost = on_lost
@@ -615,7 +615,7 @@ def endpoints_of(endpoint: str | Sequence[str]) -> list[str]:
 def connect(
     endpoint: str | Sequence[str] = "tcp://127.0.0.1:5555",
     *,
-    timeout: float = DEFAULT_TIMEOUT,
+    timeout: float | None = None,
     connect_timeout: float | None = None,
     keypair: KeyPair | None = None,
     broker_key: bytes | None = None,
@@ -626,11 +626,11 @@ def connect(
     """Connect to a broker's frontend: ``conn = await connect(...)``, or
     ``async with connect(...) as conn:`` to have it closed at the end of the block.
 
-    If no broker welcomes the client within ``connect_timeout`` seconds (default: ``timeout``, at
-    most 5) it fails with ``Unreachable`` (a Timeout) saying what it saw at each endpoint; a broker
+    If no broker welcomes the client within ``connect_timeout`` seconds (default: ``timeout`` if
+    given, else 5) it fails with ``Unreachable`` (a Timeout) saying what it saw at each endpoint; a broker
     that refuses its keys fails it at once with ``AuthenticationFailed``; an endpoint that is not
-    one raises ``InvalidEndpoint`` (a ValueError) here. ``timeout`` bounds each later call's wait
-    for the broker's reply.
+    one raises ``InvalidEndpoint`` (a ValueError) here. ``timeout`` (default 30) bounds each later
+    call's wait for the broker's reply.
 
     ``endpoint`` may name several brokers (a list, or comma-separated): a primary and standbys that
     the daemons also register with. If the broker in use falls silent or restarts, the connection
@@ -649,7 +649,9 @@ def connect(
     endpoints = endpoints_of(endpoint)
 
     async def opening() -> Connection:
-        conn = Connection(endpoints, timeout, keypair, broker_key, session, reconnect, connect_timeout, on_lost)
+        calls = DEFAULT_TIMEOUT if timeout is None else timeout
+        hello = connect_timeout if connect_timeout is not None else CONNECT_TIMEOUT if timeout is None else timeout
+        conn = Connection(endpoints, calls, keypair, broker_key, session, reconnect, hello, on_lost)
         await conn._open()
         return conn
 
