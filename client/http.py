@@ -38,8 +38,8 @@ def make_headers(headers: HeadersLike) -> CIMultiDict[str]:
         return CIMultiDict()
     if isinstance(headers, CIMultiDict):
         return headers
-    items = headers.items() if hasattr(headers, "items") else headers
-    return CIMultiDict((str(k), str(v)) for k, v in items)  # type: ignore[union-attr]
+    items = headers.items() if isinstance(headers, Mapping) else headers
+    return CIMultiDict((str(k), str(v)) for k, v in items)
 
 
 @dataclass(init=False)

@@ -165,7 +165,7 @@ class Runtime:
         resp_sid = P.new_id()
         body = request.body
         desc: M.Body = None
-        upload: asyncio.Task[None] | None = None
+        upload: asyncio.Task[Error | None] | None = None
         if isinstance(body, (bytes, bytearray, memoryview)) and len(body) <= P.MAX_INLINE_BODY:
             desc = M.Inline(body) if len(body) else None
         elif body is not None:

@@ -122,12 +122,12 @@ async def test_async_with_connect_and_with_create_runtime_close_and_dispose(brok
 # ---- typing ----------------------------------------------------------------------------------------
 
 
-def mypy(tmp: Path, script: Path) -> subprocess.CompletedProcess[str]:
-    """``mypy --strict`` on ``script`` as a user's project would run it: from a directory of its own,
-    with the package found on the path (as an installed one: only its py.typed makes it typed)."""
+def mypy(tmp: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``mypy --strict`` run from ``cwd``, the package found on the path (from a user's directory,
+    as an installed package: only its py.typed makes it typed there)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    argv = [sys.executable, "-m", "mypy", "--strict", "--cache-dir", str(tmp / ".mypy_cache"), script.name]
-    return subprocess.run(argv, cwd=script.parent, env=env, capture_output=True, text=True, timeout=120)
+    argv = [sys.executable, "-m", "mypy", "--strict", "--cache-dir", str(tmp / ".mypy_cache"), *args]
+    return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
 
 
 def test_the_package_is_typed_and_mypy_strict_accepts_a_users_script_and_catches_a_typo(tmp_path: Path) -> None:
@@ -135,7 +135,7 @@ def test_the_package_is_typed_and_mypy_strict_accepts_a_users_script_and_catches
     project.mkdir()
     user = project / "user_api.py"
     user.write_text((ROOT / "tests" / "typing" / "user_api.py").read_text())
-    done = mypy(tmp_path, user)
+    done = mypy(tmp_path, project, user.name)
     assert done.returncode == 0, done.stdout + done.stderr
     typo = project / "typo.py"
     typo.write_text(
@@ -143,8 +143,11 @@ def test_the_package_is_typed_and_mypy_strict_accepts_a_users_script_and_catches
         "    async with await conn.create_runtime() as rt:\n"
         "        await rt.no_such_method()\n"
     )
-    done = mypy(tmp_path, typo)
+    done = mypy(tmp_path, project, typo.name)
     assert done.returncode == 1 and '"Runtime" has no attribute "no_such_method"' in done.stdout, done.stdout
+    # and the package itself is strict-clean (its own errors only: wire/ is followed silently)
+    done = mypy(tmp_path, ROOT, "--follow-imports=silent", "-p", "client")
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 # ---- errors where the developer looks --------------------------------------------------------------
