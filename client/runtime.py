@@ -16,6 +16,8 @@ import contextlib
 import inspect
 import logging
 import math
+import time
+import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeAlias, TypeVar
@@ -32,6 +34,7 @@ from wire import messages as M
 from wire import protocol as P
 from wire import streams
 from wire.pipes import PipeReader, PipeWriter
+from wire.ratelog import RateLog
 from wire.scope import Scope
 
 log = logging.getLogger("client.runtime")
@@ -121,6 +124,8 @@ class Runtime:
         self.eval_timeout = eval_timeout
         self.lost: RuntimeLost | None = None
         self._scope = Scope(f"runtime {self.id}")
+        #: failures of the app's callbacks: a guest can make them fail thousands of times a second
+        self._failures = RateLog(log)
         #: open streams the daemon produces for us (response bodies, fetch uploads)
         self._inbound: dict[bytes, Inbound] = {}
         #: stream id -> the task producing it for the daemon (upload, fetch answer)
@@ -327,8 +332,8 @@ class Runtime:
             return
         try:
             result = self._console(ConsoleEntry(msg.level, list(msg.args)))
-        except Exception:
-            log.exception("runtime %s: the console callback failed", self.id)
+        except Exception as exc:
+            self._callback_failed("console", exc)
             return
         if inspect.isawaitable(result):
             self._scope.spawn(self._wait_console(result), name="client-console")
@@ -336,8 +341,20 @@ class Runtime:
     async def _wait_console(self, awaitable: Awaitable[Any]) -> None:
         try:
             await awaitable
-        except Exception:
-            log.exception("runtime %s: the console callback failed", self.id)
+        except Exception as exc:
+            self._callback_failed("console", exc)
+
+    def _callback_failed(self, which: str, exc: BaseException, on: str = "") -> None:
+        """Log a failure of the app's ``which`` callback with its traceback (where the developer
+        looks), at most once a second per runtime: the rest are counted in a summary line. A fetch
+        refused by forward_fetch's policy is the policy working: one INFO line, no traceback."""
+        if isinstance(exc, H.FetchDenied):
+            kind = f"runtime {self.id}: fetches refused"
+            self._failures.log(logging.INFO, kind, "runtime %s: fetch%s refused: %s", self.id, on, exc)
+            return
+        trace = _Traceback(exc)  # formatted only if this one is logged, not for each of a flood
+        kind = f"runtime {self.id}: {which} callback failures"  # the summary line's head
+        self._failures.log(logging.ERROR, kind, "runtime %s: the %s callback failed%s\n%s", self.id, which, on, trace)
 
     def on_fetch(self, msg: M.Fetch) -> None:
         if self.lost is not None:
@@ -367,11 +384,7 @@ class Runtime:
         except BaseException as exc:
             if not isinstance(exc, asyncio.CancelledError):
                 self._reply_fetch_error(msg.id, f"{type(exc).__name__}: {exc}")
-                if isinstance(exc, H.FetchDenied):  # the policy working, not a bug: one line
-                    log.info("runtime %s: fetch %s %s refused: %s", self.id, msg.method, msg.url, exc)
-                else:
-                    why = "runtime %s: the fetch callback failed on %s %s"
-                    log.error(why, self.id, msg.method, msg.url, exc_info=exc)
+                self._callback_failed("fetch", exc, f" on {msg.method} {msg.url}")
             if request_body is not None:
                 request_body.cancel()  # the guest's upload stops too
             if isinstance(exc, Exception):
@@ -413,11 +426,23 @@ class Runtime:
         """The runtime is gone: every open body fails, every task stops, the control lease ends."""
         if self.lost is not None:
             return
+        # the counts of failures not logged one by one, now (the summary may say up to a second more)
+        self._failures.flush(time.monotonic() + self._failures.interval)
         self.lost = lost(code, message)
         for stream in list(self._inbound.values()):
             stream.fail(message)
         self._scope.cancel()
         self._control.release()  # the daemon may be gone: the last lease closes the link
+
+
+class _Traceback:
+    """An exception's traceback as a log argument: formatted when (if) the line is written."""
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+    def __str__(self) -> str:
+        return "".join(traceback.format_exception(self.exc)).rstrip()
 
 
 async def _unless_refused(call: Awaitable[R], upload: asyncio.Task[Error | None]) -> R:
