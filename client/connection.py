@@ -514,7 +514,7 @@ class _Watch:
         self._sock: zmq.asyncio.Socket | None = None
         self._mon: zmq.asyncio.Socket | None = None
         self._task: asyncio.Task[None] | None = None
-        self.refused = self.connected = self.handshakes = 0
+        self.refused = self.connected = self.handshakes = self.dropped = 0
 
     def attach(self, sock: zmq.asyncio.Socket) -> None:
         """Monitor ``sock`` (before it connects) and start reading its events."""
@@ -533,21 +533,29 @@ class _Watch:
             elif kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self.handshakes += 1
             else:
-                why = f"the broker at {self.endpoint} refused this client: {self._refusal(kind, event['value'])}"
-                self._conn._fail_waiting(AuthenticationFailed(why))
+                self.dropped += kind == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+                why = self._refusal(kind, event["value"])
+                if why is not None:
+                    refused = f"the broker at {self.endpoint} refused this client: {why}"
+                    self._conn._fail_waiting(AuthenticationFailed(refused))
 
-    def _refusal(self, kind: int, value: int) -> str:
+    def _refusal(self, kind: int, value: int) -> str | None:
+        """What a failed handshake says about our keys; None if it says nothing for sure (a
+        peer that hung up once, or that is no ZeroMQ peer at all: ``explain`` tells later)."""
+        keys = self._conn.keypair is not None
         if kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
             return (
                 f"its key gate did not admit this client's public key (ZAP status {value}); "
                 "add it to the broker's --authorized-keys"
             )
-        if self._conn.keypair is None:
-            return "the broker requires CURVE keys; pass keypair= and broker_key= (see wire.auth)"
-        return (
-            f"the CURVE handshake failed (ZeroMQ protocol error {value:#x}); "
-            "does the broker use keys, and is broker_key its public key?"
-        )
+        if kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
+            if keys:
+                return "it does not use CURVE keys; connect without keypair= and broker_key="
+            return "it requires CURVE keys; pass keypair= and broker_key= (see wire.auth)"
+        if keys and (kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL or self.dropped >= 2):
+            # a broker that cannot decrypt our hello (sealed for another key) just hangs up, every time
+            return "the CURVE handshake failed; is broker_key the broker's public key?"
+        return None
 
     def explain(self, timeout: float) -> str:
         """Why no welcome came from ``endpoint`` within ``timeout`` seconds, from what was seen."""
@@ -559,6 +567,8 @@ class _Watch:
             )
         if self.connected and self._conn.keypair is not None:
             return f"{where}: the CURVE handshake never completed; is broker_key the broker's public key?"
+        if self.dropped:
+            return f"{where}: the peer hung up during the ZeroMQ handshake; is it a broker's --frontend?"
         if self.connected:
             return (
                 f"{where}: the connection was accepted but no ZeroMQ handshake completed; "
