@@ -553,8 +553,9 @@ class _Watch:
                 return "it does not use CURVE keys; connect without keypair= and broker_key="
             return "it requires CURVE keys; pass keypair= and broker_key= (see wire.auth)"
         if keys and (kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL or self.dropped >= 2):
-            # a broker that cannot decrypt our hello (sealed for another key) just hangs up, every time
-            return "the CURVE handshake failed; is broker_key the broker's public key?"
+            # a broker that cannot decrypt our hello (sealed for another key) just hangs up, every time;
+            # so may one without keys, when it sees the mismatch before we do
+            return "the CURVE handshake failed; is broker_key the broker's public key, and does it use keys at all?"
         return None
 
     def explain(self, timeout: float) -> str:
@@ -568,7 +569,10 @@ class _Watch:
         if self.connected and self._conn.keypair is not None:
             return f"{where}: the CURVE handshake never completed; is broker_key the broker's public key?"
         if self.dropped:
-            return f"{where}: the peer hung up during the ZeroMQ handshake; is it a broker's --frontend?"
+            return (
+                f"{where}: the peer hung up during the ZeroMQ handshake; does the broker require CURVE keys "
+                "(keypair=, broker_key=), or is it not a broker's --frontend?"
+            )
         if self.connected:
             return (
                 f"{where}: the connection was accepted but no ZeroMQ handshake completed; "
