@@ -1,19 +1,23 @@
 """The Python client: create sandboxed JavaScript runtimes through a broker and talk to them.
 
-conn = await client.connect("tcp://127.0.0.1:5555")
-rt = await conn.create_runtime(fetch=client.forward_fetch(), console=print)
-await rt.eval("serve({ fetch: (req) => new Response('hi') })")
-resp = await rt.dispatch_request(client.Request("GET", "http://localhost/"))
+async with client.connect("tcp://127.0.0.1:5555") as conn:
+    async with await conn.create_runtime(fetch=client.forward_fetch(), console=print) as rt:
+        await rt.eval("serve({ fetch: (req) => new Response('hi') })")
+        resp = await rt.dispatch_request(client.Request("GET", "http://localhost/"))
+
+The package is typed (py.typed): callbacks are ``FetchCallback`` and ``ConsoleCallback``.
 """
 
 from client.bodies import Body
-from client.connection import Connection, connect
+from client.connection import Connecting, Connection, connect
 from client.errors import (
+    AuthenticationFailed,
     Busy,
     ConnectionLost,
     CpuLimitExceeded,
     Error,
     GuestError,
+    InvalidEndpoint,
     MemoryLimitExceeded,
     NoCapacity,
     NoHandler,
@@ -23,21 +27,27 @@ from client.errors import (
     Timeout,
     Unavailable,
     UnknownRuntime,
+    Unreachable,
 )
 from client.glue import aiohttp_handler, forward_fetch
 from client.http import Request, Response
-from client.runtime import ConsoleEntry, Runtime
+from client.runtime import ConsoleCallback, ConsoleEntry, FetchCallback, Runtime
 from wire.auth import KeyPair, load_keypair, load_public_key
 
 __all__ = [
+    "AuthenticationFailed",
     "Body",
     "Busy",
+    "Connecting",
     "Connection",
     "ConnectionLost",
+    "ConsoleCallback",
     "ConsoleEntry",
     "CpuLimitExceeded",
     "Error",
+    "FetchCallback",
     "GuestError",
+    "InvalidEndpoint",
     "KeyPair",
     "MemoryLimitExceeded",
     "NoCapacity",
@@ -51,6 +61,7 @@ __all__ = [
     "Timeout",
     "Unavailable",
     "UnknownRuntime",
+    "Unreachable",
     "aiohttp_handler",
     "connect",
     "forward_fetch",

@@ -76,7 +76,8 @@ class Inbound:
         if frame is None:
             self._on_done(self)
             return None
-        return frame.bytes
+        data: bytes = frame.bytes
+        return data
 
     def cancel(self, reason: str = CLOSED_BY_READER) -> None:
         """The reader gives up: the daemon stops producing; a pending read raises StreamError."""

@@ -20,17 +20,28 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import re
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Generator, Sequence
 from typing import Any, TypeVar
 
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 
 from client.control import ControlLink
-from client.errors import ConnectionLost, Error, RequestRejected, Timeout, Unavailable, from_reply
-from client.http import Request, Response
-from client.runtime import ConsoleEntry, Runtime, to_ms
+from client.errors import (
+    AuthenticationFailed,
+    ConnectionLost,
+    Error,
+    InvalidEndpoint,
+    RequestRejected,
+    Timeout,
+    Unavailable,
+    Unreachable,
+    from_reply,
+)
+from client.runtime import ConsoleCallback, FetchCallback, Runtime, check_callbacks, to_ms
 from wire import liveness, sockets
 from wire import messages as M
 from wire import protocol as P
@@ -41,6 +52,13 @@ from wire.scope import Scope
 log = logging.getLogger("client")
 
 DEFAULT_TIMEOUT = 30.0
+#: How long ``connect`` waits for a broker's welcome by default (seconds): a broker that is not
+#: there is reported within this, not after the 30 s a call may take.
+CONNECT_TIMEOUT = 5.0
+HINT = "is `python -m broker` running, with this --frontend?"
+#: What an endpoint ZeroMQ can dial looks like (checked before any socket is made).
+_ENDPOINT = re.compile(r"(tcp|ipc|inproc|ws|wss)://[^\s]+")
+_TCP = re.compile(r"tcp://(\[[0-9a-fA-F:.]+\]|[^\s:/\[\]]+):(\d{1,5})")
 #: How long a connection tries to resume its session after its broker went away (seconds).
 DEFAULT_RECONNECT = 60.0
 #: Every pipe of this process (descriptors are counted per process, whatever the connection).
@@ -59,6 +77,8 @@ class Connection:
         broker_key: bytes | None = None,
         session: bytes | None = None,
         reconnect: float = DEFAULT_RECONNECT,
+        connect_timeout: float = CONNECT_TIMEOUT,
+        on_lost: Callable[[ConnectionLost], object] | None = None,
     ) -> None:
         self.endpoints = endpoints
         self.endpoint = endpoints[0]
@@ -66,7 +86,12 @@ class Connection:
         self.keypair = keypair
         self.broker_key = broker_key
         self.reconnect = reconnect
+        self.connect_timeout = connect_timeout
+        #: called once with the ConnectionLost when the connection is lost (not when it is closed):
+        #: no broker answered for ``reconnect`` seconds. Every runtime of it is lost with it.
+        self.on_lost = on_lost
         self.ctx = sockets.context()
+        self._watch: _Watch | None = None  # while connect waits for its first welcome
         self.sock = self._dealer(self.endpoint)
         self.token = session or b""
         self.reconnects = 0  # how many times the session was resumed after a broker went away
@@ -92,24 +117,39 @@ class Connection:
     def _dealer(self, endpoint: str) -> zmq.asyncio.Socket:
         # a fresh routing id per socket: the session is the token, never the routing id
         sock = sockets.dealer(self.ctx, identity=P.new_id())
-        connect_with(sock, self.keypair, self.broker_key)
-        sock.connect(endpoint)
+        try:
+            connect_with(sock, self.keypair, self.broker_key)
+            if self._watch is not None:  # before connect: the monitor must see the first events
+                self._watch.attach(sock)
+            sock.connect(endpoint)
+        except BaseException as exc:
+            sock.close(0)
+            if isinstance(exc, zmq.ZMQError):
+                raise InvalidEndpoint(f"cannot connect to {endpoint!r}: {exc.strerror}") from None
+            raise
         return sock
 
     async def _open(self) -> None:
-        self._scope.spawn(self._read(self.sock), name="client-broker")
+        """Say hello to each endpoint in turn until one welcomes us, watching each socket's
+        handshake (``_Watch``) to say why none did, or to fail at once if one refused our keys."""
         try:
-            each = self.timeout / len(self.endpoints)
-            for i, endpoint in enumerate(self.endpoints):
-                if i:
-                    self._switch(endpoint)
+            each = self.connect_timeout / len(self.endpoints)
+            why: list[str] = []
+            for endpoint in self.endpoints:
+                self._watch = watch = _Watch(self, endpoint)
                 try:
+                    self._switch(endpoint)  # the first time too: its monitor is attached before connect
                     await self._hello(each)
                     break
-                except Timeout as exc:
-                    if i == len(self.endpoints) - 1:
-                        which = ", ".join(self.endpoints)
-                        raise Timeout(f"no broker answered within {self.timeout:g}s: {which}") from exc
+                except AuthenticationFailed:
+                    raise  # the broker said no: waiting longer or asking a standby will not help
+                except Timeout:
+                    why.append(watch.explain(each))
+                finally:
+                    self._watch = None
+                    await watch.close()
+            else:
+                raise Unreachable("; ".join(why))
         except BaseException:
             await self.close()
             raise
@@ -136,6 +176,19 @@ class Connection:
         self.sock = self._dealer(endpoint)
         self._scope.spawn(self._read(self.sock), name="client-broker")
 
+    def _lose(self, exc: ConnectionLost) -> None:
+        """No broker answered for ``reconnect`` seconds: say so in the log and to ``on_lost``,
+        then fail every call and runtime."""
+        if self.closed is not None:
+            return
+        log.error("connection lost: %s; its %d runtime(s) are lost with it", exc.message, len(self.runtimes))
+        self._fail(exc)
+        if self.on_lost is not None:
+            try:
+                self.on_lost(exc)
+            except Exception:
+                log.exception("the connection's on_lost callback failed")
+
     async def _reconnect(self, why: str, *, same_first: bool) -> None:
         """Fail what waits at the broker (retryable), then say hello with our token until a broker
         answers: first the same one if it told us it restarted, else the next endpoint."""
@@ -143,7 +196,7 @@ class Connection:
         self._rehello = False
         self._fail_waiting(Unavailable(f"the broker at {self.endpoint} {why}; the call may be retried"))
         if self.reconnect <= 0:
-            self._fail(ConnectionLost(f"the broker at {self.endpoint} {why}"))
+            self._lose(ConnectionLost(f"the broker at {self.endpoint} {why}"))
             return
         log.warning("the broker at %s %s; resuming the session", self.endpoint, why)
         first = self.endpoints.index(self.endpoint) + (0 if same_first else 1)
@@ -163,7 +216,7 @@ class Connection:
             self.reconnects += 1
             log.warning("session resumed at %s", self.endpoint)
             return
-        self._fail(ConnectionLost(f"the broker at {self.endpoint} {why}, and none answered for {self.reconnect:g}s"))
+        self._lose(ConnectionLost(f"the broker at {self.endpoint} {why}, and none answered for {self.reconnect:g}s"))
 
     # ---- requests (the Host interface of client.runtime) ---------------------------------------------
 
@@ -204,10 +257,13 @@ class Connection:
         try:
             self._send_frames(frames, hello)
             limit = self.timeout if timeout is None else timeout
+            deadline = asyncio.timeout(limit)
             try:
-                async with asyncio.timeout(limit):
+                async with deadline:
                     answer = await fut
             except TimeoutError:
+                if not deadline.expired():  # an answer that is a TimeoutError (AuthenticationFailed)
+                    raise
                 raise Timeout(f"no reply to {what} within {limit:g}s") from None
         finally:
             self._waiting.pop(req_id, None)
@@ -329,8 +385,8 @@ class Connection:
     async def create_runtime(
         self,
         *,
-        fetch: Callable[[Request], Awaitable[Response]] | None = None,
-        console: Callable[[ConsoleEntry], Any] | None = None,
+        fetch: FetchCallback | None = None,
+        console: ConsoleCallback | None = None,
         memory_limit_mb: int | None = None,
         eval_timeout: float | None = None,
         cpu_limit: float | None = None,
@@ -353,6 +409,7 @@ class Connection:
         cpu_ms = None if cpu_limit is None else to_ms(cpu_limit)
         request_ms = None if request_cpu is None else to_ms(request_cpu)
         keep_ms = None if keep_alive is None else to_ms(keep_alive)
+        check_callbacks(fetch, console)  # a wrong callback is refused here, not at the guest's first fetch
         created = await self.call(
             lambda id_: M.CreateRuntime(
                 id=id_, fetch=fetch is not None, console=console is not None, memory_limit_mb=mem,
@@ -368,8 +425,8 @@ class Connection:
         self,
         name: str,
         *,
-        fetch: Callable[[Request], Awaitable[Response]] | None = None,
-        console: Callable[[ConsoleEntry], Any] | None = None,
+        fetch: FetchCallback | None = None,
+        console: ConsoleCallback | None = None,
         eval_timeout: float | None = None,
         timeout: float | None = None,
     ) -> Runtime:
@@ -377,6 +434,7 @@ class Connection:
         connection made with ``session=`` the old one's ``session``. Its state is as it was left;
         ``fetch`` and ``console`` are this connection's handlers for it. UnknownRuntime if the
         session has none by that name (never created, disposed, or reclaimed after its keep_alive)."""
+        check_callbacks(fetch, console)
         for runtime in self.runtimes.values():
             if runtime.name == name and runtime.lost is None:
                 return runtime
@@ -387,8 +445,8 @@ class Connection:
         self,
         created: M.CreateOk,
         name: str | None,
-        fetch: Callable[[Request], Awaitable[Response]] | None,
-        console: Callable[[ConsoleEntry], Any] | None,
+        fetch: FetchCallback | None,
+        console: ConsoleCallback | None,
         eval_timeout: float | None,
         *,
         new: bool,
@@ -435,16 +493,158 @@ class Connection:
         await self.close()
 
 
-async def connect(
+#: The socket events connect watches while it waits for its first welcome.
+_EVENTS = (
+    zmq.EVENT_CONNECTED | zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_HANDSHAKE_SUCCEEDED
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+)  # fmt: skip
+
+
+class _Watch:
+    """What ZeroMQ saw of one broker socket while connect waited for a welcome (a socket monitor).
+
+    ZeroMQ hides refused connections and failed handshakes from the application: without this a
+    missing broker, a peer that is no broker and a refused key all look like the same silence.
+    A refused handshake fails the hello at once (AuthenticationFailed); the rest is counted, so
+    that a hello that timed out can say what happened (``explain``)."""
+
+    def __init__(self, conn: Connection, endpoint: str) -> None:
+        self._conn = conn
+        self.endpoint = endpoint
+        self._sock: zmq.asyncio.Socket | None = None
+        self._mon: zmq.asyncio.Socket | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.refused = self.connected = self.handshakes = self.dropped = 0
+
+    def attach(self, sock: zmq.asyncio.Socket) -> None:
+        """Monitor ``sock`` (before it connects) and start reading its events."""
+        self._sock = sock
+        self._mon = sock.get_monitor_socket(_EVENTS)
+        self._task = self._conn._scope.spawn(self._run(self._mon), name="client-connect-watch")
+
+    async def _run(self, mon: zmq.asyncio.Socket) -> None:
+        while True:
+            event = parse_monitor_message(await mon.recv_multipart())
+            kind = event["event"]
+            if kind == zmq.EVENT_CONNECT_RETRIED:
+                self.refused += 1
+            elif kind == zmq.EVENT_CONNECTED:
+                self.connected += 1
+            elif kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.handshakes += 1
+            else:
+                self.dropped += kind == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+                why = self._refusal(kind, event["value"])
+                if why is not None:
+                    refused = f"the broker at {self.endpoint} refused this client: {why}"
+                    self._conn._fail_waiting(AuthenticationFailed(refused))
+
+    def _refusal(self, kind: int, value: int) -> str | None:
+        """What a failed handshake says about our keys; None if it says nothing for sure (a
+        peer that hung up once, or that is no ZeroMQ peer at all: ``explain`` tells later)."""
+        keys = self._conn.keypair is not None
+        if kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            return (
+                f"its key gate did not admit this client's public key (ZAP status {value}); "
+                "add it to the broker's --authorized-keys"
+            )
+        if kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
+            if keys:
+                return "it does not use CURVE keys; connect without keypair= and broker_key="
+            return "it requires CURVE keys; pass keypair= and broker_key= (see wire.auth)"
+        if keys and (kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL or self.dropped >= 2):
+            # a broker that cannot decrypt our hello (sealed for another key) just hangs up, every time;
+            # so may one without keys, when it sees the mismatch before we do
+            return "the CURVE handshake failed; is broker_key the broker's public key, and does it use keys at all?"
+        return None
+
+    def explain(self, timeout: float) -> str:
+        """Why no welcome came from ``endpoint`` within ``timeout`` seconds, from what was seen."""
+        where = f"no broker answered at {self.endpoint} within {timeout:g}s"
+        if self.handshakes:
+            return (
+                f"{where}: a peer accepted the connection but did not answer hello; "
+                "is it a broker's --frontend (not its --backend or a daemon), and not overloaded?"
+            )
+        if self.connected and self._conn.keypair is not None:
+            return f"{where}: the CURVE handshake never completed; is broker_key the broker's public key?"
+        if self.dropped:
+            return (
+                f"{where}: the peer hung up during the ZeroMQ handshake; does the broker require CURVE keys "
+                "(keypair=, broker_key=), or is it not a broker's --frontend?"
+            )
+        if self.connected:
+            return (
+                f"{where}: the connection was accepted but no ZeroMQ handshake completed; "
+                "is a broker listening there, or some other server?"
+            )
+        seen = "could not connect: refused or unreachable" if self.refused else "no connection"
+        return f"{where} ({seen}); {HINT}"
+
+    async def close(self) -> None:
+        """Stop watching (connect is done with this socket, or gives up on it)."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._sock is not None and not self._sock.closed:
+            with contextlib.suppress(zmq.ZMQError):
+                self._sock.disable_monitor()
+        if self._mon is not None:
+            self._mon.close(0)
+
+
+class Connecting(Awaitable[Connection]):
+    """What ``connect`` returns: ``await`` it for the Connection, or enter it with ``async with``
+    (the connection is closed when the block ends). The connection is made on either, not before."""
+
+    def __init__(self, opening: Callable[[], Awaitable[Connection]]) -> None:
+        self._opening = opening
+        self._conn: Connection | None = None
+
+    def __await__(self) -> Generator[Any, None, Connection]:
+        return self._opening().__await__()
+
+    async def __aenter__(self) -> Connection:
+        self._conn = await self._opening()
+        return self._conn
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._conn is not None:
+            await self._conn.close()
+
+
+def endpoints_of(endpoint: str | Sequence[str]) -> list[str]:
+    """The broker endpoints ``endpoint`` names (a list, or comma-separated); InvalidEndpoint for
+    one ZeroMQ cannot dial, said before any socket is made."""
+    endpoints = [e.strip() for e in endpoint.split(",")] if isinstance(endpoint, str) else list(endpoint)
+    if not endpoints or not all(isinstance(e, str) and e for e in endpoints):
+        raise InvalidEndpoint(f"no broker endpoint in {endpoint!r}")
+    for e in endpoints:
+        tcp = _TCP.fullmatch(e)
+        if not _ENDPOINT.fullmatch(e) or (e.startswith("tcp://") and not (tcp and 0 < int(tcp[2]) < 65536)):
+            raise InvalidEndpoint(f"{e!r} is not a ZeroMQ endpoint; a broker's frontend looks like tcp://host:port")
+    return endpoints
+
+
+def connect(
     endpoint: str | Sequence[str] = "tcp://127.0.0.1:5555",
     *,
-    timeout: float = DEFAULT_TIMEOUT,
+    timeout: float | None = None,
+    connect_timeout: float | None = None,
     keypair: KeyPair | None = None,
     broker_key: bytes | None = None,
     session: bytes | None = None,
     reconnect: float = DEFAULT_RECONNECT,
-) -> Connection:
-    """Connect to a broker's frontend; fails with Timeout if it does not answer within ``timeout``.
+    on_lost: Callable[[ConnectionLost], object] | None = None,
+) -> Connecting:
+    """Connect to a broker's frontend: ``conn = await connect(...)``, or
+    ``async with connect(...) as conn:`` to have it closed at the end of the block.
+
+    If no broker welcomes the client within ``connect_timeout`` seconds (default: ``timeout`` if
+    given, else 5) it fails with ``Unreachable`` (a Timeout) saying what it saw at each endpoint; a broker
+    that refuses its keys fails it at once with ``AuthenticationFailed``; an endpoint that is not
+    one raises ``InvalidEndpoint`` (a ValueError) here. ``timeout`` (default 30) bounds each later
+    call's wait for the broker's reply.
 
     ``endpoint`` may name several brokers (a list, or comma-separated): a primary and standbys that
     the daemons also register with. If the broker in use falls silent or restarts, the connection
@@ -455,10 +655,18 @@ async def connect(
     With ``keypair`` and ``broker_key`` (see wire.auth) every socket of this client uses CURVE:
     the broker admits it only if its public key is authorized, and the daemons it uses admit it
     because the broker vouches for it.
+
+    ``on_lost(exc)`` is called (and an error logged) when the connection is lost for good: no
+    broker answered for ``reconnect`` seconds; its runtimes are lost with it. While it reconnects,
+    calls fail with ``Unavailable`` (retryable) and a warning is logged.
     """
-    endpoints = [e.strip() for e in endpoint.split(",")] if isinstance(endpoint, str) else list(endpoint)
-    if not endpoints or not all(endpoints):
-        raise ValueError(f"no broker endpoint in {endpoint!r}")
-    conn = Connection(endpoints, timeout, keypair, broker_key, session, reconnect)
-    await conn._open()
-    return conn
+    endpoints = endpoints_of(endpoint)
+
+    async def opening() -> Connection:
+        calls = DEFAULT_TIMEOUT if timeout is None else timeout
+        hello = connect_timeout if connect_timeout is not None else CONNECT_TIMEOUT if timeout is None else timeout
+        conn = Connection(endpoints, calls, keypair, broker_key, session, reconnect, hello, on_lost)
+        await conn._open()
+        return conn
+
+    return Connecting(opening)

@@ -17,15 +17,22 @@ class Error(Exception):
 
 
 class GuestError(Error):
-    """The guest's JavaScript threw; ``name``, ``message`` and ``stack`` are the JS error's."""
+    """The guest's JavaScript threw; ``name``, ``message`` and ``stack`` are the JS error's.
+
+    ``str()`` of it is the guest's stack (``Name: message`` and its ``at ...`` lines), so a
+    traceback shows where in the guest it threw; ``brief`` is the first line alone."""
 
     code = P.E_GUEST
 
     def __init__(self, name: str, message: str, stack: str = "") -> None:
-        super().__init__(f"{name}: {message}")
+        brief = f"{name}: {message}"
+        if stack and not stack.startswith(brief):
+            stack = f"{brief}\n{stack}"  # a stack without its head line (a guest may rewrite it)
+        super().__init__(stack or brief)
         self.name = name
         self.message = message
         self.stack = stack
+        self.brief = brief
 
 
 class NoHandler(Error):
@@ -84,6 +91,22 @@ class StreamError(Error):
     """A body stream ended abnormally (producer error, cancel, lost peer)."""
 
     code = "stream_error"
+
+
+class InvalidEndpoint(Error, ValueError):
+    """``connect`` was given an endpoint ZeroMQ cannot dial (it must look like ``tcp://host:port``)."""
+
+    code = "invalid_endpoint"
+
+
+class Unreachable(Timeout):
+    """``connect`` found no broker to talk to: nothing listening, not a broker, or no answer in
+    time; the message names the endpoint and what was seen. (A Timeout, as it was before.)"""
+
+
+class AuthenticationFailed(Unreachable):
+    """The broker refused this client at the CURVE handshake: it requires keys and none were
+    given, the client's public key is not authorized, or ``broker_key`` is not the broker's."""
 
 
 class RequestRejected(Error):

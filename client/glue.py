@@ -19,7 +19,7 @@ from aiohttp.abc import AbstractResolver
 from aiohttp.resolver import DefaultResolver
 from yarl import URL
 
-from client.errors import Error
+from client.errors import Error, GuestError
 from client.http import Request, Response, close_body
 from client.runtime import Runtime
 from wire import http as H
@@ -373,6 +373,7 @@ def aiohttp_handler(runtime: Runtime, *, poll: float = 0.1) -> Callable[[web.Req
     ``poll`` seconds, so a stalled guest body is still cancelled when the end client leaves.
     """
     warned = False
+    rid = getattr(runtime, "id", repr(runtime))  # for the log (a stand-in with dispatch_request works too)
 
     async def handler(request: web.Request) -> web.StreamResponse:
         nonlocal warned
@@ -390,11 +391,18 @@ def aiohttp_handler(runtime: Runtime, *, poll: float = 0.1) -> Callable[[web.Req
         try:
             resp = await runtime.dispatch_request(req)
         except Error as exc:
-            return web.Response(status=502, text=f"{type(exc).__name__}: {exc}\n")
+            # the end client gets the error's first line only: a guest's stack stays in the log
+            brief = exc.brief if isinstance(exc, GuestError) else exc.message
+            log.warning("aiohttp_handler: 502 for %s %s: runtime %s: %s", request.method, request.path, rid, exc)
+            return web.Response(status=502, text=f"{type(exc).__name__}: {brief}\n")
         try:  # checked when the Response was made; again here, since it is mutable
             H.check_response_head(resp.status_text, resp.headers.items())
         except H.HeadError as exc:
             await close_body(resp.body)
+            log.warning(
+                "aiohttp_handler: 502 for %s %s: runtime %s: invalid response head: %s",
+                request.method, request.path, rid, exc,
+            )  # fmt: skip
             return web.Response(status=502, text=f"invalid response head from the runtime: {exc}\n")
         out = web.StreamResponse(status=resp.status, reason=resp.status_text or None)
         for k, v in resp.headers.items():
@@ -405,7 +413,11 @@ def aiohttp_handler(runtime: Runtime, *, poll: float = 0.1) -> Callable[[web.Req
                 await _forward(request, out, resp)
             else:
                 await _forward_watching(request, out, resp, poll)
-        except Exception:
+        except Exception as exc:
+            log.warning(
+                "aiohttp_handler: response to %s %s truncated: runtime %s: %s: %s",
+                request.method, request.path, rid, type(exc).__name__, exc,
+            )  # fmt: skip
             if request.transport is not None:
                 request.transport.abort()  # a truncated body must look truncated
         finally:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from multidict import CIMultiDict
@@ -24,43 +24,82 @@ BodyType = bytes | bytearray | memoryview | AsyncIterable[bytes] | None
 HeadersLike = Mapping[str, str] | Iterable[tuple[str, str]] | None
 
 
+def check_body(body: object, what: str) -> None:
+    """Refuse a body that is not one (a str, a dict, a sync iterable) where it is made, with a
+    TypeError that says what would do, instead of a failure deep in a stream later."""
+    if body is None or isinstance(body, (bytes, bytearray, memoryview)) or hasattr(body, "__aiter__"):
+        return
+    hint = " (encode it: body=text.encode())" if isinstance(body, str) else ""
+    raise TypeError(f"{what} body must be bytes, an async iterable of bytes or None, not {type(body).__name__}{hint}")
+
+
 def make_headers(headers: HeadersLike) -> CIMultiDict[str]:
     if headers is None:
         return CIMultiDict()
     if isinstance(headers, CIMultiDict):
         return headers
-    items = headers.items() if hasattr(headers, "items") else headers
-    return CIMultiDict((str(k), str(v)) for k, v in items)  # type: ignore[union-attr]
+    items = headers.items() if isinstance(headers, Mapping) else headers
+    return CIMultiDict((str(k), str(v)) for k, v in items)
 
 
-@dataclass
+@dataclass(init=False)
 class Request:
+    """An HTTP request: ``headers`` may be given as a mapping or (name, value) pairs, and is a
+    CIMultiDict from then on (hence an explicit ``__init__``: the types in and out differ)."""
+
     method: str
     url: str
-    headers: CIMultiDict[str] = field(default_factory=CIMultiDict)
-    body: BodyType = None
-    redirect: str = "follow"
+    headers: CIMultiDict[str]
+    body: BodyType
+    redirect: str
 
-    def __post_init__(self) -> None:
+    def __init__(
+        self, method: str, url: str, headers: HeadersLike = None, body: BodyType = None, redirect: str = "follow"
+    ) -> None:
+        self.method, self.url, self.body, self.redirect = method, url, body, redirect
+        self.headers = make_headers(headers)
+        self._check()
+
+    def _check(self) -> None:
+        if not isinstance(self.method, str) or not isinstance(self.url, str):
+            kinds = f"{type(self.method).__name__}, {type(self.url).__name__}"
+            raise TypeError(f"a Request's method and url are str, not {kinds}")
         self.method = self.method.upper()
-        self.headers = make_headers(self.headers)
+        check_body(self.body, "a Request's")
         H.check_request_head(self.method, self.url, self.headers.items())  # wire.http.HeadError
 
     async def read(self) -> bytes:
         return await read_body(self.body)
 
 
-@dataclass
+@dataclass(init=False)
 class Response:
-    status: int = 200
-    headers: CIMultiDict[str] = field(default_factory=CIMultiDict)
-    body: BodyType = None
-    status_text: str = ""
-    url: str = ""
-    redirected: bool = False
+    """An HTTP response (``headers`` as for Request)."""
 
-    def __post_init__(self) -> None:
-        self.headers = make_headers(self.headers)
+    status: int
+    headers: CIMultiDict[str]
+    body: BodyType
+    status_text: str
+    url: str
+    redirected: bool
+
+    def __init__(
+        self,
+        status: int = 200,
+        headers: HeadersLike = None,
+        body: BodyType = None,
+        status_text: str = "",
+        url: str = "",
+        redirected: bool = False,
+    ) -> None:
+        self.status, self.body, self.status_text, self.url, self.redirected = status, body, status_text, url, redirected
+        self.headers = make_headers(headers)
+        self._check()
+
+    def _check(self) -> None:
+        if not isinstance(self.status, int) or isinstance(self.status, bool):
+            raise TypeError(f"a Response's status is an int, not {type(self.status).__name__}")
+        check_body(self.body, "a Response's")
         H.check_response_head(self.status_text, self.headers.items())  # wire.http.HeadError
 
     async def read(self) -> bytes:

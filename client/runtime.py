@@ -16,9 +16,11 @@ import contextlib
 import inspect
 import logging
 import math
+import time
+import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeAlias, TypeVar
 
 import zmq
 import zmq.asyncio
@@ -32,6 +34,7 @@ from wire import messages as M
 from wire import protocol as P
 from wire import streams
 from wire.pipes import PipeReader, PipeWriter
+from wire.ratelog import RateLog
 from wire.scope import Scope
 
 log = logging.getLogger("client.runtime")
@@ -40,6 +43,29 @@ log = logging.getLogger("client.runtime")
 DISPATCH_TIMEOUT = 60.0
 
 R = TypeVar("R", bound=M.Record)
+
+#: The fetch callback: ``async def fetch(request: client.Request) -> client.Response``. It performs
+#: the guest's ``fetch()`` (``client.forward_fetch()`` does it for real with aiohttp); what it raises
+#: rejects the guest's fetch with a TypeError naming it, and is logged with its traceback.
+FetchCallback: TypeAlias = Callable[[Request], Awaitable[Response]]
+#: The console callback: called with each ``console.*`` call of the guest, as a ``ConsoleEntry``
+#: (``level`` is log/info/warn/error/debug); it may be a plain function or an ``async def``.
+ConsoleCallback: TypeAlias = Callable[["ConsoleEntry"], object]
+
+
+def check_callbacks(fetch: object, console: object) -> None:
+    """Refuse callbacks that cannot work at the call that passes them (TypeError), not at the guest's
+    first fetch: ``fetch`` must be an ``async def`` (or an object whose ``__call__`` is one, like
+    forward_fetch()), since the daemon's fetch waits for a Response that a plain function cannot stream."""
+    if fetch is not None and not (
+        inspect.iscoroutinefunction(fetch) or inspect.iscoroutinefunction(getattr(fetch, "__call__", None))  # noqa: B004
+    ):
+        raise TypeError(
+            f"fetch must be an async function, async def fetch(request: client.Request) -> client.Response, "
+            f"not {fetch!r} (use client.forward_fetch() to perform fetches for real)"
+        )
+    if console is not None and not callable(console):
+        raise TypeError(f"console must be a function taking a client.ConsoleEntry, not {console!r}")
 
 
 class Host(Protocol):
@@ -82,8 +108,8 @@ class Runtime:
         host: Host,
         control: ControlLink,
         created: M.CreateOk,
-        fetch: Callable[[Request], Awaitable[Response]] | None,
-        console: Callable[[ConsoleEntry], Any] | None,
+        fetch: FetchCallback | None,
+        console: ConsoleCallback | None,
         eval_timeout: float | None,
     ) -> None:
         self._host = host
@@ -98,6 +124,8 @@ class Runtime:
         self.eval_timeout = eval_timeout
         self.lost: RuntimeLost | None = None
         self._scope = Scope(f"runtime {self.id}")
+        #: failures of the app's callbacks: a guest can make them fail thousands of times a second
+        self._failures = RateLog(log)
         #: open streams the daemon produces for us (response bodies, fetch uploads)
         self._inbound: dict[bytes, Inbound] = {}
         #: stream id -> the task producing it for the daemon (upload, fetch answer)
@@ -107,6 +135,13 @@ class Runtime:
 
     def __repr__(self) -> str:
         return f"<Runtime {self.id} on {self.daemon}{' lost' if self.lost else ''}>"
+
+    async def __aenter__(self) -> Runtime:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        """``async with await conn.create_runtime() as rt:`` disposes of the runtime at the end."""
+        await self.dispose()
 
     # ---- calls -----------------------------------------------------------------------------------
 
@@ -135,7 +170,7 @@ class Runtime:
         resp_sid = P.new_id()
         body = request.body
         desc: M.Body = None
-        upload: asyncio.Task[None] | None = None
+        upload: asyncio.Task[Error | None] | None = None
         if isinstance(body, (bytes, bytearray, memoryview)) and len(body) <= P.MAX_INLINE_BODY:
             desc = M.Inline(body) if len(body) else None
         elif body is not None:
@@ -297,11 +332,29 @@ class Runtime:
             return
         try:
             result = self._console(ConsoleEntry(msg.level, list(msg.args)))
-        except Exception:
-            log.exception("console callback failed")
+        except Exception as exc:
+            self._callback_failed("console", exc)
             return
         if inspect.isawaitable(result):
-            self._scope.spawn(_wait(result), name="client-console")
+            self._scope.spawn(self._wait_console(result), name="client-console")
+
+    async def _wait_console(self, awaitable: Awaitable[Any]) -> None:
+        try:
+            await awaitable
+        except Exception as exc:
+            self._callback_failed("console", exc)
+
+    def _callback_failed(self, which: str, exc: BaseException, on: str = "") -> None:
+        """Log a failure of the app's ``which`` callback with its traceback (where the developer
+        looks), at most once a second per runtime: the rest are counted in a summary line. A fetch
+        refused by forward_fetch's policy is the policy working: one INFO line, no traceback."""
+        if isinstance(exc, H.FetchDenied):
+            kind = f"runtime {self.id}: fetches refused"
+            self._failures.log(logging.INFO, kind, "runtime %s: fetch%s refused: %s", self.id, on, exc)
+            return
+        trace = _Traceback(exc)  # formatted only if this one is logged, not for each of a flood
+        kind = f"runtime {self.id}: {which} callback failures"  # the summary line's head
+        self._failures.log(logging.ERROR, kind, "runtime %s: the %s callback failed%s\n%s", self.id, which, on, trace)
 
     def on_fetch(self, msg: M.Fetch) -> None:
         if self.lost is not None:
@@ -331,6 +384,7 @@ class Runtime:
         except BaseException as exc:
             if not isinstance(exc, asyncio.CancelledError):
                 self._reply_fetch_error(msg.id, f"{type(exc).__name__}: {exc}")
+                self._callback_failed("fetch", exc, f" on {msg.method} {msg.url}")
             if request_body is not None:
                 request_body.cancel()  # the guest's upload stops too
             if isinstance(exc, Exception):
@@ -372,6 +426,8 @@ class Runtime:
         """The runtime is gone: every open body fails, every task stops, the control lease ends."""
         if self.lost is not None:
             return
+        # the counts of failures not logged one by one, now (the summary may say up to a second more)
+        self._failures.flush(time.monotonic() + self._failures.interval)
         self.lost = lost(code, message)
         for stream in list(self._inbound.values()):
             stream.fail(message)
@@ -379,8 +435,14 @@ class Runtime:
         self._control.release()  # the daemon may be gone: the last lease closes the link
 
 
-async def _wait(awaitable: Awaitable[Any]) -> None:
-    await awaitable
+class _Traceback:
+    """An exception's traceback as a log argument: formatted when (if) the line is written."""
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+    def __str__(self) -> str:
+        return "".join(traceback.format_exception(self.exc)).rstrip()
 
 
 async def _unless_refused(call: Awaitable[R], upload: asyncio.Task[Error | None]) -> R:

@@ -194,7 +194,11 @@ async def test_legitimate_but_awkward_guest_values_never_break_the_runtime(conn:
     """Values that are legal JS but awkward for the wire (lone surrogates, huge integers, huge
     results or log lines, oversized heads) give clear errors or clean values, never a dead runtime."""
     entries: list[client.ConsoleEntry] = []
-    rt = await conn.create_runtime(console=entries.append, fetch=lambda req: None)
+
+    async def never_called(_req: client.Request) -> client.Response:
+        raise AssertionError("the oversized fetch is refused before it reaches the host")
+
+    rt = await conn.create_runtime(console=entries.append, fetch=never_called)
     assert await rt.eval("export default 1e20") == 1e20
     assert await rt.eval("export default '\\ud800x'") == "\ufffdx"
     await rt.eval("console.log('\\ud800', 'x'.repeat(200000))")
