@@ -26,6 +26,10 @@ log = logging.getLogger("sandbox_mesh.broker")
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    return make_parser().parse_args(argv)
+
+
+def make_parser() -> argparse.ArgumentParser:
     from daemon.__main__ import add_runtimes
 
     p = parser("python -m broker", __doc__)
@@ -77,7 +81,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     )
     local = p.add_argument_group("the embedded daemon (not with --no-local-daemon)")
     add_runtimes(local)  # type: ignore[arg-type]
-    return p.parse_args(argv)
+    return p
 
 
 async def serve(args: argparse.Namespace) -> None:
@@ -138,6 +142,10 @@ async def serve(args: argparse.Namespace) -> None:
 
 
 def parse_status(argv: list[str]) -> argparse.Namespace:
+    return make_status_parser().parse_args(argv)
+
+
+def make_status_parser() -> argparse.ArgumentParser:
     p = parser(
         "python -m broker status",
         "Print what a running broker knows: daemons, sessions, requests in flight.",
@@ -148,7 +156,7 @@ def parse_status(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--curve-keypair", help="a CURVE key pair the broker authorizes (with CURVE)")
     p.add_argument("--broker-key", help="the broker's public key file (with CURVE)")
-    return p.parse_args(argv)
+    return p
 
 
 async def ask_status(args: argparse.Namespace) -> dict[str, Any]:

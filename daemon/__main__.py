@@ -19,6 +19,10 @@ log = logging.getLogger("sandbox_mesh.daemon")
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    return make_parser().parse_args(argv)
+
+
+def make_parser() -> argparse.ArgumentParser:
     p = parser("python -m daemon", __doc__)
     p.add_argument(
         "--broker",
@@ -45,7 +49,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         help="this daemon's CURVE key pair (NAME.key_secret from `python -m wire.auth`); needs --broker-key",
     )
     p.add_argument("--broker-key", help="the broker's public key file (NAME.key)")
-    return p.parse_args(argv)
+    return p
 
 
 #: (flag, type, default, help) of each operator setting of runtimes; ``python -m broker`` has them

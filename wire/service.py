@@ -63,7 +63,7 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
-        if "(default" in text or action.default in (False, argparse.SUPPRESS) or action.nargs == 0:
+        if "(default" in text or action.default is argparse.SUPPRESS or action.nargs == 0:
             return text
         if action.default is None:
             return f"{text} (default: none)"
