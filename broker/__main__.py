@@ -182,17 +182,19 @@ def render_status(report: dict[str, Any]) -> str:
         f"broker up {report['uptime_s']}s: {report['runtimes']} runtimes, {report['requests_in_flight']} requests "
         f"and {report['callbacks_in_flight']} callbacks in flight, {report['tombstones']} lost runtimes remembered",
         "",
-        f"daemons ({len(report['daemons'])}):",
-        f"  {'NAME':<24} {'CONTROL':<28} {'CAPACITY':>8} {'RUNTIMES':>8} {'LOAD':>5} {'LAST HB':>8}",
+        f"daemons ({report['daemons_total']}{_shown(report['daemons'], report['daemons_total'])}):",
+        f"  {'NAME':<24} {'CONTROL':<28} {'CAPACITY':>8} {'RUNTIMES':>8} {'LOAD':>5} {'WARM':>5} {'PIPES':>6} "
+        f"{'LAST HB':>8}",
     ]
     for d in report["daemons"]:
         lines.append(
             f"  {d['name']:<24} {d['control']:<28} {d['capacity']:>8} {d['runtimes']:>8} {d['load']:>5} "
-            f"{d['last_heartbeat_s']:>7}s"
+            f"{_dash(d['warm']):>5} {_dash(d['pipes']):>6} {d['last_heartbeat_s']:>7}s"
         )
     lines += [
         "",
-        f"sessions ({len(report['sessions'])} connected; {report['away']['sessions']} away holding "
+        f"sessions ({report['sessions_total']} connected{_shown(report['sessions'], report['sessions_total'])}; "
+        f"{report['away']['sessions']} away holding "
         f"{report['away']['runtimes']} runtimes):",
         f"  {'SESSION':<14} {'KEY':<42} {'RUNTIMES':>8} {'NAMED':>6} {'IN FLIGHT':>9} {'LAST HB':>8}",
     ]
@@ -204,14 +206,24 @@ def render_status(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _dash(v: int | None) -> str:
+    return "-" if v is None else str(v)
+
+
+def _shown(rows: list[Any], total: int) -> str:
+    return "" if len(rows) == total else f", the {len(rows)} with most runtimes shown"
+
+
 def status(argv: list[str]) -> int:
+    import zmq
+
     import client
 
     args = parse_status(argv)
     configure_from(args)
     try:
         report = asyncio.run(ask_status(args))
-    except (client.Error, ValueError) as exc:
+    except (client.Error, ValueError, zmq.ZMQError) as exc:
         print(f"python -m broker status: {args.frontend}: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(report, indent=2) if args.json else render_status(report), flush=True)

@@ -81,6 +81,11 @@ MAX_KEEP_ALIVE = 3600.0
 DEFAULT_KEEP_ALIVE = 60.0
 #: Default of ``--max-inflight-per-client``: requests of one client a daemon has not answered yet.
 MAX_INFLIGHT_PER_CLIENT = 4096
+#: Rows of each list in a ``status`` report (the busiest first), so that it fits in one header
+#: (MAX_HEADER) however many daemons and sessions there are; the totals are always given.
+STATUS_ROWS = 100
+#: A ``status`` report is built at most this often (seconds); askers in between get the last one.
+STATUS_EVERY = 0.5
 #: Refused messages a peer (client or daemon connection) may send per ``REFUSAL_WINDOW`` seconds;
 #: past it, its messages are dropped unread, unanswered, until the window ends.
 REFUSAL_BUDGET = 100
@@ -112,6 +117,8 @@ class Daemon:
     control: str
     last_seen: float
     load: int = 0
+    pipes: int | None = None  # body pipes open, as its last heartbeat said (status)
+    warm: int | None = None  # pre-started runtimes ready, as its last heartbeat said (status)
     key: str | None = None  # CURVE public key (Z85), handed to clients for the direct sockets
     runtimes: set[str] = field(default_factory=set)
 
@@ -194,6 +201,7 @@ class Core:
         self.ratelog = RateLog(log)
         self._now = 0.0
         self._out: list[Out] = []
+        self._status: tuple[float, dict[str, Any]] | None = None  # the last report, and when
 
     # ---- what the shell calls; each returns the messages to send -------------------------------------
 
@@ -336,7 +344,9 @@ class Core:
         if r.t in ("hb", "bye", "create_runtime", "acquire", "status"):
             msg = env.parse()
             if isinstance(msg, Status):
-                self._send(CLIENT, ident, StatusOk(id=msg.id, report=self.status(now)))
+                if self._status is None or now - self._status[0] >= STATUS_EVERY:
+                    self._status = (now, self.status(now))
+                self._send(CLIENT, ident, StatusOk(id=msg.id, report=self._status[1]))
             elif isinstance(msg, Bye):
                 self._client_lost(ident, "it said goodbye", left=True)
             elif isinstance(msg, CreateRuntime):
@@ -562,6 +572,7 @@ class Core:
         daemon.last_seen = now
         if isinstance(msg, Heartbeat):
             daemon.load = daemon.load if msg.load is None else msg.load
+            daemon.pipes, daemon.warm = msg.pipes, msg.warm
         elif isinstance(msg, (Reply, ErrorReply)):
             self._daemon_reply(daemon, msg)
         else:  # fetch, console, runtime_lost: about one of this daemon's runtimes
@@ -731,18 +742,24 @@ class Core:
         per_session: dict[bytes, list[Runtime]] = {}
         for rt in self.runtimes.values():
             per_session.setdefault(rt.owner, []).append(rt)
+        daemons = sorted(self.daemons.values(), key=lambda d: -len(d.runtimes))[:STATUS_ROWS]
+        clients = sorted(self.clients.values(), key=lambda c: -len(per_session.get(c.token, ())))[:STATUS_ROWS]
         return {
             "uptime_s": round(now - self.born, 1) if self.born is not None else 0.0,
+            "daemons_total": len(self.daemons),
+            "sessions_total": len(self.clients),
             "daemons": [
                 {
-                    "name": d.name,
+                    "name": d.name[:MAX_NAME],
                     "control": d.control,
                     "capacity": d.capacity,
                     "runtimes": len(d.runtimes),
                     "load": d.load,
+                    "pipes": d.pipes,
+                    "warm": d.warm,
                     "last_heartbeat_s": round(now - d.last_seen, 2),
                 }
-                for d in self.daemons.values()
+                for d in daemons
             ],
             "sessions": [
                 {
@@ -753,7 +770,7 @@ class Core:
                     "in_flight": c.inflight,
                     "last_heartbeat_s": round(now - c.last_seen, 2),
                 }
-                for c in self.clients.values()
+                for c in clients
             ],
             "away": {  # sessions not connected whose runtimes wait to be reclaimed or resumed
                 "sessions": sum(token not in self.sessions for token in per_session),

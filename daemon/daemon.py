@@ -390,7 +390,8 @@ class Daemon:
                 self._last_seen = time.monotonic()
             if time.monotonic() - self._last_seen > self.heartbeat * self.liveness:
                 raise _BrokerLost()
-            self.send(M.Heartbeat(load=len(self.runtimes) + self._starting))
+            warm = self.pool.warm() if self.pool is not None else 0
+            self.send(M.Heartbeat(load=len(self.runtimes) + self._starting, pipes=self.pipes.count(), warm=warm))
 
     async def _read_broker(self, sock: zmq.asyncio.Socket) -> None:
         reader = sockets.Reader(sock)  # bounded batches: guests' frames, pipes and timers get their turns

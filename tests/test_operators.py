@@ -22,7 +22,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import client
-from tests.conftest import ROOT, Broker, Daemon, Proc, create_when_ready, free_port, wait_until
+from tests.conftest import ROOT, Broker, Daemon, Proc, create_when_ready, free_port, make_keys, wait_until
 
 SPIN_HANDLER = "serve(() => { while (true) {} });"
 BIG = 300_000  # bytes: past the inline limit, so the body streams on a pipe
@@ -114,6 +114,7 @@ async def test_status_metrics_and_json_logs(tmp_path: Path) -> None:
             assert re.search(r"^\s+d1\s+tcp://127\.0\.0\.1:\d+\s+7\s+1\s", out.stdout, re.M), out.stdout
             report = json.loads(run("-m", "broker", "status", "--frontend", b.frontend, "--json").stdout)
             assert [(x["name"], x["capacity"], x["runtimes"]) for x in report["daemons"]] == [("d1", 7, 1)]
+            assert isinstance(report["daemons"][0]["warm"], int) and isinstance(report["daemons"][0]["pipes"], int)
             assert [s["runtimes"] for s in report["sessions"] if s["runtimes"]] == [1]
             assert conn.session.hex() not in out.stdout + json.dumps(report)  # a session's secret never shows
 
@@ -247,3 +248,60 @@ def test_status_of_a_broker_that_is_not_there_fails_fast() -> None:
     assert out.returncode == 1
     assert out.stderr.startswith("python -m broker status: tcp://127.0.0.1:") and len(out.stderr.splitlines()) == 1
     assert time.monotonic() - t0 < 15
+
+
+def test_with_curve_only_an_authorized_key_gets_the_status(tmp_path: Path) -> None:
+    from wire.auth import load_public_key
+
+    keys = make_keys(tmp_path, ("broker", "ops", "eve"), ("ops",))
+    s = keys / "secrets"
+    b = Broker(keys, "--curve-keypair", str(s / "broker.key_secret"), "--authorized-keys", str(keys / "authorized"),
+               "--pool-size", "0")  # fmt: skip
+    try:
+        ask = ["-m", "broker", "status", "--frontend", b.frontend, "--timeout", "2", "--json"]
+        curve = ["--broker-key", str(s / "broker.key")]
+        out = run(*ask, *curve, "--curve-keypair", str(s / "ops.key_secret"))
+        assert out.returncode == 0, out.stderr
+        report = json.loads(out.stdout)
+        assert [d["name"] for d in report["daemons"]] == ["local"]
+        assert [c["key"] for c in report["sessions"]] == [load_public_key(s / "ops.key").decode()]
+        for refused in ([*curve, "--curve-keypair", str(s / "eve.key_secret")], []):  # a stranger, no keys
+            out = run(*ask, *refused)
+            assert out.returncode == 1 and len(out.stderr.splitlines()) == 1, out.stderr
+            assert out.stdout == ""
+    finally:
+        clean_stop(b)
+
+
+def test_a_status_report_fits_one_header_and_is_built_at_most_every_half_second() -> None:
+    """However many daemons and sessions, the busiest STATUS_ROWS of each are listed (with the
+    totals) so the reply fits MAX_HEADER; a flood of `status` costs one report per STATUS_EVERY."""
+    from broker.core import STATUS_EVERY, STATUS_ROWS
+    from tests.test_broker_core import World
+    from wire.messages import BROKER_TO_CLIENT, Status, StatusOk
+    from wire.protocol import MAX_HEADER, MAX_NAME
+
+    w = World()
+    for i in range(STATUS_ROWS + 20):
+        w.join(f"{'d' * (MAX_NAME + 50)}{i}".encode(), capacity=2)
+        w.hello(f"client-{i}".encode())
+    busy = b"client-7"
+    w.create(busy)
+
+    def ask(req_id: int) -> dict:
+        (out,) = w.client(busy, Status(id=req_id))
+        assert len(bytes(out.frames[0])) <= MAX_HEADER
+        reply = BROKER_TO_CLIENT.parse(out.frames).parse(StatusOk)
+        assert reply.id == req_id
+        return reply.report
+
+    report = ask(9)
+    assert (report["daemons_total"], report["sessions_total"]) == (STATUS_ROWS + 20, STATUS_ROWS + 20)
+    assert len(report["daemons"]) == len(report["sessions"]) == STATUS_ROWS
+    assert report["sessions"][0]["runtimes"] == 1 and report["daemons"][0]["runtimes"] == 1  # the busiest first
+    assert all(len(d["name"]) <= MAX_NAME for d in report["daemons"])
+    assert w.tokens[busy].hex() not in json.dumps(report)
+    w.create(b"client-8", req_id=2)
+    assert ask(10)["runtimes"] == 1  # within STATUS_EVERY: the same report
+    w.now += STATUS_EVERY
+    assert ask(11)["runtimes"] == 2

@@ -126,6 +126,8 @@ class Heartbeat(Record):
     """Both directions on both broker links, every heartbeat interval."""
 
     load: int | None = F(INT, None, "daemon -> broker: runtimes hosted plus starting")
+    pipes: int | None = F(INT, None, "daemon -> broker: body pipes open (for `status`)")
+    warm: int | None = F(INT, None, "daemon -> broker: pre-started runtimes ready (for `status`)")
 
 
 @record("bye")
