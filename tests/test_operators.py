@@ -232,7 +232,8 @@ def test_a_port_in_use_is_one_line_and_exit_code_1(tmp_path: Path, held_port: in
 
 def test_a_daemon_that_never_reached_its_broker_says_so(tmp_path: Path) -> None:
     nobody = f"tcp://127.0.0.1:{free_port()}"
-    argv = ["-m", "daemon", "--broker", nobody, "--heartbeat", "0.2", "--liveness", "2", "--pool-size", "0"]
+    argv = ["-m", "daemon", "--broker", nobody, "--heartbeat", "0.2", "--liveness", "2", "--pool-size", "0",
+            "--log-level", "warning"]  # fmt: skip
     d = Proc(argv, "lonely", tmp_path, None)
     assert wait_until(lambda: "has not reached a broker" in d.log.read_text(), timeout=20), d.log.read_text()
     code = d.stop(signal.SIGTERM)
@@ -240,6 +241,7 @@ def test_a_daemon_that_never_reached_its_broker_says_so(tmp_path: Path) -> None:
     assert code == 1, text
     assert f"stopped without ever reaching a broker (tried {nobody})" in text
     assert "is `python -m broker` running there" in text
+    assert " WARNING " in text and " INFO " not in text  # --log-level
 
 
 def test_status_of_a_broker_that_is_not_there_fails_fast() -> None:

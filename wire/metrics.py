@@ -95,8 +95,6 @@ async def serve(registry: CollectorRegistry, host: str, port: int) -> AsyncItera
             await site.start()
         except OSError as exc:
             raise Fatal(f"cannot serve metrics on {host}:{port}: {exc.strerror}") from None
-        server = site._server
-        bound = server.sockets[0].getsockname()[1] if server is not None and server.sockets else port
-        yield bound
+        yield runner.addresses[0][1]
     finally:
         await runner.cleanup()
