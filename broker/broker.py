@@ -17,12 +17,14 @@ from typing import Any
 import zmq
 
 from broker.core import CLIENT, MAX_INFLIGHT_PER_CLIENT, MAX_KEEP_ALIVE, MAX_RUNTIMES_PER_CLIENT, Core, Out
+from broker.metrics import BrokerMetrics
 from wire import liveness, sockets
 from wire.auth import Gate, KeyPair, user_key
 from wire.protocol import MAX_FRAME
 from wire.ratelog import RateLog
+from wire.service import Fatal
 
-log = logging.getLogger("broker")
+log = logging.getLogger("sandbox_mesh.broker")
 drops = RateLog(log)
 
 Feed = Callable[[bytes, list[Any], bytes | None, float], list[Out]]
@@ -44,6 +46,7 @@ class Broker:
         max_inflight_per_client: int = MAX_INFLIGHT_PER_CLIENT,
         reclaim_grace: float | None = None,
         max_keep_alive: float = MAX_KEEP_ALIVE,
+        metrics: bool = False,
     ) -> None:
         self.frontend_endpoint = frontend
         self.backend_endpoint = backend
@@ -60,6 +63,8 @@ class Broker:
             reclaim_grace=reclaim_grace,
             max_keep_alive=max_keep_alive,
         )
+        #: Prometheus metrics, counted from what ``_send`` sends (``metrics.registry`` to serve them)
+        self.metrics = BrokerMetrics(self.core) if metrics else None
         self.ctx = sockets.context()
         self.front: zmq.asyncio.Socket | None = None
         self.back: zmq.asyncio.Socket | None = None
@@ -81,8 +86,12 @@ class Broker:
             gate.serve(self.front, "clients", self.authorized)
             gate.serve(self.back, "daemons", self.daemon_keys)
         try:
-            self.front.bind(self.frontend_endpoint)
-            self.back.bind(self.backend_endpoint)
+            for sock, endpoint, flag in ((self.front, self.frontend_endpoint, "--frontend"),
+                                         (self.back, self.backend_endpoint, "--backend")):  # fmt: skip
+                try:
+                    sock.bind(endpoint)
+                except zmq.ZMQError as exc:
+                    raise Fatal(f"cannot bind {flag} {endpoint}: {exc.strerror}") from None
             self.frontend_endpoint = self.front.getsockopt(zmq.LAST_ENDPOINT).decode()
             self.backend_endpoint = self.back.getsockopt(zmq.LAST_ENDPOINT).decode()
             self.ready.set()
@@ -116,12 +125,16 @@ class Broker:
         """Send without ever blocking a router. A message the queue has no room for is dropped; a
         client that is gone (not merely slow) is reported to the core, which disposes its runtimes."""
         for out in outs:
+            if self.metrics is not None:
+                self.metrics.sent(out)
             sock = self.front if out.to == CLIENT else self.back
             assert sock is not None
             try:
                 sockets.send_now(sock, [out.ident, *out.frames])
             except zmq.ZMQError as exc:
-                drops.warning("dropped sends", "message to %s dropped: %s", out.ident.hex(), exc.strerror)
+                drops.warning(
+                    "dropped sends", "message to %s dropped: %s", self.core.peer(out.to, out.ident), exc.strerror
+                )
                 if out.to == CLIENT and exc.errno == zmq.EHOSTUNREACH:
                     self._send(self.core.client_gone(out.ident, "its connection is gone"))
 

@@ -45,6 +45,8 @@ from wire.messages import (
     Record,
     Reply,
     RuntimeLost,
+    Status,
+    StatusOk,
     Welcome,
     error,
 )
@@ -67,7 +69,7 @@ from wire.protocol import (
 from wire.ratelog import RateLog
 from wire.schema import Envelope, Link, Route, route
 
-log = logging.getLogger("broker")
+log = logging.getLogger("sandbox_mesh.broker")
 
 #: How many lost runtime ids are remembered, so late callers get "runtime_lost", not "unknown".
 TOMBSTONES = 10_000
@@ -79,6 +81,11 @@ MAX_KEEP_ALIVE = 3600.0
 DEFAULT_KEEP_ALIVE = 60.0
 #: Default of ``--max-inflight-per-client``: requests of one client a daemon has not answered yet.
 MAX_INFLIGHT_PER_CLIENT = 4096
+#: Rows of each list in a ``status`` report (the busiest first), so that it fits in one header
+#: (MAX_HEADER) however many daemons and sessions there are; the totals are always given.
+STATUS_ROWS = 100
+#: A ``status`` report is built at most this often (seconds); askers in between get the last one.
+STATUS_EVERY = 0.5
 #: Refused messages a peer (client or daemon connection) may send per ``REFUSAL_WINDOW`` seconds;
 #: past it, its messages are dropped unread, unanswered, until the window ends.
 REFUSAL_BUDGET = 100
@@ -110,6 +117,8 @@ class Daemon:
     control: str
     last_seen: float
     load: int = 0
+    pipes: int | None = None  # body pipes open, as its last heartbeat said (status)
+    warm: int | None = None  # pre-started runtimes ready, as its last heartbeat said (status)
     key: str | None = None  # CURVE public key (Z85), handed to clients for the direct sockets
     runtimes: set[str] = field(default_factory=set)
 
@@ -192,6 +201,7 @@ class Core:
         self.ratelog = RateLog(log)
         self._now = 0.0
         self._out: list[Out] = []
+        self._status: tuple[float, dict[str, Any]] | None = None  # the last report, and when
 
     # ---- what the shell calls; each returns the messages to send -------------------------------------
 
@@ -273,9 +283,8 @@ class Core:
         if self.budget.strike((side, ident), now):
             self.ratelog.warning(
                 f"throttled {side}s",
-                "%s %s sent %d refused messages within %gs: its messages are dropped unread until %gs have passed",
-                side,
-                ident.hex(),
+                "%s sent %d refused messages within %gs: its messages are dropped unread until %gs have passed",
+                self.peer(side, ident),
                 REFUSAL_BUDGET,
                 REFUSAL_WINDOW,
                 REFUSAL_WINDOW,
@@ -288,10 +297,9 @@ class Core:
             self.ratelog.log(
                 logging.INFO,
                 "floods dropped",
-                "dropped %d messages of %s %s unread (over its refusal budget)",
+                "dropped %d messages of %s unread (over its refusal budget)",
                 dropped,
-                side,
-                ident.hex(),
+                self.peer(side, ident),
                 now=now,
             )
 
@@ -333,9 +341,13 @@ class Core:
                 "restarted, or dropped this client after missed heartbeats)",
             )
         client.last_seen = now
-        if r.t in ("hb", "bye", "create_runtime", "acquire"):
+        if r.t in ("hb", "bye", "create_runtime", "acquire", "status"):
             msg = env.parse()
-            if isinstance(msg, Bye):
+            if isinstance(msg, Status):
+                if self._status is None or now - self._status[0] >= STATUS_EVERY:
+                    self._status = (now, self.status(now))
+                self._send(CLIENT, ident, StatusOk(id=msg.id, report=self._status[1]))
+            elif isinstance(msg, Bye):
                 self._client_lost(ident, "it said goodbye", left=True)
             elif isinstance(msg, CreateRuntime):
                 self._create(client, msg)
@@ -361,7 +373,11 @@ class Core:
         """Answer a refused client message. A refused answer to a daemon's callback fails that
         callback, and the client hears of it without an id: its own request ids are another space."""
         self.ratelog.warning(
-            "refused client messages", "refused a message from client %s: %s", ident.hex(), exc.message, now=self._now
+            "refused client messages",
+            "refused a message from %s: %s",
+            self.peer(CLIENT, ident),
+            exc.message,
+            now=self._now,
         )
         if r.t not in ("ok", "error"):
             self._send(CLIENT, ident, error(exc.code, exc.message, r.id))
@@ -381,7 +397,7 @@ class Core:
         (with CURVE; without it both keys are None). Refused unread: nothing of the session changes."""
         self._strike(CLIENT, client.ident, now)
         self.ratelog.warning(
-            "impostors", "refused a message for client %s from another CURVE key", client.ident.hex(), now=now
+            "impostors", "refused a message for %s from another CURVE key", self.peer(CLIENT, client.ident), now=now
         )
         self._send(CLIENT, client.ident, error(E_UNKNOWN_CLIENT, "unknown client: this session belongs to another key"))
 
@@ -510,19 +526,22 @@ class Core:
         now; if it went silent, they wait ``reclaim_grace`` for it to come back; named ones wait
         their ``keep_alive`` either way (docs/design.md 2.14). ``resumed``: another connection
         holds the session now, nothing is reclaimed."""
+        name = self.peer(CLIENT, ident)
         client = self.clients.pop(ident, None)
         if client is None:
             return
         if self.sessions.get(client.token) is client:
             del self.sessions[client.token]
         owned = self.owned.get(client.token, set())
-        log.info("client %s lost (%s); %d runtimes", ident.hex(), why, len(owned))
+        log.info("%s lost (%s); %d runtimes", name, why, len(owned))
         for rt_id in list(owned) if not resumed else ():
             rt = self.runtimes[rt_id]
             wait = rt.keep_alive if rt.name is not None else 0.0 if left else self.reclaim_grace
             if wait > 0:
                 rt.reclaim_at = self._now + wait
             else:
+                log.info("runtime %s of %s disposed on daemon %s: its owner %s", rt_id, name,
+                         self._daemon_name(rt.daemon), "left" if left else "is gone")  # fmt: skip
                 self._send(DAEMON, rt.daemon, Dispose(rt=rt_id))
                 self._forget(rt_id)  # also drops its callbacks: the dispose ends them at the daemon
         for key, pending in list(self.up.items()):  # its guests' fetches: nobody will answer them
@@ -553,6 +572,7 @@ class Core:
         daemon.last_seen = now
         if isinstance(msg, Heartbeat):
             daemon.load = daemon.load if msg.load is None else msg.load
+            daemon.pipes, daemon.warm = msg.pipes, msg.warm
         elif isinstance(msg, (Reply, ErrorReply)):
             self._daemon_reply(daemon, msg)
         else:  # fetch, console, runtime_lost: about one of this daemon's runtimes
@@ -629,18 +649,27 @@ class Core:
             return
         if pending.kind is CreateRuntime and pending.rt in self.runtimes:
             if ok:
-                self.runtimes[pending.rt].ready = True
+                rt = self.runtimes[pending.rt]
+                rt.ready = True
                 reply = self._created(reply, daemon)
+                log.info("runtime %s created on daemon %s for %s%s", rt.rt, daemon.name, self._owner(rt.owner),
+                         f" (named {rt.name!r})" if rt.name else "")  # fmt: skip
             else:
                 self._forget(pending.rt)
         elif pending.kind is Dispose and ok:
+            log.info("runtime %s disposed on daemon %s by its owner %s", pending.rt, daemon.name,
+                     self._owner(self.runtimes[pending.rt].owner) if pending.rt in self.runtimes else "?")  # fmt: skip
             self._forget(pending.rt)
         self._send(CLIENT, pending.client, reply.replace(c=None))
 
     def _refuse_daemon(self, ident: bytes, r: Route, exc: ProtocolError) -> None:
         """A refused reply fails the client request it answers; a refused fetch fails at the daemon."""
         self.ratelog.warning(
-            "refused daemon messages", "refused a message from daemon %s: %s", ident.hex(), exc.message, now=self._now
+            "refused daemon messages",
+            "refused a message from %s: %s",
+            self.peer(DAEMON, ident),
+            exc.message,
+            now=self._now,
         )
         if r.t in ("ok", "error") and r.c is not None and r.id is not None:
             pending = self.down.get((r.c, r.id))
@@ -686,9 +715,78 @@ class Core:
                 if (owner := self.sessions.get(rt.owner)) is not None:
                     self._send(CLIENT, owner.ident, RuntimeLost(rt=rt_id, code=E_RUNTIME_LOST, message=message))
 
+    def peer(self, side: Literal["client", "daemon"], ident: bytes) -> str:
+        """A peer as logs name it: a daemon by its name, a client by its session's ``c`` (and CURVE
+        key); a routing id (hex) only for a peer that never registered or said hello."""
+        if side == DAEMON:
+            daemon = self.daemons.get(ident)
+            return f"daemon {daemon.name}" if daemon is not None else f"unregistered daemon {ident.hex()}"
+        client = self.clients.get(ident)
+        if client is None:
+            return f"client {ident.hex()} (no session)"
+        return f"client c={client.session.hex()[:12]}" + (f" key={client.key.decode()[:8]}" if client.key else "")
+
+    def _owner(self, token: bytes) -> str:
+        client = self.sessions.get(token)
+        return self.peer(CLIENT, client.ident) if client is not None else "a session not connected"
+
+    def _daemon_name(self, ident: bytes) -> str:
+        daemon = self.daemons.get(ident)
+        return daemon.name if daemon is not None else "?"
+
+    # ---- read-only views (status, metrics) ------------------------------------------------------------
+
+    def status(self, now: float) -> dict[str, Any]:
+        """What ``python -m broker status`` prints. Sessions are named by their ``c`` (what daemons
+        know them by), never by token or routing id: a status reader must not learn a session's secret."""
+        per_session: dict[bytes, list[Runtime]] = {}
+        for rt in self.runtimes.values():
+            per_session.setdefault(rt.owner, []).append(rt)
+        daemons = sorted(self.daemons.values(), key=lambda d: -len(d.runtimes))[:STATUS_ROWS]
+        clients = sorted(self.clients.values(), key=lambda c: -len(per_session.get(c.token, ())))[:STATUS_ROWS]
+        return {
+            "uptime_s": round(now - self.born, 1) if self.born is not None else 0.0,
+            "daemons_total": len(self.daemons),
+            "sessions_total": len(self.clients),
+            "daemons": [
+                {
+                    "name": d.name[:MAX_NAME],
+                    "control": d.control,
+                    "capacity": d.capacity,
+                    "runtimes": len(d.runtimes),
+                    "load": d.load,
+                    "pipes": d.pipes,
+                    "warm": d.warm,
+                    "last_heartbeat_s": round(now - d.last_seen, 2),
+                }
+                for d in daemons
+            ],
+            "sessions": [
+                {
+                    "c": c.session.hex()[:12],
+                    "key": c.key.decode() if c.key else None,
+                    "runtimes": len(per_session.get(c.token, ())),
+                    "named": sum(rt.name is not None for rt in per_session.get(c.token, ())),
+                    "in_flight": c.inflight,
+                    "last_heartbeat_s": round(now - c.last_seen, 2),
+                }
+                for c in clients
+            ],
+            "away": {  # sessions not connected whose runtimes wait to be reclaimed or resumed
+                "sessions": sum(token not in self.sessions for token in per_session),
+                "runtimes": sum(len(rts) for token, rts in per_session.items() if token not in self.sessions),
+            },
+            "runtimes": len(self.runtimes),
+            "requests_in_flight": len(self.down),
+            "callbacks_in_flight": len(self.up),
+            "tombstones": len(self.tombstones),
+        }
+
     # ---- bookkeeping ---------------------------------------------------------------------------------
 
     def _bury(self, rt: Runtime, code: str, message: str) -> None:
+        log.info("runtime %s of %s lost on daemon %s: %s: %s", rt.rt, self._owner(rt.owner),
+                 self._daemon_name(rt.daemon), code, message)  # fmt: skip
         self.tombstones[rt.rt] = (rt.owner, code, message)
         while len(self.tombstones) > TOMBSTONES:
             self.tombstones.popitem(last=False)

@@ -49,7 +49,7 @@ from wire.auth import KeyPair, connect_with, pipe_client
 from wire.pipes import PipeCount
 from wire.scope import Scope
 
-log = logging.getLogger("client")
+log = logging.getLogger("sandbox_mesh.client")
 
 DEFAULT_TIMEOUT = 30.0
 #: How long ``connect`` waits for a broker's welcome by default (seconds): a broker that is not

@@ -20,7 +20,7 @@ from wire import sockets
 from wire.protocol import ProtocolError
 from wire.scope import Scope
 
-log = logging.getLogger("client")
+log = logging.getLogger("sandbox_mesh.client")
 
 
 class ControlLink:

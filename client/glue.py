@@ -25,7 +25,7 @@ from client.runtime import Runtime
 from wire import http as H
 from wire.protocol import MAX_CHUNK
 
-log = logging.getLogger("client.glue")
+log = logging.getLogger("sandbox_mesh.client.glue")
 
 #: Kernel receive buffer for upstream connections (bytes): part of the per-stream memory bound.
 UPSTREAM_RCVBUF = 256 * 1024

@@ -37,7 +37,7 @@ from wire.pipes import PipeReader, PipeWriter
 from wire.ratelog import RateLog
 from wire.scope import Scope
 
-log = logging.getLogger("client.runtime")
+log = logging.getLogger("sandbox_mesh.client.runtime")
 
 #: How long a dispatch waits for the guest's response head (the body may take longer).
 DISPATCH_TIMEOUT = 60.0

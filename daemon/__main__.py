@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import logging
 import sys
 
@@ -11,11 +13,17 @@ from daemon.daemon import Daemon
 from daemon.pool import MAX_STARTING, START_QUEUE_TIMEOUT
 from wire.auth import exposure_warning, load_keypair, load_public_key
 from wire.liveness import LIVENESS
-from wire.service import configure_logging, run_until_signalled
+from wire.service import configure_from, parser, run_until_signalled
+
+log = logging.getLogger("sandbox_mesh.daemon")
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m daemon", description=__doc__)
+    return make_parser().parse_args(argv)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = parser("python -m daemon", __doc__)
     p.add_argument(
         "--broker",
         required=True,
@@ -26,34 +34,33 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         "--orphan-grace",
         type=float,
         default=D.ORPHAN_GRACE,
-        help="seconds runtimes live on while no broker is reachable, for one to come back (%(default)s)",
+        help="seconds runtimes live on while no broker is reachable, for one to come back",
     )
-    p.add_argument("--max-runtimes", type=int, default=64, help="runtimes this daemon hosts at most")
     p.add_argument("--bind-host", default=None, help="interface for the control socket and pipes "
                    "(default: the advertised host)")  # fmt: skip
     p.add_argument("--advertise-host", default="127.0.0.1", help="address clients use to reach this daemon")
-    p.add_argument("--control-port", type=int, default=0, help="control socket port (default: any free port)")
-    p.add_argument("--pool-size", type=int, default=2, help="pre-started runtimes kept warm")
-    add_starts(p)
-    p.add_argument("--memory-mb", type=int, default=128, help="default runtime heap limit in MB")
-    p.add_argument("--eval-timeout", type=float, default=30.0, help="default eval timeout in seconds")
-    add_limits(p)
+    p.add_argument("--control-port", type=int, default=0, help="control socket port (0: any free port)")
+    add_runtimes(p)
     p.add_argument("--heartbeat", type=float, default=1.0, help="heartbeat interval in seconds")
-    p.add_argument(
-        "--liveness", type=int, default=LIVENESS, help="missed broker heartbeats before re-registering (%(default)s)"
-    )
-    p.add_argument("--name", default=None, help="name shown in logs and errors")
+    p.add_argument("--liveness", type=int, default=LIVENESS, help="missed broker heartbeats before re-registering")
+    p.add_argument("--name", default=None, help="name shown in logs and errors (default: HOST:PID)")
     p.add_argument(
         "--curve-keypair",
         help="this daemon's CURVE key pair (NAME.key_secret from `python -m wire.auth`); needs --broker-key",
     )
     p.add_argument("--broker-key", help="the broker's public key file (NAME.key)")
-    p.add_argument("-v", "--verbose", action="store_true")
-    return p.parse_args(argv)
+    return p
 
 
-#: (flag, type, default, help) of each operator limit on runtimes.
-LIMIT_FLAGS = (
+#: (flag, type, default, help) of each operator setting of runtimes; ``python -m broker`` has them
+#: too, for its embedded daemon.
+RUNTIME_FLAGS = (
+    ("--max-runtimes", int, 64, "runtimes this daemon hosts at most"),
+    ("--pool-size", int, 2, "pre-started runtimes kept warm"),
+    ("--max-starting", int, MAX_STARTING, "runtime processes booting at once; more creates wait"),
+    ("--start-queue-timeout", float, START_QUEUE_TIMEOUT, "seconds a create waits to start before `busy`"),
+    ("--memory-mb", int, D.DEFAULT_MEMORY_MB, "default runtime heap limit in MB"),
+    ("--eval-timeout", float, 30.0, "default eval timeout in seconds"),
     ("--max-memory-mb", int, D.MAX_MEMORY_MB, "largest memory_limit_mb a client may ask for"),
     ("--max-eval-timeout", float, D.MAX_EVAL_TIMEOUT, "longest eval timeout in seconds a client may ask for"),
     ("--cpu-limit", float, D.DEFAULT_CPU_LIMIT, "default CPU seconds one turn of a guest's event loop may take"),
@@ -62,26 +69,25 @@ LIMIT_FLAGS = (
 )
 
 
-def add_starts(p: argparse.ArgumentParser) -> None:
-    """How many runtime processes boot at once, and how long a create waits for a turn (also the
-    broker's, for its embedded daemon)."""
-    p.add_argument("--max-starting", type=int, default=MAX_STARTING,
-                   help="runtime processes booting at once; more creates wait (%(default)s)")  # fmt: skip
-    p.add_argument("--start-queue-timeout", type=float, default=START_QUEUE_TIMEOUT,
-                   help="seconds a create waits to start before it is refused with `busy` (%(default)s)")  # fmt: skip
-
-
-def add_limits(p: argparse.ArgumentParser) -> None:
-    """The operator's limits on runtimes (also the broker's, for its embedded daemon)."""
-    for flag, kind, default, text in LIMIT_FLAGS:
-        p.add_argument(flag, type=kind, default=default, help=f"{text} (%(default)s)")
+def add_runtimes(p: argparse.ArgumentParser) -> None:
+    """The operator's settings of runtimes: capacity, pool, start queue, limits (also the broker's,
+    for its embedded daemon)."""
+    for flag, kind, default, text in RUNTIME_FLAGS:
+        p.add_argument(flag, type=kind, default=default, help=text)
     p.add_argument("--no-cgroups", action="store_true", help="no memory cgroups (the RSS watchdog only)")
     p.add_argument("--max-streams", type=int, default=None, help="body streams open at once at most, past "
                    f"it a call gets `busy` (default: {D.STREAMS_PER_RUNTIME} per runtime of capacity)")  # fmt: skip
 
 
-def limits(args: argparse.Namespace) -> dict[str, object]:
+def runtime_settings(args: argparse.Namespace) -> dict[str, object]:
+    """The ``Daemon`` keyword arguments of ``add_runtimes``' options."""
     return {
+        "max_runtimes": args.max_runtimes,
+        "pool_size": args.pool_size,
+        "max_starting": args.max_starting,
+        "start_queue_timeout": args.start_queue_timeout,
+        "default_memory_mb": args.memory_mb,
+        "eval_timeout": args.eval_timeout,
         "max_memory_mb": args.max_memory_mb,
         "max_eval_timeout": args.max_eval_timeout,
         "cpu_limit": args.cpu_limit,
@@ -92,25 +98,64 @@ def limits(args: argparse.Namespace) -> dict[str, object]:
     }
 
 
+async def serve(daemon: Daemon, metrics_host: str, metrics_port: int | None) -> int:
+    """Run the daemon (and its metrics endpoint). Says so when no broker answers its registration,
+    and exits with 1 if it is stopped without ever having reached one."""
+    from wire.metrics import serve as serve_metrics
+
+    async with contextlib.AsyncExitStack() as stack:
+        if metrics_port is not None:
+            from daemon.metrics import DaemonMetrics
+
+            metrics = DaemonMetrics(daemon)
+            port = await stack.enter_async_context(serve_metrics(metrics.registry, metrics_host, metrics_port))
+            log.info("metrics at http://%s:%d/metrics", metrics_host, port)
+        reached = asyncio.Event()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(daemon.run(), name="daemon")
+                await _watch_registration(daemon)
+                reached.set()
+        except asyncio.CancelledError:
+            if reached.is_set():
+                raise
+        if not reached.is_set():
+            log.error("daemon %s stopped without ever reaching a broker (tried %s)", daemon.name,
+                      ", ".join(daemon.brokers))  # fmt: skip
+            return 1
+    return 0
+
+
+async def _watch_registration(daemon: Daemon) -> None:
+    """Return once a broker has welcomed the daemon. One clear line if none has within twice its
+    liveness timeout (the daemon keeps trying; its own log lines say each attempt)."""
+    patience = daemon.heartbeat * daemon.liveness * 2
+    try:
+        async with asyncio.timeout(patience):
+            await daemon.registered.wait()
+    except TimeoutError:
+        log.error(
+            "daemon %s has not reached a broker within %gs (trying %s): is `python -m broker` running there, and is "
+            "this its --backend endpoint? With CURVE: does --broker-key match the broker's key pair, and is this "
+            "daemon's key authorized (--daemon-keys)? Still trying.",
+            daemon.name, patience, ", ".join(daemon.brokers),
+        )  # fmt: skip
+        await daemon.registered.wait()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    configure_logging(args.verbose)
+    configure_from(args)
     bind_host = args.bind_host or args.advertise_host
     warning = exposure_warning([f"tcp://{bind_host}:{args.control_port}"], curve=bool(args.curve_keypair))
     if warning:
-        logging.getLogger("daemon").warning("%s (control socket and body pipes)", warning)
+        log.warning("%s (control socket and body pipes)", warning)
     daemon = Daemon(
         args.broker,
-        max_runtimes=args.max_runtimes,
         bind_host=bind_host,
         advertise_host=args.advertise_host,
         control_port=args.control_port,
-        pool_size=args.pool_size,
-        max_starting=args.max_starting,
-        start_queue_timeout=args.start_queue_timeout,
-        default_memory_mb=args.memory_mb,
-        eval_timeout=args.eval_timeout,
-        **limits(args),
+        **runtime_settings(args),  # type: ignore[arg-type]
         heartbeat=args.heartbeat,
         liveness=args.liveness,
         name=args.name,
@@ -118,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         keys=load_keypair(args.curve_keypair) if args.curve_keypair else None,
         broker_key=load_public_key(args.broker_key) if args.broker_key else None,
     )
-    return run_until_signalled(daemon.run)
+    return run_until_signalled(lambda: serve(daemon, args.metrics_host, args.metrics_port), "python -m daemon")
 
 
 if __name__ == "__main__":

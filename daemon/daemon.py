@@ -38,12 +38,13 @@ from wire import protocol as P
 from wire.auth import Gate, KeyPair, connect_with
 from wire.budget import Budget
 from wire.liveness import LIVENESS
+from wire.metrics import Observer
 from wire.pipes import PipeCount, PipeReader, PipeWriter
 from wire.ratelog import RateLog
 from wire.schema import Record, StreamRef, route
 from wire.scope import Scope, ScopeClosed
 
-log = logging.getLogger("daemon")
+log = logging.getLogger("sandbox_mesh.daemon")
 _control_log = RateLog(log)  # refused control messages: a few lines per second, whatever arrives
 
 DEFAULT_MEMORY_MB = 128
@@ -156,6 +157,8 @@ class Daemon:
         self._last_seen = 0.0
         self.registered = asyncio.Event()
         self.pool: WarmPool | None = None
+        #: counts the messages of the broker link for the metrics (daemon/metrics.py), if served
+        self.observer: Observer | None = None
 
     # ---- links (DaemonLinks: runtimes use them through their Seat) ---------------------------------
 
@@ -164,6 +167,8 @@ class Daemon:
         self._to_broker(msg.frames())
 
     def _to_broker(self, frames: list[Any]) -> None:
+        if self.observer is not None:
+            self.observer.sent(frames)
         sock = self._broker_sock
         if sock is None or sock.closed:
             return
@@ -385,7 +390,8 @@ class Daemon:
                 self._last_seen = time.monotonic()
             if time.monotonic() - self._last_seen > self.heartbeat * self.liveness:
                 raise _BrokerLost()
-            self.send(M.Heartbeat(load=len(self.runtimes) + self._starting))
+            warm = self.pool.warm() if self.pool is not None else 0
+            self.send(M.Heartbeat(load=len(self.runtimes) + self._starting, pipes=self.pipes.count(), warm=warm))
 
     async def _read_broker(self, sock: zmq.asyncio.Socket) -> None:
         reader = sockets.Reader(sock)  # bounded batches: guests' frames, pipes and timers get their turns
@@ -397,6 +403,8 @@ class Daemon:
                 raise _BrokerLost()
 
     def _from_broker(self, frames: list[Any]) -> None:
+        if self.observer is not None:
+            self.observer.received(frames)
         try:
             msg = M.BROKER_TO_DAEMON.parse(frames)
         except P.ProtocolError as exc:

@@ -28,7 +28,7 @@ from wire.channel import FrameReader, GuestProtocolError, frame_head
 from wire.protocol import ProtocolError
 from wire.schema import Record, from_header
 
-log = logging.getLogger("daemon.guest")
+log = logging.getLogger("sandbox_mesh.daemon.guest")
 
 BOOTSTRAP = Path(__file__).with_name("bootstrap.js")
 STDERR_TAIL = 8192

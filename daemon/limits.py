@@ -22,7 +22,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-log = logging.getLogger("daemon.limits")
+log = logging.getLogger("sandbox_mesh.daemon.limits")
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 #: How often the daemon samples CPU and memory of every runtime (memory: see MemoryWatch).

@@ -19,7 +19,7 @@ import ctypes
 import ctypes.util
 import logging
 
-log = logging.getLogger("daemon.memory")
+log = logging.getLogger("sandbox_mesh.daemon.memory")
 
 #: glibc's mallopt parameter number for the arena cap (malloc.h: M_ARENA_MAX).
 M_ARENA_MAX = -8

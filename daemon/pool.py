@@ -25,7 +25,7 @@ from daemon.limits import MemoryCgroups
 from wire.protocol import E_BUSY, ProtocolError
 from wire.scope import Scope
 
-log = logging.getLogger("daemon.pool")
+log = logging.getLogger("sandbox_mesh.daemon.pool")
 
 REFILL_DELAY = 0.05
 #: Defaults of ``--max-starting`` (processes booting at once) and ``--start-queue-timeout`` (s). A
@@ -88,6 +88,10 @@ class WarmPool:
         self._ready: list[GuestProcess] = []
         self._filling = Scope("pool")  # the starts under way
         self._closed = False
+
+    def warm(self) -> int:
+        """Pre-started guests ready to be claimed (for the metrics)."""
+        return len(self._ready)
 
     def fill(self) -> None:
         while not self._closed and len(self._ready) + len(self._filling) < self.size:

@@ -30,6 +30,7 @@ class Registry:
         #: fetch callback id -> the guest fetch waiting for the client's answer
         self.callbacks: dict[int, Held] = {}
         self._ids = 0
+        self.cancels = 0  # streams cancelled by their clients (for the metrics)
 
     def next_id(self) -> int:
         self._ids += 1
@@ -39,6 +40,7 @@ class Registry:
         """A client cancelled stream ``sid``; only the owner of its runtime may."""
         held = self.streams.get(sid)
         if held is not None and held.seat.owner == token:
+            self.cancels += 1
             held.target.cancel_by_client()
 
     def refuse_callbacks(self, message: str) -> None:

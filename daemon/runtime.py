@@ -28,7 +28,7 @@ from wire import protocol as P
 from wire.channel import GuestProtocolError
 from wire.scope import Scope
 
-log = logging.getLogger("daemon.runtime")
+log = logging.getLogger("sandbox_mesh.daemon.runtime")
 
 #: Console entries per second and runtime the daemon forwards, whatever the guest did to the
 #: bootstrap's own limit: the daemon->broker link is shared by every runtime.

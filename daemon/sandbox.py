@@ -33,7 +33,7 @@ import struct
 import subprocess
 from dataclasses import dataclass
 
-log = logging.getLogger("daemon.sandbox")
+log = logging.getLogger("sandbox_mesh.daemon.sandbox")
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long

@@ -25,7 +25,7 @@ from wire.pipes import PipeReader, PipeWriter, StreamError
 from wire.scope import Scope
 from wire.streams import Consumer, Lifecycle, SourceFailed, State, consumer_done, produce, untold
 
-log = logging.getLogger("daemon.streams")
+log = logging.getLogger("sandbox_mesh.daemon.streams")
 
 _END = object()  # queued after an outbound stream's last chunk
 

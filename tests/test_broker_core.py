@@ -636,7 +636,7 @@ def test_a_peer_past_its_refusal_budget_is_dropped_unread_until_the_window_ends(
 ) -> None:
     _, rt = w.create(B)
     flooder = b"flooder"
-    caplog.set_level("INFO", logger="broker")
+    caplog.set_level("INFO", logger="sandbox_mesh.broker")
     answered = [w.client(flooder, [b"\xc1 garbage"]) for _ in range(5 * broker.core.REFUSAL_BUDGET)]
     assert all(len(outs) == 1 for outs in answered[: broker.core.REFUSAL_BUDGET])
     assert all(outs == [] for outs in answered[broker.core.REFUSAL_BUDGET :])

@@ -126,6 +126,8 @@ class Heartbeat(Record):
     """Both directions on both broker links, every heartbeat interval."""
 
     load: int | None = F(INT, None, "daemon -> broker: runtimes hosted plus starting")
+    pipes: int | None = F(INT, None, "daemon -> broker: body pipes open (for `status`)")
+    warm: int | None = F(INT, None, "daemon -> broker: pre-started runtimes ready (for `status`)")
 
 
 @record("bye")
@@ -359,12 +361,27 @@ class PipeReady(Record):
     ep: str = F(ENDPOINT, doc="where to connect a PUSH")
 
 
+@record("status")
+class Status(Record):
+    """Client -> broker: what the broker knows (`python -m broker status`); any admitted client may ask."""
+
+    id: int = F(U64, doc=_ID)
+
+
+@record("ok")
+class StatusOk(Record):
+    """`ok` to `status`: daemons, sessions (by `c`, never token), requests in flight (docs/design.md)."""
+
+    id: int = F(U64, doc=_ID)
+    report: Any = F(ANY, doc="a map; its keys are informational, not a contract")
+
+
 # ---- links ----------------------------------------------------------------------------------------
 
 
 CLIENT_TO_BROKER = on(
     "client -> broker",
-    Hello, Heartbeat, Bye, CreateRuntime, Acquire, Eval, Dispatch, Stats, (Dispose, ("id",)),
+    Hello, Heartbeat, Bye, Status, CreateRuntime, Acquire, Eval, Dispatch, Stats, (Dispose, ("id",)),
     (FetchOk, ("rt",)), (ErrorReply, ("id", "rt")),
 )  # fmt: skip
 BROKER_TO_CLIENT = on(
@@ -397,6 +414,7 @@ REPLY_OF: dict[type[Record], type[Record]] = {
     Stats: StatsOk,
     Dispose: DisposeOk,
     Hello: Welcome,
+    Status: StatusOk,
 }
 
 LINKS = (CLIENT_TO_BROKER, BROKER_TO_CLIENT, DAEMON_TO_BROKER, BROKER_TO_DAEMON, CONTROL_TO_DAEMON, CONTROL_TO_CLIENT)

@@ -43,6 +43,10 @@ ERROR_LINGER_MS = 10_000
 YIELD_EVERY = 8
 
 
+#: Body bytes this process has read from ("in") and written to ("out") pipes: the metrics' source.
+BYTES = {"in": 0, "out": 0}
+
+
 class StreamError(Exception):
     """A body stream ended abnormally: the producer failed, was cancelled, or its peer was lost."""
 
@@ -79,6 +83,7 @@ class PipeReader:
             raise self._abort_reason from None  # type: ignore[misc]
         self._seq += 1
         if kind == PIPE_DATA:
+            BYTES["in"] += len(payload)
             return payload
         self.finished = True
         self.sock.close(0)
@@ -147,6 +152,7 @@ class PipeWriter:
     async def send(self, data: Any) -> None:
         """Send one chunk, split to MAX_CHUNK; waits while the consumer is behind (backpressure)."""
         view = memoryview(data)
+        BYTES["out"] += view.nbytes
         if view.nbytes <= MAX_CHUNK:
             if view.nbytes:
                 await self._send(PIPE_DATA, data)

@@ -15,7 +15,7 @@ import logging
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-log = logging.getLogger("wire.scope")
+log = logging.getLogger("sandbox_mesh.wire.scope")
 
 T = TypeVar("T")
 

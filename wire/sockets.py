@@ -178,7 +178,7 @@ def send_now(sock: zmq.asyncio.Socket, frames: list[Any]) -> None:
 
 def _log_send_failure(fut: Any) -> None:
     if not fut.cancelled() and fut.exception() is not None:
-        logging.getLogger("wire").warning("queued send failed: %s", fut.exception())
+        logging.getLogger("sandbox_mesh.wire").warning("queued send failed: %s", fut.exception())
 
 
 class Reader:
