@@ -274,6 +274,12 @@ def help_text(program: str) -> str:
     return run.stdout
 
 
+def has_flag(program: str, flag: str) -> bool:
+    """Whether ``flag`` (or subcommand) is in the program's --help, spelled out: argparse would also
+    take an abbreviation, which breaks once another option shares the prefix."""
+    return re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", help_text(program)) is not None
+
+
 def documented_flags() -> list[tuple[str, str, str]]:
     """(program, flag or subcommand, where) for each `python -m broker|daemon` command in the docs'
     shell blocks, and each daemon flag the README's limits table names."""
@@ -302,8 +308,7 @@ def test_documented_flags_exist() -> None:
     assert len(flags) > 30, f"only {len(flags)} flags found in the docs: is the pattern still right?"
     pending, wrong = set(), []
     for program, flag, where in flags:
-        known = re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", help_text(program)) is not None
-        if known:
+        if has_flag(program, flag):
             continue
         if flag in PENDING_OPS[program]:
             pending.add(f"{program} {flag}")
@@ -344,6 +349,8 @@ def test_systemd_unit_runs_the_program(path: Path) -> None:
     argv = exec_argv(unit)
     program = path.stem.removeprefix("sandbox-mesh-")
     assert argv[0].endswith("/python") and argv[1:3] == ["-m", program], argv
+    abbreviated = [w for w in argv[3:] if w.startswith("--") and not has_flag(program, w.split("=")[0])]
+    assert not abbreviated, f"{path.name}: not options of python -m {program} as spelled: {abbreviated}"
     # the command line as the program's own parser sees it (types included), then --help
     check = f"import sys; from {program}.__main__ import parse; print(parse(sys.argv[1:]))"
     for args in ([sys.executable, "-c", check, *argv[3:]], [sys.executable, *argv[1:3], "--help"]):
