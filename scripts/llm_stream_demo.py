@@ -1,6 +1,7 @@
 """The reported scenario, replayed: a mock LLM streams SSE events 100 ms apart, a sandboxed guest
-fetches it and passes the body through serve() (plainly, via tee(), via a TransformStream), an
-aiohttp server sits in front, and an end client prints when each event reached it.
+fetches it and passes the body through serve() (plainly, via tee(), via a TransformStream that
+upper-cases each event's data), an aiohttp server sits in front, and an end client prints when
+each event reached it.
 
     python scripts/llm_stream_demo.py                       # starts its own broker
     python scripts/llm_stream_demo.py --broker tcp://127.0.0.1:5555
@@ -31,6 +32,25 @@ import itertools
 import client
 
 GUEST = """
+// A transform of an SSE stream must leave the field names ("data:", "event:", "id:", "retry:") as
+// they are: EventSource ignores a line whose field it does not know, so upper-casing the whole
+// text ("DATA: ...") delivers no event at all. It must also work on whole lines: a chunk may end
+// in the middle of one (and a TextDecoderStream keeps a UTF-8 sequence split across chunks whole).
+function mapSseData(fn) {
+  let rest = "";
+  const mapLine = (line) => (line.startsWith("data:") ? "data:" + fn(line.slice(5)) : line);
+  return new TransformStream({
+    transform(text, ctl) {
+      const lines = (rest + text).split("\\n");
+      rest = lines.pop();
+      if (lines.length) ctl.enqueue(lines.map(mapLine).join("\\n") + "\\n");
+    },
+    flush(ctl) {
+      if (rest) ctl.enqueue(mapLine(rest));
+    },
+  });
+}
+
 serve({ async fetch(req) {
   const mode = new URL(req.url).searchParams.get("mode");
   const llm = await fetch(LLM_URL);
@@ -44,13 +64,21 @@ serve({ async fetch(req) {
     })();
     body = forClient;
   } else if (mode === "transform") {
-    body = llm.body.pipeThrough(new TransformStream({
-      transform(chunk, ctl) { ctl.enqueue(new TextEncoder().encode(new TextDecoder().decode(chunk).toUpperCase())); },
-    }));
+    body = llm.body
+      .pipeThrough(new TextDecoderStream())
+      .pipeThrough(mapSseData((text) => text.toUpperCase()))
+      .pipeThrough(new TextEncoderStream());
   }
   return new Response(body, { headers: { "content-type": "text/event-stream" } });
 } });
 """
+
+
+def guest_source(llm_url: str) -> str:
+    """The guest module: serve() answers each request with the SSE stream fetched from ``llm_url``
+    (``?mode=plain``, ``tee`` or ``transform``: upper-cased data, field names kept)."""
+    return f"const LLM_URL = {json.dumps(llm_url)};\n{GUEST}"
+
 
 WORDS = ["Hello", " from", " a", " streaming", " LLM", " answer", "."]
 
@@ -118,7 +146,7 @@ async def run(broker: str) -> None:
     async with site(llm_app) as llm_url, await client.connect(broker) as conn:
         fetch = client.forward_fetch(allow_private=True)  # the mock LLM is on 127.0.0.1
         rt = await conn.create_runtime(fetch=fetch, console=lambda e: print("   guest:", e.text))
-        await rt.eval(f"const LLM_URL = {json.dumps(llm_url + '/v1/chat')};\n{GUEST}")
+        await rt.eval(guest_source(llm_url + "/v1/chat"))
         front = web.Application()
         front.router.add_get("/", client.aiohttp_handler(rt))
         async with site(front) as front_url:
