@@ -197,7 +197,7 @@ async def test_wrong_host_side_types_are_refused_at_the_call(conn: client.Connec
 async def test_a_raising_host_callback_is_logged_with_its_traceback(
     conn: client.Connection, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="client")
+    caplog.set_level(logging.INFO, logger="sandbox_mesh.client")
 
     async def fetch(_req: client.Request) -> client.Response:
         raise ValueError("upstream exploded")
@@ -213,7 +213,7 @@ async def test_a_raising_host_callback_is_logged_with_its_traceback(
     assert "upstream exploded" in seen  # the guest hears of it, as before
 
     def logged(what: str) -> list[str]:
-        return [r.getMessage() for r in caplog.records if r.name.startswith("client") and what in r.getMessage()]
+        return [r.getMessage() for r in caplog.records if r.name.startswith("sandbox_mesh.client") and what in r.getMessage()]
 
     (fetch_log,) = await await_until(lambda: logged("the fetch callback failed"), "the fetch failure is logged")
     assert rt.id in fetch_log and "GET http://example.test/a" in fetch_log
@@ -273,7 +273,7 @@ class Served:
 async def test_aiohttp_handler_logs_each_502_and_each_truncated_body_with_runtime_and_cause(
     conn: client.Connection, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="client")
+    caplog.set_level(logging.WARNING, logger="sandbox_mesh.client")
     rt = await conn.create_runtime()
     await rt.eval(GUEST_APP)
     async with Served(rt) as served:
@@ -301,7 +301,7 @@ async def test_an_app_survives_a_broker_restart_and_hears_when_its_connection_is
     """From the app's angle: an aiohttp app in front of a runtime answers 502 while its broker is
     away and 200 again once it is back (the session resumes by itself; the runtime lives on its
     daemon); when no broker comes back within ``reconnect``, ``on_lost`` is called and it is logged."""
-    caplog.set_level(logging.WARNING, logger="client")
+    caplog.set_level(logging.WARNING, logger="sandbox_mesh.client")
     b = Broker(tmp_path, "--no-local-daemon", "--heartbeat", HB, "--liveness", "3", "--client-liveness", "5")
     d = Daemon(tmp_path, b, "d1", "--heartbeat", HB, "--liveness", "3", "--pool-size", "1")
     lost: list[client.ConnectionLost] = []

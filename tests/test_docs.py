@@ -46,24 +46,6 @@ UNITS = sorted((ROOT / "deploy" / "systemd").glob("*.service"))
 #: The endpoint the README's examples use: the broker's default frontend.
 README_ENDPOINT = "tcp://127.0.0.1:5555"
 
-#: Operator features the docs describe ahead of their merge (branch i11-ops, same issue). While
-#: one is missing the flag check skips, naming it, after every other flag has passed.
-PENDING_OPS = {
-    "broker": {
-        "status",
-        "--metrics-port",
-        "--metrics-host",
-        "--log-level",
-        "--log-format",
-        "--version",
-        "--memory-mb",
-        "--eval-timeout",
-    },
-    "broker status": {"--json", "--broker-key", "--timeout"},
-    "daemon": {"--metrics-port", "--metrics-host", "--log-level", "--log-format", "--version"},
-}
-
-
 # ---- reading the docs ----------------------------------------------------------------------------
 
 
@@ -319,19 +301,8 @@ def test_documented_flags_exist() -> None:
     """Every option the docs pass to the broker or the daemon is in its --help."""
     flags = documented_flags()
     assert len(flags) > 30, f"only {len(flags)} flags found in the docs: is the pattern still right?"
-    pending, wrong = set(), []
-    # before i11-ops `python -m broker status --help` is the broker's own help
-    status = "broker status" if has_flag("broker", "status") else "broker"
-    for program, flag, where in flags:
-        if has_flag(status if program == "broker status" else program, flag):
-            continue
-        if flag in PENDING_OPS[program]:
-            pending.add(f"{program} {flag}")
-        else:
-            wrong.append(f"{where}: python -m {program} has no {flag}")
+    wrong = [f"{where}: python -m {program} has no {flag}" for program, flag, where in flags if not has_flag(program, flag)]
     assert not wrong, "\n".join(wrong)
-    if pending:
-        pytest.skip(f"documented ahead of branch i11-ops: {', '.join(sorted(pending))}")
 
 
 # ---- systemd units --------------------------------------------------------------------------------
