@@ -177,7 +177,8 @@ async def ask_status(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def render_status(report: dict[str, Any]) -> str:
-    """The report as a few aligned tables."""
+    """The report as a few aligned tables; the session asking is left out (it is this command)."""
+    asking = any(c["c"] == report.get("asker") for c in report["sessions"])
     lines = [
         f"broker up {report['uptime_s']}s: {report['runtimes']} runtimes, {report['requests_in_flight']} requests "
         f"and {report['callbacks_in_flight']} callbacks in flight, {report['tombstones']} lost runtimes remembered",
@@ -193,12 +194,15 @@ def render_status(report: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        f"sessions ({report['sessions_total']} connected{_shown(report['sessions'], report['sessions_total'])}; "
+        f"sessions ({report['sessions_total'] - asking} connected"
+        f"{_shown(report['sessions'], report['sessions_total'])}; "
         f"{report['away']['sessions']} away holding "
         f"{report['away']['runtimes']} runtimes):",
         f"  {'SESSION':<14} {'KEY':<42} {'RUNTIMES':>8} {'NAMED':>6} {'IN FLIGHT':>9} {'LAST HB':>8}",
     ]
     for c in report["sessions"]:
+        if c["c"] == report.get("asker"):
+            continue  # this status request's own connection
         lines.append(
             f"  {c['c']:<14} {c['key'] or '-':<42} {c['runtimes']:>8} {c['named']:>6} {c['in_flight']:>9} "
             f"{c['last_heartbeat_s']:>7}s"

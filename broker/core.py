@@ -346,7 +346,8 @@ class Core:
             if isinstance(msg, Status):
                 if self._status is None or now - self._status[0] >= STATUS_EVERY:
                     self._status = (now, self.status(now))
-                self._send(CLIENT, ident, StatusOk(id=msg.id, report=self._status[1]))
+                report = {**self._status[1], "asker": client.session.hex()[:12]}  # so the CLI can leave itself out
+                self._send(CLIENT, ident, StatusOk(id=msg.id, report=report))
             elif isinstance(msg, Bye):
                 self._client_lost(ident, "it said goodbye", left=True)
             elif isinstance(msg, CreateRuntime):

@@ -61,8 +61,8 @@ class BrokerMetrics:
                 [(["down"], len(core.down)), (["up"], len(core.up))],
             ),
             (
-                P + "dropped_unread",
-                "Messages of flooding peers dropped unread (a counter)",
+                P + "dropped_unread_total",
+                "Messages of flooding peers dropped unread",
                 [],
                 [([], core.budget.drops)],
             ),

@@ -89,11 +89,11 @@ class DaemonMetrics:
             (P + "callbacks_waiting", "Fetch callbacks waiting for a client", [], [([], len(d.registry.callbacks))]),
             (P + "pool_warm", "Pre-started runtimes ready", [], [([], pool.warm() if pool is not None else 0)]),
             (
-                P + "stream_bytes",
-                "Body bytes through pipes in this process (a counter)",
+                P + "stream_bytes_total",
+                "Body bytes through pipes in this process",
                 ["direction"],
                 [([k], v) for k, v in pipes.BYTES.items()],
             ),
-            (P + "cancels", "Streams cancelled by their clients (a counter)", [], [([], d.registry.cancels)]),
+            (P + "cancels_total", "Streams cancelled by their clients", [], [([], d.registry.cancels)]),
             (P + "registered", "1 while a broker has this daemon registered", [], [([], d.registered.is_set())]),
         ]

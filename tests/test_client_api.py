@@ -213,7 +213,11 @@ async def test_a_raising_host_callback_is_logged_with_its_traceback(
     assert "upstream exploded" in seen  # the guest hears of it, as before
 
     def logged(what: str) -> list[str]:
-        return [r.getMessage() for r in caplog.records if r.name.startswith("sandbox_mesh.client") and what in r.getMessage()]
+        return [
+            r.getMessage()
+            for r in caplog.records
+            if r.name.startswith("sandbox_mesh.client") and what in r.getMessage()
+        ]
 
     (fetch_log,) = await await_until(lambda: logged("the fetch callback failed"), "the fetch failure is logged")
     assert rt.id in fetch_log and "GET http://example.test/a" in fetch_log

@@ -301,7 +301,9 @@ def test_documented_flags_exist() -> None:
     """Every option the docs pass to the broker or the daemon is in its --help."""
     flags = documented_flags()
     assert len(flags) > 30, f"only {len(flags)} flags found in the docs: is the pattern still right?"
-    wrong = [f"{where}: python -m {program} has no {flag}" for program, flag, where in flags if not has_flag(program, flag)]
+    wrong = [
+        f"{where}: python -m {program} has no {flag}" for program, flag, where in flags if not has_flag(program, flag)
+    ]
     assert not wrong, "\n".join(wrong)
 
 

@@ -33,16 +33,17 @@ def run(*argv: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
 
 
 async def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Every sample of a /metrics page, by (name, sorted labels), fetched with a real HTTP GET."""
+    """Every sample of a /metrics page, by (name, sorted labels), fetched with a real HTTP GET; and
+    each family's TYPE, as (family name, (("TYPE", type),)) -> 1.0."""
     async with aiohttp.ClientSession() as s, s.get(url, timeout=aiohttp.ClientTimeout(total=10)) as resp:
         assert resp.status == 200
         assert resp.headers["Content-Type"].startswith("text/plain")
         text = await resp.text()
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
+    out = {}
+    for family in text_string_to_metric_families(text):
+        out[(family.name, (("TYPE", family.type),))] = 1.0
+        out.update({(sample.name, tuple(sorted(sample.labels.items()))): sample.value for sample in family.samples})
+    return out
 
 
 def value(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
@@ -112,6 +113,10 @@ async def test_status_metrics_and_json_logs(tmp_path: Path) -> None:
             out = run("-m", "broker", "status", "--frontend", b.frontend)
             assert out.returncode == 0, out.stderr
             assert re.search(r"^\s+d1\s+tcp://127\.0\.0\.1:\d+\s+7\s+1\s", out.stdout, re.M), out.stdout
+            # one application session; the status command's own connection is not listed
+            assert (
+                "sessions (1 connected;" in out.stdout and len(re.findall(r"^  [0-9a-f]{12} ", out.stdout, re.M)) == 1
+            ), out.stdout
             report = json.loads(run("-m", "broker", "status", "--frontend", b.frontend, "--json").stdout)
             assert [(x["name"], x["capacity"], x["runtimes"]) for x in report["daemons"]] == [("d1", 7, 1)]
             assert isinstance(report["daemons"][0]["warm"], int) and isinstance(report["daemons"][0]["pipes"], int)
@@ -132,11 +137,13 @@ async def test_status_metrics_and_json_logs(tmp_path: Path) -> None:
             assert value(m, "sandbox_mesh_daemon_request_seconds_count", kind="create_runtime") == 2
             assert value(m, "sandbox_mesh_daemon_callback_seconds_count", kind="fetch") == 1
             assert value(m, "sandbox_mesh_daemon_runtimes_lost_total", cause="cpu_limit") == 1
-            assert value(m, "sandbox_mesh_daemon_stream_bytes", direction="out") >= BIG
-            assert value(m, "sandbox_mesh_daemon_stream_bytes", direction="in") >= 300_000
+            assert value(m, "sandbox_mesh_daemon_stream_bytes_total", direction="out") >= BIG
+            assert value(m, "sandbox_mesh_daemon_stream_bytes_total", direction="in") >= 300_000
             assert value(m, "sandbox_mesh_daemon_runtimes_live") == 1
             assert value(m, "sandbox_mesh_daemon_capacity") == 7
             assert value(m, "sandbox_mesh_daemon_registered") == 1
+            for counted in ("stream_bytes", "cancels", "runtimes_lost"):  # rate() must see a restart as a reset
+                assert value(m, f"sandbox_mesh_daemon_{counted}", TYPE="counter") == 1, counted
             await rt.dispose()
             m = await scrape(broker_url)
             assert value(m, "sandbox_mesh_broker_runtimes_disposed_total") == 1

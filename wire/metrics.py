@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from wire.schema import peek
@@ -63,14 +63,20 @@ class Timer:
 
 
 class Gauges(Collector):
-    """Gauges computed at scrape time by ``read``: yields (name, help, labels, [(label values, value)])."""
+    """Values computed at scrape time by ``read``: yields (name, help, labels, [(label values, value)]).
+    A name ending in ``_total`` is a counter read from the code's own running count (exposed with
+    TYPE counter, so that ``rate()`` treats a restart as a reset); any other name is a gauge."""
 
     def __init__(self, read: Callable[[], Iterable[tuple[str, str, list[str], list[tuple[list[str], float]]]]]) -> None:
         self._read = read
 
     def collect(self) -> Iterable[Metric]:
         for name, text, labels, samples in self._read():
-            family = GaugeMetricFamily(name, text, labels=labels)
+            family: Metric
+            if name.endswith("_total"):
+                family = CounterMetricFamily(name.removesuffix("_total"), text, labels=labels)
+            else:
+                family = GaugeMetricFamily(name, text, labels=labels)
             for values, value in samples:
                 family.add_metric(values, value)
             yield family
