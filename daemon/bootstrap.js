@@ -301,10 +301,10 @@ function kindOf(value) {
   if (tag !== undefined) return `a ${tag} (send a Uint8Array of its bytes)`;
   let name = "";
   try { name = String(getPrototypeOf(value)?.constructor?.name ?? ""); } catch { /* a hostile proxy */ }
-  if (name === "ArrayBuffer" || name === "DataView" || name === "SharedArrayBuffer") {
-    return `a ${name} (send a Uint8Array of its bytes)`;
-  }
-  return name ? `${regexpTest(VOWEL, name) ? "an" : "a"} ${name}` : "an object that is not a plain object";
+  if (!name) return "an object that is not a plain object";
+  const what = `${regexpTest(VOWEL, name) ? "an" : "a"} ${name}`;
+  const bytes = name === "ArrayBuffer" || name === "DataView" || name === "SharedArrayBuffer";
+  return bytes ? `${what} (send a Uint8Array of its bytes)` : what;
 }
 
 function packValue(value, where = "the value") {

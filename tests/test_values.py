@@ -7,11 +7,21 @@ to_guest made, and the msgpack hop (wire/values.py, the VALUE field kind) sans-I
 
 from __future__ import annotations
 
+import json
 import math
-from datetime import UTC, datetime
+import subprocess
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
+import deno
+import pytest
+
 import client
+from daemon import values as DV
+from wire import values as V
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def same(a: Any, b: Any) -> bool:
@@ -70,3 +80,153 @@ async def test_every_guest_value_reaches_the_host_by_the_rules(conn: client.Conn
         assert await rt.eval("const x = 1;") is None  # no default export
     finally:
         await rt.dispose()
+
+
+# guest expression -> (error name, text the message holds): refused by the guest, naming the path
+REFUSED: list[tuple[str, str, str]] = [
+    ("{ a: [1, () => 1] }", "TypeError", "the default export.a[1] is a function"),
+    ("[Symbol('s')]", "TypeError", "the default export[0] is a symbol"),
+    ("new Map([['a', 1]])", "TypeError", "the default export is a Map"),
+    ("{ s: new Set() }", "TypeError", "the default export.s is a Set"),
+    ("{ 'odd key': new (class Point {})() }", "TypeError", 'the default export["odd key"] is a Point'),
+    ("(() => { const o = { x: {} }; o.x.back = o; return o; })()", "TypeError", "the default export.x.back is a cycle"),
+    ("new Float32Array(2)", "TypeError", "is a Float32Array (send a Uint8Array of its bytes)"),
+    ("new ArrayBuffer(2)", "TypeError", "is an ArrayBuffer (send a Uint8Array of its bytes)"),
+    ("new DataView(new ArrayBuffer(2))", "TypeError", "is a DataView (send a Uint8Array of its bytes)"),
+    ("new Uint8ClampedArray(1)", "TypeError", "is a Uint8ClampedArray"),
+    ("new Date(NaN)", "TypeError", "the default export is an invalid Date"),
+    ("new Date(Date.UTC(10000, 0, 1))", "TypeError", "is a Date outside years 1..9999"),
+    ("new URL('http://x/')", "TypeError", "the default export is an URL"),
+    ("new Error('e')", "TypeError", "the default export is an Error"),
+    ("[Promise.resolve(1)]", "TypeError", "the default export[0] is a Promise"),
+    ("'x'.repeat(50000)", "RangeError", "too large to send"),
+    ("new Uint8Array(50000)", "RangeError", "too large to send"),
+    ("(() => { let v = []; for (let i = 0; i < 129; i++) v = [v]; return v; })()", "RangeError", "levels deep"),
+    # shared references are copied (as JSON would): a DAG that doubles at every level stops at the bound
+    ("(() => { let v = [1]; for (let i = 0; i < 60; i++) v = [v, v]; return v; })()", "RangeError", "too large"),
+    ("new Array(1e9)", "RangeError", "too large"),
+    # small as JSON but large as msgpack (a float is 9 bytes there): the daemon refuses it, clearly
+    ("new Array(10000).fill(0.5)", "RangeError", "takes 90003 bytes marshalled; the limit is 49152"),
+]
+
+
+async def test_what_breaks_the_rules_is_a_clear_error_and_the_runtime_lives(conn: client.Connection) -> None:
+    rt = await conn.create_runtime()
+    try:
+        for expr, name, text in REFUSED:
+            with pytest.raises(client.GuestError) as info:
+                await rt.eval(f"export default ({expr});")
+            assert (info.value.name, text in info.value.message) == (name, True), f"{expr}: {info.value}"
+        # the bounds themselves still pass: 128 levels, and bytes up to the limit as one raw blob
+        deep = await rt.eval("let v = []; for (let i = 0; i < 127; i++) v = [v]; export default v;")
+        for _ in range(127):
+            (deep,) = deep
+        assert deep == []
+        big = await rt.eval("export default { data: new Uint8Array(48000).fill(1) };")
+        assert big == {"data": b"\x01" * 48000}
+    finally:
+        await rt.dispose()
+
+
+async def test_a_guest_that_patches_intrinsics_cannot_change_what_its_value_says(conn: client.Connection) -> None:
+    """packValue reads values only through intrinsics it captured before guest code ran."""
+    rt = await conn.create_runtime()
+    try:
+        value = await rt.eval("""
+            Object.defineProperty(Array.prototype, "0", { set() { throw new Error("array setter ran"); } });
+            Object.defineProperty(Object.prototype, "$", { set() { throw new Error("object setter ran"); } });
+            Array.prototype[Symbol.iterator] = function* () { yield "forged"; };
+            Object.keys = () => ["forged"];
+            Date.prototype.getTime = () => 0;
+            BigInt.prototype.toString = () => "forged";
+            String.prototype.toWellFormed = () => "forged";
+            Object.defineProperty(Uint8Array, Symbol.hasInstance, { value: () => false });
+            JSON.stringify = () => "forged";
+            export default [{ $: 1, ["__proto__"]: [2] }, 2n ** 64n, new Date(86400000), "\\ud800", Uint8Array.of(5)];
+        """)
+        assert value == [{"$": 1, "__proto__": [2]}, 2**64, datetime(1970, 1, 2, tzinfo=UTC), "\ufffd", b"\x05"]
+    finally:
+        await rt.dispose()
+
+
+# ---- host -> guest: daemon/values.py's tree, read by bootstrap.js's own unpackValue ----------------
+# No guest op takes a value from the host yet (host tools will: i10-tools tests that round trip in
+# real runtimes). Until then bootstrap.js's values section runs in Deno directly: the whole
+# bootstrap, without its last two lines (ready + read loop), plus a harness that unpacks each tree,
+# describes what the guest sees, and packs it back for daemon/values.py's from_guest.
+
+# Python value -> (what the guest sees, what comes back to Python)
+HOST_TO_GUEST: list[tuple[Any, Any, Any]] = [
+    (None, "null", None),
+    (True, "boolean:true", True),
+    (42, "number:42", 42),
+    (2**53 - 1, "number:9007199254740991", 2**53 - 1),
+    (2**53, "bigint:9007199254740992", 2**53),  # beyond 2^53: a BigInt
+    (-(2**70), "bigint:-1180591620717411303424", -(2**70)),
+    (1.5, "number:1.5", 1.5),
+    (2.0, "number:2", 2),  # an integral float is a JS number like any other: it comes back an int
+    (math.nan, "number:NaN", math.nan),
+    (math.inf, "number:Infinity", math.inf),
+    (-math.inf, "number:-Infinity", -math.inf),
+    (-0.0, "number:-0", -0.0),
+    ("ü € \U0001f600", "string:ü € \U0001f600", "ü € \U0001f600"),
+    ("a\ud800b", "string:a\ufffdb", "a\ufffdb"),  # a lone surrogate in a Python str: U+FFFD
+    (b"\x00\xff", "Uint8Array:0,255", b"\x00\xff"),
+    (bytearray(b"ab"), "Uint8Array:97,98", b"ab"),
+    (b"", "Uint8Array:", b""),
+    (
+        datetime(2024, 2, 29, 12, 30, 15, 250999, tzinfo=timezone(timedelta(hours=2))),
+        "Date:2024-02-29T10:30:15.250Z",  # milliseconds, UTC
+        datetime(2024, 2, 29, 10, 30, 15, 250000, tzinfo=UTC),
+    ),
+    ((1, [2, b"x"]), ["number:1", ["number:2", "Uint8Array:120"]], [1, [2, b"x"]]),
+    (
+        {"$": "n", "v": "ff", "__proto__": {"z": b"yz"}},  # looks like a tag, is a dict; a key named __proto__
+        {"$": "string:n", "v": "string:ff", "__proto__": {"z": "Uint8Array:121,122"}},
+        {"$": "n", "v": "ff", "__proto__": {"z": b"yz"}},
+    ),
+]
+
+HARNESS = """
+MAX_VALUE = %d; MAX_VALUE_DEPTH = %d;
+const shape = (x) => {
+  if (x === null) return "null";
+  if (typeof x !== "object") return `${typeof x}:${Object.is(x, -0) ? "-0" : String(x)}`;
+  if (x instanceof Uint8Array) return `Uint8Array:${Array.from(x).join(",")}`;
+  if (x instanceof Date) return `Date:${x.toISOString()}`;
+  if (Array.isArray(x)) return x.map(shape);
+  if (Object.getPrototypeOf(x) !== Object.prototype) return "not a plain object";
+  return Object.fromEntries(Object.keys(x).map((k) => [k, shape(x[k])]));
+};
+const out = [];
+for (const [tree, body] of JSON.parse(%s)) { // as the read loop does: JSON, not a JS literal
+  const x = unpackValue(tree, new Uint8Array(body));
+  const { v, blobs } = packValue(x, "back");
+  out.push({ shape: shape(x), v, body: Array.from(blobsBody(blobs) ?? []) });
+}
+const bytes = enc.encode(JSON.stringify(out));
+writeAll(bytes, 0, bytes.length);
+exit(0);
+"""
+
+
+def run_values_in_deno(tmp_path: Path, cases: list[tuple[Any, bytes]]) -> list[dict[str, Any]]:
+    source = (ROOT / "daemon" / "bootstrap.js").read_text()
+    tail = 'send({ op: "ready" });\nreadLoop();\n'
+    assert source.endswith(tail), "bootstrap.js no longer ends by starting its read loop"
+    payload = json.dumps([[tree, list(body)] for tree, body in cases])
+    script = tmp_path / "values_harness.js"
+    script.write_text(source[: -len(tail)] + HARNESS % (V.MAX_VALUE, V.MAX_VALUE_DEPTH, json.dumps(payload)))
+    argv = [deno.find_deno_bin(), "run", "--no-remote", "--no-npm", "--no-config", "--no-lock", "--quiet", str(script)]
+    env = {"DENO_DIR": str(tmp_path / "deno"), "NO_COLOR": "1", "DENO_NO_UPDATE_CHECK": "1", "PATH": "/usr/bin:/bin"}
+    done = subprocess.run(argv, capture_output=True, timeout=60, env=env, stdin=subprocess.DEVNULL, check=False)
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    return json.loads(done.stdout)  # type: ignore[no-any-return]
+
+
+def test_every_host_value_reaches_the_guest_by_the_rules_and_comes_back(tmp_path: Path) -> None:
+    results = run_values_in_deno(tmp_path, [DV.to_guest(value) for value, _, _ in HOST_TO_GUEST])
+    for (value, seen, back), result in zip(HOST_TO_GUEST, results, strict=True):
+        assert result["shape"] == seen, f"{value!r}: the guest sees {result['shape']!r}"
+        got = DV.from_guest(result["v"], bytes(result["body"]))
+        assert same(got, back), f"{value!r} came back as {got!r}"
