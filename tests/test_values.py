@@ -15,10 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import deno
+import msgpack
 import pytest
 
 import client
 from daemon import values as DV
+from wire import messages as M
+from wire import protocol as P
+from wire import schema
 from wire import values as V
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -225,8 +229,177 @@ def run_values_in_deno(tmp_path: Path, cases: list[tuple[Any, bytes]]) -> list[d
 
 
 def test_every_host_value_reaches_the_guest_by_the_rules_and_comes_back(tmp_path: Path) -> None:
-    results = run_values_in_deno(tmp_path, [DV.to_guest(value) for value, _, _ in HOST_TO_GUEST])
+    # the last tree did not come from to_guest: the guest's packValue makes its lone surrogate U+FFFD
+    cases = [DV.to_guest(value) for value, _, _ in HOST_TO_GUEST] + [(["a\ud800b"], b"")]
+    *results, raw = run_values_in_deno(tmp_path, cases)
+    assert raw["v"] == ["a\ufffdb"]
     for (value, seen, back), result in zip(HOST_TO_GUEST, results, strict=True):
         assert result["shape"] == seen, f"{value!r}: the guest sees {result['shape']!r}"
         got = DV.from_guest(result["v"], bytes(result["body"]))
         assert same(got, back), f"{value!r} came back as {got!r}"
+
+
+# ---- sans-I/O: wire/values.py (the msgpack hop) and daemon/values.py (the guest channel) ----------
+
+
+class Thing:
+    pass
+
+
+PYTHON_VALUES: list[Any] = [
+    None,
+    True,
+    0,
+    -(2**63),
+    2**64 - 1,  # the ends of msgpack's own ints
+    2**64,
+    -(2**63) - 1,
+    10**400,  # beyond both ends: ext type 1, any size (past Python's 4300-digit str limit too)
+    -(10**400),
+    0.1,
+    math.nan,
+    -0.0,
+    math.inf,
+    "text ü",
+    b"\x00raw",
+    [],
+    {},
+    {"k": [1, {"n": None}], "$": "not a tag"},
+    datetime(1, 1, 1, tzinfo=UTC),
+    datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+    datetime(1969, 7, 20, 20, 17, 40, 123456, tzinfo=UTC),
+]
+
+
+@pytest.mark.parametrize("value", PYTHON_VALUES, ids=repr)
+def test_values_cross_msgpack_records_unchanged(value: Any) -> None:
+    frames = M.EvalOk(id=1, value=value).frames()
+    got = schema.from_header(M.EvalOk, schema.header_of(frames), frames[1:]).value
+    assert same(got, value), f"{value!r} came back as {got!r}"
+    # the ext types with a plain msgpack unpacker too: ext_hook for big ints, timestamp=3 for datetimes
+    plain = msgpack.unpackb(frames[0], ext_hook=V.ext_hook, timestamp=3).get("value")
+    assert same(plain, value)
+
+
+def test_what_the_ext_types_look_like() -> None:
+    assert msgpack.packb(2**64, default=V.default) == msgpack.packb(msgpack.ExtType(1, b"\x01" + bytes(8)))
+    assert msgpack.packb(-(2**63) - 1, default=V.default) == msgpack.packb(
+        msgpack.ExtType(1, b"\xff\x7f" + b"\xff" * 7)
+    )
+    assert V.ext_hook(1, b"\xff") == -1 and V.ext_hook(1, b"\x00\x80") == 128
+    dt = datetime(2020, 1, 1, tzinfo=UTC)
+    assert msgpack.packb(dt, default=V.default) == msgpack.packb(dt, datetime=True)  # msgpack's timestamp
+    with pytest.raises(ValueError, match="unknown msgpack ext type 5"):
+        V.ext_hook(5, b"")
+    with pytest.raises(TypeError):
+        msgpack.packb(object(), default=V.default)
+
+
+def test_host_values_are_taken_as_their_base_type() -> None:
+    class Key(str):
+        pass
+
+    class Mapping(dict):  # type: ignore[type-arg]
+        pass
+
+    value = Mapping({Key("k"): (1, bytearray(b"a"), memoryview(b"b")), "s": "\ud83d\ude00\udfff"})
+    assert same(V.decode(V.encode(value)), {"k": [1, b"a", b"b"], "s": "\U0001f600\ufffd"})
+
+
+# Python value -> the error the host gets trying to send it: path, and what it is
+HOST_REFUSALS: list[tuple[Any, type[Exception], str]] = [
+    ({"a": [1, Thing()]}, TypeError, "argument 0.a[1] is a Thing: only None, bool, int"),
+    ([{1, 2}], TypeError, "argument 0[0] is a set"),
+    ({"x": {1: "a"}}, TypeError, "argument 0.x has a key that is an int: dict keys must be str"),
+    ({"odd key": datetime(2020, 1, 1)}, TypeError, 'argument 0["odd key"] is a naive datetime (give it a tzinfo'),
+    ([print], TypeError, "argument 0[0] is a builtin_function_or_method"),
+    (complex(1, 2), TypeError, "argument 0 is a complex"),
+]
+
+
+def test_what_the_host_cannot_send_is_a_type_error_naming_the_path() -> None:
+    for value, exc, text in HOST_REFUSALS:
+        for send in (V.check, V.encode, DV.to_guest):
+            with pytest.raises(exc) as info:
+                send(value, "argument 0")
+            assert text in str(info.value), f"{send.__qualname__}({value!r}): {info.value}"
+    with pytest.raises(TypeError, match="is a Thing"):
+        M.EvalOk(id=1, value=Thing()).frames()  # a record never carries an unmarshallable value
+
+
+def nest(levels: int) -> list[Any]:
+    v: list[Any] = []
+    for _ in range(levels - 1):
+        v = [v]
+    return v
+
+
+def test_the_bounds_hold_on_the_host_side_both_ways() -> None:
+    assert V.check(nest(V.MAX_VALUE_DEPTH)) > 0
+    for send in (V.check, V.encode, lambda v: DV.to_guest(v)):
+        with pytest.raises(V.TooDeep, match="more than 128 levels"):
+            send(nest(V.MAX_VALUE_DEPTH + 1))
+    assert V.check(b"x" * (V.MAX_VALUE - 3)) == V.MAX_VALUE  # bin 16: 3 bytes of header
+    with pytest.raises(V.TooLarge, match="the value takes 49153 bytes marshalled; the limit is 49152"):
+        V.check(b"x" * (V.MAX_VALUE - 2))
+    with pytest.raises(V.TooLarge, match="the limit is 49152"):
+        DV.to_guest(["x" * 30000, b"y" * 20000])  # the tree's JSON plus its blobs
+    tree, body = DV.to_guest(["x" * 30000, b"y" * 18000])
+    assert body == b"y" * 18000 and tree == ["x" * 30000, {"$": "b", "o": 0, "n": 18000}]
+    # what a peer sends is checked as it is read: too deep, or an ext type nobody defined
+    for header in ({"v": 1, "t": "ok", "id": 1, "value": nest(V.MAX_VALUE_DEPTH + 1)},
+                   {"v": 1, "t": "ok", "id": 1, "value": [msgpack.ExtType(9, b"")]},
+                   {"v": 1, "t": "ok", "id": 1, "value": {"a": {b"bytes key": 1}}}):  # fmt: skip
+        frames = [msgpack.packb(header, use_bin_type=True)]
+        with pytest.raises(P.ProtocolError) as info:
+            schema.from_header(M.EvalOk, schema.header_of(frames), [])
+        assert info.value.code == P.E_BAD_MESSAGE and "'value'" in info.value.message
+
+
+# (tree, body) from the guest -> the Python value: the daemon reads it by the rules
+FROM_GUEST: list[tuple[Any, bytes, Any]] = [
+    (2**53 - 1, b"", 2**53 - 1),
+    (2**60, b"", float(2**60)),  # a JS number past 2^53 written as digits is a float
+    ({"$": "n", "v": "-" + "f" * 5000}, b"", -(16**5000 - 1)),
+    ({"$": "f", "v": "-0"}, b"", -0.0),
+    ({"$": "d", "v": 1.5}, b"", datetime(1970, 1, 1, 0, 0, 0, 1500, tzinfo=UTC)),
+    ([{"$": "b", "o": 2, "n": 1}, {"$": "b", "o": 0, "n": 2}], b"abc", [b"c", b"ab"]),  # by offset
+    ({"$": "o", "v": {"$": {"$": "f", "v": "NaN"}}}, b"", {"$": math.nan}),
+    ({"k\ud800": "v\udfff"}, b"", {"k\ufffd": "v\ufffd"}),
+]
+
+# (tree, body) no bootstrap sends: refused, naming where
+FROM_GUEST_REFUSED: list[tuple[Any, bytes, str]] = [
+    ({"$": "b", "o": 1, "n": 3}, b"abc", 'the value is not a value: {"$": "b"'),
+    ({"a": [{"$": "b", "o": -1, "n": 1}]}, b"abc", "the value.a[0] is not a value"),
+    ({"$": "x", "v": 1}, b"", "is not a value"),
+    ({"$": "n", "v": "0xzz"}, b"", "is not a value"),
+    ({"$": "f", "v": "nan"}, b"", "is not a value"),
+    ({"$": "d", "v": 8.64e15}, b"", "the value is a date outside years 1..9999"),
+    ({"$": "d", "v": "2020-01-01"}, b"", "is not a value"),
+    ({"$": "o", "v": [1]}, b"", "is not a value"),
+    (nest(V.MAX_VALUE_DEPTH + 1), b"", "nests more than 128 levels deep"),
+    ([], bytes(V.MAX_VALUE + 1), "49153 bytes of blobs; the limit is 49152"),
+]
+
+
+def test_the_daemon_reads_guest_trees_by_the_rules_and_refuses_malformed_ones() -> None:
+    for tree, body, expected in FROM_GUEST:
+        got = DV.from_guest(tree, body)
+        assert same(got, expected), f"{tree!r}: {got!r}"
+    for tree, body, text in FROM_GUEST_REFUSED:
+        with pytest.raises(ValueError) as info:
+            DV.from_guest(tree, body)
+        assert text in str(info.value), f"{str(tree)[:80]}: {info.value}"
+    with pytest.raises(V.TooDeep):
+        DV.from_guest({"$": "o", "v": {"a": nest(V.MAX_VALUE_DEPTH)}}, b"")  # the wrapper is a level too
+
+
+@pytest.mark.parametrize("value", PYTHON_VALUES, ids=repr)
+def test_to_guest_and_from_guest_are_inverse(value: Any) -> None:
+    tree, body = DV.to_guest(value)
+    json.dumps(tree, allow_nan=False)  # plain JSON: what JSON cannot say is tagged
+    back = DV.from_guest(json.loads(json.dumps(tree)), body)
+    if isinstance(value, datetime):  # a JS Date holds milliseconds
+        value = value.replace(microsecond=value.microsecond // 1000 * 1000)
+    assert same(back, value), f"{value!r} came back as {back!r}"
