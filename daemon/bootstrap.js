@@ -307,6 +307,14 @@ function kindOf(value) {
   return bytes ? `${what} (send a Uint8Array of its bytes)` : what;
 }
 
+// `where` and the path below it, for an error message; a long path keeps its last steps
+function at(where, path) {
+  if (path.length <= 120) return `${where}${path}`;
+  let i = path.length - 120;
+  while (i < path.length && charCodeAt(path, i) !== 46 && charCodeAt(path, i) !== 91) i++; // "." or "["
+  return `${where}…${sliceString(path, i)}`;
+}
+
 function packValue(value, where = "the value") {
   const blobs = [];
   let nblobs = 0;
@@ -334,7 +342,7 @@ function packValue(value, where = "the value") {
         return { $: "n", v: hex };
       }
       case "object": break;
-      default: throw new TypeError(`${where}${path} is ${kindOf(v)}: ${SENDABLE}`);
+      default: throw new TypeError(`${at(where, path)} is ${kindOf(v)}: ${SENDABLE}`);
     }
     if (v === null) return null;
     if (typedArrayTag(v) === "Uint8Array") {
@@ -347,18 +355,18 @@ function packValue(value, where = "the value") {
     if (isDate(v)) {
       const t = dateTime(v);
       if (!(t >= FIRST_DATE && t <= LAST_DATE)) {
-        throw new TypeError(`${where}${path} is ${t !== t ? "an invalid Date" : "a Date outside years 1..9999"}`);
+        throw new TypeError(`${at(where, path)} is ${t !== t ? "an invalid Date" : "a Date outside years 1..9999"}`);
       }
       return { $: "d", v: t };
     }
     const array = isArray(v);
     if (!array) {
       const proto = getPrototypeOf(v);
-      if (proto !== objectPrototype && proto !== null) throw new TypeError(`${where}${path} is ${kindOf(v)}: ${SENDABLE}`);
+      if (proto !== objectPrototype && proto !== null) throw new TypeError(`${at(where, path)} is ${kindOf(v)}: ${SENDABLE}`);
     }
-    if (setHas(ancestors, v)) throw new TypeError(`${where}${path} is a cycle: it contains itself`);
+    if (setHas(ancestors, v)) throw new TypeError(`${at(where, path)} is a cycle: it contains itself`);
     if (depth >= MAX_VALUE_DEPTH) {
-      throw new NativeRangeError(`${where}${path} nests arrays and objects more than ${MAX_VALUE_DEPTH} levels deep`);
+      throw new NativeRangeError(`${where} is nested more than ${MAX_VALUE_DEPTH} levels deep (arrays and objects)`);
     }
     setAdd(ancestors, v);
     let out;
