@@ -315,7 +315,20 @@ function at(where, path) {
   return `${where}…${sliceString(path, i)}`;
 }
 
-function packValue(value, where = "the value") {
+// `replace(v, what)`, if given, is asked for a stand-in (a string, number, boolean or null, e.g. the
+// value's inspect() text) instead of throwing for something that cannot be sent (`what` says what
+// it is and where); bounds still throw. For callers that must not fail on any value (console).
+function packValue(value, where = "the value", replace = undefined) {
+  const refuse = (v, path, what) => {
+    const text = `${at(where, path)} is ${what}`;
+    if (replace === undefined) throw new TypeError(what === "a cycle: it contains itself" ? text : `${text}: ${SENDABLE}`);
+    const stand = replace(v, text);
+    const type = typeof stand;
+    if (stand !== null && type !== "string" && type !== "number" && type !== "boolean") {
+      throw new TypeError(`the stand-in for ${text} must be a string, number, boolean or null`);
+    }
+    return walk(stand, path, 0);
+  };
   const blobs = [];
   let nblobs = 0;
   let offset = 0; // bytes of blobs so far
@@ -342,7 +355,7 @@ function packValue(value, where = "the value") {
         return { $: "n", v: hex };
       }
       case "object": break;
-      default: throw new TypeError(`${at(where, path)} is ${kindOf(v)}: ${SENDABLE}`);
+      default: return refuse(v, path, kindOf(v));
     }
     if (v === null) return null;
     if (typedArrayTag(v) === "Uint8Array") {
@@ -355,16 +368,16 @@ function packValue(value, where = "the value") {
     if (isDate(v)) {
       const t = dateTime(v);
       if (!(t >= FIRST_DATE && t <= LAST_DATE)) {
-        throw new TypeError(`${at(where, path)} is ${t !== t ? "an invalid Date" : "a Date outside years 1..9999"}`);
+        return refuse(v, path, t !== t ? "an invalid Date" : "a Date outside years 1..9999");
       }
       return { $: "d", v: t };
     }
     const array = isArray(v);
     if (!array) {
       const proto = getPrototypeOf(v);
-      if (proto !== objectPrototype && proto !== null) throw new TypeError(`${at(where, path)} is ${kindOf(v)}: ${SENDABLE}`);
+      if (proto !== objectPrototype && proto !== null) return refuse(v, path, kindOf(v));
     }
-    if (setHas(ancestors, v)) throw new TypeError(`${at(where, path)} is a cycle: it contains itself`);
+    if (setHas(ancestors, v)) return refuse(v, path, "a cycle: it contains itself");
     if (depth >= MAX_VALUE_DEPTH) {
       throw new NativeRangeError(`${where} is nested more than ${MAX_VALUE_DEPTH} levels deep (arrays and objects)`);
     }

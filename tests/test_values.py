@@ -213,6 +213,10 @@ const shape = (x) => {
   return Object.fromEntries(Object.keys(x).map((k) => [k, shape(x[k])]));
 };
 const out = [];
+// a caller that must not fail (console) gets stand-ins for what cannot be sent, and still the bounds
+const replaced = packValue({ f() {}, m: new Map(), ok: [1n] }, "arg 0", (v, what) => `<${typeof v}> ${what}`);
+const big = (() => { try { packValue([() => 1, "x".repeat(%d)], "x", () => "f"); return "sent"; } catch (e) { return e.name; } })();
+out.push({ shape: replaced.v, v: big, body: [] });
 for (const [tree, body] of JSON.parse(%s)) { // as the read loop does: JSON, not a JS literal
   const x = unpackValue(tree, new Uint8Array(body));
   const { v, blobs } = packValue(x, "back");
@@ -230,7 +234,9 @@ def run_values_in_deno(tmp_path: Path, cases: list[tuple[Any, bytes]]) -> list[d
     assert source.endswith(tail), "bootstrap.js no longer ends by starting its read loop"
     payload = json.dumps([[tree, list(body)] for tree, body in cases])
     script = tmp_path / "values_harness.js"
-    script.write_text(source[: -len(tail)] + HARNESS % (V.MAX_VALUE, V.MAX_VALUE_DEPTH, json.dumps(payload)))
+    script.write_text(
+        source[: -len(tail)] + HARNESS % (V.MAX_VALUE, V.MAX_VALUE_DEPTH, V.MAX_VALUE, json.dumps(payload))
+    )
     argv = [deno.find_deno_bin(), "run", "--no-remote", "--no-npm", "--no-config", "--no-lock", "--quiet", str(script)]
     env = {"DENO_DIR": str(tmp_path / "deno"), "NO_COLOR": "1", "DENO_NO_UPDATE_CHECK": "1", "PATH": "/usr/bin:/bin"}
     done = subprocess.run(argv, capture_output=True, timeout=60, env=env, stdin=subprocess.DEVNULL, check=False)
@@ -241,7 +247,13 @@ def run_values_in_deno(tmp_path: Path, cases: list[tuple[Any, bytes]]) -> list[d
 def test_every_host_value_reaches_the_guest_by_the_rules_and_comes_back(tmp_path: Path) -> None:
     # the last tree did not come from to_guest: the guest's packValue makes its lone surrogate U+FFFD
     cases = [DV.to_guest(value) for value, _, _ in HOST_TO_GUEST] + [(["a\ud800b"], b"")]
-    *results, raw = run_values_in_deno(tmp_path, cases)
+    replaced, *results, raw = run_values_in_deno(tmp_path, cases)
+    assert replaced["shape"] == {
+        "f": "<function> arg 0.f is a function",
+        "m": "<object> arg 0.m is a Map",
+        "ok": [{"$": "n", "v": "1"}],
+    }
+    assert replaced["v"] == "RangeError"
     assert raw["v"] == ["a\ufffdb"]
     for (value, seen, back), result in zip(HOST_TO_GUEST, results, strict=True):
         assert result["shape"] == seen, f"{value!r}: the guest sees {result['shape']!r}"
