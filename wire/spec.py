@@ -108,6 +108,7 @@ ERRORS: dict[str, str] = {
     "(3.3); retry later",
     "unavailable": "the broker or the runtime's owner is (for now) unreachable; the call did not complete; retry",
     "unknown_daemon": "broker -> daemon, without id: no registration of the sender; send `ready` again",
+    "tool_failed": "client: a tool call failed; `name` and `message` are what the guest's Error says",
 }
 
 
