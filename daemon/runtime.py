@@ -74,7 +74,7 @@ class Runtime:
         guest.on_stop = self.stop
         if guest.exit_reason is not None:  # it stopped between its claim and now
             self.stop(guest.exit_reason)
-        guest.send(G.Init(fetch=fetch, console=console, tools=list(tools[0]), stream_tools=list(tools[1])))
+        guest.send(G.Init(fetch=fetch, console=console, tools=tools[0], stream_tools=tools[1]))
 
     def _gid(self) -> int:
         """The next id of an exchange or inbound stream (one counter: protocol.md 7.3)."""

@@ -189,8 +189,8 @@ class Init(Record):
     max_pending_fetches: int = F(INT, MAX_PENDING_FETCHES, "fetch() calls waiting for their head")
     max_streams: int = F(INT, MAX_STREAMS, "bodies open at once, both directions")
     max_value_depth: int = F(INT, MAX_VALUE_DEPTH, "levels an eval's value may nest")
-    tools: list[Any] = F(LIST, [], "names of the host's async-function tools (the `tools` object)")
-    stream_tools: list[Any] = F(LIST, [], "names of the host's async-generator tools")
+    tools: tuple[str, ...] = F(LIST, (), "names of the host's async-function tools (the `tools` object)")
+    stream_tools: tuple[str, ...] = F(LIST, (), "names of the host's async-generator tools")
     max_pending_tools: int = F(INT, MAX_PENDING_TOOLS, "tools.*() calls waiting for their result")
 
 
