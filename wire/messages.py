@@ -32,6 +32,7 @@ from wire.schema import (
     STR,
     STRS,
     U64,
+    VALUE,
     Body,
     F,
     Inline,
@@ -259,7 +260,7 @@ class EvalOk(Record):
     """`ok` to `eval`."""
 
     id: int = F(U64, doc=_ID)
-    value: Any = F(ANY, None, "the module's default export as JSON-able data")
+    value: Any = F(VALUE, None, "the module's default export, a marshalled value (absent: None)")
     c: bytes | None = F(BIN, None, _C)
 
 
@@ -314,7 +315,7 @@ class ToolResult(Record):
 
     id: int = F(U64, doc="the `tool`'s id")
     rt: str | None = F(STR, None, "client -> broker: the `tool`'s runtime (the broker checks ownership)")
-    value: Any = F(ANY, None, "the async function's result")
+    value: Any = F(VALUE, None, "the async function's result, a marshalled value")
     items: bool = F(BOOL, False, "an async generator: its items stream on `resp_sid` (pipe in `pipe_ready`)")
 
 
@@ -345,7 +346,7 @@ class Tool(Record):
     id: int = F(U64, doc="callback id (the daemon's id space, shared with `fetch`); echo it")
     rt: str = F(STR, doc="the runtime whose guest calls")
     name: str = F(STR, doc="the tool")
-    args: Any = F(ANY, (), "the positional arguments (a list; a stream argument is nil)")
+    args: Any = F(VALUE, (), "the positional arguments, a list of values (a stream argument: nil)")
     body: Body = F(BODY, None, "a ReadableStream argument: {sid, ep} (connect a PULL)")
     at: int = F(INT, 0, "with `body`: its argument's position")
     resp_sid: bytes = F(BIN16, doc="an async generator's items stream; cancelling it abandons the call")
