@@ -9,6 +9,7 @@ failure is chosen (ToolError) or generic: never a host exception's class, text o
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -159,7 +160,6 @@ async def test_tool_call_values_errors_and_timeouts(conn: client.Connection, cap
         # the host has the whole story, with the traceback
         logged = "\n".join(r.getMessage() for r in caplog.records)
         assert "HostBug" in logged and SECRET in logged and "Traceback" in logged
-        assert "a set" in logged, "the refused result is logged with what was wrong"
         # a hanging call is in flight on every hop, and counted; its timeout ends it everywhere
         await rt.eval("globalThis.pending = tools.hang().catch((e) => e.name);")
         s = await rt.stats()
@@ -262,6 +262,7 @@ async def test_stream_tool_backpressure_and_break_closes_the_generator(conn: cli
 
         await await_until(stalled, "the generator stalls behind the guest that stopped reading")
         assert produced < 400, f"a guest that stops reading must stall the generator ({produced} items produced)"
+        print(f"stalled at {produced} items of 32 KiB")
         broke = time.monotonic()
         await rt.eval("await it.return();")  # what `break` in for-await does
         await await_until(lambda: closed_at, "the generator's finally ran", timeout=10)
@@ -321,10 +322,11 @@ async def test_the_tools_demo_streams_its_answer_through_aiohttp(conn: client.Co
 
     events = await tools_demo.demo(conn, "how do host tools work")
     texts = [e for _, e in events]
-    assert texts[0] == 'event: sources\ndata: ["Tools", "Sandboxes"]' or texts[0].startswith("event: sources")
+    assert texts[0] == 'event: sources\ndata: ["Sandboxes","Tools"]', "the search tool's documents, by title"
     assert texts[-1].startswith("event: done"), texts
-    tokens = [e for e in texts if e.startswith("data: ")]
-    assert len(tokens) > 10 and '"tools" ' in "".join(tokens).lower()
+    answer = "".join(json.loads(e[len("data: ") :]) for e in texts if e.startswith("data: "))
+    assert answer.startswith("Q: how do host tools work. A: Each runtime is a Deno process")
+    assert answer.strip().endswith("Host tools are async Python functions the guest awaits.")
     # streamed as produced (50 ms apart), not all at once at the end
     times = [t for t, e in events if e.startswith("data: ")]
     assert times[-1] - times[0] > 0.3, f"the tokens arrived together: {times}"
