@@ -37,9 +37,11 @@ function init(h) {
   ({ window: WINDOW, max_chunk: MAX_CHUNK, inline_max: INLINE_MAX, max_value: MAX_VALUE, max_console: MAX_CONSOLE,
     max_console_args: MAX_CONSOLE_ARGS, console_rate: CONSOLE_RATE, max_error_text: MAX_ERROR_TEXT,
     max_error_name: MAX_ERROR_NAME, max_head: MAX_HEAD, max_status_text: MAX_STATUS_TEXT } = h);
-  ({ max_pending_fetches: MAX_PENDING_FETCHES, max_streams: MAX_STREAMS, max_value_depth: MAX_VALUE_DEPTH } = h);
+  ({ max_pending_fetches: MAX_PENDING_FETCHES, max_streams: MAX_STREAMS, max_value_depth: MAX_VALUE_DEPTH,
+    max_pending_tools: MAX_PENDING_TOOLS } = h);
   for (const v of [WINDOW, MAX_CHUNK, INLINE_MAX, MAX_VALUE, MAX_CONSOLE, MAX_CONSOLE_ARGS, CONSOLE_RATE,
-    MAX_ERROR_TEXT, MAX_ERROR_NAME, MAX_HEAD, MAX_STATUS_TEXT, MAX_PENDING_FETCHES, MAX_STREAMS, MAX_VALUE_DEPTH]) {
+    MAX_ERROR_TEXT, MAX_ERROR_NAME, MAX_HEAD, MAX_STATUS_TEXT, MAX_PENDING_FETCHES, MAX_STREAMS, MAX_VALUE_DEPTH,
+    MAX_PENDING_TOOLS]) {
     if (typeof v !== "number" || !(v > 0)) fatal(`init without its limits: ${stringify(h)}`);
   }
   config = { fetch: !!h.fetch, console: !!h.console };
@@ -710,8 +712,6 @@ let nextTool = 1;
 const toolCalls = new Map(); // id -> {resolve, reject}
 
 function setupTools(h) {
-  MAX_PENDING_TOOLS = h.max_pending_tools;
-  if (typeof MAX_PENDING_TOOLS !== "number" || !(MAX_PENDING_TOOLS > 0)) fatal("init without max_pending_tools");
   const tools = {};
   const define = (name, fn) => defineProperty(tools, name, { value: fn, enumerable: true });
   for (const name of h.tools ?? []) define(name, { async [name](...args) { return await callTool(name, args).done; } }[name]);
