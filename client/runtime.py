@@ -24,7 +24,6 @@ from typing import Any, Protocol, TypeAlias, TypeVar
 
 import zmq
 import zmq.asyncio
-from wire.values import check as check_value
 
 from client.bodies import Body, Inbound, aclose_quietly, send_body
 from client.control import ControlLink
@@ -39,6 +38,7 @@ from wire import tools as T
 from wire.pipes import PipeReader, PipeWriter
 from wire.ratelog import RateLog
 from wire.scope import Scope
+from wire.values import check as check_value
 
 log = logging.getLogger("sandbox_mesh.client.runtime")
 
@@ -49,7 +49,8 @@ R = TypeVar("R", bound=M.Record)
 
 #: The fetch callback: ``async def fetch(request: client.Request) -> client.Response``. It performs
 #: the guest's ``fetch()`` (``client.forward_fetch()`` does it for real with aiohttp); what it raises
-#: rejects the guest's fetch with a TypeError naming it, and is logged with its traceback.
+#: is logged with its traceback and rejects the guest's fetch with ``TypeError: fetch failed`` (a
+#: ``FetchDenied`` policy refusal with its own text): host exception texts never reach the guest.
 FetchCallback: TypeAlias = Callable[[Request], Awaitable[Response]]
 #: The console callback: called with each ``console.*`` call of the guest, as a ``ConsoleEntry``
 #: (``level`` is log/info/warn/error/debug); it may be a plain function or an ``async def``.
