@@ -330,3 +330,30 @@ async def test_the_tools_demo_streams_its_answer_through_aiohttp(conn: client.Co
     # streamed as produced (50 ms apart), not all at once at the end
     times = [t for t, e in events if e.startswith("data: ")]
     assert times[-1] - times[0] > 0.3, f"the tokens arrived together: {times}"
+
+
+async def test_a_named_runtime_resumed_elsewhere_gets_that_connections_tools(
+    broker: Any, conn: client.Connection
+) -> None:
+    async def old(x: int) -> str:
+        return f"old {x}"
+
+    async def new(x: int) -> str:
+        return f"new {x}"
+
+    rt = await conn.create_runtime(name="tooled", keep_alive=10, tools={"lookup": old})
+    assert await rt.eval("export default await tools.lookup(1)") == "old 1"
+    async with client.connect(broker.frontend, session=conn.session, timeout=15) as other:
+        with pytest.raises(TypeError, match="async def"):
+            await other.runtime("tooled", tools={"lookup": lambda x: x})
+        again = await other.runtime("tooled", tools={"lookup": new})
+        assert await again.eval("export default await tools.lookup(2)") == "new 2"
+        # a tool this connection does not serve: the guest gets the generic error, not a hang
+        bare = await client.connect(broker.frontend, session=conn.session, timeout=15)
+        try:
+            third = await bare.runtime("tooled")
+            got = await third.eval("export default await tools.lookup(3).catch((e) => e.message)")
+            assert got == "tools.lookup failed"
+            await third.dispose()
+        finally:
+            await bare.close()
