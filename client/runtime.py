@@ -370,6 +370,9 @@ class Runtime:
         if self.lost is not None:
             self._reply_fetch_error(msg.id, self.lost.message)
             return
+        if self._control.cancelled(msg.resp_sid):  # the guest aborted before the callback got here
+            self._reply_fetch_error(msg.id, "the fetch was cancelled")
+            return
         self._producer(msg.resp_sid, self._serve_fetch(msg))
 
     async def _serve_fetch(self, msg: M.Fetch) -> None:
@@ -427,8 +430,9 @@ class Runtime:
                 request_body.cancel()
 
     def on_tool(self, msg: M.Tool) -> None:
-        if self.lost is not None:
-            self._reply_tool_error(msg.id, "Error", f"tools.{msg.name} failed")
+        # the guest may have given up already: its cancel (control link) can overtake the call (broker)
+        if self.lost is not None or self._control.cancelled(msg.resp_sid):
+            self._reply_tool_error(msg.id, "Error", f"tools.{msg.name} failed")  # the broker stops waiting
             return
         self._producer(msg.resp_sid, self._serve_tool(msg))  # the daemon's cancel of resp_sid stops it
 
@@ -437,6 +441,7 @@ class Runtime:
         generator, its items on the ``resp_sid`` pipe), or ``tool_failed`` with what the guest may see."""
         self._tool_calls += 1
         upload: Body | None = None
+        answered = False  # after the answer, the broker no longer waits for one
         try:
             args = list(msg.args) if isinstance(msg.args, (list, tuple)) else []
             if isinstance(msg.body, M.StreamRef) and msg.body.ep is not None:
@@ -450,6 +455,7 @@ class Runtime:
                 items = _items(msg.name, t.fn(*args), limit, self._tool_failed)
                 self._ready[msg.resp_sid] = self._control.expect_pipe(msg.resp_sid)
                 self._send(M.ToolResult(id=msg.id, rt=self.id, items=True))
+                answered = True  # from now on the items (their pipe) say how it ends
                 await self._produce_when_ready(msg.resp_sid, items)
                 return
             clock = asyncio.timeout(limit)
@@ -460,15 +466,19 @@ class Runtime:
                 if not clock.expired():
                     raise
                 raise _TimedOut(msg.name, limit) from None
-            result = M.ToolResult(id=msg.id, rt=self.id, value=value)
-            check_value(value, f"tools.{msg.name}: its result")
-            if len(result.frames()[0]) > P.MAX_HEADER:
-                raise ValueError(f"tools.{msg.name} returned a value of more than {P.MAX_HEADER} bytes")
-            self._send(result)
+            check_value(value, f"tools.{msg.name}: its result")  # within MAX_VALUE, so within a header
+            self._send(M.ToolResult(id=msg.id, rt=self.id, value=value))
         except ToolError as exc:
-            self._reply_tool_error(msg.id, exc.name, exc.message)
+            if not answered:
+                self._reply_tool_error(msg.id, exc.name, exc.message)
+        except asyncio.CancelledError:  # the guest gave up (or the runtime went): the broker stops waiting
+            if not answered:
+                self._reply_tool_error(msg.id, "Error", f"tools.{msg.name} was cancelled")
+            raise
         except Exception as exc:
-            self._reply_tool_error(msg.id, *self._tool_failed(msg.name, exc))
+            name, message = self._tool_failed(msg.name, exc)
+            if not answered:
+                self._reply_tool_error(msg.id, name, message)
         finally:
             self._tool_calls -= 1
             if upload is not None and not upload.finished:
