@@ -735,8 +735,9 @@ const toolCalls = new Map(); // id -> {resolve, reject}
 function setupTools(h) {
   const tools = {};
   const define = (name, fn) => defineProperty(tools, name, { value: fn, enumerable: true });
-  for (const name of h.tools ?? []) define(name, { async [name](...args) { return await callTool(name, args).done; } }[name]);
-  for (const name of h.stream_tools ?? []) define(name, { [name](...args) { return toolItems(name, args); } }[name]);
+  // methods (named as the tool, no [[Construct]]), each bound to its name here
+  for (const name of h.tools) define(name, { async [name](...args) { return await callTool(name, args).done; } }[name]);
+  for (const name of h.stream_tools) define(name, { [name](...args) { return toolItems(name, args); } }[name]);
   Object.freeze(tools);
   defineProperty(globalThis, "tools", { value: tools, enumerable: false, writable: false, configurable: false });
 }
