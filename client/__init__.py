@@ -32,6 +32,7 @@ from client.errors import (
 from client.glue import aiohttp_handler, forward_fetch
 from client.http import Request, Response
 from client.runtime import ConsoleCallback, ConsoleEntry, FetchCallback, Runtime
+from client.tools import Tool, ToolError, tool
 from wire.auth import KeyPair, load_keypair, load_public_key
 
 __all__ = [
@@ -59,6 +60,8 @@ __all__ = [
     "RuntimeLost",
     "StreamError",
     "Timeout",
+    "Tool",
+    "ToolError",
     "Unavailable",
     "UnknownRuntime",
     "Unreachable",
@@ -67,4 +70,5 @@ __all__ = [
     "forward_fetch",
     "load_keypair",
     "load_public_key",
+    "tool",
 ]

@@ -22,7 +22,7 @@ import itertools
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable, Generator, Sequence
+from collections.abc import Awaitable, Callable, Generator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import zmq
@@ -42,6 +42,7 @@ from client.errors import (
     from_reply,
 )
 from client.runtime import ConsoleCallback, FetchCallback, Runtime, check_callbacks, to_ms
+from client.tools import Tool, check_tools
 from wire import liveness, sockets
 from wire import messages as M
 from wire import protocol as P
@@ -328,14 +329,16 @@ class Connection:
         if isinstance(msg, (M.Reply, M.Welcome, M.ErrorReply)):
             self._answer(msg)
             return
-        assert isinstance(msg, (M.Fetch, M.Console, M.RuntimeLost))
+        assert isinstance(msg, (M.Fetch, M.Console, M.RuntimeLost, M.Tool))
         runtime = self.runtimes.get(msg.rt)
         if runtime is None:
-            if isinstance(msg, M.Fetch):
+            if isinstance(msg, M.CALLBACKS):
                 with contextlib.suppress(Error):
                     self.send(M.error(P.E_UNKNOWN_RUNTIME, "this client has no such runtime", msg.id, rt=msg.rt))
         elif isinstance(msg, M.Fetch):
             runtime.on_fetch(msg)
+        elif isinstance(msg, M.Tool):
+            runtime.on_tool(msg)
         elif isinstance(msg, M.Console):
             runtime.on_console(msg)
         else:
@@ -394,6 +397,8 @@ class Connection:
         name: str | None = None,
         keep_alive: float | None = None,
         timeout: float | None = None,
+        tools: Mapping[str, Any] | None = None,
+        tool_timeout: float | None = None,
     ) -> Runtime:
         """A new sandboxed runtime on the least loaded daemon. ``cpu_limit``: CPU seconds one turn
         of its event loop may take; ``request_cpu``: CPU seconds a dispatch may use before its
@@ -410,16 +415,19 @@ class Connection:
         request_ms = None if request_cpu is None else to_ms(request_cpu)
         keep_ms = None if keep_alive is None else to_ms(keep_alive)
         check_callbacks(fetch, console)  # a wrong callback is refused here, not at the guest's first fetch
+        served = check_tools(tools)  # so are tools, before anything is sent
+        plain = tuple(n for n, t in served.items() if not t.stream)
+        streamed = tuple(n for n, t in served.items() if t.stream)
         created = await self.call(
             lambda id_: M.CreateRuntime(
                 id=id_, fetch=fetch is not None, console=console is not None, memory_limit_mb=mem,
                 eval_timeout_ms=eval_ms, cpu_limit_ms=cpu_ms, request_cpu_ms=request_ms, name=name,
-                keep_alive_ms=keep_ms,
+                keep_alive_ms=keep_ms, tools=plain, stream_tools=streamed,
             ),
             M.CreateOk,
             timeout=timeout,
         )  # fmt: skip
-        return await self._hold(created, name, fetch, console, eval_timeout, new=True)
+        return await self._hold(created, name, fetch, console, eval_timeout, (served, tool_timeout), new=True)
 
     async def runtime(
         self,
@@ -429,17 +437,21 @@ class Connection:
         console: ConsoleCallback | None = None,
         eval_timeout: float | None = None,
         timeout: float | None = None,
+        tools: Mapping[str, Any] | None = None,
+        tool_timeout: float | None = None,
     ) -> Runtime:
         """This session's runtime named ``name`` (``create_runtime(name=...)``), e.g. from a new
         connection made with ``session=`` the old one's ``session``. Its state is as it was left;
-        ``fetch`` and ``console`` are this connection's handlers for it. UnknownRuntime if the
+        ``fetch``, ``console`` and ``tools`` are this connection's handlers for it (the guest's
+        ``tools`` object keeps the names given at its creation). UnknownRuntime if the
         session has none by that name (never created, disposed, or reclaimed after its keep_alive)."""
         check_callbacks(fetch, console)
+        served = check_tools(tools)
         for runtime in self.runtimes.values():
             if runtime.name == name and runtime.lost is None:
                 return runtime
         found = await self.call(lambda id_: M.Acquire(id=id_, name=name), M.CreateOk, timeout=timeout)
-        return await self._hold(found, name, fetch, console, eval_timeout, new=False)
+        return await self._hold(found, name, fetch, console, eval_timeout, (served, tool_timeout), new=False)
 
     async def _hold(
         self,
@@ -448,6 +460,7 @@ class Connection:
         fetch: FetchCallback | None,
         console: ConsoleCallback | None,
         eval_timeout: float | None,
+        tools: tuple[dict[str, Tool], float | None],
         *,
         new: bool,
     ) -> Runtime:
@@ -462,7 +475,7 @@ class Connection:
                     await self.call(lambda id_: M.Dispose(id=id_, rt=created.rt), M.DisposeOk)
             why = f"this client cannot open a control link ({exc.strerror}); retry later"
             raise RequestRejected(why, P.E_BUSY) from None
-        runtime = Runtime(self, control, created, fetch, console, eval_timeout)
+        runtime = Runtime(self, control, created, fetch, console, eval_timeout, *tools)
         runtime.name = name
         self.runtimes[runtime.id] = runtime
         return runtime

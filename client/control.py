@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import OrderedDict
 from collections.abc import Callable
 
 import zmq
@@ -22,6 +23,9 @@ from wire.scope import Scope
 
 log = logging.getLogger("sandbox_mesh.client")
 
+#: Cancels of unknown streams remembered (most are acknowledgements of ended ones: harmless).
+UNCLAIMED = 256
+
 
 class ControlLink:
     def __init__(self, sock: zmq.asyncio.Socket, endpoint: str, scope: Scope) -> None:
@@ -33,6 +37,9 @@ class ControlLink:
         self._producers: dict[bytes, Callable[[], object]] = {}
         #: stream id -> resolved with the endpoint of the daemon's PULL when pipe_ready arrives
         self._pipes: dict[bytes, asyncio.Future[str]] = {}
+        #: the latest cancels of streams nobody watched: a cancel can overtake the callback that
+        #: names its stream (the control link is direct, the callback goes through the broker)
+        self._unclaimed: OrderedDict[bytes, None] = OrderedDict()
         self._send(M.Hello())
         self._reader = scope.spawn(self._read(), name=f"client-control-{endpoint}")
 
@@ -54,6 +61,13 @@ class ControlLink:
     def watch(self, sid: bytes, stop: Callable[[], object]) -> None:
         """Call ``stop`` if the daemon cancels stream ``sid`` (we produce it)."""
         self._producers[sid] = stop
+
+    def cancelled(self, sid: bytes) -> bool:
+        """Whether the daemon cancelled ``sid`` before anyone watched it (forgets it)."""
+        if sid not in self._unclaimed:
+            return False
+        del self._unclaimed[sid]
+        return True
 
     def unwatch(self, sid: bytes) -> None:
         self._producers.pop(sid, None)
@@ -86,6 +100,10 @@ class ControlLink:
                 stop = self._producers.pop(msg.sid, None)
                 if stop is not None:
                     stop()
+                else:
+                    self._unclaimed[msg.sid] = None
+                    if len(self._unclaimed) > UNCLAIMED:
+                        self._unclaimed.popitem(last=False)
             elif isinstance(msg, M.PipeReady):
                 waiter = self._pipes.pop(msg.sid, None)
                 if waiter is not None and not waiter.done():

@@ -70,7 +70,8 @@ class ForwardFetch:
 
     At most ``max_connections`` upstream connections are held at once, each from its request until
     its body was read to the end or closed. A fetch beyond that waits (logged) at most
-    ``pool_timeout`` seconds for one to come free, then fails with a TimeoutError that says so: a
+    ``pool_timeout`` seconds for one to come free, then fails with a TimeoutError that says so (in the
+    host's log; the guest, as for every failure but a refusal, sees ``TypeError: fetch failed``): a
     guest holding many unread bodies gets errors, never a silent wait on aiohttp's pool (which,
     with bodies nobody reads, deadlocked until a timeout far away).
 

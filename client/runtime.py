@@ -18,7 +18,7 @@ import logging
 import math
 import time
 import traceback
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeAlias, TypeVar
 
@@ -29,13 +29,16 @@ from client.bodies import Body, Inbound, aclose_quietly, send_body
 from client.control import ControlLink
 from client.errors import Error, RequestRejected, RuntimeLost, lost
 from client.http import BodyType, Request, Response
+from client.tools import TOOL_TIMEOUT, Tool, ToolError
 from wire import http as H
 from wire import messages as M
 from wire import protocol as P
 from wire import streams
+from wire import tools as T
 from wire.pipes import PipeReader, PipeWriter
 from wire.ratelog import RateLog
 from wire.scope import Scope
+from wire.values import check as check_value
 
 log = logging.getLogger("sandbox_mesh.client.runtime")
 
@@ -46,7 +49,8 @@ R = TypeVar("R", bound=M.Record)
 
 #: The fetch callback: ``async def fetch(request: client.Request) -> client.Response``. It performs
 #: the guest's ``fetch()`` (``client.forward_fetch()`` does it for real with aiohttp); what it raises
-#: rejects the guest's fetch with a TypeError naming it, and is logged with its traceback.
+#: is logged with its traceback and rejects the guest's fetch with ``TypeError: fetch failed`` (a
+#: ``FetchDenied`` policy refusal with its own text): host exception texts never reach the guest.
 FetchCallback: TypeAlias = Callable[[Request], Awaitable[Response]]
 #: The console callback: called with each ``console.*`` call of the guest, as a ``ConsoleEntry``
 #: (``level`` is log/info/warn/error/debug); it may be a plain function or an ``async def``.
@@ -111,6 +115,8 @@ class Runtime:
         fetch: FetchCallback | None,
         console: ConsoleCallback | None,
         eval_timeout: float | None,
+        tools: dict[str, Tool] | None = None,
+        tool_timeout: float | None = None,
     ) -> None:
         self._host = host
         self._control = control
@@ -122,6 +128,9 @@ class Runtime:
         self._fetch = fetch
         self._console = console
         self.eval_timeout = eval_timeout
+        self._tools = tools or {}
+        self.tool_timeout = TOOL_TIMEOUT if tool_timeout is None else tool_timeout
+        self._tool_calls = 0  # tool calls being served (for stats)
         self.lost: RuntimeLost | None = None
         self._scope = Scope(f"runtime {self.id}")
         #: failures of the app's callbacks: a guest can make them fail thousands of times a second
@@ -222,6 +231,7 @@ class Runtime:
                 "tasks": len(self._scope),
                 "producers": sum(not t.done() for t in self._outbound.values()),
                 "pipe_waiters": len(self._ready),
+                "tools": self._tool_calls,
             },
             "daemon": dict(reply.daemon or {}),
             "guest": dict(reply.guest or {}),
@@ -360,6 +370,9 @@ class Runtime:
         if self.lost is not None:
             self._reply_fetch_error(msg.id, self.lost.message)
             return
+        if self._control.cancelled(msg.resp_sid):  # the guest aborted before the callback got here
+            self._reply_fetch_error(msg.id, "the fetch was cancelled")
+            return
         self._producer(msg.resp_sid, self._serve_fetch(msg))
 
     async def _serve_fetch(self, msg: M.Fetch) -> None:
@@ -383,7 +396,10 @@ class Runtime:
                 raise ValueError(f"the fetch callback returned status {response.status} (must be 200-599)")
         except BaseException as exc:
             if not isinstance(exc, asyncio.CancelledError):
-                self._reply_fetch_error(msg.id, f"{type(exc).__name__}: {exc}")
+                # the guest learns that it failed, not how: host exception texts stay on the host
+                # (a policy refusal is the one text meant for it)
+                denied = isinstance(exc, H.FetchDenied)
+                self._reply_fetch_error(msg.id, f"FetchDenied: {exc}" if denied else "fetch failed")
                 self._callback_failed("fetch", exc, f" on {msg.method} {msg.url}")
             if request_body is not None:
                 request_body.cancel()  # the guest's upload stops too
@@ -412,6 +428,72 @@ class Runtime:
             await aclose_quietly(rbody)
             if request_body is not None and not request_body.finished:
                 request_body.cancel()
+
+    def on_tool(self, msg: M.Tool) -> None:
+        # the guest may have given up already: its cancel (control link) can overtake the call (broker)
+        if self.lost is not None or self._control.cancelled(msg.resp_sid):
+            self._reply_tool_error(msg.id, "Error", f"tools.{msg.name} failed")  # the broker stops waiting
+            return
+        self._producer(msg.resp_sid, self._serve_tool(msg))  # the daemon's cancel of resp_sid stops it
+
+    async def _serve_tool(self, msg: M.Tool) -> None:
+        """Run one tool call and answer it: ``tool_result`` with the value (or, for an async
+        generator, its items on the ``resp_sid`` pipe), or ``tool_failed`` with what the guest may see."""
+        self._tool_calls += 1
+        upload: Body | None = None
+        answered = False  # after the answer, the broker no longer waits for one
+        try:
+            args = list(msg.args) if isinstance(msg.args, (list, tuple)) else []
+            if isinstance(msg.body, M.StreamRef) and msg.body.ep is not None:
+                upload = self._open_body(msg.body.sid, msg.body.ep)
+                args[min(msg.at, len(args)) : msg.at + 1] = [upload]
+            t = self._tools.get(msg.name)
+            if t is None:  # a named runtime resumed without this tool
+                raise LookupError(f"this connection serves no tool {msg.name!r} for the runtime")
+            limit = t.timeout or self.tool_timeout
+            if t.stream:
+                items = _items(msg.name, t.fn(*args), limit, self._tool_failed)
+                self._ready[msg.resp_sid] = self._control.expect_pipe(msg.resp_sid)
+                self._send(M.ToolResult(id=msg.id, rt=self.id, items=True))
+                answered = True  # from now on the items (their pipe) say how it ends
+                await self._produce_when_ready(msg.resp_sid, items)
+                return
+            clock = asyncio.timeout(limit)
+            try:
+                async with clock:
+                    value = await t.fn(*args)
+            except TimeoutError:
+                if not clock.expired():
+                    raise
+                raise _TimedOut(msg.name, limit) from None
+            check_value(value, f"tools.{msg.name}: its result")  # within MAX_VALUE, so within a header
+            self._send(M.ToolResult(id=msg.id, rt=self.id, value=value))
+        except ToolError as exc:
+            if not answered:
+                self._reply_tool_error(msg.id, exc.name, exc.message)
+        except asyncio.CancelledError:  # the guest gave up (or the runtime went): the broker stops waiting
+            if not answered:
+                self._reply_tool_error(msg.id, "Error", f"tools.{msg.name} was cancelled")
+            raise
+        except Exception as exc:
+            name, message = self._tool_failed(msg.name, exc)
+            if not answered:
+                self._reply_tool_error(msg.id, name, message)
+        finally:
+            self._tool_calls -= 1
+            if upload is not None and not upload.finished:
+                upload.cancel()
+
+    def _tool_failed(self, name: str, exc: BaseException) -> tuple[str, str]:
+        """Log a tool's failure; what the guest may see of it (name, message)."""
+        if isinstance(exc, _TimedOut):
+            self._failures.log(logging.WARNING, f"runtime {self.id}: tool timeouts", "runtime %s: %s", self.id, exc)
+            return "TimeoutError", str(exc)
+        self._callback_failed("tool", exc, f" (tools.{name})")
+        return "Error", f"tools.{name} failed"
+
+    def _reply_tool_error(self, fid: int, name: str, message: str) -> None:
+        self._send(M.error(P.E_TOOL_FAILED, message, fid, rt=self.id, name=name))
 
     def _reply_fetch_error(self, fid: int, message: str) -> None:
         self._send(M.error(P.E_FETCH_FAILED, message, fid, rt=self.id))
@@ -460,6 +542,38 @@ async def _unless_refused(call: Awaitable[R], upload: asyncio.Task[Error | None]
         if not replied.done():
             replied.cancel()
             await asyncio.gather(replied, return_exceptions=True)
+
+
+class _TimedOut(Exception):
+    def __init__(self, name: str, limit: float) -> None:
+        super().__init__(f"tools.{name} timed out after {limit:g}s")
+
+
+async def _items(
+    name: str, gen: Any, limit: float, failed: Callable[[str, BaseException], tuple[str, str]]
+) -> AsyncIterator[bytes]:
+    """The pipe messages of an async generator tool's items (wire/tools.py), each awaited for at
+    most ``limit`` seconds; its failure comes after the items before it. Closing this closes the
+    tool's generator (its ``finally`` runs): the guest broke out of its loop, or the runtime went."""
+    try:
+        while True:
+            clock = asyncio.timeout(limit)
+            try:
+                async with clock:
+                    item = await anext(gen)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                if not clock.expired():
+                    raise
+                raise _TimedOut(name, limit) from None
+            yield T.pack_item(item)
+    except ToolError as exc:
+        yield T.pack_failure(exc.name, exc.message)
+    except Exception as exc:
+        yield T.pack_failure(*failed(name, exc))
+    finally:
+        await gen.aclose()
 
 
 def to_ms(seconds: float) -> int:

@@ -37,12 +37,15 @@ function init(h) {
   ({ window: WINDOW, max_chunk: MAX_CHUNK, inline_max: INLINE_MAX, max_value: MAX_VALUE, max_console: MAX_CONSOLE,
     max_console_args: MAX_CONSOLE_ARGS, console_rate: CONSOLE_RATE, max_error_text: MAX_ERROR_TEXT,
     max_error_name: MAX_ERROR_NAME, max_head: MAX_HEAD, max_status_text: MAX_STATUS_TEXT } = h);
-  ({ max_pending_fetches: MAX_PENDING_FETCHES, max_streams: MAX_STREAMS, max_value_depth: MAX_VALUE_DEPTH } = h);
+  ({ max_pending_fetches: MAX_PENDING_FETCHES, max_streams: MAX_STREAMS, max_value_depth: MAX_VALUE_DEPTH,
+    max_pending_tools: MAX_PENDING_TOOLS } = h);
   for (const v of [WINDOW, MAX_CHUNK, INLINE_MAX, MAX_VALUE, MAX_CONSOLE, MAX_CONSOLE_ARGS, CONSOLE_RATE,
-    MAX_ERROR_TEXT, MAX_ERROR_NAME, MAX_HEAD, MAX_STATUS_TEXT, MAX_PENDING_FETCHES, MAX_STREAMS, MAX_VALUE_DEPTH]) {
+    MAX_ERROR_TEXT, MAX_ERROR_NAME, MAX_HEAD, MAX_STATUS_TEXT, MAX_PENDING_FETCHES, MAX_STREAMS, MAX_VALUE_DEPTH,
+    MAX_PENDING_TOOLS]) {
     if (typeof v !== "number" || !(v > 0)) fatal(`init without its limits: ${stringify(h)}`);
   }
   config = { fetch: !!h.fetch, console: !!h.console };
+  setupTools(h);
   send({ op: "init_ok" });
 }
 
@@ -465,8 +468,9 @@ const outStreams = new Map(); // sid -> {credits, wake, cancelled, reader}
 
 // Send `head` with the body. A body already complete and small travels inline; anything else
 // gets a stream whose chunks go out as the guest produces them, `WINDOW` at a time.
-async function sendWithBody(head, stream) {
-  if (stream === null) { send({ ...head, body: null }); return; }
+// `blobs`: the frame's body for a head that carries a value (a tool call): the body then streams.
+async function sendWithBody(head, stream, blobs = null) {
+  if (stream === null) { send({ ...head, body: null }, blobs); return; }
   const reader = stream.getReader();
   const chunks = [];
   let size = 0;
@@ -487,14 +491,14 @@ async function sendWithBody(head, stream) {
   } catch (e) {
     failure = e; // a body that fails early still fails as a stream: the consumer must see an error
   }
-  if (failure === null && done && size <= INLINE_MAX) {
+  if (blobs === null && failure === null && done && size <= INLINE_MAX) {
     send({ ...head, body: "inline" }, concat(chunks, size));
     return;
   }
   const sid = nextOut++;
   const out = { credits: WINDOW, wake: null, cancelled: false, reader };
   outStreams.set(sid, out);
-  send({ ...head, body: { sid } });
+  send({ ...head, body: { sid } }, blobs);
   try {
     if (failure !== null) throw failure;
     for (const c of chunks) await sendChunk(out, sid, c);
@@ -716,6 +720,105 @@ function onFetchResponse(h, body) {
   }
 }
 
+// ---- tools ---------------------------------------------------------------------------------------
+// `tools.<name>(...args)` calls the host's tool (wire/tools.py, client/tools.py): the arguments are
+// packed values (one ReadableStream argument streams as an outbound body), the answer a value
+// (`tool_result` with `v`) or, for an async generator tool, an inbound stream with one chunk per
+// item: u32 BE header length, a JSON header ({v} an item, {error} the failure after the items
+// before it), the item's blobs. A generator tool returns its ReadableStream at once (async
+// iterable; bytes items can be piped into a Response); its first read waits for the answer, and
+// cancelling it (`break` in `for await`) stops the host's generator.
+let MAX_PENDING_TOOLS;
+let nextTool = 1;
+const toolCalls = new Map(); // id -> {resolve, reject}
+
+function setupTools(h) {
+  const tools = {};
+  const define = (name, fn) => defineProperty(tools, name, { value: fn, enumerable: true });
+  // methods (named as the tool, no [[Construct]]), each bound to its name here
+  for (const name of h.tools) define(name, { async [name](...args) { return await callTool(name, args).done; } }[name]);
+  for (const name of h.stream_tools) define(name, { [name](...args) { return toolItems(name, args); } }[name]);
+  Object.freeze(tools);
+  defineProperty(globalThis, "tools", { value: tools, enumerable: false, writable: false, configurable: false });
+}
+
+function toolError(name, message) {
+  const e = name === "TypeError" ? new TypeError(message) : new Error(message);
+  if (e.name !== name) defineProperty(e, "name", { value: name, writable: true, configurable: true });
+  return e;
+}
+
+// Send the call; {id, done}: `done` settles with the answer (a value, or the items' inbound stream).
+function callTool(name, args) {
+  if (toolCalls.size >= MAX_PENDING_TOOLS) {
+    throw new TypeError(`tools.${name}() refused: ${MAX_PENDING_TOOLS} tool calls pending, the limit for this runtime`);
+  }
+  let stream = null;
+  let at = 0;
+  const plain = [];
+  for (let i = 0; i < args.length; i++) {
+    if (args[i] instanceof ReadableStream) {
+      if (stream !== null) throw new TypeError(`tools.${name}: at most one ReadableStream argument per call`);
+      if (inStreams.size + outStreams.size >= MAX_STREAMS) {
+        throw new TypeError(`tools.${name}() refused: ${MAX_STREAMS} open bodies, the limit for this runtime`);
+      }
+      stream = args[i];
+      at = i;
+      defineProperty(plain, i, { value: null, writable: true, enumerable: true, configurable: true });
+    } else {
+      defineProperty(plain, i, { value: args[i], writable: true, enumerable: true, configurable: true });
+    }
+  }
+  const { v, blobs } = packValue(plain, `tools.${name}: arguments`);
+  const id = nextTool++;
+  const done = new Promise((resolve, reject) => {
+    toolCalls.set(id, { resolve, reject });
+    const head = { op: "tool", id, name, v, at };
+    sendWithBody(head, stream, blobsBody(blobs) ?? new Uint8Array(0)).catch((e) => {
+      if (toolCalls.delete(id)) { send({ op: "tool_abort", id }); reject(e); }
+    });
+  });
+  return { id, done };
+}
+
+function onToolAnswer(h, body) {
+  const call = toolCalls.get(h.id);
+  if (!call) { if (h.items != null) send({ op: "cancel", sid: h.items }); return; }
+  toolCalls.delete(h.id);
+  if (h.op === "tool_error") call.reject(toolError(h.name, h.message));
+  else if (h.items != null) call.resolve(inboundStream(h.items, null));
+  else {
+    try { call.resolve(unpackValue(h.v, body)); } catch (e) { call.reject(e); }
+  }
+}
+
+function toolItems(name, args) {
+  const { id, done } = callTool(name, args); // a TypeError for what cannot be sent: thrown here, at the call
+  done.catch(() => {}); // a stream never read must not report its call's failure as unhandled
+  let reader = null;
+  return new ReadableStream({
+    async pull(controller) {
+      if (reader === null) reader = (await done).getReader();
+      const r = await reader.read();
+      if (r.done) { controller.close(); return; }
+      const chunk = r.value;
+      const n = byteLengthOf(chunk);
+      const hlen = ((chunk[0] << 24) | (chunk[1] << 16) | (chunk[2] << 8) | chunk[3]) >>> 0;
+      const header = parseJSON(decodeText(dec, sliceView(chunk, 4, hlen)));
+      if (header.error) {
+        reader.cancel().catch(() => {});
+        throw toolError(String(header.error.name), String(header.error.message));
+      }
+      controller.enqueue(unpackValue(header.v, sliceView(chunk, 4 + hlen, n - 4 - hlen)));
+    },
+    cancel(reason) {
+      if (reader !== null) return reader.cancel(reason);
+      if (toolCalls.delete(id)) send({ op: "tool_abort", id }); // no answer yet: the host stops the call
+      done.catch(() => {});
+    },
+  }, new CountQueuingStrategy({ highWaterMark: 0 }));
+}
+
 // ---- console -------------------------------------------------------------------------------------
 function format(arg) {
   if (typeof arg === "string") return arg;
@@ -791,12 +894,13 @@ function handle(h, body) {
       dispatches.delete(h.id);
       break;
     case "fetch_response": case "fetch_error": onFetchResponse(h, body); break;
+    case "tool_result": case "tool_error": onToolAnswer(h, body); break;
     case "chunk": case "end": case "error": onInbound(h, body); break;
     case "ack": onAck(h); break;
     case "cancel": onOutCancel(h); break;
     case "stats":
       send({ op: "stats", id: h.id, inbound: inStreams.size, outbound: outStreams.size, fetches: fetches.size,
-        dispatches: dispatches.size });
+        dispatches: dispatches.size, tools: toolCalls.size });
       break;
     case "ping": send({ op: "pong", id: h.id }); break; // the event loop turns: CPU limit, daemon/limits.py
     default: fatal(`unknown op ${h.op}`);

@@ -43,6 +43,7 @@ from wire.pipes import PipeCount, PipeReader, PipeWriter
 from wire.ratelog import RateLog
 from wire.schema import Record, StreamRef, route
 from wire.scope import Scope, ScopeClosed
+from wire.tools import check_names as tool_names
 
 log = logging.getLogger("sandbox_mesh.daemon")
 _control_log = RateLog(log)  # refused control messages: a few lines per second, whatever arrives
@@ -444,7 +445,7 @@ class Daemon:
     def _on_heartbeat(self, msg: M.Heartbeat) -> None:
         pass
 
-    def _on_fetch_answer(self, msg: M.FetchOk) -> None:
+    def _on_fetch_answer(self, msg: M.FetchOk | M.ToolResult) -> None:
         waiter = self.registry.take_callback(msg.id)
         if waiter is not None:
             waiter.answer(msg)
@@ -458,7 +459,7 @@ class Daemon:
             return
         waiter = self.registry.take_callback(msg.id) if msg.id is not None else None
         if waiter is not None:
-            waiter.refuse(msg.message)
+            waiter.refuse(msg.message, msg)
 
     def _runtime(self, rt_id: str) -> Runtime:
         runtime = self.runtimes.get(rt_id)
@@ -505,6 +506,7 @@ class Daemon:
         M.Welcome.T: _on_welcome,
         M.Heartbeat.T: _on_heartbeat,
         M.FetchOk.T: _on_fetch_answer,
+        M.ToolResult.T: _on_fetch_answer,  # a callback's answer, each waiter checks it is its own
         M.ErrorReply.T: _on_error,
         M.CreateRuntime.T: _on_create,
         M.Eval.T: _on_eval,
@@ -529,6 +531,10 @@ class Daemon:
             self._check_ms("request_cpu_ms", msg.request_cpu_ms, self.max_cpu_limit)
             if rt_id in self.runtimes:
                 raise P.ProtocolError(P.E_BAD_MESSAGE, f"runtime {rt_id} exists")
+            try:  # the client checked them too: a name the guest would not see as given is refused
+                tool_names([*msg.tools, *msg.stream_tools])
+            except ValueError as exc:
+                raise P.ProtocolError(P.E_BAD_MESSAGE, str(exc)) from None
             if len(self.runtimes) + self._starting >= self.max_runtimes:
                 raise P.ProtocolError(P.E_CAPACITY, f"daemon {self.name} is full ({self.max_runtimes} runtimes)")
         except P.ProtocolError as exc:
@@ -557,7 +563,9 @@ class Daemon:
         )
         guest.on_pong = turns.pong
         eval_timeout = self.eval_timeout if msg.eval_timeout_ms is None else msg.eval_timeout_ms / 1000
-        runtime = Runtime(seat, rt_id, guest, eval_timeout, fetch=msg.fetch, console=msg.console)
+        runtime = Runtime(
+            seat, rt_id, guest, eval_timeout, fetch=msg.fetch, console=msg.console, tools=(msg.tools, msg.stream_tools)
+        )
         try:
             self.scope.spawn(self._host(runtime, seat), name=f"runtime-{rt_id}")
         except ScopeClosed:  # the daemon is shutting down

@@ -40,10 +40,13 @@ class GuestFetch:
     fetches: Fetches
     fid: int = field(default=0)
 
-    def answer(self, reply: M.FetchOk) -> None:
-        self.fetches.answered(self, reply)
+    def answer(self, reply: M.Record) -> None:
+        if isinstance(reply, M.FetchOk):
+            self.fetches.answered(self, reply)
+        else:  # a tool's answer to a fetch
+            self.fetches.refused(self, "invalid response from the fetch callback")
 
-    def refuse(self, message: str) -> None:
+    def refuse(self, message: str, error: M.ErrorReply | None = None) -> None:
         self.fetches.refused(self, message)
 
 

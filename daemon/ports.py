@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from wire.messages import CreateOk, DispatchOk, DisposeOk, EvalOk, FetchOk, StatsOk
+from wire.messages import CreateOk, DispatchOk, DisposeOk, ErrorReply, EvalOk, StatsOk
 from wire.pipes import PipeReader, PipeWriter
 from wire.schema import Record
 
@@ -31,12 +31,12 @@ class ClientCancellable(Protocol):
 
 
 class CallbackWaiter(Protocol):
-    """A guest fetch waiting for the client's answer to its ``fetch`` callback."""
+    """A guest fetch or tool call waiting for the client's answer to its callback."""
 
-    def answer(self, reply: FetchOk) -> None:
-        """The client answered with a response head."""
+    def answer(self, reply: Record) -> None:
+        """The client answered (``ok`` FetchOk, ``tool_result``: each waiter checks it got its own)."""
 
-    def refuse(self, message: str) -> None:
+    def refuse(self, message: str, error: ErrorReply | None = None) -> None:
         """The client refused (an ``error``), or its answer could not be read."""
 
 

@@ -22,6 +22,7 @@ from daemon.guest import GuestProcess
 from daemon.pending import Call, Pending
 from daemon.ports import RuntimeHost
 from daemon.streams import StreamTable
+from daemon.tools import Tools
 from wire import guest as G
 from wire import messages as M
 from wire import protocol as P
@@ -40,7 +41,15 @@ STATS_TIMEOUT = 10.0
 
 class Runtime:
     def __init__(
-        self, host: RuntimeHost, rt: str, guest: GuestProcess, eval_timeout: float, *, fetch: bool, console: bool
+        self,
+        host: RuntimeHost,
+        rt: str,
+        guest: GuestProcess,
+        eval_timeout: float,
+        *,
+        fetch: bool,
+        console: bool,
+        tools: tuple[tuple[str, ...], tuple[str, ...]] = ((), ()),
     ) -> None:
         self.host = host
         self.rt = rt
@@ -52,6 +61,7 @@ class Runtime:
         self.stat_calls: Pending[int, Call] = Pending("stats")
         self.dispatches = Dispatches(host, guest, self.streams, self._gid)
         self.fetches = Fetches(host, guest, self.streams, self._gid, rt)
+        self.tools = Tools(host, guest, self.streams, self._gid, rt, frozenset(tools[0] + tools[1]))
         self._console_window = 0.0
         self._console_count = 0
         self._console_dropped = 0
@@ -65,7 +75,7 @@ class Runtime:
         guest.on_stop = self.stop
         if guest.exit_reason is not None:  # it stopped between its claim and now
             self.stop(guest.exit_reason)
-        guest.send(G.Init(fetch=fetch, console=console))
+        guest.send(G.Init(fetch=fetch, console=console, tools=tools[0], stream_tools=tools[1]))
 
     def _gid(self) -> int:
         """The next id of an exchange or inbound stream (one counter: protocol.md 7.3)."""
@@ -133,6 +143,7 @@ class Runtime:
     def _daemon_counts(self) -> dict[str, int]:
         counts = self.streams.counts()
         counts |= {"fetches": len(self.fetches), "dispatches": len(self.dispatches), "evals": len(self.evals)}
+        counts["tools"] = len(self.tools)
         counts["stdin_queued"] = self.guest.queued()
         return counts | self.host.held()
 
@@ -222,6 +233,7 @@ class Runtime:
                 "outbound": msg.outbound,
                 "fetches": msg.fetches,
                 "dispatches": msg.dispatches,
+                "tools": msg.tools,
             }
             self.host.reply(M.StatsOk(id=call.req_id, c=call.route, daemon=self._daemon_counts(), guest=guest))
 
@@ -238,6 +250,8 @@ class Runtime:
         "response_error": lambda self, msg: self.dispatches.on_response_error(msg),
         "fetch": lambda self, msg: self.fetches.on_fetch(msg),
         "fetch_abort": lambda self, msg: self.fetches.on_abort(msg),
+        "tool": lambda self, msg: self.tools.on_tool(msg),
+        "tool_abort": lambda self, msg: self.tools.on_abort(msg),
         "console": _on_console,
         "stats": _on_stats,
         "init_ok": lambda self, msg: None,
@@ -279,6 +293,7 @@ class Runtime:
                 self.dispatches.fail_all(code, message)
                 self.stat_calls.fail_all(lambda call: self.host.to_broker(call.error(code, message)))
                 self.fetches.fail_all(code, message)
+                self.tools.fail_all()
                 if not self.disposing:  # before its bodies fail: the owner hears why first, if it can
                     self.host.to_broker(M.RuntimeLost(rt=self.rt, code=code, message=message))
                 await self.streams.close(message)

@@ -33,8 +33,18 @@ _END = object()  # queued after an outbound stream's last chunk
 class InboundStream:
     """Client -> guest: one inbound guest stream, fed from one PULL pipe on demand."""
 
-    def __init__(self, owner: StreamOwner, port: GuestPort, scope: Scope, gsid: int, reader: PipeReader) -> None:
+    def __init__(
+        self,
+        owner: StreamOwner,
+        port: GuestPort,
+        scope: Scope,
+        gsid: int,
+        reader: PipeReader,
+        convert: Callable[[Any], Any] | None = None,
+    ) -> None:
         self.owner = owner
+        #: what each pipe message becomes for the guest (a streamed tool's items); None: itself
+        self.convert = convert
         self.port = port
         self.gsid = gsid
         self.reader = reader
@@ -63,7 +73,8 @@ class InboundStream:
         self._credits -= 1  # once closed, the read that follows fails anyway
 
     async def _deliver(self, frame: Any) -> None:
-        self.port.send_encoded(self._chunk_head, frame.buffer)
+        data = frame.buffer if self.convert is None else self.convert(frame.buffer)
+        self.port.send_encoded(self._chunk_head, data)
         await self.port.drain()
 
     async def _run(self) -> None:
@@ -73,6 +84,8 @@ class InboundStream:
         except StreamError as exc:
             if not self.closed:
                 self.port.send(G.InboundError(sid=self.gsid, message=str(exc)))
+                if self.consumer.cancel(str(exc)):  # ``convert`` refused it: the producer must stop
+                    self.owner.cancel_upstream(self.wire_sid)
         except Exception as exc:  # a pipe failure is the stream's, not the runtime's
             if not self.closed:
                 self.port.send(G.InboundError(sid=self.gsid, message=f"body stream failed: {exc}"))
@@ -225,8 +238,8 @@ class StreamTable:
         self.inbound: dict[int, InboundStream] = {}
         self.outbound: dict[int, OutboundStream] = {}
 
-    def open_inbound(self, gsid: int, reader: PipeReader) -> InboundStream:
-        stream = InboundStream(self, self.port, self.scope, gsid, reader)
+    def open_inbound(self, gsid: int, reader: PipeReader, convert: Callable[[Any], Any] | None = None) -> InboundStream:
+        stream = InboundStream(self, self.port, self.scope, gsid, reader, convert)
         self.inbound[gsid] = stream
         self.host.register_stream(stream.wire_sid, stream)
         return stream

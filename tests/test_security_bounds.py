@@ -65,7 +65,7 @@ function one(i) {
   fetch("http://x/" + i).then(() => {}, (e) => {
     const m = String(e?.message ?? e);
     if (m.includes("pending fetch")) seen.limited++;
-    else if (m.includes("refused")) { seen.refused++; if (Date.now() < until) one(i + 30000); }
+    else if (m === "fetch failed") { seen.refused++; if (Date.now() < until) one(i + 30000); }  // the callback's
     else seen.other = m;
   }).finally(() => { if (--running === 0) finished(seen); });
 }

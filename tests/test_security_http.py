@@ -368,7 +368,7 @@ async def test_forward_fetch_allow_lists_and_timeout(conn: client.Connection, up
         )
         assert "port 1 is not in the allow-list" in await _guest_fetch(rt, "http://127.0.0.1:1/")
         hang = await _guest_fetch(rt, upstream.url + "/hang")
-        assert hang.startswith("TypeError: TimeoutError: no response head within 0.5s"), hang
+        assert hang == "TypeError: fetch failed", hang  # the why stays on the host (its log), issue 10
     finally:
         await rt.dispose()
 

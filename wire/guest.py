@@ -67,11 +67,12 @@ MAX_STATUS_TEXT = 1024
 # ---- what one runtime may have pending (issue 8: one tenant must not exhaust the shared daemon) ----
 # The bootstrap gets the first two in `init` and refuses past them with a TypeError naming the
 # limit; the daemon enforces them again (a guest past MAX_PENDING_FETCHES is stopped, a stream past
-# MAX_STREAMS is refused). Tool calls, when they exist, are host calls like fetch(): they count
-# toward MAX_PENDING_FETCHES (the daemon's callback registry holds both).
+# MAX_STREAMS is refused). Tool calls are host calls like fetch() with a bound of their own.
 
 #: fetch() calls of one runtime waiting for their response head (callbacks at the client).
 MAX_PENDING_FETCHES = 32
+#: tools.*() calls of one runtime waiting for their result (or an async generator's first answer).
+MAX_PENDING_TOOLS = 64
 #: Bodies one runtime has open at once, both directions (each holds a pipe socket in the daemon).
 MAX_STREAMS = 256
 #: Calls into one runtime (eval, dispatch, stats) waiting for the guest; more get `busy`.
@@ -189,6 +190,9 @@ class Init(Record):
     max_pending_fetches: int = F(INT, MAX_PENDING_FETCHES, "fetch() calls waiting for their head")
     max_streams: int = F(INT, MAX_STREAMS, "bodies open at once, both directions")
     max_value_depth: int = F(INT, MAX_VALUE_DEPTH, "levels of arrays and objects a value may nest")
+    tools: tuple[str, ...] = F(LIST, (), "names of the host's async-function tools (the `tools` object)")
+    stream_tools: tuple[str, ...] = F(LIST, (), "names of the host's async-generator tools")
+    max_pending_tools: int = F(INT, MAX_PENDING_TOOLS, "tools.*() calls waiting for their result")
 
 
 @record("eval")
@@ -236,6 +240,26 @@ class FetchError(Record):
 
     id: int = F(U64, doc="the guest's fetch id")
     message: str = F(STR, doc="the TypeError's message")
+
+
+@record("tool_result")
+class ToolResult(Record):
+    """Resolve the guest's tool call `id`: with the value `v` (its blobs: the frame's body), or
+    with an async iterable of the items of inbound stream `items` (one chunk per item)."""
+
+    id: int = F(U64, doc="the guest's tool call id")
+    v: Any = F(ANY, None, "the result's value tree (bootstrap.js, section values)")
+    items: int | None = F(U64, None, "an async generator's items: an inbound stream's sid")
+    blobs: Any = payload_frame("the value's blobs")
+
+
+@record("tool_error")
+class ToolError(Record):
+    """Reject the guest's tool call `id` with an Error `name`: `message`."""
+
+    id: int = F(U64, doc="the guest's tool call id")
+    name: str = F(STR, "Error", "the Error's name")
+    message: str = F(STR, doc="the Error's message")
 
 
 @record("chunk")
@@ -365,6 +389,26 @@ class FetchAbort(Record):
     id: int = F(U64, doc="the fetch id")
 
 
+@record("tool")
+class Tool(Record):
+    """The guest called `tools.<name>(...args)`: `v` is the packed array of its arguments (a
+    ReadableStream argument: `null` there, `body` and `at` say which), their blobs the frame's body."""
+
+    id: int = F(U64, doc="a new tool call id")
+    name: str = F(STR, doc="the tool")
+    v: Any = F(ANY, None, "the arguments' value tree")
+    body: GuestBody = F(GBODY, None, "a ReadableStream argument: `{sid}`, a new outbound stream")
+    at: int = F(U64, 0, "with `body`: the argument's position")
+    blobs: Any = payload_frame("the arguments' blobs")
+
+
+@record("tool_abort")
+class ToolAbort(Record):
+    """The guest stopped waiting for tool call `id` (it cancelled the async generator's items first)."""
+
+    id: int = F(U64, doc="the tool call id")
+
+
 @record("read")
 class InboundRead(Record):
     """Credit for `n` more chunks of an inbound stream (outstanding credit at most WINDOW)."""
@@ -420,6 +464,7 @@ class StatsAnswer(Record):
     outbound: int = F(U64, doc="outbound streams open")
     fetches: int = F(U64, doc="fetches waiting for their response")
     dispatches: int = F(U64, doc="requests being handled")
+    tools: int = F(U64, 0, "tool calls waiting for their result")
 
 
 @record("pong")
@@ -434,12 +479,12 @@ class Pong(Record):
 DAEMON_TO_GUEST: dict[str, type[Record]] = {
     c.T: c
     for c in (Init, Eval, Request, Abort, FetchResponse, FetchError, InboundChunk, InboundEnd, InboundError,
-              OutboundAck, OutboundCancel, StatsQuery, Ping)
+              OutboundAck, OutboundCancel, StatsQuery, Ping, ToolResult, ToolError)
 }  # fmt: skip
 GUEST_TO_DAEMON: dict[str, type[Record]] = {
     c.T: c
     for c in (Ready, Fatal, InitOk, EvalOk, EvalError, Response, ResponseError, Fetch, FetchAbort, InboundRead,
-              InboundCancel, OutboundChunk, OutboundEnd, OutboundError, Console, StatsAnswer, Pong)
+              InboundCancel, OutboundChunk, OutboundEnd, OutboundError, Console, StatsAnswer, Pong, Tool, ToolAbort)
 }  # fmt: skip
 
 

@@ -170,6 +170,8 @@ class CreateRuntime(Record):
     owner_key: bytes | None = F(BIN, None, "broker -> daemon, with CURVE: the owner's key (Z85)")
     name: str | None = F(STR, None, "found again by `acquire`; unique per session")
     keep_alive_ms: int | None = F(INT, None, "how long it outlives its session (ms)")
+    tools: tuple[str, ...] = F(STRS, (), "the client's tools: async functions (wire/tools.py names)")
+    stream_tools: tuple[str, ...] = F(STRS, (), "the client's tools that are async generators")
 
 
 @record("acquire")
@@ -307,6 +309,16 @@ class FetchOk(Record):
     body: Body = F(BODY, None, "absent, inline, or {sid: resp_sid}")
 
 
+@record("tool_result")
+class ToolResult(Record):
+    """Client -> broker -> daemon: a tool call's result (its failure is an `error` `tool_failed`)."""
+
+    id: int = F(U64, doc="the `tool`'s id")
+    rt: str | None = F(STR, None, "client -> broker: the `tool`'s runtime (the broker checks ownership)")
+    value: Any = F(VALUE, None, "the async function's result, a marshalled value")
+    items: bool = F(BOOL, False, "an async generator: its items stream on `resp_sid` (pipe in `pipe_ready`)")
+
+
 # ---- guest callbacks and notices (daemon -> broker -> client) ------------------------------------
 
 
@@ -324,6 +336,20 @@ class Fetch(Record):
     resp_sid: bytes = F(
         BIN16, doc="the response body's stream id: a streamed answer is `{sid: resp_sid}`, its pipe in `pipe_ready`"
     )
+
+
+@record("tool")
+class Tool(Record):
+    """Daemon -> broker -> client: the guest called `tools.<name>(...args)`; answer with
+    `tool_result` or `error`."""
+
+    id: int = F(U64, doc="callback id (the daemon's id space, shared with `fetch`); echo it")
+    rt: str = F(STR, doc="the runtime whose guest calls")
+    name: str = F(STR, doc="the tool")
+    args: Any = F(VALUE, (), "the positional arguments, a list of values (a stream argument: nil)")
+    body: Body = F(BODY, None, "a ReadableStream argument: {sid, ep} (connect a PULL)")
+    at: int = F(INT, 0, "with `body`: its argument's position")
+    resp_sid: bytes = F(BIN16, doc="an async generator's items stream; cancelling it abandons the call")
 
 
 @record("console")
@@ -383,25 +409,28 @@ class StatusOk(Record):
 CLIENT_TO_BROKER = on(
     "client -> broker",
     Hello, Heartbeat, Bye, Status, CreateRuntime, Acquire, Eval, Dispatch, Stats, (Dispose, ("id",)),
-    (FetchOk, ("rt",)), (ErrorReply, ("id", "rt")),
+    (FetchOk, ("rt",)), (ErrorReply, ("id", "rt")), (ToolResult, ("rt",)),
 )  # fmt: skip
 BROKER_TO_CLIENT = on(
     "broker -> client",
-    (Welcome, ("token",)), Heartbeat, ErrorReply, Fetch, Console, RuntimeLost,
+    (Welcome, ("token",)), Heartbeat, ErrorReply, Fetch, Console, RuntimeLost, Tool,
     replies=("id",),
 )  # fmt: skip
 DAEMON_TO_BROKER = on(
     "daemon -> broker",
-    Ready, Heartbeat, (ErrorReply, ("id", "c")), Fetch, Console, RuntimeLost,
+    Ready, Heartbeat, (ErrorReply, ("id", "c")), Fetch, Console, RuntimeLost, Tool,
     replies=("id", "c"),
 )  # fmt: skip
 BROKER_TO_DAEMON = on(
     "broker -> daemon",
     Welcome, Heartbeat, (CreateRuntime, ("c", "rt", "owner")), (Eval, ("c",)), (Dispatch, ("c",)),
-    (Stats, ("c",)), Dispose, FetchOk, ErrorReply,
+    (Stats, ("c",)), Dispose, FetchOk, ErrorReply, ToolResult,
 )  # fmt: skip
 CONTROL_TO_DAEMON = on("control client -> daemon", Hello, Cancel)
 CONTROL_TO_CLIENT = on("control daemon -> client", Cancel, PipeReady)
+
+#: Daemon -> client callbacks the client answers (the broker holds them until it does).
+CALLBACKS = (Fetch, Tool)
 
 #: Requests on the client link that name a runtime the client must own.
 RUNTIME_REQUESTS = (Eval, Dispatch, Stats, Dispose)

@@ -109,6 +109,7 @@ ERRORS: dict[str, str] = {
     "(3.3); retry later",
     "unavailable": "the broker or the runtime's owner is (for now) unreachable; the call did not complete; retry",
     "unknown_daemon": "broker -> daemon, without id: no registration of the sender; send `ready` again",
+    "tool_failed": "client: a tool call failed; `name` and `message` are what the guest's Error says",
 }
 
 
@@ -174,6 +175,12 @@ LIMITS: tuple[Limit, ...] = (
     Limit("MAX_PENDING_FETCHES", 32, "fetches", ("wire.guest.MAX_PENDING_FETCHES",),
           "a runtime's fetches awaiting their head"),
     Limit("MAX_STREAMS", 256, "bodies", ("wire.guest.MAX_STREAMS",), "a runtime's open bodies (4)"),
+    Limit("MAX_PENDING_TOOLS", 64, "calls", ("wire.guest.MAX_PENDING_TOOLS",),
+          "a runtime's tool calls awaiting their answer"),
+    Limit("TOOL_TIMEOUT", 30.0, "s", ("wire.tools.TOOL_TIMEOUT",),
+          "client default: a tool call, or the wait for each item"),
+    Limit("TOOL_REPLY_TIMEOUT", 300.0, "s", ("daemon.tools.TOOL_REPLY_TIMEOUT",), "answer to a `tool` (daemon)"),
+    Limit("MAX_TOOLS", 128, "tools", ("wire.tools.MAX_TOOLS",), "a runtime's tools (names: `MAX_TOOL_NAME` = 64)"),
     Limit("MAX_PENDING_CALLS", 1024, "calls", ("wire.guest.MAX_PENDING_CALLS",),
           "a runtime's pending calls (`busy`)"),
     Limit("MAX_STDIN_QUEUE", 8388608, "bytes", ("wire.guest.MAX_STDIN_QUEUE",),

@@ -12,7 +12,7 @@ MiB = 1 << 20
 #: must not import the product before --product-root is applied, validates names against this).
 SCENARIO_NAMES = (
     "llm_stream", "bulk_passthrough", "bulk_upload", "bulk_dispatch_body", "slow_consumer", "concurrent_streams",
-    "dispatch_rtt", "create_runtime", "cancel_latency", "idle_runtimes",
+    "dispatch_rtt", "create_runtime", "cancel_latency", "idle_runtimes", "tool_rtt", "tool_stream",
 )  # fmt: skip
 
 

@@ -12,6 +12,7 @@ from scripts.bench.scenarios.concurrent import concurrent_streams
 from scripts.bench.scenarios.latency import dispatch_rtt, llm_stream
 from scripts.bench.scenarios.runtimes import cancel_latency, create_runtime, idle_runtimes
 from scripts.bench.scenarios.slow import slow_consumer
+from scripts.bench.scenarios.tools import tool_rtt, tool_stream
 
 SCENARIOS: dict[str, Callable[[Env], Awaitable[list[Row]]]] = {
     f.__name__: f
@@ -26,6 +27,8 @@ SCENARIOS: dict[str, Callable[[Env], Awaitable[list[Row]]]] = {
         create_runtime,
         cancel_latency,
         idle_runtimes,
+        tool_rtt,
+        tool_stream,
     )
 }
 assert tuple(SCENARIOS) == SCENARIO_NAMES, "model.SCENARIO_NAMES lists the scenarios for the command line"
