@@ -150,7 +150,10 @@ class Runtime:
             raise self.lost
 
     async def eval(self, source: str, *, timeout: float | None = None) -> Any:
-        """Evaluate ``source`` as an ES module; returns its JSON-able default export, if any."""
+        """Evaluate ``source`` as an ES module; returns its JSON-able default export, if any.
+
+        Cancelling the task awaiting it stops the guest's work at once: the runtime is stopped (as
+        when the eval times out) and later calls raise RuntimeLost."""
         self._check()
         code = source.encode()
         if len(code) > P.MAX_SOURCE:
@@ -159,10 +162,23 @@ class Runtime:
         ms = None if limit is None else to_ms(limit)
         # the daemon enforces the limit; our wait only needs to outlast it
         wait = (limit or 30.0) + self._host.timeout
-        reply = await self._host.call(
-            lambda id_: M.Eval(id=id_, rt=self.id, source=code, timeout_ms=ms), M.EvalOk, timeout=wait
-        )
+        try:
+            reply = await self._host.call(
+                lambda id_: M.Eval(id=id_, rt=self.id, source=code, timeout_ms=ms), M.EvalOk, timeout=wait
+            )
+        except asyncio.CancelledError:
+            self._stop_cancelled()
+            raise
         return reply.value
+
+    def _stop_cancelled(self) -> None:
+        """An eval's caller gave up: a guest cannot be interrupted mid-turn (``while (true) {}`` never
+        yields), so the runtime is disposed of, as the eval timeout stops it. The dispose goes the way
+        the eval went (through the broker, in order), so it can never overtake the eval; nobody waits
+        for its reply (id 0, which no call uses), and the runtime counts as lost from now on."""
+        if self.lost is None:
+            self._send(M.Dispose(id=0, rt=self.id))
+            self.on_lost(P.E_CANCELLED, "an eval was cancelled by its caller; the runtime was stopped")
 
     async def dispatch_request(self, request: Request, *, timeout: float = DISPATCH_TIMEOUT) -> Response:
         """Hand ``request`` to the guest's serve() handler; the response body streams as produced."""
@@ -181,7 +197,7 @@ class Runtime:
             headers = tuple(request.headers.items())
             return M.Dispatch(
                 id=id_, rt=self.id, method=request.method, url=request.url, headers=headers, resp_sid=resp_sid,
-                body=desc,
+                body=desc, redirect=request.redirect,
             )  # fmt: skip
 
         try:

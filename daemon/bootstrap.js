@@ -57,6 +57,10 @@ const dec = new TextDecoder();
 
 // ---- hide the channel -----------------------------------------------------------------------
 // `process` must go before `Deno`: Deno's node layer reads Deno lazily when `process` is touched.
+// Node's timers (the global setTimeout) emit a process warning for a negative or too large delay,
+// and the warning's default listener reads the `Deno` global: with Deno hidden, setTimeout(fn, -1)
+// threw "Deno is not defined". The warnings went to stderr, which nobody reads: no listener at all.
+globalThis.process.removeAllListeners("warning");
 const HIDDEN = ["process", "Deno", "Worker", "alert", "confirm", "prompt", "close", "localStorage",
   "sessionStorage", "caches", "Buffer", "global", "setImmediate", "clearImmediate", "require"];
 for (const name of HIDDEN) {
@@ -282,8 +286,9 @@ async function sendWithBody(head, stream) {
   outStreams.set(sid, out);
   send({ ...head, body: { sid } });
   try {
-    if (failure !== null) throw failure;
+    // what was read before a failure goes out first: the consumer sees those chunks, then the error
     for (const c of chunks) await sendChunk(out, sid, c);
+    if (failure !== null) throw failure;
     for (;;) {
       const r = await (pending ?? reader.read());
       pending = null;
@@ -449,7 +454,7 @@ async function handleRequest(h, body) {
     let reqBody = null;
     if (h.body === "inline") reqBody = body;
     else if (h.body) reqBody = inboundStream(h.body.sid, ac.signal);
-    const init = { method: h.method, headers: h.headers, signal: ac.signal };
+    const init = { method: h.method, headers: h.headers, signal: ac.signal, redirect: h.redirect };
     if (reqBody !== null) { init.body = reqBody; init.duplex = "half"; }
     const req = new Request(h.url, init);
     const resp = await handler(req);
@@ -472,6 +477,9 @@ const fetches = new Map(); // id -> {resolve, reject, signal}
 const NULL_BODY_STATUS = new Set([101, 103, 204, 205, 304]);
 
 globalThis.fetch = async function fetch(input, init = undefined) {
+  const req = new Request(input, init);
+  const signal = requestSignal(req);
+  signal.throwIfAborted(); // an aborted signal rejects with its reason (AbortError), as the platform does
   if (!config.fetch) {
     throw new TypeError("fetch() is unavailable: no fetch callback was given to this runtime by the host");
   }
@@ -481,9 +489,6 @@ globalThis.fetch = async function fetch(input, init = undefined) {
   if (inStreams.size + outStreams.size >= MAX_STREAMS) {
     throw new TypeError(`fetch() refused: ${MAX_STREAMS} open bodies, the limit for this runtime; read or cancel some`);
   }
-  const req = new Request(input, init);
-  const signal = requestSignal(req);
-  signal.throwIfAborted();
   const id = nextFetch++;
   const head = { op: "fetch", id, method: requestMethod(req), url: requestUrl(req),
     headers: headerPairs(requestHeaders(req)), redirect: requestRedirect(req) };

@@ -207,6 +207,7 @@ class Request(Record):
     url: str = F(STR, doc="absolute URL")
     headers: tuple[tuple[str, str], ...] = F(HEADERS, (), _HEADERS)
     body: GuestBody = F(GBODY, None, "the body; a `sid`: an inbound stream")
+    redirect: str = F(REDIRECT, "follow", "the Request's redirect mode")
 
 
 @record("abort")

@@ -202,6 +202,7 @@ class Dispatch(Record):
     resp_sid: bytes = F(BIN16, doc="the response body's stream id (client-chosen); cancels the request")
     body: Body = F(BODY, None, "request body: absent, inline, or {sid} (endpoint follows in `pipe_ready`)")
     c: bytes | None = F(BIN, None, _C)
+    redirect: str = F(STR, "follow", "the Request's redirect mode: follow, manual or error")
 
 
 @record("stats")
