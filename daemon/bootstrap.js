@@ -12,6 +12,7 @@ const stdin = D.stdin;
 const stdout = D.stdout;
 const inspect = D.inspect;
 const exit = D.exit;
+const DenoConsole = D[D.internal].Console; // Deno's own console, made to print to us (console section)
 
 // The guest may replace globals later; keep our own references.
 const { Response, Request, ReadableStream, CountQueuingStrategy, Headers, Promise, JSON, Uint8Array, DataView, TextEncoder,
@@ -30,6 +31,7 @@ let WINDOW, MAX_CHUNK, INLINE_MAX, MAX_VALUE, MAX_CONSOLE, MAX_CONSOLE_ARGS, CON
   MAX_ERROR_NAME, MAX_HEAD, MAX_STATUS_TEXT;
 let MAX_PENDING_FETCHES, MAX_STREAMS; // what this runtime may have pending (checked in fetch())
 let MAX_VALUE_DEPTH; // nesting of an eval's value (the daemon's JSON parser must never recurse deeper)
+let MAX_CONSOLE_VALUE; // bytes of a console entry's marshalled arguments
 let config = null; // { fetch, console } once `init` has arrived
 
 function init(h) {
@@ -38,8 +40,10 @@ function init(h) {
     max_console_args: MAX_CONSOLE_ARGS, console_rate: CONSOLE_RATE, max_error_text: MAX_ERROR_TEXT,
     max_error_name: MAX_ERROR_NAME, max_head: MAX_HEAD, max_status_text: MAX_STATUS_TEXT } = h);
   ({ max_pending_fetches: MAX_PENDING_FETCHES, max_streams: MAX_STREAMS, max_value_depth: MAX_VALUE_DEPTH } = h);
+  MAX_CONSOLE_VALUE = h.max_console_value;
   for (const v of [WINDOW, MAX_CHUNK, INLINE_MAX, MAX_VALUE, MAX_CONSOLE, MAX_CONSOLE_ARGS, CONSOLE_RATE,
-    MAX_ERROR_TEXT, MAX_ERROR_NAME, MAX_HEAD, MAX_STATUS_TEXT, MAX_PENDING_FETCHES, MAX_STREAMS, MAX_VALUE_DEPTH]) {
+    MAX_ERROR_TEXT, MAX_ERROR_NAME, MAX_HEAD, MAX_STATUS_TEXT, MAX_PENDING_FETCHES, MAX_STREAMS, MAX_VALUE_DEPTH,
+    MAX_CONSOLE_VALUE]) {
     if (typeof v !== "number" || !(v > 0)) fatal(`init without its limits: ${stringify(h)}`);
   }
   config = { fetch: !!h.fetch, console: !!h.console };
@@ -535,10 +539,25 @@ function onFetchResponse(h, body) {
 }
 
 // ---- console -------------------------------------------------------------------------------------
-function format(arg) {
-  if (typeof arg === "string") return arg;
-  try { return inspect(arg, { depth: 4, colors: false }); } catch { return String(arg); }
-}
+// Every console method of the guest is Deno's own, formatting as Deno prints (inspect, %s/%d/%o/%c,
+// group indentation, table boxes, count/time/assert semantics and their warnings), but printing
+// into `printed` here instead of to stdout: one call of a method is one entry for the host, with
+// the method, the level Deno printed at, that text, the call's arguments as marshalled values and
+// the group depth. A call that prints nothing (time(), groupEnd(), assert(true)) makes no entry,
+// except clear(), whose entry has no text (no terminal escape sequences travel).
+let printed = null; // the text Deno's console printed during the current call, or null outside one
+let printedLevel = -1; // the highest level it printed at: 0 debug, 1 log, 2 warn, 3 error, 4 trace
+const sink = new DenoConsole((text, level) => {
+  if (printed === null) return;
+  printed += text;
+  if (level > printedLevel) printedLevel = level;
+});
+const LEVELS = ["debug", "log", "warn", "error", "trace"];
+const BOOTSTRAP_URL = import.meta.url;
+const stringIncludes = uncurry(String.prototype.includes);
+const stringSplit = uncurry(String.prototype.split);
+const stringEndsWith = uncurry(String.prototype.endsWith);
+let groupDepth = 0;
 
 // A guest that logs without end must not flood its daemon (and, through it, every other runtime
 // there): at most CONSOLE_RATE entries per second reach the host; the rest are counted, and the
@@ -547,54 +566,127 @@ let consoleWindow = 0;
 let consoleSent = 0;
 let consoleDropped = 0;
 
-function log(level, args) {
+function consoleCall(method, args) {
   if (!config?.console) return;
+  const depth = groupDepth;
+  const outer = printed, outerLevel = printedLevel; // a custom inspect may log while being formatted
+  printed = "";
+  printedLevel = -1;
+  let text, level;
+  try {
+    apply(sink[method], sink, args);
+  } catch (e) { // a guest's custom inspect threw: the entry says so instead of vanishing
+    printed += `<console.${method} failed: ${describe(e).message}>`;
+  } finally {
+    text = printed;
+    level = printedLevel;
+    printed = outer;
+    printedLevel = outerLevel;
+  }
+  if (method === "group" || method === "groupCollapsed") groupDepth++;
+  else if (method === "groupEnd") groupDepth = groupDepth > 0 ? groupDepth - 1 : 0;
+  else if (method === "clear") { groupDepth = 0; text = ""; }
+  if (text === "" && method !== "clear") return;
+  if (stringEndsWith(text, "\n")) text = sliceString(text, 0, text.length - 1); // Deno ends each line
+  if (method === "trace") text = withoutBootstrapFrames(text);
+  const name = method === "info" && level === 1 ? "info" : (LEVELS[level] ?? "log");
+  emitEntry(method, name, text, depth, args);
+}
+
+function withoutBootstrapFrames(text) {
+  let out = "";
+  const lines = stringSplit(text, "\n");
+  for (let i = 0; i < lines.length; i++) {
+    if (!stringIncludes(lines[i], BOOTSTRAP_URL)) out += (out === "" ? "" : "\n") + lines[i];
+  }
+  return out;
+}
+
+function emitEntry(method, level, text, depth, args) {
   const now = Math.floor(performance.now() / 1000);
   if (now !== consoleWindow) { consoleWindow = now; consoleSent = 0; }
   if (consoleSent >= CONSOLE_RATE) { consoleDropped++; return; }
   consoleSent++;
   if (consoleDropped) {
-    send({ op: "console", level: "warn", args: [`…[${consoleDropped} console entries dropped: over ${CONSOLE_RATE}/s]`] });
+    const notice = `…[${consoleDropped} console entries dropped: over ${CONSOLE_RATE}/s]`;
+    send({ op: "console", method: "warn", level: "warn", text: notice, depth: 0, v: [notice] });
     consoleDropped = 0;
   }
   // entries are bounded so that legitimate logging can never exceed a frame limit downstream
-  const out = [];
-  let room = MAX_CONSOLE;
-  for (const arg of args) {
-    if (out.length === MAX_CONSOLE_ARGS || room <= 0) { out.push("…[more arguments dropped]"); break; }
-    let text = format(arg);
-    if (text.length > room) text = text.slice(0, room) + "…[truncated]";
-    room -= text.length;
-    out.push(text);
-  }
-  send({ op: "console", level, args: out });
+  if (text.length > MAX_CONSOLE) text = sliceString(text, 0, MAX_CONSOLE) + "…[truncated]";
+  const { v, blobs } = consoleArgs(method, args);
+  send({ op: "console", method, level, text, depth, v }, blobsBody(blobs));
 }
 
-const counts = new Map();
-const timers = new Map();
-const guestConsole = {
-  log: (...a) => log("log", a), info: (...a) => log("info", a), warn: (...a) => log("warn", a),
-  error: (...a) => log("error", a), debug: (...a) => log("debug", a), dir: (o) => log("log", [o]),
-  table: (...a) => log("log", a), group: (...a) => log("log", a), groupCollapsed: (...a) => log("log", a),
-  groupEnd: () => {},
-  trace: (...a) => log("trace", [...a, new Error("trace").stack.split("\n").slice(2).join("\n")]),
-  assert: (cond, ...a) => { if (!cond) log("error", ["Assertion failed", ...a]); },
-  count: (label = "default") => { const n = (counts.get(label) ?? 0) + 1; counts.set(label, n); log("log", [`${label}: ${n}`]); },
-  countReset: (label = "default") => counts.delete(label),
-  time: (label = "default") => timers.set(label, performance.now()),
-  timeLog: (label = "default", ...a) => log("log", [`${label}: ${(performance.now() - (timers.get(label) ?? 0)).toFixed(3)}ms`, ...a]),
-  timeEnd: (label = "default") => { log("log", [`${label}: ${(performance.now() - (timers.get(label) ?? 0)).toFixed(3)}ms`]); timers.delete(label); },
-};
+// The arguments as marshalled values, together within MAX_CONSOLE_VALUE bytes. An argument that
+// cannot be sent (a function, a Map, a class instance, a cycle) or does not fit arrives as its
+// formatted text (cut to what is left), never dropping the entry; past MAX_CONSOLE_ARGS, one text
+// says how many more there were.
+function consoleArgs(method, args) {
+  const where = `console.${method}: the arguments`;
+  const some = [];
+  for (let i = 0; i < args.length && i < MAX_CONSOLE_ARGS; i++) put(some, i, args[i]);
+  if (args.length > MAX_CONSOLE_ARGS) put(some, MAX_CONSOLE_ARGS, `…[${args.length - MAX_CONSOLE_ARGS} more arguments]`);
+  try {
+    const packed = packValue(some, where);
+    if (packedSize(packed) <= MAX_CONSOLE_VALUE) return packed;
+  } catch { /* one by one, below */ }
+  let room = MAX_CONSOLE_VALUE - 8; // the array's brackets
+  for (let i = 0; i < some.length; i++) {
+    let size = -1;
+    try { size = packedSize(packValue(some[i], where)); } catch { /* its text, below */ }
+    if (size < 0 || size > room) {
+      const text = textWithin(formatArg(some[i]), room);
+      put(some, i, text);
+      size = packedSize({ v: text, blobs: [] });
+    }
+    room -= size + 1;
+  }
+  return packValue(some, where);
+}
+
+// `text`, cut (and marked so) until its JSON takes at most `room` bytes with the mark
+function textWithin(text, room) {
+  const MARK = "…[truncated]";
+  if (packedSize({ v: text, blobs: [] }) <= room) return text;
+  let cut = room > 32 ? sliceString(text, 0, room - 32) : "";
+  while (cut !== "" && packedSize({ v: cut, blobs: [] }) > room - 32) cut = sliceString(cut, 0, cut.length >> 1);
+  return cut + MARK;
+}
+
+function packedSize(packed) {
+  let size = byteLengthOf(encodeText(enc, stringify(packed.v, asStored)));
+  for (let i = 0; i < packed.blobs.length; i++) size += byteLengthOf(packed.blobs[i]);
+  return size;
+}
+
+function formatArg(arg) {
+  if (typeof arg === "string") return arg;
+  try { return inspect(arg, { depth: 4, colors: false }); } catch { return "<uninspectable value>"; }
+}
+
+const guestConsole = {};
+for (const method of ["log", "info", "debug", "warn", "error", "trace", "assert", "dir", "dirxml", "table", "group",
+  "groupCollapsed", "groupEnd", "count", "countReset", "time", "timeLog", "timeEnd", "clear"]) {
+  defineProperty(guestConsole, method, {
+    value: { [method](...args) { consoleCall(method, args); } }[method], // named, and no [[Construct]]
+    writable: true, enumerable: true, configurable: true,
+  });
+}
+for (const method of ["profile", "profileEnd", "timeStamp"]) { // Deno's print nothing: neither do ours
+  defineProperty(guestConsole, method, { value: { [method]() {} }[method], writable: true, enumerable: true,
+    configurable: true });
+}
 globalThis.console = guestConsole;
 
 // Deno ends the process on an unhandled rejection or uncaught error; a sandbox reports it instead.
 addEventListener("unhandledrejection", (e) => {
   e.preventDefault();
-  log("error", ["Uncaught (in promise)", e.reason]);
+  consoleCall("error", ["Uncaught (in promise)", e.reason]);
 });
 addEventListener("error", (e) => {
   e.preventDefault();
-  log("error", ["Uncaught", e.error ?? e.message]);
+  consoleCall("error", ["Uncaught", e.error ?? e.message]);
 });
 
 // ---- dispatch of daemon messages -------------------------------------------------------------
