@@ -49,7 +49,7 @@ R = TypeVar("R", bound=M.Record)
 #: rejects the guest's fetch with a TypeError naming it, and is logged with its traceback.
 FetchCallback: TypeAlias = Callable[[Request], Awaitable[Response]]
 #: The console callback: called with each ``console.*`` call of the guest, as a ``ConsoleEntry``
-#: (``level`` is log/info/warn/error/debug); it may be a plain function or an ``async def``.
+#: whose str() is its text (so ``console=print`` works); a plain function or an ``async def``.
 ConsoleCallback: TypeAlias = Callable[["ConsoleEntry"], object]
 
 
@@ -94,12 +94,27 @@ class Host(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class ConsoleEntry:
-    level: str
-    args: list[str]
+    """One console call of the guest that printed something (and every ``console.clear()``).
 
-    @property
-    def text(self) -> str:
-        return " ".join(self.args)
+    ``str(entry)`` is ``text``, so ``console=print`` prints what Deno would have printed."""
+
+    #: the console method the guest called: log, info, debug, warn, error, trace, assert, dir,
+    #: dirxml, table, group, groupCollapsed, groupEnd, count, countReset, time, timeLog, timeEnd, clear
+    method: str
+    #: the level Deno printed it at: log, info, debug, warn, error or trace (a failed assert is an
+    #: error; timeEnd/timeLog/countReset of an unknown label and time() of a running one, a warn)
+    level: str
+    #: the entry as Deno formats it: inspect, %s/%d/%o/%c, group indentation, table boxes; no final
+    #: newline (empty for clear); at most wire.guest.MAX_CONSOLE characters, then "…[truncated]"
+    text: str
+    #: the call's arguments as marshalled values (client.Runtime.eval's rules); one that cannot be
+    #: sent (a function, a Map, a class instance) or does not fit arrives as its formatted text
+    args: list[Any]
+    #: how many console.group()s enclose it
+    group_depth: int = 0
+
+    def __str__(self) -> str:
+        return self.text
 
 
 class Runtime:
@@ -347,7 +362,8 @@ class Runtime:
         if self._console is None or self.lost is not None:
             return
         try:
-            result = self._console(ConsoleEntry(msg.level, list(msg.args)))
+            entry = ConsoleEntry(msg.method, msg.level, msg.text, list(msg.args), msg.depth)
+            result = self._console(entry)
         except Exception as exc:
             self._callback_failed("console", exc)
             return

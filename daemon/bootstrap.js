@@ -39,8 +39,8 @@ function init(h) {
   ({ window: WINDOW, max_chunk: MAX_CHUNK, inline_max: INLINE_MAX, max_value: MAX_VALUE, max_console: MAX_CONSOLE,
     max_console_args: MAX_CONSOLE_ARGS, console_rate: CONSOLE_RATE, max_error_text: MAX_ERROR_TEXT,
     max_error_name: MAX_ERROR_NAME, max_head: MAX_HEAD, max_status_text: MAX_STATUS_TEXT } = h);
-  ({ max_pending_fetches: MAX_PENDING_FETCHES, max_streams: MAX_STREAMS, max_value_depth: MAX_VALUE_DEPTH } = h);
-  MAX_CONSOLE_VALUE = h.max_console_value;
+  ({ max_pending_fetches: MAX_PENDING_FETCHES, max_streams: MAX_STREAMS, max_value_depth: MAX_VALUE_DEPTH,
+    max_console_value: MAX_CONSOLE_VALUE } = h);
   for (const v of [WINDOW, MAX_CHUNK, INLINE_MAX, MAX_VALUE, MAX_CONSOLE, MAX_CONSOLE_ARGS, CONSOLE_RATE,
     MAX_ERROR_TEXT, MAX_ERROR_NAME, MAX_HEAD, MAX_STATUS_TEXT, MAX_PENDING_FETCHES, MAX_STREAMS, MAX_VALUE_DEPTH,
     MAX_CONSOLE_VALUE]) {
@@ -718,7 +718,9 @@ const sink = new DenoConsole((text, level) => {
   printed += text;
   if (level > printedLevel) printedLevel = level;
 });
-const LEVELS = ["debug", "log", "warn", "error", "trace"];
+const LEVELS = { __proto__: null, 0: "debug", 1: "log", 2: "warn", 3: "error", 4: "trace" }; // no prototype to patch
+// the level of an entry Deno did not print (a report whose formatting failed)
+const METHOD_LEVELS = { __proto__: null, debug: "debug", info: "info", warn: "warn", error: "error", trace: "trace" };
 const BOOTSTRAP_URL = import.meta.url;
 const stringIncludes = uncurry(String.prototype.includes);
 const stringSplit = uncurry(String.prototype.split);
@@ -732,7 +734,9 @@ let consoleWindow = 0;
 let consoleSent = 0;
 let consoleDropped = 0;
 
-function consoleCall(method, args) {
+// `report`: the bootstrap reporting an uncaught error, where a guest's throwing custom inspect
+// must not throw again; a guest's own call throws what Deno's console throws, as in Deno.
+function consoleCall(method, args, report = false) {
   if (!config?.console) return;
   const depth = groupDepth;
   const outer = printed, outerLevel = printedLevel; // a custom inspect may log while being formatted
@@ -741,7 +745,8 @@ function consoleCall(method, args) {
   let text, level;
   try {
     apply(sink[method], sink, args);
-  } catch (e) { // a guest's custom inspect threw: the entry says so instead of vanishing
+  } catch (e) {
+    if (!report) throw e;
     printed += `<console.${method} failed: ${describe(e).message}>`;
   } finally {
     text = printed;
@@ -755,7 +760,7 @@ function consoleCall(method, args) {
   if (text === "" && method !== "clear") return;
   if (stringEndsWith(text, "\n")) text = sliceString(text, 0, text.length - 1); // Deno ends each line
   if (method === "trace") text = withoutBootstrapFrames(text);
-  const name = method === "info" && level === 1 ? "info" : (LEVELS[level] ?? "log");
+  const name = method === "info" && level === 1 ? "info" : (LEVELS[level] ?? METHOD_LEVELS[method] ?? "log");
   emitEntry(method, name, text, depth, args);
 }
 
@@ -848,11 +853,11 @@ globalThis.console = guestConsole;
 // Deno ends the process on an unhandled rejection or uncaught error; a sandbox reports it instead.
 addEventListener("unhandledrejection", (e) => {
   e.preventDefault();
-  consoleCall("error", ["Uncaught (in promise)", e.reason]);
+  consoleCall("error", ["Uncaught (in promise)", e.reason], true);
 });
 addEventListener("error", (e) => {
   e.preventDefault();
-  consoleCall("error", ["Uncaught", e.error ?? e.message]);
+  consoleCall("error", ["Uncaught", e.error ?? e.message], true);
 });
 
 // ---- dispatch of daemon messages -------------------------------------------------------------

@@ -30,7 +30,6 @@ from wire.schema import (
     INT,
     INT_MAP,
     STR,
-    STRS,
     U64,
     VALUE,
     Body,
@@ -333,7 +332,10 @@ class Console(Record):
 
     rt: str = F(STR, doc=_RT)
     level: str = F(STR, "log", "log, info, warn, error, debug or trace")
-    args: tuple[str, ...] = F(STRS, (), "the formatted arguments")
+    args: list[Any] = F(VALUE, (), "the call's arguments, marshalled (7.4); a list")
+    method: str = F(STR, "log", "the console method the guest called")
+    text: str = F(STR, "", "the entry as Deno would print it (group indentation included, no final newline)")
+    depth: int = F(INT, 0, "the group depth it was printed at")
 
 
 @record("runtime_lost")
