@@ -187,7 +187,7 @@ class Runtime:
             V.check(value, "the default export")  # its msgpack form within MAX_VALUE too
         except (TypeError, ValueError) as exc:  # not forwardable: the call fails, the runtime lives
             name = "RangeError" if isinstance(exc, (V.TooDeep, V.TooLarge)) else "TypeError"
-            self.host.to_broker(call.error(P.E_GUEST, f"the default export cannot be returned: {exc}", name))
+            self.host.to_broker(call.error(P.E_GUEST, str(exc), name))  # it names "the default export"
             return
         self.host.reply(M.EvalOk(id=call.req_id, c=call.route, value=value))
 
