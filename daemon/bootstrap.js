@@ -810,23 +810,24 @@ function emitEntry(method, level, text, depth, args) {
   send({ op: "console", method, level, text, depth, v }, blobsBody(blobs));
 }
 
-// The arguments as marshalled values, together within MAX_CONSOLE_VALUE bytes. An argument that
-// cannot be sent (a function, a Map, a class instance, a cycle) or does not fit arrives as its
-// formatted text (cut to what is left), never dropping the entry; past MAX_CONSOLE_ARGS, one text
-// says how many more there were.
+// The arguments as marshalled values, together within MAX_CONSOLE_VALUE bytes. What cannot be sent
+// (a function, a Map, a class instance, a cycle), at any depth, is replaced by its formatted text;
+// an argument too large or too deep, or not fitting beside the others, arrives as its formatted
+// text cut to what is left: the entry is never dropped. Past MAX_CONSOLE_ARGS, one text says how
+// many more there were.
 function consoleArgs(method, args) {
   const where = `console.${method}: the arguments`;
   const some = [];
   for (let i = 0; i < args.length && i < MAX_CONSOLE_ARGS; i++) put(some, i, args[i]);
   if (args.length > MAX_CONSOLE_ARGS) put(some, MAX_CONSOLE_ARGS, `…[${args.length - MAX_CONSOLE_ARGS} more arguments]`);
   try {
-    const packed = packValue(some, where);
+    const packed = packValue(some, where, formatArg);
     if (packedSize(packed) <= MAX_CONSOLE_VALUE) return packed;
   } catch { /* one by one, below */ }
   let room = MAX_CONSOLE_VALUE - 8; // the array's brackets
   for (let i = 0; i < some.length; i++) {
     let size = -1;
-    try { size = packedSize(packValue(some[i], where)); } catch { /* its text, below */ }
+    try { size = packedSize(packValue(some[i], where, formatArg)); } catch { /* its text, below */ }
     if (size < 0 || size > room) {
       const text = textWithin(formatArg(some[i]), room);
       put(some, i, text);
@@ -834,7 +835,7 @@ function consoleArgs(method, args) {
     }
     room -= size + 1;
   }
-  return packValue(some, where);
+  return packValue(some, where, formatArg);
 }
 
 // `text`, cut (and marked so) until its JSON takes at most `room` bytes with the mark
