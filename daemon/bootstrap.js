@@ -744,7 +744,7 @@ const LEVELS = { __proto__: null, 0: "debug", 1: "log", 2: "warn", 3: "error", 4
 const METHOD_LEVELS = { __proto__: null, debug: "debug", info: "info", warn: "warn", error: "error", trace: "trace" };
 const BOOTSTRAP_URL = import.meta.url;
 const stringIncludes = uncurry(String.prototype.includes);
-const stringSplit = uncurry(String.prototype.split);
+const stringIndexOf = uncurry(String.prototype.indexOf);
 const stringEndsWith = uncurry(String.prototype.endsWith);
 let groupDepth = 0;
 
@@ -785,11 +785,15 @@ function consoleCall(method, args, report = false) {
   emitEntry(method, name, text, depth, args);
 }
 
+// (no split(): it would look up a Symbol.split the guest may have put on String.prototype)
 function withoutBootstrapFrames(text) {
   let out = "";
-  const lines = stringSplit(text, "\n");
-  for (let i = 0; i < lines.length; i++) {
-    if (!stringIncludes(lines[i], BOOTSTRAP_URL)) out += (out === "" ? "" : "\n") + lines[i];
+  for (let start = 0; start <= text.length;) {
+    let end = stringIndexOf(text, "\n", start);
+    if (end < 0) end = text.length;
+    const line = sliceString(text, start, end);
+    if (!stringIncludes(line, BOOTSTRAP_URL)) out += (out === "" ? "" : "\n") + line;
+    start = end + 1;
   }
   return out;
 }
