@@ -94,6 +94,13 @@ def test_bootstrap_takes_every_limit_from_init() -> None:
     assert re.findall(r"const (?:MAX|WINDOW|INLINE|CONSOLE)\w*", source) == ["const MAX_FRAME"]
 
 
+def test_the_bootstrap_console_has_exactly_the_console_methods_the_daemon_accepts() -> None:
+    source = BOOTSTRAP.read_text()
+    listed = re.search(r"for \(const method of \[([^\]]*)\]\) \{\n  defineProperty\(guestConsole", source)
+    assert listed, "bootstrap.js: the list of console methods moved"
+    assert set(re.findall(r'"(\w+)"', listed.group(1))) == G.CONSOLE_METHODS
+
+
 # ---- cleaning guest values ------------------------------------------------------------------------
 
 
