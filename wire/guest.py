@@ -417,11 +417,11 @@ class OutboundError(Record):
 class Console(Record):
     """One console entry."""
 
-    method: str = F(METHOD, doc="the console method called")
-    level: str = F(LEVEL, doc="the level Deno printed it at")
-    text: str = F(STR, doc="what Deno would print (without the last newline)")
+    method: str = F(METHOD, doc="the method called")
+    level: str = F(LEVEL, doc="as Deno prints it")
+    text: str = F(STR, doc="as Deno prints it")
     depth: int = F(INT, doc="group depth")
-    v: Any = F(ANY, None, "the call's arguments: an array as a value tree (7.4); its blobs are the frame's body")
+    v: Any = F(ANY, None, "the arguments, an array value (7.4)")
     blobs: Any = payload_frame("the value's blobs, concatenated (may be empty)")
 
 

@@ -332,10 +332,10 @@ class Console(Record):
 
     rt: str = F(STR, doc=_RT)
     level: str = F(STR, "log", "log, info, warn, error, debug or trace")
-    args: list[Any] = F(VALUE, (), "the call's arguments, marshalled (7.4); a list")
-    method: str = F(STR, "log", "the console method the guest called")
-    text: str = F(STR, "", "the entry as Deno would print it (group indentation included, no final newline)")
-    depth: int = F(INT, 0, "the group depth it was printed at")
+    args: list[Any] = F(VALUE, (), "the arguments (a list; 7.5)")
+    method: str = F(STR, "log", "the console method")
+    text: str = F(STR, "", "as Deno prints it (7.5)")
+    depth: int = F(INT, 0, "group depth")
 
 
 @record("runtime_lost")
