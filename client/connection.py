@@ -354,7 +354,10 @@ class Connection:
         if fut is not None and not fut.done():
             fut.set_result(msg)
         elif isinstance(msg, M.ErrorReply):
-            log.warning("broker error: %s: %s", msg.code, msg.message)
+            # the answer to a call its caller gave up on (a cancelled eval or dispatch, a timeout)
+            # is expected; one to no call of ours is worth a warning
+            ours = msg.id is not None and 0 <= msg.id <= self._ids
+            log.log(logging.DEBUG if ours else logging.WARNING, "broker error: %s: %s", msg.code, msg.message)
 
     async def _heartbeats(self) -> None:
         hb = M.Heartbeat()

@@ -22,6 +22,8 @@ from wire import http as H
 
 BodyType = bytes | bytearray | memoryview | AsyncIterable[bytes] | None
 HeadersLike = Mapping[str, str] | Iterable[tuple[str, str]] | None
+#: A Request's redirect modes (the fetch standard's); the guest's Request.redirect says which.
+REDIRECT_MODES = ("follow", "manual", "error")
 
 
 def check_body(body: object, what: str) -> None:
@@ -65,6 +67,8 @@ class Request:
             kinds = f"{type(self.method).__name__}, {type(self.url).__name__}"
             raise TypeError(f"a Request's method and url are str, not {kinds}")
         self.method = self.method.upper()
+        if self.redirect not in REDIRECT_MODES:
+            raise ValueError(f"a Request's redirect is one of {', '.join(REDIRECT_MODES)}, not {self.redirect!r}")
         check_body(self.body, "a Request's")
         H.check_request_head(self.method, self.url, self.headers.items())  # wire.http.HeadError
 

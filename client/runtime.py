@@ -53,7 +53,7 @@ R = TypeVar("R", bound=M.Record)
 #: ``FetchDenied`` policy refusal with its own text): host exception texts never reach the guest.
 FetchCallback: TypeAlias = Callable[[Request], Awaitable[Response]]
 #: The console callback: called with each ``console.*`` call of the guest, as a ``ConsoleEntry``
-#: (``level`` is log/info/warn/error/debug); it may be a plain function or an ``async def``.
+#: whose str() is its text (so ``console=print`` works); a plain function or an ``async def``.
 ConsoleCallback: TypeAlias = Callable[["ConsoleEntry"], object]
 
 
@@ -98,12 +98,27 @@ class Host(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class ConsoleEntry:
-    level: str
-    args: list[str]
+    """One console call of the guest that printed something (and every ``console.clear()``).
 
-    @property
-    def text(self) -> str:
-        return " ".join(self.args)
+    ``str(entry)`` is ``text``, so ``console=print`` prints what Deno would have printed."""
+
+    #: the console method the guest called: log, info, debug, warn, error, trace, assert, dir,
+    #: dirxml, table, group, groupCollapsed, groupEnd, count, countReset, time, timeLog, timeEnd, clear
+    method: str
+    #: the level Deno printed it at: log, info, debug, warn, error or trace (a failed assert is an
+    #: error; timeEnd/timeLog/countReset of an unknown label and time() of a running one, a warn)
+    level: str
+    #: the entry as Deno formats it: inspect, %s/%d/%o/%c, group indentation, table boxes; no final
+    #: newline (empty for clear); at most wire.guest.MAX_CONSOLE characters, then "…[truncated]"
+    text: str
+    #: the call's arguments as marshalled values (client.Runtime.eval's rules); one that cannot be
+    #: sent (a function, a Map, a class instance) or does not fit arrives as its formatted text
+    args: list[Any]
+    #: how many console.group()s enclose it
+    group_depth: int = 0
+
+    def __str__(self) -> str:
+        return self.text
 
 
 class Runtime:
@@ -159,7 +174,10 @@ class Runtime:
             raise self.lost
 
     async def eval(self, source: str, *, timeout: float | None = None) -> Any:
-        """Evaluate ``source`` as an ES module; returns its JSON-able default export, if any."""
+        """Evaluate ``source`` as an ES module; returns its JSON-able default export, if any.
+
+        Cancelling the task awaiting it stops the guest's work at once: the runtime is stopped (as
+        when the eval times out) and later calls raise RuntimeLost."""
         self._check()
         code = source.encode()
         if len(code) > P.MAX_SOURCE:
@@ -168,10 +186,23 @@ class Runtime:
         ms = None if limit is None else to_ms(limit)
         # the daemon enforces the limit; our wait only needs to outlast it
         wait = (limit or 30.0) + self._host.timeout
-        reply = await self._host.call(
-            lambda id_: M.Eval(id=id_, rt=self.id, source=code, timeout_ms=ms), M.EvalOk, timeout=wait
-        )
+        try:
+            reply = await self._host.call(
+                lambda id_: M.Eval(id=id_, rt=self.id, source=code, timeout_ms=ms), M.EvalOk, timeout=wait
+            )
+        except asyncio.CancelledError:
+            self._stop_cancelled()
+            raise
         return reply.value
+
+    def _stop_cancelled(self) -> None:
+        """An eval's caller gave up: a guest cannot be interrupted mid-turn (``while (true) {}`` never
+        yields), so the runtime is disposed of, as the eval timeout stops it. The dispose goes the way
+        the eval went (through the broker, in order), so it can never overtake the eval; nobody waits
+        for its reply (id 0, which no call uses), and the runtime counts as lost from now on."""
+        if self.lost is None:
+            self._send(M.Dispose(id=0, rt=self.id))
+            self.on_lost(P.E_CANCELLED, "an eval was cancelled by its caller; the runtime was stopped")
 
     async def dispatch_request(self, request: Request, *, timeout: float = DISPATCH_TIMEOUT) -> Response:
         """Hand ``request`` to the guest's serve() handler; the response body streams as produced."""
@@ -190,7 +221,7 @@ class Runtime:
             headers = tuple(request.headers.items())
             return M.Dispatch(
                 id=id_, rt=self.id, method=request.method, url=request.url, headers=headers, resp_sid=resp_sid,
-                body=desc,
+                body=desc, redirect=request.redirect,
             )  # fmt: skip
 
         try:
@@ -341,7 +372,8 @@ class Runtime:
         if self._console is None or self.lost is not None:
             return
         try:
-            result = self._console(ConsoleEntry(msg.level, list(msg.args)))
+            entry = ConsoleEntry(msg.method, msg.level, msg.text, list(msg.args), msg.depth)
+            result = self._console(entry)
         except Exception as exc:
             self._callback_failed("console", exc)
             return

@@ -12,6 +12,7 @@ const stdin = D.stdin;
 const stdout = D.stdout;
 const inspect = D.inspect;
 const exit = D.exit;
+const DenoConsole = D[D.internal].Console; // Deno's own console, made to print to us (console section)
 
 // The guest may replace globals later; keep our own references.
 const { Response, Request, ReadableStream, CountQueuingStrategy, Headers, Promise, JSON, Uint8Array, DataView, TextEncoder,
@@ -30,6 +31,7 @@ let WINDOW, MAX_CHUNK, INLINE_MAX, MAX_VALUE, MAX_CONSOLE, MAX_CONSOLE_ARGS, CON
   MAX_ERROR_NAME, MAX_HEAD, MAX_STATUS_TEXT;
 let MAX_PENDING_FETCHES, MAX_STREAMS; // what this runtime may have pending (checked in fetch())
 let MAX_VALUE_DEPTH; // nesting of an eval's value (the daemon's JSON parser must never recurse deeper)
+let MAX_CONSOLE_VALUE; // bytes of a console entry's marshalled arguments
 let config = null; // { fetch, console } once `init` has arrived
 
 function init(h) {
@@ -38,10 +40,10 @@ function init(h) {
     max_console_args: MAX_CONSOLE_ARGS, console_rate: CONSOLE_RATE, max_error_text: MAX_ERROR_TEXT,
     max_error_name: MAX_ERROR_NAME, max_head: MAX_HEAD, max_status_text: MAX_STATUS_TEXT } = h);
   ({ max_pending_fetches: MAX_PENDING_FETCHES, max_streams: MAX_STREAMS, max_value_depth: MAX_VALUE_DEPTH,
-    max_pending_tools: MAX_PENDING_TOOLS } = h);
+    max_pending_tools: MAX_PENDING_TOOLS, max_console_value: MAX_CONSOLE_VALUE } = h);
   for (const v of [WINDOW, MAX_CHUNK, INLINE_MAX, MAX_VALUE, MAX_CONSOLE, MAX_CONSOLE_ARGS, CONSOLE_RATE,
     MAX_ERROR_TEXT, MAX_ERROR_NAME, MAX_HEAD, MAX_STATUS_TEXT, MAX_PENDING_FETCHES, MAX_STREAMS, MAX_VALUE_DEPTH,
-    MAX_PENDING_TOOLS]) {
+    MAX_PENDING_TOOLS, MAX_CONSOLE_VALUE]) {
     if (typeof v !== "number" || !(v > 0)) fatal(`init without its limits: ${stringify(h)}`);
   }
   config = { fetch: !!h.fetch, console: !!h.console };
@@ -60,6 +62,10 @@ const dec = new TextDecoder();
 
 // ---- hide the channel -----------------------------------------------------------------------
 // `process` must go before `Deno`: Deno's node layer reads Deno lazily when `process` is touched.
+// Node's timers (the global setTimeout) emit a process warning for a negative or too large delay,
+// and the warning's default listener reads the `Deno` global: with Deno hidden, setTimeout(fn, -1)
+// threw "Deno is not defined". The warnings went to stderr, which nobody reads: no listener at all.
+globalThis.process.removeAllListeners("warning");
 const HIDDEN = ["process", "Deno", "Worker", "alert", "confirm", "prompt", "close", "localStorage",
   "sessionStorage", "caches", "Buffer", "global", "setImmediate", "clearImmediate", "require"];
 for (const name of HIDDEN) {
@@ -500,8 +506,9 @@ async function sendWithBody(head, stream, blobs = null) {
   outStreams.set(sid, out);
   send({ ...head, body: { sid } }, blobs);
   try {
-    if (failure !== null) throw failure;
+    // what was read before a failure goes out first: the consumer sees those chunks, then the error
     for (const c of chunks) await sendChunk(out, sid, c);
+    if (failure !== null) throw failure;
     for (;;) {
       const r = await (pending ?? reader.read());
       pending = null;
@@ -640,7 +647,7 @@ async function handleRequest(h, body) {
     let reqBody = null;
     if (h.body === "inline") reqBody = body;
     else if (h.body) reqBody = inboundStream(h.body.sid, ac.signal);
-    const init = { method: h.method, headers: h.headers, signal: ac.signal };
+    const init = { method: h.method, headers: h.headers, signal: ac.signal, redirect: h.redirect };
     if (reqBody !== null) { init.body = reqBody; init.duplex = "half"; }
     const req = new Request(h.url, init);
     const resp = await handler(req);
@@ -663,6 +670,9 @@ const fetches = new Map(); // id -> {resolve, reject, signal}
 const NULL_BODY_STATUS = new Set([101, 103, 204, 205, 304]);
 
 globalThis.fetch = async function fetch(input, init = undefined) {
+  const req = new Request(input, init);
+  const signal = requestSignal(req);
+  signal.throwIfAborted(); // an aborted signal rejects with its reason (AbortError), as the platform does
   if (!config.fetch) {
     throw new TypeError("fetch() is unavailable: no fetch callback was given to this runtime by the host");
   }
@@ -672,9 +682,6 @@ globalThis.fetch = async function fetch(input, init = undefined) {
   if (inStreams.size + outStreams.size >= MAX_STREAMS) {
     throw new TypeError(`fetch() refused: ${MAX_STREAMS} open bodies, the limit for this runtime; read or cancel some`);
   }
-  const req = new Request(input, init);
-  const signal = requestSignal(req);
-  signal.throwIfAborted();
   const id = nextFetch++;
   const head = { op: "fetch", id, method: requestMethod(req), url: requestUrl(req),
     headers: headerPairs(requestHeaders(req)), redirect: requestRedirect(req) };
@@ -820,10 +827,27 @@ function toolItems(name, args) {
 }
 
 // ---- console -------------------------------------------------------------------------------------
-function format(arg) {
-  if (typeof arg === "string") return arg;
-  try { return inspect(arg, { depth: 4, colors: false }); } catch { return String(arg); }
-}
+// Every console method of the guest is Deno's own, formatting as Deno prints (inspect, %s/%d/%o/%c,
+// group indentation, table boxes, count/time/assert semantics and their warnings), but printing
+// into `printed` here instead of to stdout: one call of a method is one entry for the host, with
+// the method, the level Deno printed at, that text, the call's arguments as marshalled values and
+// the group depth. A call that prints nothing (time(), groupEnd(), assert(true)) makes no entry,
+// except clear(), whose entry has no text (no terminal escape sequences travel).
+let printed = null; // the text Deno's console printed during the current call, or null outside one
+let printedLevel = -1; // the highest level it printed at: 0 debug, 1 log, 2 warn, 3 error, 4 trace
+const sink = new DenoConsole((text, level) => {
+  if (printed === null) return;
+  printed += text;
+  if (level > printedLevel) printedLevel = level;
+});
+const LEVELS = { __proto__: null, 0: "debug", 1: "log", 2: "warn", 3: "error", 4: "trace" }; // no prototype to patch
+// the level of an entry Deno did not print (a report whose formatting failed)
+const METHOD_LEVELS = { __proto__: null, debug: "debug", info: "info", warn: "warn", error: "error", trace: "trace" };
+const BOOTSTRAP_URL = import.meta.url;
+const stringIncludes = uncurry(String.prototype.includes);
+const stringIndexOf = uncurry(String.prototype.indexOf);
+const stringEndsWith = uncurry(String.prototype.endsWith);
+let groupDepth = 0;
 
 // A guest that logs without end must not flood its daemon (and, through it, every other runtime
 // there): at most CONSOLE_RATE entries per second reach the host; the rest are counted, and the
@@ -832,54 +856,135 @@ let consoleWindow = 0;
 let consoleSent = 0;
 let consoleDropped = 0;
 
-function log(level, args) {
+// `report`: the bootstrap reporting an uncaught error, where a guest's throwing custom inspect
+// must not throw again; a guest's own call throws what Deno's console throws, as in Deno.
+function consoleCall(method, args, report = false) {
   if (!config?.console) return;
+  const depth = groupDepth;
+  const outer = printed, outerLevel = printedLevel; // a custom inspect may log while being formatted
+  printed = "";
+  printedLevel = -1;
+  let text, level;
+  try {
+    apply(sink[method], sink, args);
+  } catch (e) {
+    if (!report) throw e;
+    printed += `<console.${method} failed: ${describe(e).message}>`;
+  } finally {
+    text = printed;
+    level = printedLevel;
+    printed = outer;
+    printedLevel = outerLevel;
+  }
+  if (method === "group" || method === "groupCollapsed") groupDepth++;
+  else if (method === "groupEnd") groupDepth = groupDepth > 0 ? groupDepth - 1 : 0;
+  else if (method === "clear") { groupDepth = 0; text = ""; }
+  if (text === "" && method !== "clear") return;
+  if (stringEndsWith(text, "\n")) text = sliceString(text, 0, text.length - 1); // Deno ends each line
+  if (method === "trace") text = withoutBootstrapFrames(text);
+  const name = method === "info" && level === 1 ? "info" : (LEVELS[level] ?? METHOD_LEVELS[method] ?? "log");
+  emitEntry(method, name, text, depth, args);
+}
+
+// (no split(): it would look up a Symbol.split the guest may have put on String.prototype)
+function withoutBootstrapFrames(text) {
+  let out = "";
+  for (let start = 0; start <= text.length;) {
+    let end = stringIndexOf(text, "\n", start);
+    if (end < 0) end = text.length;
+    const line = sliceString(text, start, end);
+    if (!stringIncludes(line, BOOTSTRAP_URL)) out += (out === "" ? "" : "\n") + line;
+    start = end + 1;
+  }
+  return out;
+}
+
+function emitEntry(method, level, text, depth, args) {
   const now = Math.floor(performance.now() / 1000);
   if (now !== consoleWindow) { consoleWindow = now; consoleSent = 0; }
   if (consoleSent >= CONSOLE_RATE) { consoleDropped++; return; }
   consoleSent++;
   if (consoleDropped) {
-    send({ op: "console", level: "warn", args: [`…[${consoleDropped} console entries dropped: over ${CONSOLE_RATE}/s]`] });
+    const notice = `…[${consoleDropped} console entries dropped: over ${CONSOLE_RATE}/s]`;
+    send({ op: "console", method: "warn", level: "warn", text: notice, depth: 0, v: [notice] });
     consoleDropped = 0;
   }
   // entries are bounded so that legitimate logging can never exceed a frame limit downstream
-  const out = [];
-  let room = MAX_CONSOLE;
-  for (const arg of args) {
-    if (out.length === MAX_CONSOLE_ARGS || room <= 0) { out.push("…[more arguments dropped]"); break; }
-    let text = format(arg);
-    if (text.length > room) text = text.slice(0, room) + "…[truncated]";
-    room -= text.length;
-    out.push(text);
-  }
-  send({ op: "console", level, args: out });
+  if (text.length > MAX_CONSOLE) text = sliceString(text, 0, MAX_CONSOLE) + "…[truncated]";
+  const { v, blobs } = consoleArgs(method, args);
+  send({ op: "console", method, level, text, depth, v }, blobsBody(blobs));
 }
 
-const counts = new Map();
-const timers = new Map();
-const guestConsole = {
-  log: (...a) => log("log", a), info: (...a) => log("info", a), warn: (...a) => log("warn", a),
-  error: (...a) => log("error", a), debug: (...a) => log("debug", a), dir: (o) => log("log", [o]),
-  table: (...a) => log("log", a), group: (...a) => log("log", a), groupCollapsed: (...a) => log("log", a),
-  groupEnd: () => {},
-  trace: (...a) => log("trace", [...a, new Error("trace").stack.split("\n").slice(2).join("\n")]),
-  assert: (cond, ...a) => { if (!cond) log("error", ["Assertion failed", ...a]); },
-  count: (label = "default") => { const n = (counts.get(label) ?? 0) + 1; counts.set(label, n); log("log", [`${label}: ${n}`]); },
-  countReset: (label = "default") => counts.delete(label),
-  time: (label = "default") => timers.set(label, performance.now()),
-  timeLog: (label = "default", ...a) => log("log", [`${label}: ${(performance.now() - (timers.get(label) ?? 0)).toFixed(3)}ms`, ...a]),
-  timeEnd: (label = "default") => { log("log", [`${label}: ${(performance.now() - (timers.get(label) ?? 0)).toFixed(3)}ms`]); timers.delete(label); },
-};
+// The arguments as marshalled values, together within MAX_CONSOLE_VALUE bytes. What cannot be sent
+// (a function, a Map, a class instance, a cycle), at any depth, is replaced by its formatted text;
+// an argument too large or too deep, or not fitting beside the others, arrives as its formatted
+// text cut to what is left: the entry is never dropped. Past MAX_CONSOLE_ARGS, one text says how
+// many more there were.
+function consoleArgs(method, args) {
+  const where = `console.${method}: the arguments`;
+  const some = [];
+  for (let i = 0; i < args.length && i < MAX_CONSOLE_ARGS; i++) put(some, i, args[i]);
+  if (args.length > MAX_CONSOLE_ARGS) put(some, MAX_CONSOLE_ARGS, `…[${args.length - MAX_CONSOLE_ARGS} more arguments]`);
+  try {
+    const packed = packValue(some, where, formatArg);
+    if (packedSize(packed) <= MAX_CONSOLE_VALUE) return packed;
+  } catch { /* one by one, below */ }
+  let room = MAX_CONSOLE_VALUE - 8; // the array's brackets
+  for (let i = 0; i < some.length; i++) {
+    let size = -1;
+    try { size = packedSize(packValue(some[i], where, formatArg)); } catch { /* its text, below */ }
+    if (size < 0 || size > room) {
+      const text = textWithin(formatArg(some[i]), room);
+      put(some, i, text);
+      size = packedSize({ v: text, blobs: [] });
+    }
+    room -= size + 1;
+  }
+  return packValue(some, where, formatArg);
+}
+
+// `text`, cut (and marked so) until its JSON takes at most `room` bytes with the mark
+function textWithin(text, room) {
+  const MARK = "…[truncated]";
+  if (packedSize({ v: text, blobs: [] }) <= room) return text;
+  let cut = room > 32 ? sliceString(text, 0, room - 32) : "";
+  while (cut !== "" && packedSize({ v: cut, blobs: [] }) > room - 32) cut = sliceString(cut, 0, cut.length >> 1);
+  return cut + MARK;
+}
+
+function packedSize(packed) {
+  let size = byteLengthOf(encodeText(enc, stringify(packed.v, asStored)));
+  for (let i = 0; i < packed.blobs.length; i++) size += byteLengthOf(packed.blobs[i]);
+  return size;
+}
+
+function formatArg(arg) {
+  if (typeof arg === "string") return arg;
+  try { return inspect(arg, { depth: 4, colors: false }); } catch { return "<uninspectable value>"; }
+}
+
+const guestConsole = {};
+for (const method of ["log", "info", "debug", "warn", "error", "trace", "assert", "dir", "dirxml", "table", "group",
+  "groupCollapsed", "groupEnd", "count", "countReset", "time", "timeLog", "timeEnd", "clear"]) {
+  defineProperty(guestConsole, method, {
+    value: { [method](...args) { consoleCall(method, args); } }[method], // named, and no [[Construct]]
+    writable: true, enumerable: true, configurable: true,
+  });
+}
+for (const method of ["profile", "profileEnd", "timeStamp"]) { // Deno's print nothing: neither do ours
+  defineProperty(guestConsole, method, { value: { [method]() {} }[method], writable: true, enumerable: true,
+    configurable: true });
+}
 globalThis.console = guestConsole;
 
 // Deno ends the process on an unhandled rejection or uncaught error; a sandbox reports it instead.
 addEventListener("unhandledrejection", (e) => {
   e.preventDefault();
-  log("error", ["Uncaught (in promise)", e.reason]);
+  consoleCall("error", ["Uncaught (in promise)", e.reason], true);
 });
 addEventListener("error", (e) => {
   e.preventDefault();
-  log("error", ["Uncaught", e.error ?? e.message]);
+  consoleCall("error", ["Uncaught", e.error ?? e.message], true);
 });
 
 // ---- dispatch of daemon messages -------------------------------------------------------------

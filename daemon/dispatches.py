@@ -60,7 +60,8 @@ class Dispatches:
                 self.host.to_client(M.PipeReady(sid=sid, ep=ep))
         self.pending.add(call.gid, call)
         self.host.register_stream(call.resp_sid, call)
-        self.port.send(G.Request(id=call.gid, method=msg.method, url=msg.url, headers=msg.headers, body=body))
+        request = G.Request(id=call.gid, method=msg.method, url=msg.url, headers=msg.headers, body=body)
+        self.port.send(request.replace(redirect=msg.redirect))
 
     def _cancelled(self, call: PendingDispatch) -> None:
         """The response was cancelled before its head: abort the guest's request signal, and answer

@@ -208,9 +208,11 @@ class Runtime:
             self.host.to_broker(call.guest_error(P.E_GUEST, msg.error))
 
     def _on_console(self, msg: G.Console) -> None:
-        args = values.console_args(msg.args)
         if self._console_allowed():
-            self.host.to_broker(M.Console(rt=self.rt, level=msg.level, args=args))
+            text = values.cut_utf8(values.clean(msg.text), values.MAX_CONSOLE_BYTES)
+            args = values.console_args(msg.v, msg.blobs, text)
+            entry = M.Console(rt=self.rt, method=msg.method, level=msg.level, text=text, depth=msg.depth, args=args)
+            self.host.to_broker(entry)
 
     def _console_allowed(self) -> bool:
         """At most CONSOLE_RATE entries per second leave the daemon per runtime."""

@@ -28,6 +28,8 @@ from wire.values import TooLarge
 
 #: UTF-8 bytes of text per console entry: what the bootstrap's MAX_CONSOLE UTF-16 units take at most.
 MAX_CONSOLE_BYTES = 3 * G.MAX_CONSOLE
+#: Bytes of a console entry's text and marshalled arguments together (the record must fit MAX_HEADER).
+MAX_CONSOLE_ENTRY = 60 * 1024
 #: UTF-8 bytes of a guest error's message, and of its stack.
 MAX_ERROR_BYTES = 16 * 1024
 #: Characters of a stream error's text written to the pipe.
@@ -164,17 +166,21 @@ def stream_error(err: G.GuestError | None) -> str:
     return clean(f"{name}: {err.message or ''}"[:MAX_STREAM_ERROR])
 
 
-def console_args(args: list[Any]) -> tuple[str, ...]:
-    """A console entry's arguments as texts, all together within MAX_CONSOLE_BYTES of UTF-8 (the
-    bootstrap sends at most MAX_CONSOLE_ARGS, plus one saying the rest were dropped)."""
-    budget, out = MAX_CONSOLE_BYTES, []
-    for a in args[: G.MAX_CONSOLE_ARGS + 1]:
-        text = cut_utf8(clean(str(a)), budget)
-        budget -= len(text.encode())
-        out.append(text)
-        if budget <= 0:
-            break
-    return tuple(out)
+def console_args(tree: Any, body: Any, text: str) -> list[Any]:
+    """A console entry's arguments (a list value) checked again, and within what MAX_CONSOLE_ENTRY
+    leaves beside the entry's ``text``. The bootstrap keeps them within MAX_CONSOLE_VALUE bytes of
+    JSON (msgpack may take more: a float is 9 bytes); arguments that still do not fit, or are not
+    a value (a tampered channel), become one text saying so: the entry, its text, still goes on."""
+    try:
+        args = from_guest(tree, body, "the console arguments")
+        if not isinstance(args, list):
+            raise ValueError("the console arguments are not a list")
+        room = MAX_CONSOLE_ENTRY - len(text.encode())
+        if V.check(args, "the console arguments") > room:
+            raise TooLarge(f"the console arguments take more than the {room} bytes left beside the text")
+    except (TypeError, ValueError) as exc:
+        return [cut_utf8(f"<arguments not forwarded: {exc}>", 512)]
+    return args
 
 
 def status_text(text: str) -> str:

@@ -161,9 +161,10 @@ async def test_console_entries_reach_the_callback(conn: client.Connection) -> No
     await rt.eval("console.log('hello', 42, {a: [1, 2]}); console.warn('careful'); console.error(new Error('bad'));")
     await rt.eval("export default 0")  # console entries travel before the eval reply, in order
     assert [e.level for e in entries] == ["log", "warn", "error"]
-    assert entries[0].args == ["hello", "42", "{ a: [ 1, 2 ] }"]
+    assert entries[0].args == ["hello", 42, {"a": [1, 2]}]  # marshalled values (tests/test_console.py)
+    assert entries[0].text == "hello 42 { a: [ 1, 2 ] }"
     assert entries[1].text == "careful"
-    assert "Error: bad" in entries[2].args[0]
+    assert "Error: bad" in entries[2].args[0]  # an Error cannot be sent: its formatted text
     await rt.dispose()
 
 

@@ -13,6 +13,8 @@ from daemon import values
 from daemon.guest import BOOTSTRAP
 from daemon.pending import Pending
 from wire import guest as G
+from wire import messages as M
+from wire import protocol as P
 from wire.channel import decode_header
 from wire.protocol import ProtocolError
 from wire.schema import Inline
@@ -54,8 +56,9 @@ def test_guest_frames_parse_to_records() -> None:
         '{"op":"response","id":1,"status":200,"headers":[["a",1]]}',
         '{"op":"response","id":1,"status":200,"headers":[],"body":{"sid":"x"}}',
         '{"op":"eval_error","id":1,"error":"a string"}',
-        '{"op":"console","level":"shout","args":[]}',
-        '{"op":"console","level":"log","args":"x"}',
+        '{"op":"console","method":"log","level":"shout","text":"","depth":0}',
+        '{"op":"console","method":"shout","level":"log","text":"","depth":0}',
+        '{"op":"console","method":"log","level":"log","text":1,"depth":0}',
         '{"op":"stats","id":1,"inbound":0,"outbound":0,"fetches":0}',
         '{"op":"fetch","id":1,"method":5,"url":"u","headers":[]}',
     ],
@@ -74,7 +77,7 @@ def test_every_guest_op_has_a_record_and_every_daemon_op_encodes() -> None:
     assert json.loads(head) == {"op": "chunk", "sid": 7} and body == b"xyz"
     head, body = G.encode(G.Request(id=1, method="GET", url="u", headers=(("a", "b"),), body=Inline(b"q")))
     assert json.loads(head) == {"op": "request", "id": 1, "method": "GET", "url": "u", "headers": [["a", "b"]],
-                                "body": "inline"}  # fmt: skip
+                                "body": "inline", "redirect": "follow"}  # fmt: skip
     assert body == b"q"
     assert json.loads(G.header_of(G.OutboundAck(sid=3))) == {"op": "ack", "sid": 3}
 
@@ -89,6 +92,13 @@ def test_bootstrap_takes_every_limit_from_init() -> None:
             assert re.search(rf"\b{field}: [A-Z_]+", source), f"bootstrap.js does not read {field!r} from init"
     # no limit is spelled out in the bootstrap itself any more (MAX_FRAME is its own read limit)
     assert re.findall(r"const (?:MAX|WINDOW|INLINE|CONSOLE)\w*", source) == ["const MAX_FRAME"]
+
+
+def test_the_bootstrap_console_has_exactly_the_console_methods_the_daemon_accepts() -> None:
+    source = BOOTSTRAP.read_text()
+    listed = re.search(r"for \(const method of \[([^\]]*)\]\) \{\n  defineProperty\(guestConsole", source)
+    assert listed, "bootstrap.js: the list of console methods moved"
+    assert set(re.findall(r'"(\w+)"', listed.group(1))) == G.CONSOLE_METHODS
 
 
 # ---- cleaning guest values ------------------------------------------------------------------------
@@ -114,12 +124,18 @@ def test_texts_are_cut_in_utf8_bytes() -> None:
     assert values.status_text("x" * 5000) == "x" * G.MAX_STATUS_TEXT
 
 
-def test_console_args_fit_one_header() -> None:
-    args = values.console_args(["x" * 40_000, "y" * 40_000, "z"])
-    assert sum(len(a.encode()) for a in args) <= values.MAX_CONSOLE_BYTES + len(values.TRUNCATED.encode())
-    assert len(args) == 2
-    assert len(values.console_args(list(range(100)))) == G.MAX_CONSOLE_ARGS + 1
-    assert values.console_args([{"a": 1}, None]) == ("{'a': 1}", "None")
+def test_console_args_fit_one_header_with_the_text() -> None:
+    assert values.console_args(["a", {"$": "b", "o": 0, "n": 2}, 1.5], b"xy", "text") == ["a", b"xy", 1.5]
+    text = "t" * values.MAX_CONSOLE_BYTES
+    fits = ["x" * (values.MAX_CONSOLE_ENTRY - len(text) - 8)]
+    assert values.console_args(fits, b"", text) == fits
+    (refused,) = values.console_args([*fits, "y" * 100], b"", text)  # the text leaves no room for them
+    assert refused.startswith("<arguments not forwarded: the console arguments take more than")
+    entry = M.Console(rt="r", method="log", level="log", text=text, args=fits)
+    assert sum(len(f) for f in entry.frames()) < P.MAX_HEADER
+    # not a value (only a tampered bootstrap sends these): the entry still goes on, with one text
+    assert values.console_args({"not": "a list"}, b"", "")[0].startswith("<arguments not forwarded")
+    assert values.console_args([{"$": "b", "o": 5, "n": 9}], b"", "")[0].startswith("<arguments not forwarded")
 
 
 # ---- the pending table ----------------------------------------------------------------------------
@@ -240,7 +256,6 @@ class FakeHost:
 
 async def test_runtime_routes_guest_ops_and_releases_everything_at_its_end() -> None:
     from daemon.runtime import Runtime
-    from wire import messages as M
 
     guest, host = FakeGuest(), FakeHost()
     rt = Runtime(host, "r1", guest, 30.0, fetch=False, console=True)  # type: ignore[arg-type]
@@ -257,8 +272,8 @@ async def test_runtime_routes_guest_ops_and_releases_everything_at_its_end() -> 
     assert guest.sent[-1] == {"op": "abort", "id": 2} and host.out[-1].code == "cancelled"  # type: ignore[attr-defined]
     assert not host.streams
     guest.frame(op="response", id=2, status=200, headers=[], body=None)  # late: ignored
-    guest.frame(op="console", level="warn", args=["hi", 3])
-    assert host.out[-1] == M.Console(rt="r1", level="warn", args=("hi", "3"))
+    guest.frame(op="console", method="timeEnd", level="warn", text="hi \ud800", depth=1, v=["hi", 3])
+    assert host.out[-1] == M.Console(rt="r1", method="timeEnd", level="warn", text="hi \ufffd", depth=1, args=["hi", 3])
     # the end: what is pending fails with the reason, the runtime reports itself lost
     rt.eval(M.Eval(id=9, rt="r1", source=b"for(;;);", c=b"c"), b"c")
     rt.stop("the runtime process exited")

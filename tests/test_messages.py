@@ -73,7 +73,7 @@ def _samples() -> list[M.Record]:
             body=M.StreamRef(SID, "tcp://h:4"),
             resp_sid=b"t" * 16,
         ),
-        M.Console(rt="x", level="warn", args=("a", "b")),
+        M.Console(rt="x", method="table", level="warn", text="a b", depth=2, args=["a", b"b", 2**70]),
         M.RuntimeLost(rt="x", code="memory_limit", message="gone"),
         M.Cancel(sid=SID),
         M.PipeReady(sid=SID, ep="tcp://h:6"),

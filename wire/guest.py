@@ -83,6 +83,14 @@ MAX_STDIN_QUEUE = 8 * 1024 * 1024
 MAX_VALUE_DEPTH = V.MAX_VALUE_DEPTH
 
 CONSOLE_LEVELS = frozenset({"log", "info", "warn", "error", "debug", "trace"})
+#: The guest's console methods (each makes an entry when it prints; clear always does).
+CONSOLE_METHODS = frozenset(
+    "log info debug warn error trace assert dir dirxml table group groupCollapsed groupEnd count countReset time "
+    "timeLog timeEnd clear".split()
+)
+#: Bytes of a console entry's marshalled arguments: with its text (MAX_CONSOLE units, at most 48 KiB
+#: of UTF-8) the entry stays within MAX_HEADER on the way to the client.
+MAX_CONSOLE_VALUE = 12 * 1024
 
 
 # ---- kinds of the guest channel ---------------------------------------------------------------------
@@ -147,9 +155,9 @@ def _level(v: Any, _p: Payload) -> str:
     return v
 
 
-def _list(v: Any, _p: Payload) -> list[Any]:
-    if not isinstance(v, list):
-        raise ValueError("must be an array")
+def _method(v: Any, _p: Payload) -> str:
+    if v not in CONSOLE_METHODS:
+        raise ValueError("must be a console method")
     return v
 
 
@@ -158,7 +166,7 @@ ERROR = Kind("error {name, message, stack}", _error)
 MAYBE_ERROR = Kind("error, or anything (ignored)", _maybe_error)
 REDIRECT = Kind("follow|manual|error (else follow)", _redirect)
 LEVEL = Kind("console level", _level)
-LIST = Kind("array", _list)
+METHOD = Kind("console method", _method)
 
 _ID = "the exchange id"
 _IN_SID = "an inbound stream's sid (the daemon's counter)"
@@ -183,6 +191,7 @@ class Init(Record):
     max_console: int = F(INT, MAX_CONSOLE, "UTF-16 units of text per console entry")
     max_console_args: int = F(INT, MAX_CONSOLE_ARGS, "arguments per console entry")
     console_rate: int = F(INT, CONSOLE_RATE, "console entries per second")
+    max_console_value: int = F(INT, MAX_CONSOLE_VALUE, "bytes of a console entry's marshalled arguments")
     max_error_text: int = F(INT, MAX_ERROR_TEXT, "UTF-16 units of an error's message, and of its stack")
     max_error_name: int = F(INT, MAX_ERROR_NAME, "characters of an error's name")
     max_head: int = F(INT, MAX_HEAD, "characters of method, URL and headers of a head")
@@ -212,6 +221,7 @@ class Request(Record):
     url: str = F(STR, doc="absolute URL")
     headers: tuple[tuple[str, str], ...] = F(HEADERS, (), _HEADERS)
     body: GuestBody = F(GBODY, None, "the body; a `sid`: an inbound stream")
+    redirect: str = F(REDIRECT, "follow", "the Request's redirect mode")
 
 
 @record("abort")
@@ -451,8 +461,12 @@ class OutboundError(Record):
 class Console(Record):
     """One console entry."""
 
-    level: str = F(LEVEL, doc="the console method")
-    args: list[Any] = F(LIST, doc="the formatted arguments")
+    method: str = F(METHOD, doc="the method called")
+    level: str = F(LEVEL, doc="as Deno prints it")
+    text: str = F(STR, doc="as Deno prints it")
+    depth: int = F(INT, doc="group depth")
+    v: Any = F(ANY, None, "the arguments, an array value (7.4)")
+    blobs: Any = payload_frame("the value's blobs, concatenated (may be empty)")
 
 
 @record("stats")

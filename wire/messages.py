@@ -30,7 +30,6 @@ from wire.schema import (
     INT,
     INT_MAP,
     STR,
-    STRS,
     U64,
     VALUE,
     Body,
@@ -205,6 +204,7 @@ class Dispatch(Record):
     resp_sid: bytes = F(BIN16, doc="the response body's stream id (client-chosen); cancels the request")
     body: Body = F(BODY, None, "request body: absent, inline, or {sid} (endpoint follows in `pipe_ready`)")
     c: bytes | None = F(BIN, None, _C)
+    redirect: str = F(STR, "follow", "the Request's redirect mode: follow, manual or error")
 
 
 @record("stats")
@@ -358,7 +358,10 @@ class Console(Record):
 
     rt: str = F(STR, doc=_RT)
     level: str = F(STR, "log", "log, info, warn, error, debug or trace")
-    args: tuple[str, ...] = F(STRS, (), "the formatted arguments")
+    args: list[Any] = F(VALUE, (), "the arguments (a list; 7.5)")
+    method: str = F(STR, "log", "the console method")
+    text: str = F(STR, "", "as Deno prints it (7.5)")
+    depth: int = F(INT, 0, "group depth")
 
 
 @record("runtime_lost")

@@ -82,6 +82,7 @@ GUEST_KINDS: dict[str, str] = {
     "int 200..599": "int from 200 to 599",
     "follow|manual|error (else follow)": "`follow`, `manual`, `error`; else `follow`",
     "console level": "`log`, `info`, `warn`, `error`, `debug` or `trace`",
+    "console method": "a console method name: `log` ... `clear` (7.5)",
     "payload frame": "the frame body (`B` bytes)",
 }
 
@@ -153,6 +154,8 @@ LIMITS: tuple[Limit, ...] = (
     Limit("MAX_CONSOLE_ARGS", 64, "arguments", ("wire.guest.MAX_CONSOLE_ARGS",),
           "a console entry (guest; the daemon keeps one more)"),
     Limit("CONSOLE_RATE", 200, "entries/s", ("wire.guest.CONSOLE_RATE",), "console (guest)"),
+    Limit("MAX_CONSOLE_VALUE", 12288, "bytes", ("wire.guest.MAX_CONSOLE_VALUE",),
+          "a console entry's arguments (guest)"),
     Limit("MAX_ERROR_TEXT", 16384, "UTF-16 units", ("wire.guest.MAX_ERROR_TEXT",),
           "an error's `message`, `stack` (guest)"),
     Limit("MAX_ERROR_NAME", 256, "characters", ("wire.guest.MAX_ERROR_NAME",),
@@ -160,7 +163,9 @@ LIMITS: tuple[Limit, ...] = (
     Limit("MAX_STATUS_TEXT", 1024, "characters", ("wire.guest.MAX_STATUS_TEXT",),
           "`statusText` (guest, daemon)"),
     Limit("CONSOLE_RATE (daemon)", 400, "entries/s", ("daemon.runtime.CONSOLE_RATE",), "console, per runtime (daemon)"),
-    Limit("MAX_CONSOLE_BYTES", 49152, "bytes", ("daemon.values.MAX_CONSOLE_BYTES",), "a console entry (daemon)"),
+    Limit("MAX_CONSOLE_BYTES", 49152, "bytes", ("daemon.values.MAX_CONSOLE_BYTES",), "a console entry's text (daemon)"),
+    Limit("MAX_CONSOLE_ENTRY", 61440, "bytes", ("daemon.values.MAX_CONSOLE_ENTRY",),
+          "a console entry's text + msgpack arguments (daemon)"),
     Limit("MAX_ERROR_BYTES", 16384, "bytes", ("daemon.values.MAX_ERROR_BYTES",),
           "an error's `message`, `stack` (daemon)"),
     Limit("MAX_STREAM_ERROR", 4096, "characters", ("daemon.values.MAX_STREAM_ERROR",),
