@@ -155,6 +155,12 @@ def _level(v: Any, _p: Payload) -> str:
     return v
 
 
+def _list(v: Any, _p: Payload) -> list[Any]:
+    if not isinstance(v, list):
+        raise ValueError("must be an array")
+    return v
+
+
 def _method(v: Any, _p: Payload) -> str:
     if v not in CONSOLE_METHODS:
         raise ValueError("must be a console method")
@@ -167,6 +173,7 @@ MAYBE_ERROR = Kind("error, or anything (ignored)", _maybe_error)
 REDIRECT = Kind("follow|manual|error (else follow)", _redirect)
 LEVEL = Kind("console level", _level)
 METHOD = Kind("console method", _method)
+LIST = Kind("array", _list)
 
 _ID = "the exchange id"
 _IN_SID = "an inbound stream's sid (the daemon's counter)"

@@ -30,6 +30,7 @@ from wire.schema import (
     INT,
     INT_MAP,
     STR,
+    STRS,
     U64,
     VALUE,
     Body,
