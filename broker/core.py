@@ -29,6 +29,7 @@ from typing import Any, Literal
 from wire import liveness
 from wire.budget import Budget
 from wire.messages import (
+    CALLBACKS,
     CLIENT_TO_BROKER,
     DAEMON_TO_BROKER,
     REPLY_OF,
@@ -39,7 +40,6 @@ from wire.messages import (
     CreateRuntime,
     Dispose,
     ErrorReply,
-    Fetch,
     Heartbeat,
     Ready,
     Record,
@@ -379,7 +379,7 @@ class Core:
             exc.message,
             now=self._now,
         )
-        if r.t not in ("ok", "error"):
+        if r.t not in ("ok", "error", "module_ok"):
             self._send(CLIENT, ident, error(exc.code, exc.message, r.id))
             return
         rt = self.runtimes.get(r.rt) if r.rt is not None else None
@@ -578,19 +578,19 @@ class Core:
         else:  # fetch, console, runtime_lost: about one of this daemon's runtimes
             rt = self.runtimes.get(msg.rt)
             if rt is None or rt.daemon != ident:
-                if isinstance(msg, Fetch):
+                if isinstance(msg, CALLBACKS):
                     self._send(DAEMON, ident, error(E_UNKNOWN_RUNTIME, "no such runtime", msg.id))
                 return
             owner = self.sessions.get(rt.owner)
             if isinstance(msg, RuntimeLost):
                 self._bury(rt, msg.code, msg.message)
             elif owner is None:  # its session is away (reconnecting, or gone for good)
-                if isinstance(msg, Fetch):
+                if isinstance(msg, CALLBACKS):
                     why = "the runtime's owner is not connected"
                     self._send(DAEMON, ident, error(E_UNAVAILABLE, why, msg.id))
                 return
-            elif isinstance(msg, Fetch):
-                self.up[(ident, msg.id)] = Pending(owner.ident, rt.rt, Fetch)
+            elif isinstance(msg, CALLBACKS):
+                self.up[(ident, msg.id)] = Pending(owner.ident, rt.rt, type(msg))
             if owner is not None:
                 self._send(CLIENT, owner.ident, frames)  # byte-for-byte, as received
 
@@ -682,7 +682,7 @@ class Core:
             if not pending.orphan:
                 why = f"the daemon's reply was refused: {exc.message}"
                 self._send(CLIENT, pending.client, error(exc.code, why, r.id))
-        elif r.t == "fetch" and r.id is not None:
+        elif r.t in ("fetch", "module") and r.id is not None:
             self._send(DAEMON, ident, error(exc.code, exc.message, r.id))
 
     def _daemon_lost(self, ident: bytes, why: str) -> None:

@@ -30,7 +30,9 @@ from client.errors import (
     Unreachable,
 )
 from client.glue import aiohttp_handler, forward_fetch
+from client import modules
 from client.http import Request, Response
+from client.modules import Module, Resolver
 from client.runtime import ConsoleCallback, ConsoleEntry, FetchCallback, Runtime
 from wire.auth import KeyPair, load_keypair, load_public_key
 
@@ -50,10 +52,12 @@ __all__ = [
     "InvalidEndpoint",
     "KeyPair",
     "MemoryLimitExceeded",
+    "Module",
     "NoCapacity",
     "NoHandler",
     "Request",
     "RequestRejected",
+    "Resolver",
     "Response",
     "Runtime",
     "RuntimeLost",
@@ -67,4 +71,5 @@ __all__ = [
     "forward_fetch",
     "load_keypair",
     "load_public_key",
+    "modules",
 ]

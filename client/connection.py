@@ -41,7 +41,8 @@ from client.errors import (
     Unreachable,
     from_reply,
 )
-from client.runtime import ConsoleCallback, FetchCallback, Runtime, check_callbacks, to_ms
+from client.modules import Resolver
+from client.runtime import MODULE_TIMEOUT, ConsoleCallback, FetchCallback, Runtime, check_callbacks, to_ms
 from wire import liveness, sockets
 from wire import messages as M
 from wire import protocol as P
@@ -328,16 +329,18 @@ class Connection:
         if isinstance(msg, (M.Reply, M.Welcome, M.ErrorReply)):
             self._answer(msg)
             return
-        assert isinstance(msg, (M.Fetch, M.Console, M.RuntimeLost))
+        assert isinstance(msg, (M.Fetch, M.Console, M.RuntimeLost, M.Module))
         runtime = self.runtimes.get(msg.rt)
         if runtime is None:
-            if isinstance(msg, M.Fetch):
+            if isinstance(msg, M.CALLBACKS):
                 with contextlib.suppress(Error):
                     self.send(M.error(P.E_UNKNOWN_RUNTIME, "this client has no such runtime", msg.id, rt=msg.rt))
         elif isinstance(msg, M.Fetch):
             runtime.on_fetch(msg)
         elif isinstance(msg, M.Console):
             runtime.on_console(msg)
+        elif isinstance(msg, M.Module):
+            runtime.on_module(msg)
         else:
             runtime.on_lost(msg.code, msg.message)
 
@@ -394,6 +397,8 @@ class Connection:
         name: str | None = None,
         keep_alive: float | None = None,
         timeout: float | None = None,
+        modules: Resolver | None = None,
+        module_timeout: float = MODULE_TIMEOUT,
     ) -> Runtime:
         """A new sandboxed runtime on the least loaded daemon. ``cpu_limit``: CPU seconds one turn
         of its event loop may take; ``request_cpu``: CPU seconds a dispatch may use before its
@@ -403,23 +408,28 @@ class Connection:
         network goes) when the broker has not heard from it for its liveness timeout plus the
         reclaim grace. A ``name``d one outlives its session by ``keep_alive`` seconds (default 60,
         at most the broker's --max-keep-alive): ``runtime(name)`` on a connection that resumes the
-        session (``connect(session=...)``) gets it back, state and all."""
+        session (``connect(session=...)``) gets it back, state and all.
+
+        ``modules``: ``async def resolver(specifier, referrer) -> client.Module | None`` answers the
+        guest's imports (client/modules.py; ``client.modules.from_dict``, ``.directory``), each within
+        ``module_timeout`` seconds. Without it, imports are Deno's own: only ``data:`` and the
+        ``node:`` built-ins that reach no I/O."""
         mem = None if memory_limit_mb is None else int(memory_limit_mb)
         eval_ms = None if eval_timeout is None else to_ms(eval_timeout)
         cpu_ms = None if cpu_limit is None else to_ms(cpu_limit)
         request_ms = None if request_cpu is None else to_ms(request_cpu)
         keep_ms = None if keep_alive is None else to_ms(keep_alive)
-        check_callbacks(fetch, console)  # a wrong callback is refused here, not at the guest's first fetch
+        check_callbacks(fetch, console, modules)  # a wrong callback is refused here, not at the guest's first fetch
         created = await self.call(
             lambda id_: M.CreateRuntime(
                 id=id_, fetch=fetch is not None, console=console is not None, memory_limit_mb=mem,
                 eval_timeout_ms=eval_ms, cpu_limit_ms=cpu_ms, request_cpu_ms=request_ms, name=name,
-                keep_alive_ms=keep_ms,
+                keep_alive_ms=keep_ms, modules=modules is not None,
             ),
             M.CreateOk,
             timeout=timeout,
         )  # fmt: skip
-        return await self._hold(created, name, fetch, console, eval_timeout, new=True)
+        return await self._hold(created, name, fetch, console, eval_timeout, (modules, module_timeout), new=True)
 
     async def runtime(
         self,
@@ -429,17 +439,20 @@ class Connection:
         console: ConsoleCallback | None = None,
         eval_timeout: float | None = None,
         timeout: float | None = None,
+        modules: Resolver | None = None,
+        module_timeout: float = MODULE_TIMEOUT,
     ) -> Runtime:
         """This session's runtime named ``name`` (``create_runtime(name=...)``), e.g. from a new
         connection made with ``session=`` the old one's ``session``. Its state is as it was left;
-        ``fetch`` and ``console`` are this connection's handlers for it. UnknownRuntime if the
+        ``fetch``, ``console`` and ``modules`` are this connection's handlers for it (the guest asks
+        the resolver only if the runtime was created with one). UnknownRuntime if the
         session has none by that name (never created, disposed, or reclaimed after its keep_alive)."""
-        check_callbacks(fetch, console)
+        check_callbacks(fetch, console, modules)
         for runtime in self.runtimes.values():
             if runtime.name == name and runtime.lost is None:
                 return runtime
         found = await self.call(lambda id_: M.Acquire(id=id_, name=name), M.CreateOk, timeout=timeout)
-        return await self._hold(found, name, fetch, console, eval_timeout, new=False)
+        return await self._hold(found, name, fetch, console, eval_timeout, (modules, module_timeout), new=False)
 
     async def _hold(
         self,
@@ -448,6 +461,7 @@ class Connection:
         fetch: FetchCallback | None,
         console: ConsoleCallback | None,
         eval_timeout: float | None,
+        modules: tuple[Resolver | None, float],
         *,
         new: bool,
     ) -> Runtime:
@@ -462,7 +476,7 @@ class Connection:
                     await self.call(lambda id_: M.Dispose(id=id_, rt=created.rt), M.DisposeOk)
             why = f"this client cannot open a control link ({exc.strerror}); retry later"
             raise RequestRejected(why, P.E_BUSY) from None
-        runtime = Runtime(self, control, created, fetch, console, eval_timeout)
+        runtime = Runtime(self, control, created, fetch, console, eval_timeout, *modules)
         runtime.name = name
         self.runtimes[runtime.id] = runtime
         return runtime

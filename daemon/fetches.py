@@ -41,6 +41,9 @@ class GuestFetch:
     fid: int = field(default=0)
 
     def answer(self, reply: M.FetchOk) -> None:
+        if not isinstance(reply, M.FetchOk):  # another callback's answer (module_ok) under this id
+            self.fetches.refused(self, "invalid response from the fetch callback: not a response")
+            return
         self.fetches.answered(self, reply)
 
     def refuse(self, message: str) -> None:

@@ -19,6 +19,7 @@ from daemon import values
 from daemon.dispatches import Dispatches
 from daemon.fetches import Fetches
 from daemon.guest import GuestProcess
+from daemon.modules import Modules, lexer_source
 from daemon.pending import Call, Pending
 from daemon.ports import RuntimeHost
 from daemon.streams import StreamTable
@@ -39,7 +40,15 @@ STATS_TIMEOUT = 10.0
 
 class Runtime:
     def __init__(
-        self, host: RuntimeHost, rt: str, guest: GuestProcess, eval_timeout: float, *, fetch: bool, console: bool
+        self,
+        host: RuntimeHost,
+        rt: str,
+        guest: GuestProcess,
+        eval_timeout: float,
+        *,
+        fetch: bool,
+        console: bool,
+        modules: bool = False,
     ) -> None:
         self.host = host
         self.rt = rt
@@ -51,6 +60,7 @@ class Runtime:
         self.stat_calls: Pending[int, Call] = Pending("stats")
         self.dispatches = Dispatches(host, guest, self.streams, self._gid)
         self.fetches = Fetches(host, guest, self.streams, self._gid, rt)
+        self.modules = Modules(host, guest, rt)
         self._console_window = 0.0
         self._console_count = 0
         self._console_dropped = 0
@@ -64,7 +74,8 @@ class Runtime:
         guest.on_stop = self.stop
         if guest.exit_reason is not None:  # it stopped between its claim and now
             self.stop(guest.exit_reason)
-        guest.send(G.Init(fetch=fetch, console=console))
+        lexer = lexer_source() if modules else ""  # the guest's import lexer, only where it loads modules
+        guest.send(G.Init(fetch=fetch, console=console, modules=modules, lexer=lexer))
 
     def _gid(self) -> int:
         """The next id of an exchange or inbound stream (one counter: protocol.md 7.3)."""
@@ -107,7 +118,7 @@ class Runtime:
         limit = self.eval_timeout if msg.timeout_ms is None else msg.timeout_ms / 1000
         gid = self._gid()
         self.evals.add(gid, Call(route, msg.id), limit, lambda call: self._eval_timed_out(call, limit))
-        self.guest.send(G.Eval(id=gid, code=code))
+        self.guest.send(G.Eval(id=gid, code=code, filename=values.clean(msg.filename or "")))
 
     def _eval_timed_out(self, call: Call, limit: float) -> None:
         message = f"eval did not finish within {limit:g}s; the runtime was stopped"
@@ -132,6 +143,7 @@ class Runtime:
     def _daemon_counts(self) -> dict[str, int]:
         counts = self.streams.counts()
         counts |= {"fetches": len(self.fetches), "dispatches": len(self.dispatches), "evals": len(self.evals)}
+        counts["modules"] = len(self.modules)
         counts["stdin_queued"] = self.guest.queued()
         return counts | self.host.held()
 
@@ -235,6 +247,7 @@ class Runtime:
         "response_error": lambda self, msg: self.dispatches.on_response_error(msg),
         "fetch": lambda self, msg: self.fetches.on_fetch(msg),
         "fetch_abort": lambda self, msg: self.fetches.on_abort(msg),
+        "module": lambda self, msg: self.modules.on_query(msg),
         "console": _on_console,
         "stats": _on_stats,
         "init_ok": lambda self, msg: None,
@@ -276,6 +289,7 @@ class Runtime:
                 self.dispatches.fail_all(code, message)
                 self.stat_calls.fail_all(lambda call: self.host.to_broker(call.error(code, message)))
                 self.fetches.fail_all(code, message)
+                self.modules.fail_all()
                 if not self.disposing:  # before its bodies fail: the owner hears why first, if it can
                     self.host.to_broker(M.RuntimeLost(rt=self.rt, code=code, message=message))
                 await self.streams.close(message)

@@ -71,6 +71,8 @@ MAX_STATUS_TEXT = 1024
 
 #: fetch() calls of one runtime waiting for their response head (callbacks at the client).
 MAX_PENDING_FETCHES = 32
+#: `module` callbacks of one runtime waiting for the host's resolver (the bootstrap queues the rest).
+MAX_PENDING_MODULES = 16
 #: Bodies one runtime has open at once, both directions (each holds a pipe socket in the daemon).
 MAX_STREAMS = 256
 #: Calls into one runtime (eval, dispatch, stats) waiting for the guest; more get `busy`.
@@ -188,6 +190,9 @@ class Init(Record):
     max_pending_fetches: int = F(INT, MAX_PENDING_FETCHES, "fetch() calls waiting for their head")
     max_streams: int = F(INT, MAX_STREAMS, "bodies open at once, both directions")
     max_value_depth: int = F(INT, MAX_VALUE_DEPTH, "levels an eval's value may nest")
+    modules: bool = F(BOOL, False, "the host resolves imports (`module`); else Deno's own loading applies")
+    max_pending_modules: int = F(INT, MAX_PENDING_MODULES, "`module` calls waiting for their answer")
+    lexer: str = F(STR, "", "with `modules`: the source of the import lexer (daemon/es-module-lexer.js)")
 
 
 @record("eval")
@@ -196,6 +201,7 @@ class Eval(Record):
 
     id: int = F(U64, doc=_ID)
     code: str = F(STR, doc="the module source")
+    filename: str = F(STR, "", "names the source in stacks; .ts/.tsx/.mts: TypeScript")
 
 
 @record("request")
@@ -235,6 +241,24 @@ class FetchError(Record):
 
     id: int = F(U64, doc="the guest's fetch id")
     message: str = F(STR, doc="the TypeError's message")
+
+
+@record("module_source")
+class ModuleSource(Record):
+    """Answer the guest's `module` `id`: the resolver's module (its source is the frame's body)."""
+
+    id: int = F(U64, doc="the guest's module id")
+    url: str = F(STR, doc="the module's canonical URL")
+    kind: str = F(STR, doc="javascript, typescript or json")
+    source: Any = payload_frame("the source, UTF-8")
+
+
+@record("module_error")
+class ModuleError(Record):
+    """Answer the guest's `module` `id`: no module (the import fails with TypeError(message))."""
+
+    id: int = F(U64, doc="the guest's module id")
+    message: str = F(STR, doc="why (never the host's exception text)")
 
 
 @record("chunk")
@@ -363,6 +387,15 @@ class FetchAbort(Record):
     id: int = F(U64, doc="the fetch id")
 
 
+@record("module")
+class ModuleQuery(Record):
+    """The guest imports `specifier` (not yet in its cache): ask the host's resolver."""
+
+    id: int = F(U64, doc="a new module id")
+    specifier: str = F(STR, doc="relative ones already resolved against `referrer` when it is a URL")
+    referrer: str = F(STR, "", "the importing module's URL")
+
+
 @record("read")
 class InboundRead(Record):
     """Credit for `n` more chunks of an inbound stream (outstanding credit at most WINDOW)."""
@@ -432,12 +465,12 @@ class Pong(Record):
 DAEMON_TO_GUEST: dict[str, type[Record]] = {
     c.T: c
     for c in (Init, Eval, Request, Abort, FetchResponse, FetchError, InboundChunk, InboundEnd, InboundError,
-              OutboundAck, OutboundCancel, StatsQuery, Ping)
+              OutboundAck, OutboundCancel, StatsQuery, Ping, ModuleSource, ModuleError)
 }  # fmt: skip
 GUEST_TO_DAEMON: dict[str, type[Record]] = {
     c.T: c
     for c in (Ready, Fatal, InitOk, EvalOk, EvalError, Response, ResponseError, Fetch, FetchAbort, InboundRead,
-              InboundCancel, OutboundChunk, OutboundEnd, OutboundError, Console, StatsAnswer, Pong)
+              InboundCancel, OutboundChunk, OutboundEnd, OutboundError, Console, StatsAnswer, Pong, ModuleQuery)
 }  # fmt: skip
 
 

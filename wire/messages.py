@@ -169,6 +169,7 @@ class CreateRuntime(Record):
     owner_key: bytes | None = F(BIN, None, "broker -> daemon, with CURVE: the owner's key (Z85)")
     name: str | None = F(STR, None, "found again by `acquire`; unique per session")
     keep_alive_ms: int | None = F(INT, None, "how long it outlives its session (ms)")
+    modules: bool = F(BOOL, False, "the client answers `module` callbacks (it has a resolver)")
 
 
 @record("acquire")
@@ -188,6 +189,7 @@ class Eval(Record):
     source: Any = payload_frame("the source, UTF-8, as the one payload frame")
     timeout_ms: int | None = F(INT, None, "timeout of this evaluation (ms, > 0); default: the runtime's")
     c: bytes | None = F(BIN, None, _C)
+    filename: str | None = F(STR, None, "names the source in stacks; ending in .ts/.tsx/.mts: TypeScript")
 
 
 @record("dispatch")
@@ -306,6 +308,18 @@ class FetchOk(Record):
     body: Body = F(BODY, None, "absent, inline, or {sid: resp_sid}")
 
 
+@record("module_ok")
+class ModuleOk(Record):
+    """Client -> broker -> daemon: the resolver's module for a `module` callback (none: `error`
+    `module_not_found`)."""
+
+    id: int = F(U64, doc="the `module`'s id")
+    rt: str | None = F(STR, None, "client -> broker: the `module`'s runtime (the broker checks ownership)")
+    url: str = F(STR, doc="the module's canonical URL: names it in stacks, relative imports resolve against it")
+    kind: str = F(STR, "javascript", "javascript, typescript or json")
+    source: Any = payload_frame("the module's source, UTF-8, at most MAX_SOURCE bytes")
+
+
 # ---- guest callbacks and notices (daemon -> broker -> client) ------------------------------------
 
 
@@ -323,6 +337,16 @@ class Fetch(Record):
     resp_sid: bytes = F(
         BIN16, doc="the response body's stream id: a streamed answer is `{sid: resp_sid}`, its pipe in `pipe_ready`"
     )
+
+
+@record("module")
+class Module(Record):
+    """Daemon -> broker -> client: the guest imports a module; answer with `module_ok` or `error`."""
+
+    id: int = F(U64, doc="callback id (the daemon's id space, shared with `fetch`); echo it")
+    rt: str = F(STR, doc="the runtime whose guest imports")
+    specifier: str = F(STR, doc="as written; a relative one resolved against `referrer` if that is a URL")
+    referrer: str | None = F(STR, None, "the importing module's URL (an eval's: its filename, as a URL)")
 
 
 @record("console")
@@ -382,25 +406,28 @@ class StatusOk(Record):
 CLIENT_TO_BROKER = on(
     "client -> broker",
     Hello, Heartbeat, Bye, Status, CreateRuntime, Acquire, Eval, Dispatch, Stats, (Dispose, ("id",)),
-    (FetchOk, ("rt",)), (ErrorReply, ("id", "rt")),
+    (FetchOk, ("rt",)), (ErrorReply, ("id", "rt")), (ModuleOk, ("rt",)),
 )  # fmt: skip
 BROKER_TO_CLIENT = on(
     "broker -> client",
-    (Welcome, ("token",)), Heartbeat, ErrorReply, Fetch, Console, RuntimeLost,
+    (Welcome, ("token",)), Heartbeat, ErrorReply, Fetch, Console, RuntimeLost, Module,
     replies=("id",),
 )  # fmt: skip
 DAEMON_TO_BROKER = on(
     "daemon -> broker",
-    Ready, Heartbeat, (ErrorReply, ("id", "c")), Fetch, Console, RuntimeLost,
+    Ready, Heartbeat, (ErrorReply, ("id", "c")), Fetch, Console, RuntimeLost, Module,
     replies=("id", "c"),
 )  # fmt: skip
 BROKER_TO_DAEMON = on(
     "broker -> daemon",
     Welcome, Heartbeat, (CreateRuntime, ("c", "rt", "owner")), (Eval, ("c",)), (Dispatch, ("c",)),
-    (Stats, ("c",)), Dispose, FetchOk, ErrorReply,
+    (Stats, ("c",)), Dispose, FetchOk, ErrorReply, ModuleOk,
 )  # fmt: skip
 CONTROL_TO_DAEMON = on("control client -> daemon", Hello, Cancel)
 CONTROL_TO_CLIENT = on("control daemon -> client", Cancel, PipeReady)
+
+#: Daemon -> client callbacks the client answers (the broker holds them until it does).
+CALLBACKS = (Fetch, Module)
 
 #: Requests on the client link that name a runtime the client must own.
 RUNTIME_REQUESTS = (Eval, Dispatch, Stats, Dispose)
