@@ -75,6 +75,9 @@ class Modules:
             raise GuestProtocolError(f"module id {msg.id} reused")
         if len(self.pending) >= G.MAX_PENDING_MODULES:  # the bootstrap queues first: this guest went around it
             raise GuestProtocolError(f"more than {G.MAX_PENDING_MODULES} module queries pending")
+        if len(msg.specifier) + len(msg.referrer) > G.MAX_SPECIFIER:  # the bootstrap refuses first
+            self.port.send(G.ModuleError(id=msg.id, message=f"the specifier is longer than {G.MAX_SPECIFIER}"))
+            return
         m = GuestModule(msg.id, values.clean(msg.specifier), self)
         m.mid = self.host.add_callback(m)
         self.pending.add(msg.id, m, MODULE_REPLY_TIMEOUT, self._timed_out)

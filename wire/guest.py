@@ -73,6 +73,8 @@ MAX_STATUS_TEXT = 1024
 MAX_PENDING_FETCHES = 32
 #: `module` callbacks of one runtime waiting for the host's resolver (the bootstrap queues the rest).
 MAX_PENDING_MODULES = 16
+#: UTF-16 units of an import's specifier plus its referrer (the daemon forwards both in a header).
+MAX_SPECIFIER = 8192
 #: Bodies one runtime has open at once, both directions (each holds a pipe socket in the daemon).
 MAX_STREAMS = 256
 #: Calls into one runtime (eval, dispatch, stats) waiting for the guest; more get `busy`.
@@ -192,6 +194,7 @@ class Init(Record):
     max_value_depth: int = F(INT, MAX_VALUE_DEPTH, "levels an eval's value may nest")
     modules: bool = F(BOOL, False, "the host resolves imports (`module`); else Deno's own loading applies")
     max_pending_modules: int = F(INT, MAX_PENDING_MODULES, "`module` calls waiting for their answer")
+    max_specifier: int = F(INT, MAX_SPECIFIER, "characters of an import's specifier plus its referrer")
     lexer: str = F(STR, "", "with `modules`: the source of the import lexer (daemon/es-module-lexer.js)")
 
 

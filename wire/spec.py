@@ -172,6 +172,7 @@ LIMITS: tuple[Limit, ...] = (
     Limit("MODULE_REPLY_TIMEOUT", 60.0, "s", ("daemon.modules.MODULE_REPLY_TIMEOUT",), "answer to a `module`"),
     Limit("MAX_PENDING_MODULES", 16, "modules", ("wire.guest.MAX_PENDING_MODULES",),
           "a runtime's `module` callbacks awaiting their answer (the guest queues the rest)"),
+    Limit("MAX_SPECIFIER", 8192, "characters", ("wire.guest.MAX_SPECIFIER",), "an import's specifier + referrer"),
     Limit("MIN_MEMORY_MB", 16, "MiB", ("daemon.daemon.MIN_MEMORY_MB",), "`memory_limit_mb`"),
     Limit("MAX_MEMORY_MB", 16384, "MiB", ("daemon.daemon.MAX_MEMORY_MB",), "`memory_limit_mb`"),
     Limit("MAX_PENDING_FETCHES", 32, "fetches", ("wire.guest.MAX_PENDING_FETCHES",),
