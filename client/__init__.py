@@ -8,6 +8,7 @@ async with client.connect("tcp://127.0.0.1:5555") as conn:
 The package is typed (py.typed): callbacks are ``FetchCallback`` and ``ConsoleCallback``.
 """
 
+from client import modules
 from client.bodies import Body
 from client.connection import Connecting, Connection, connect
 from client.errors import (
@@ -30,7 +31,6 @@ from client.errors import (
     Unreachable,
 )
 from client.glue import aiohttp_handler, forward_fetch
-from client import modules
 from client.http import Request, Response
 from client.modules import Module, Resolver
 from client.runtime import ConsoleCallback, ConsoleEntry, FetchCallback, Runtime
