@@ -397,7 +397,7 @@ function onInbound(h, body) {
 const BLOB_TYPES = { javascript: "text/javascript", typescript: "application/typescript", json: "application/json" };
 const TS_NAME = /\.(ts|tsx|mts|cts)$/i;
 const BLOB_URL = /blob:null\/[0-9a-f-]{36}/g;
-const MAX_NAMED = 10000; // eval Blobs remembered by name (each eval is a module of its own)
+const NAMES_KEPT = 10000; // eval Blobs remembered by name (each eval is a module of its own)
 const blobNames = new Map(); // Blob URL -> the filename or module URL stacks show
 const replaceText = uncurry(String.prototype.replace);
 const errorToString = uncurry(Error.prototype.toString);
@@ -409,7 +409,7 @@ function nameBlobs(text) {
 function blobModule(source, kind, name) {
   const url = URL.createObjectURL(new Blob([source], { type: BLOB_TYPES[kind] ?? BLOB_TYPES.javascript }));
   if (name) {
-    if (blobNames.size >= MAX_NAMED) blobNames.delete(blobNames.keys().next().value);
+    if (blobNames.size >= NAMES_KEPT) blobNames.delete(blobNames.keys().next().value);
     blobNames.set(url, name);
   }
   return url;
@@ -425,7 +425,13 @@ Error.prepareStackTrace = function prepareStackTrace(error, sites) {
 
 // Deno reports a module that fails to parse as a TypeError wrapping the SyntaxError, with a code
 // frame and the position last: the parts of a proper SyntaxError naming the line and column.
+// V8's own early errors (a redeclared name) are SyntaxErrors whose message ends in " at <where>".
 function syntaxError(name, message) {
+  const early = name === "SyntaxError" ? /^([^\n]*) at (\S+:\d+:\d+)$/.exec(message) : null;
+  if (early !== null) {
+    const text = `${early[1]} (${early[2]})`;
+    return { name, message: text, stack: `SyntaxError: ${text}\n    at ${early[2]}` };
+  }
   if (name !== "TypeError" || !message.startsWith("SyntaxError: ")) return null;
   const lines = message.slice("SyntaxError: ".length).split("\n");
   const last = lines[lines.length - 1].trim();
