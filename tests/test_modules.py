@@ -18,6 +18,7 @@ import pytest
 import client
 from client.modules import Module, directory, from_dict
 from daemon import modules as daemon_modules
+from tests.conftest import Broker
 
 
 class Recorder:
@@ -291,3 +292,21 @@ async def test_directory_refuses_what_leaves_the_root(tmp_path: Path, conn: clie
         err = await guest_error(rt, f"import s from {spec!r}; export default s;")
         assert "resolver failed" in err.message and "root:" not in str(err)
     await rt.dispose()
+
+
+async def test_a_resumed_named_runtime_takes_the_new_connections_resolver(broker: Broker) -> None:
+    first_resolver = Recorder({"a.js": "export default 'from the first'"})
+    second_resolver = Recorder({"b.js": "export default 'from the second'"})
+    async with client.connect(broker.frontend) as first:
+        rt = await first.create_runtime(name="modular", keep_alive=30, modules=first_resolver)
+        assert await rt.eval("import a from './a.js'; export default a;") == "from the first"
+        session = first.session
+    async with client.connect(broker.frontend, session=session) as second:
+        again = await second.runtime("modular", modules=second_resolver)
+        # the module loaded before is cached in the guest; a new one asks this connection's resolver
+        assert await again.eval("import a from './a.js'; import b from './b.js'; export default [a, b];") == [
+            "from the first",
+            "from the second",
+        ]
+        assert second_resolver.specifiers() == ["file:///b.js"]
+        await again.dispose()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import client
 from client.modules import Module, from_dict
+from tests.conftest import await_until
 
 TS = """interface Point { x: number; y: number }
 type Pair<T> = [T, T];
@@ -50,7 +51,7 @@ async def test_stacks_name_the_file_with_original_line_and_column(conn: client.C
     assert lines[2].strip() == "at jobs/run.ts:6:1"
     assert with_types.stack == str(with_types)
     # inside the guest, e.stack names the file too
-    await _until(lambda: bool(logs))
+    await await_until(lambda: bool(logs), "the console entry arrived")
     assert logs[0].splitlines()[1].strip() == "at run (jobs/run.ts:3:9)"
     # a plain JavaScript source is named by its filename as well (it was blob:null/<uuid>)
     js = await _error(rt, "const f = () => { null.x; };\nf();", "task.js")
@@ -113,8 +114,3 @@ async def _error(rt: client.Runtime, source: str, filename: str | None) -> clien
         return exc
     raise AssertionError("the eval did not fail")
 
-
-async def _until(pred) -> None:  # type: ignore[no-untyped-def]
-    from tests.conftest import await_until
-
-    await await_until(pred, "the console entry arrived")
