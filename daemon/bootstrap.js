@@ -249,6 +249,199 @@ function macrotask() {
   return new Promise((r) => { tickWaiters.push(r); postTick(tickChannel.port2, null); });
 }
 
+// ---- values ----------------------------------------------------------------------------------------
+// The one marshalling of values between guest and host (protocol.md 7.4; the Python side is
+// wire/values.py and daemon/values.py). packValue(value, where) -> { v: tree, blobs }: the tree is
+// JSON (it goes in a frame's header as `v`), the blobs are the bytes of its Uint8Arrays, sent
+// concatenated as the frame's body. unpackValue(tree, body) is the reverse. Sendable: undefined and
+// null (-> None), booleans, numbers (a safe integer -> int, any other number -> float; NaN,
+// infinities and -0 kept), BigInts (-> int), strings (lone surrogates -> U+FFFD), Uint8Arrays (->
+// bytes), Dates (-> aware datetime, UTC, ms), arrays and plain objects (own enumerable string keys).
+// Anything else is a TypeError naming its path: functions, symbols, cycles, Maps, Sets, other
+// typed arrays, ArrayBuffers, DataViews, class instances. Bounds: MAX_VALUE bytes (the tree's
+// UTF-8 JSON plus the blobs), MAX_VALUE_DEPTH levels of arrays and objects (RangeError).
+// Only intrinsics captured before guest code ran are used: a guest that patches prototypes cannot
+// change how a value is read or what the tree says.
+const isArray = Array.isArray;
+const objectKeys = Object.keys;
+const hasOwn = Object.hasOwn;
+const isSafeInteger = Number.isSafeInteger;
+const isFiniteNumber = Number.isFinite;
+const sameValue = Object.is;
+const objectPrototype = Object.prototype;
+const bigintToString = uncurry(BigInt.prototype.toString);
+const makeBigInt = BigInt;
+const dateTime = uncurry(Date.prototype.getTime); // throws for anything but a Date
+const NativeDate = Date;
+const toWellFormed = uncurry(String.prototype.toWellFormed);
+const typedArrayTag = uncurry(getOwnPropertyDescriptor(TypedArrayPrototype, Symbol.toStringTag).get);
+const NativeSet = Set;
+const setHas = uncurry(Set.prototype.has);
+const setAdd = uncurry(Set.prototype.add);
+const setDelete = uncurry(Set.prototype.delete);
+const regexpTest = uncurry(RegExp.prototype.test);
+const IDENTIFIER = /^[A-Za-z_$][A-Za-z0-9_$]*$/;
+const VOWEL = /^[AEIOU]/;
+const NativeRangeError = RangeError;
+const FIRST_DATE = -62135596800000; // 0001-01-01T00:00:00Z: Python's datetime holds years 1..9999
+const LAST_DATE = 253402300799999; // 9999-12-31T23:59:59.999Z
+const SENDABLE = "only null, undefined, booleans, numbers, BigInts, strings, Uint8Arrays, Dates, arrays and plain "
+  + "objects can be sent";
+
+// define, not assign: an assignment would run a setter the guest put on a prototype (or set
+// __proto__ for a key "__proto__")
+function put(target, key, value) {
+  defineProperty(target, key, { value, writable: true, enumerable: true, configurable: true });
+}
+
+function isDate(value) {
+  try { dateTime(value); return true; } catch { return false; }
+}
+
+function kindOf(value) {
+  if (typeof value === "function") return "a function";
+  if (typeof value === "symbol") return "a symbol";
+  const tag = typedArrayTag(value);
+  if (tag !== undefined) return `a ${tag} (send a Uint8Array of its bytes)`;
+  let name = "";
+  try { name = String(getPrototypeOf(value)?.constructor?.name ?? ""); } catch { /* a hostile proxy */ }
+  if (!name) return "an object that is not a plain object";
+  const what = `${regexpTest(VOWEL, name) ? "an" : "a"} ${name}`;
+  const bytes = name === "ArrayBuffer" || name === "DataView" || name === "SharedArrayBuffer";
+  return bytes ? `${what} (send a Uint8Array of its bytes)` : what;
+}
+
+function packValue(value, where = "the value") {
+  const blobs = [];
+  let nblobs = 0;
+  let offset = 0; // bytes of blobs so far
+  let size = 0; // a lower bound of the marshalled size, to stop early (a DAG can be huge to walk)
+  const ancestors = new NativeSet();
+  const grow = (n) => {
+    size += n;
+    if (size > MAX_VALUE) {
+      throw new NativeRangeError(`${where} is too large to send (more than ${MAX_VALUE} bytes marshalled)`);
+    }
+  };
+  const walk = (v, path, depth) => {
+    grow(1);
+    switch (typeof v) {
+      case "undefined": return null;
+      case "boolean": return v;
+      case "string": grow(v.length); return toWellFormed(v);
+      case "number":
+        if (isFiniteNumber(v) && !sameValue(v, -0)) return v;
+        return { $: "f", v: v !== v ? "NaN" : v === 0 ? "-0" : v > 0 ? "Infinity" : "-Infinity" };
+      case "bigint": {
+        const hex = bigintToString(v, 16);
+        grow(hex.length);
+        return { $: "n", v: hex };
+      }
+      case "object": break;
+      default: throw new TypeError(`${where}${path} is ${kindOf(v)}: ${SENDABLE}`);
+    }
+    if (v === null) return null;
+    if (typedArrayTag(v) === "Uint8Array") {
+      const n = byteLengthOf(v);
+      grow(n);
+      put(blobs, nblobs++, v);
+      offset += n;
+      return { $: "b", o: offset - n, n };
+    }
+    if (isDate(v)) {
+      const t = dateTime(v);
+      if (!(t >= FIRST_DATE && t <= LAST_DATE)) {
+        throw new TypeError(`${where}${path} is ${t !== t ? "an invalid Date" : "a Date outside years 1..9999"}`);
+      }
+      return { $: "d", v: t };
+    }
+    const array = isArray(v);
+    if (!array) {
+      const proto = getPrototypeOf(v);
+      if (proto !== objectPrototype && proto !== null) throw new TypeError(`${where}${path} is ${kindOf(v)}: ${SENDABLE}`);
+    }
+    if (setHas(ancestors, v)) throw new TypeError(`${where}${path} is a cycle: it contains itself`);
+    if (depth >= MAX_VALUE_DEPTH) {
+      throw new NativeRangeError(`${where}${path} nests arrays and objects more than ${MAX_VALUE_DEPTH} levels deep`);
+    }
+    setAdd(ancestors, v);
+    let out;
+    if (array) {
+      out = [];
+      const n = v.length;
+      for (let i = 0; i < n; i++) put(out, i, walk(v[i], `${path}[${i}]`, depth + 1));
+    } else {
+      out = {};
+      let tagged = false;
+      const keys = objectKeys(v);
+      for (let i = 0; i < keys.length; i++) { // an index loop: the guest may patch array iterators
+        const key = keys[i];
+        const k = toWellFormed(key);
+        grow(k.length + 1);
+        if (k === "$") tagged = true;
+        put(out, k, walk(v[key], regexpTest(IDENTIFIER, k) ? `${path}.${k}` : `${path}[${stringify(k)}]`, depth + 1));
+      }
+      if (tagged) out = { $: "o", v: out };
+    }
+    setDelete(ancestors, v);
+    return out;
+  };
+  const tree = walk(value, "", 0);
+  const total = byteLengthOf(encodeText(enc, stringify(tree, asStored))) + offset;
+  if (total > MAX_VALUE) {
+    throw new NativeRangeError(`${where} is too large to send (${total} bytes marshalled; the limit is ${MAX_VALUE})`);
+  }
+  return { v: tree, blobs };
+}
+
+// The body of a frame that carries a packed value: its blobs, concatenated (null when none).
+function blobsBody(blobs) {
+  if (blobs.length === 0) return null;
+  let size = 0;
+  for (let i = 0; i < blobs.length; i++) size += byteLengthOf(blobs[i]);
+  const out = new Uint8Array(size);
+  let off = 0;
+  for (let i = 0; i < blobs.length; i++) { copyInto(out, blobs[i], off); off += byteLengthOf(blobs[i]); }
+  return out;
+}
+
+const FLOATS = { __proto__: null, NaN: NaN, Infinity: Infinity, "-Infinity": -Infinity, "-0": -0 };
+
+// The JavaScript value of a tree the daemon sent (daemon/values.py to_guest) and its frame's body.
+// Every Uint8Array is a copy of its slice, so it owns its buffer.
+function unpackValue(tree, body) {
+  const walk = (t) => {
+    if (t === null || typeof t !== "object") return t;
+    if (isArray(t)) {
+      const out = [];
+      for (let i = 0; i < t.length; i++) put(out, i, walk(t[i]));
+      return out;
+    }
+    if (hasOwn(t, "$")) {
+      switch (t.$) {
+        case "f": if (t.v in FLOATS) return FLOATS[t.v]; break;
+        case "n": return t.v[0] === "-" ? -makeBigInt(`0x${sliceString(t.v, 1)}`) : makeBigInt(`0x${t.v}`);
+        case "b": {
+          const out = new Uint8Array(t.n);
+          copyInto(out, sliceView(body, t.o, t.n));
+          return out;
+        }
+        case "d": return new NativeDate(t.v);
+        case "o": return plain(t.v);
+      }
+      throw new TypeError(`not a value tree: ${stringify(t)}`);
+    }
+    return plain(t);
+  };
+  const plain = (t) => {
+    const out = {};
+    const keys = objectKeys(t);
+    for (let i = 0; i < keys.length; i++) put(out, keys[i], walk(t[keys[i]]));
+    return out;
+  };
+  return walk(tree);
+}
+
 // ---- outbound streams: guest-produced bodies (serve responses, fetch uploads) ----------------
 let nextOut = 1;
 const outStreams = new Map(); // sid -> {credits, wake, cancelled, reader}
@@ -394,8 +587,10 @@ function onInbound(h, body) {
 // erased by Deno and never asks the resolver. Stacks name each Blob by its filename or module URL
 // (`nameBlobs`, used by Error.prepareStackTrace and for what the host reads).
 
-const BLOB_TYPES = { javascript: "text/javascript", typescript: "application/typescript", json: "application/json" };
-const TS_NAME = /\.(ts|tsx|mts|cts)$/i;
+const BLOB_TYPES = { javascript: "text/javascript", typescript: "application/typescript", tsx: "text/tsx",
+  json: "application/json" };
+const TS_NAME = /\.(ts|mts|cts)$/i;
+const TSX_NAME = /\.tsx$/i; // JSX too (React.createElement, the classic runtime)
 const BLOB_URL = /blob:null\/[0-9a-f-]{36}/g;
 const NAMES_KEPT = 10000; // eval Blobs remembered by name (each eval is a module of its own)
 const blobNames = new Map(); // Blob URL -> the filename or module URL stacks show
@@ -440,16 +635,17 @@ function syntaxError(name, message) {
   return { name: "SyntaxError", message: text, stack: ["SyntaxError: " + text, ...lines.slice(1)].join("\n") };
 }
 
-function kindOf(kind, url) {
+function moduleKind(kind, url) {
   if (kind === "json") return "json";
   let path = url;
   try { path = new URL(url).pathname; } catch { /* not a URL: the name itself */ }
+  if (TSX_NAME.test(path)) return "tsx";
   return kind === "typescript" || TS_NAME.test(path) ? "typescript" : "javascript";
 }
 
 // An eval's source as a Blob URL module, its imports loaded first when the host resolves them.
 async function evalModule(code, filename) {
-  const kind = kindOf("javascript", filename || "");
+  const kind = moduleKind("javascript", filename || "");
   if (!config.modules) return blobModule(code, kind, filename);
   await loaderReady;
   let base = "file:///main.js";
@@ -511,7 +707,7 @@ function request(key, referrer) {
     p = key.startsWith("data:") ? Promise.resolve(dataModule(key)) : askHost(key, referrer);
     p = p.then(({ url, kind, source }) => {
       let rec = byUrl.get(url);
-      if (rec === undefined) byUrl.set(url, rec = { url, kind: kindOf(kind, url), source, blob: null, building: false });
+      if (rec === undefined) byUrl.set(url, rec = { url, kind: moduleKind(kind, url), source, blob: null, building: false });
       return rec;
     });
     resolved.set(key, p);
@@ -595,7 +791,7 @@ function position(source, at) {
 async function rewrite(source, url, kind, name, chain) {
   let imports;
   try { [imports] = parseImports(source, name); } catch { return source; } // Deno reports the syntax error
-  const ts = kind === "typescript";
+  const ts = kind === "typescript" || kind === "tsx";
   const statics = new Set(imports.filter((i) => (i.type === "static" || i.type === "reexport-star") && !i.typeOnly
     && typeof i.specifier === "string" && !isBuiltin(i.specifier)));
   // every module this one imports is asked for at once; each is then built in order
@@ -651,40 +847,13 @@ async function guestImport(n, specifier, options = undefined) {
 }
 
 // ---- eval ----------------------------------------------------------------------------------------
-// How deeply a JSON text nests arrays and objects (brackets inside strings do not count).
-function jsonDepth(json) {
-  let depth = 0, max = 0, inString = false;
-  for (let i = 0; i < json.length; i++) {
-    const c = charCodeAt(json, i);
-    if (inString) {
-      if (c === 92) i++; // a backslash escapes the next character
-      else if (c === 34) inString = false;
-    } else if (c === 34) inString = true;
-    else if (c === 91 || c === 123) { if (++depth > max) max = depth; }
-    else if (c === 93 || c === 125) depth--;
-  }
-  return max;
-}
-
 async function runEval(h) {
   let url = null;
   try {
     url = await evalModule(h.code, h.filename);
     const mod = await import(url);
-    let value = null;
-    if ("default" in mod) {
-      let json = "null";
-      try { json = JSON.stringify(mod.default ?? null) ?? "null"; } catch { /* not JSON-able: null */ }
-      if (json.length > MAX_VALUE) {
-        throw new RangeError(`the default export is too large to return (${json.length} characters of JSON; `
-          + `the limit is ${MAX_VALUE})`);
-      }
-      if (jsonDepth(json) > MAX_VALUE_DEPTH) {
-        throw new RangeError(`the default export is nested more than ${MAX_VALUE_DEPTH} levels deep`);
-      }
-      value = JSON.parse(json);
-    }
-    send({ op: "eval_ok", id: h.id, value });
+    const { v, blobs } = packValue(mod.default, "the default export");
+    send({ op: "eval_ok", id: h.id, v }, blobsBody(blobs));
   } catch (e) {
     const err = describe(e);
     const syntax = syntaxError(err.name, err.message);

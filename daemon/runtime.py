@@ -26,6 +26,7 @@ from daemon.streams import StreamTable
 from wire import guest as G
 from wire import messages as M
 from wire import protocol as P
+from wire import values as V
 from wire.channel import GuestProtocolError
 from wire.scope import Scope
 
@@ -193,10 +194,12 @@ class Runtime:
         call = self.evals.take(msg.id)
         if call is None:
             return
-        try:
-            value = values.clean(msg.value)
-        except values.TooDeep as exc:  # legal JSON, but not forwardable: the call fails, the runtime lives
-            self.host.to_broker(call.error(P.E_GUEST, f"the default export cannot be returned: {exc}", "RangeError"))
+        try:  # the bootstrap checked the rules; a guest is untrusted, so they are checked again
+            value = values.from_guest(msg.v, msg.blobs, "the default export")
+            V.check(value, "the default export")  # its msgpack form within MAX_VALUE too
+        except (TypeError, ValueError) as exc:  # not forwardable: the call fails, the runtime lives
+            name = "RangeError" if isinstance(exc, (V.TooDeep, V.TooLarge)) else "TypeError"
+            self.host.to_broker(call.error(P.E_GUEST, str(exc), name))  # it names "the default export"
             return
         self.host.reply(M.EvalOk(id=call.req_id, c=call.route, value=value))
 

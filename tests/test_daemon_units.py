@@ -94,12 +94,11 @@ def test_bootstrap_takes_every_limit_from_init() -> None:
 # ---- cleaning guest values ------------------------------------------------------------------------
 
 
-def test_clean_makes_guest_values_encodable() -> None:
+def test_clean_makes_guest_texts_encodable() -> None:
     assert values.clean("a\ud800b") == "a\ufffdb"
     assert values.clean("fine ü") == "fine ü"
-    assert values.clean(2**64) == float(2**64) and values.clean(-(2**63)) == -(2**63)
-    assert values.clean({1: ["\udfff", True, None, 1.5]}) == {"1": ["\ufffd", True, None, 1.5]}
-    assert values.clean(object()) is None
+    with pytest.raises(TypeError):  # values go through from_guest (tests/test_values.py), never here
+        values.clean(2**64)  # type: ignore[arg-type]
 
 
 def test_texts_are_cut_in_utf8_bytes() -> None:
@@ -249,7 +248,7 @@ async def test_runtime_routes_guest_ops_and_releases_everything_at_its_end() -> 
     assert guest.sent[0]["op"] == "init" and guest.sent[0]["window"] == G.WINDOW
     rt.eval(M.Eval(id=7, rt="r1", source=b"export default 1", c=b"c"), b"c")
     assert guest.sent[-1] == {"op": "eval", "id": 1, "code": "export default 1", "filename": ""}
-    guest.frame(op="eval_ok", id=1, value={"x": "\ud800"})
+    guest.frame(op="eval_ok", id=1, v={"x": "\ud800"})
     assert host.out[-1] == M.EvalOk(id=7, c=b"c", value={"x": "\ufffd"})
     # a dispatch the client cancels before its head: the guest's request is aborted, the client answered
     rt.dispatch(M.Dispatch(id=8, rt="r1", method="GET", url="http://x/", resp_sid=b"s" * 16, c=b"c"), b"c")

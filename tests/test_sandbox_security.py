@@ -480,11 +480,11 @@ TAMPERING = {
     """,
     "json_stringify": """
         const orig = JSON.stringify;
-        JSON.stringify = () => '{"op":"eval_ok","id":1,"value":"forged"}';
+        JSON.stringify = () => '{"op":"eval_ok","id":1,"v":"forged"}';
         const undo = () => { JSON.stringify = orig; };
     """,
     "to_json": """
-        Object.prototype.toJSON = function () { return { op: "eval_ok", id: 1, value: "forged" }; };
+        Object.prototype.toJSON = function () { return { op: "eval_ok", id: 1, v: "forged" }; };
         Array.prototype.toJSON = function () { return "forged"; };
         const undo = () => { delete Object.prototype.toJSON; delete Array.prototype.toJSON; };
     """,

@@ -29,6 +29,8 @@ async def test_typescript_eval_runs_with_types_stripped(conn: client.Connection)
     assert await rt.eval("const n: number = 'not a number' as any;\nexport default n;", filename="loose.mts") == (
         "not a number"
     )
+    jsx = "const React = { createElement: (t: string, _p: unknown, ...c: unknown[]) => [t, ...c] };\n"
+    assert await rt.eval(jsx + "export default <b>{1 + 1}</b>;", filename="view.tsx") == ["b", 2]
     await rt.dispose()
 
 
@@ -113,4 +115,3 @@ async def _error(rt: client.Runtime, source: str, filename: str | None) -> clien
     except client.GuestError as exc:
         return exc
     raise AssertionError("the eval did not fail")
-

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from wire import protocol as P
+from wire import values as V
 from wire.schema import (
     ANY,
     BOOL,
@@ -46,8 +47,8 @@ WINDOW = 4
 MAX_CHUNK = P.MAX_CHUNK
 #: A body complete within this many bytes travels with its head instead of as a stream.
 INLINE_MAX = P.MAX_INLINE_BODY
-#: Characters of JSON an eval may return (a reply header is at most 64 KiB).
-MAX_VALUE = 48 * 1024
+#: Bytes of a marshalled value (an eval's default export): wire/values.py, where the rules live.
+MAX_VALUE = V.MAX_VALUE
 #: UTF-16 units of text in one console entry (at most 48 KiB of UTF-8).
 MAX_CONSOLE = 16 * 1024
 #: Arguments of one console entry the bootstrap formats (one more says the rest were dropped).
@@ -81,8 +82,8 @@ MAX_STREAMS = 256
 MAX_PENDING_CALLS = 1024
 #: Bytes the daemon queues for one guest's stdin (a guest that does not read); new calls get `busy`.
 MAX_STDIN_QUEUE = 8 * 1024 * 1024
-#: Levels of arrays and objects in a value the daemon forwards (an eval's default export).
-MAX_VALUE_DEPTH = 128
+#: Levels of arrays and objects in a value (wire/values.py).
+MAX_VALUE_DEPTH = V.MAX_VALUE_DEPTH
 
 CONSOLE_LEVELS = frozenset({"log", "info", "warn", "error", "debug", "trace"})
 
@@ -181,7 +182,7 @@ class Init(Record):
     window: int = F(INT, WINDOW, "chunks in flight per stream, either way")
     max_chunk: int = F(INT, MAX_CHUNK, "largest chunk the guest sends")
     inline_max: int = F(INT, INLINE_MAX, "largest body sent inline with its head")
-    max_value: int = F(INT, MAX_VALUE, "characters of JSON an eval may return")
+    max_value: int = F(INT, MAX_VALUE, "bytes of a value: its tree's UTF-8 JSON plus its blobs")
     max_console: int = F(INT, MAX_CONSOLE, "UTF-16 units of text per console entry")
     max_console_args: int = F(INT, MAX_CONSOLE_ARGS, "arguments per console entry")
     console_rate: int = F(INT, CONSOLE_RATE, "console entries per second")
@@ -191,7 +192,7 @@ class Init(Record):
     max_status_text: int = F(INT, MAX_STATUS_TEXT, "characters of a response's statusText")
     max_pending_fetches: int = F(INT, MAX_PENDING_FETCHES, "fetch() calls waiting for their head")
     max_streams: int = F(INT, MAX_STREAMS, "bodies open at once, both directions")
-    max_value_depth: int = F(INT, MAX_VALUE_DEPTH, "levels an eval's value may nest")
+    max_value_depth: int = F(INT, MAX_VALUE_DEPTH, "levels of arrays and objects a value may nest")
     modules: bool = F(BOOL, False, "the host resolves imports (`module`); else Deno's own loading applies")
     max_pending_modules: int = F(INT, MAX_PENDING_MODULES, "`module` calls waiting for their answer")
     max_specifier: int = F(INT, MAX_SPECIFIER, "characters of an import's specifier plus its referrer")
@@ -337,10 +338,11 @@ class InitOk(Record):
 
 @record("eval_ok")
 class EvalOk(Record):
-    """An eval finished; `value` is the module's default export (JSON)."""
+    """An eval finished; `v` and the frame's body are the module's default export (a value)."""
 
     id: int = F(U64, doc=_ID)
-    value: Any = F(ANY, None, "the default export, as JSON data")
+    v: Any = F(ANY, None, "the default export: a value tree (7.4); its blobs are the frame's body")
+    blobs: Any = payload_frame("the value's blobs, concatenated (may be empty)")
 
 
 @record("eval_error")

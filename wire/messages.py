@@ -32,6 +32,7 @@ from wire.schema import (
     STR,
     STRS,
     U64,
+    VALUE,
     Body,
     F,
     Inline,
@@ -259,7 +260,7 @@ class EvalOk(Record):
     """`ok` to `eval`."""
 
     id: int = F(U64, doc=_ID)
-    value: Any = F(ANY, None, "the module's default export as JSON-able data")
+    value: Any = F(VALUE, None, "the module's default export, a marshalled value (absent: None)")
     c: bytes | None = F(BIN, None, _C)
 
 

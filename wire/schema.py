@@ -20,6 +20,7 @@ from typing import Any, ClassVar, TypeVar, dataclass_transform
 
 import msgpack
 
+from wire import values as _values
 from wire.protocol import (
     BODY_INLINE,
     E_BAD_MESSAGE,
@@ -136,6 +137,14 @@ def _any(v: Any, _p: Payload) -> Any:
     return v
 
 
+def _value(v: Any, _p: Payload) -> Any:
+    return _values.decode(v)
+
+
+def _dump_value(v: Any, _payload: list[Any]) -> Any:
+    return _values.encode(v)
+
+
 # ---- bodies: a descriptor in the header, the bytes of an inline body in a payload frame -----------
 
 
@@ -210,6 +219,7 @@ HEADERS = Kind("headers", _headers, _dump_headers)
 INT_MAP = Kind("map str->int", _int_map)
 STRS = Kind("array of str", _strs)
 ANY = Kind("any", _any)
+VALUE = Kind("value", _value, _dump_value)  # a marshalled value (wire/values.py)
 BODY = Kind("body", _body, _dump_body)
 PIPE = Kind("pipe {sid, ep}", _pipe, _dump_pipe)
 
