@@ -412,8 +412,8 @@ class Connection:
 
         ``modules``: ``async def resolver(specifier, referrer) -> client.Module | None`` answers the
         guest's imports (client/modules.py; ``client.modules.from_dict``, ``.directory``), each within
-        ``module_timeout`` seconds. Without it, imports are Deno's own: only ``data:`` and the
-        ``node:`` built-ins that reach no I/O."""
+        ``module_timeout`` seconds (the daemon gives up after 60 s whatever this says). Without it,
+        imports are Deno's own: only ``data:`` and the ``node:`` built-ins that reach no I/O."""
         mem = None if memory_limit_mb is None else int(memory_limit_mb)
         eval_ms = None if eval_timeout is None else to_ms(eval_timeout)
         cpu_ms = None if cpu_limit is None else to_ms(cpu_limit)

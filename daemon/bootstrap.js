@@ -605,7 +605,7 @@ function blobModule(source, kind, name) {
   const url = URL.createObjectURL(new Blob([source], { type: BLOB_TYPES[kind] ?? BLOB_TYPES.javascript }));
   if (name) {
     if (blobNames.size >= NAMES_KEPT) blobNames.delete(blobNames.keys().next().value);
-    blobNames.set(url, name);
+    blobNames.set(url, name.length > 256 ? name.slice(0, 256) + "…" : name); // a data: URL can be long
   }
   return url;
 }
