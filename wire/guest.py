@@ -193,10 +193,10 @@ class Init(Record):
     max_pending_fetches: int = F(INT, MAX_PENDING_FETCHES, "fetch() calls waiting for their head")
     max_streams: int = F(INT, MAX_STREAMS, "bodies open at once, both directions")
     max_value_depth: int = F(INT, MAX_VALUE_DEPTH, "levels of arrays and objects a value may nest")
-    modules: bool = F(BOOL, False, "the host resolves imports (`module`); else Deno's own loading applies")
+    modules: bool = F(BOOL, False, "the host resolves imports (`module`)")
     max_pending_modules: int = F(INT, MAX_PENDING_MODULES, "`module` calls waiting for their answer")
     max_specifier: int = F(INT, MAX_SPECIFIER, "characters of an import's specifier plus its referrer")
-    lexer: str = F(STR, "", "with `modules`: the source of the import lexer (daemon/es-module-lexer.js)")
+    lexer: str = F(STR, "", "with `modules`: the import lexer's source")
 
 
 @record("eval")
@@ -205,7 +205,7 @@ class Eval(Record):
 
     id: int = F(U64, doc=_ID)
     code: str = F(STR, doc="the module source")
-    filename: str = F(STR, "", "names the source in stacks; .ts/.tsx/.mts: TypeScript")
+    filename: str = F(STR, "", "as `eval.filename`")
 
 
 @record("request")
@@ -252,9 +252,9 @@ class ModuleSource(Record):
     """Answer the guest's `module` `id`: the resolver's module (its source is the frame's body)."""
 
     id: int = F(U64, doc="the guest's module id")
-    url: str = F(STR, doc="the module's canonical URL")
-    kind: str = F(STR, doc="javascript, typescript or json")
-    source: Any = payload_frame("the source, UTF-8")
+    url: str = F(STR, doc="as `module_ok`'s")
+    kind: str = F(STR, doc="as `module_ok`'s")
+    source: Any = payload_frame("UTF-8")
 
 
 @record("module_error")
@@ -262,7 +262,7 @@ class ModuleError(Record):
     """Answer the guest's `module` `id`: no module (the import fails with TypeError(message))."""
 
     id: int = F(U64, doc="the guest's module id")
-    message: str = F(STR, doc="why (never the host's exception text)")
+    message: str = F(STR, doc="why")
 
 
 @record("chunk")
@@ -397,8 +397,8 @@ class ModuleQuery(Record):
     """The guest imports `specifier` (not yet in its cache): ask the host's resolver."""
 
     id: int = F(U64, doc="a new module id")
-    specifier: str = F(STR, doc="relative ones already resolved against `referrer` when it is a URL")
-    referrer: str = F(STR, "", "the importing module's URL")
+    specifier: str = F(STR, doc="the import's key")
+    referrer: str = F(STR, "", "the importer's URL")
 
 
 @record("read")

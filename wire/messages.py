@@ -170,7 +170,7 @@ class CreateRuntime(Record):
     owner_key: bytes | None = F(BIN, None, "broker -> daemon, with CURVE: the owner's key (Z85)")
     name: str | None = F(STR, None, "found again by `acquire`; unique per session")
     keep_alive_ms: int | None = F(INT, None, "how long it outlives its session (ms)")
-    modules: bool = F(BOOL, False, "the client answers `module` callbacks (it has a resolver)")
+    modules: bool = F(BOOL, False, "the client answers `module` callbacks")
 
 
 @record("acquire")
@@ -190,7 +190,7 @@ class Eval(Record):
     source: Any = payload_frame("the source, UTF-8, as the one payload frame")
     timeout_ms: int | None = F(INT, None, "timeout of this evaluation (ms, > 0); default: the runtime's")
     c: bytes | None = F(BIN, None, _C)
-    filename: str | None = F(STR, None, "names the source in stacks; ending in .ts/.tsx/.mts: TypeScript")
+    filename: str | None = F(STR, None, "names the source in stacks; *.ts: TypeScript (7.3)")
 
 
 @record("dispatch")
@@ -315,10 +315,10 @@ class ModuleOk(Record):
     `module_not_found`)."""
 
     id: int = F(U64, doc="the `module`'s id")
-    rt: str | None = F(STR, None, "client -> broker: the `module`'s runtime (the broker checks ownership)")
-    url: str = F(STR, doc="the module's canonical URL: names it in stacks, relative imports resolve against it")
+    rt: str | None = F(STR, None, "client -> broker: the `module`'s runtime")
+    url: str = F(STR, doc="its canonical URL (7.3)")
     kind: str = F(STR, "javascript", "javascript, typescript or json")
-    source: Any = payload_frame("the module's source, UTF-8, at most MAX_SOURCE bytes")
+    source: Any = payload_frame("UTF-8, at most MAX_SOURCE bytes")
 
 
 # ---- guest callbacks and notices (daemon -> broker -> client) ------------------------------------
@@ -344,10 +344,10 @@ class Fetch(Record):
 class Module(Record):
     """Daemon -> broker -> client: the guest imports a module; answer with `module_ok` or `error`."""
 
-    id: int = F(U64, doc="callback id (the daemon's id space, shared with `fetch`); echo it")
+    id: int = F(U64, doc="callback id, as `fetch`'s")
     rt: str = F(STR, doc="the runtime whose guest imports")
-    specifier: str = F(STR, doc="as written; a relative one resolved against `referrer` if that is a URL")
-    referrer: str | None = F(STR, None, "the importing module's URL (an eval's: its filename, as a URL)")
+    specifier: str = F(STR, doc="the import's key (7.3)")
+    referrer: str | None = F(STR, None, "the importer's URL")
 
 
 @record("console")
