@@ -668,7 +668,7 @@ function startLoader(source) {
     }
   })();
   loaderReady.catch((e) => fatal(`the module lexer did not load: ${e?.stack ?? e}`));
-  defineProperty(globalThis, "__sandbox_import__", { value: guestImport, writable: false, enumerable: false,
+  defineProperty(globalThis, "__sandbox_import__", { value: Object.freeze(guestImport), writable: false, enumerable: false,
     configurable: false });
 }
 
@@ -807,6 +807,9 @@ async function rewrite(source, url, kind, name, chain) {
       const blob = await build(await records[n++], chain);
       out += source.slice(at, i.start) + blob;
       at = i.end;
+    } else if (i.type === "import-meta") { // its `url` is the module's own, not its Blob's
+      out += source.slice(at, i.start) + `__sandbox_import__.meta(${referrerOf(url)})`;
+      at = i.end;
     } else if (i.type === "dynamic" && !(ts && i.probablyTypeOnly)) {
       const paren = source.indexOf("(", i.importStart + 6);
       if (paren < 0) continue;
@@ -822,6 +825,18 @@ function referrerOf(url) {
   if (n === undefined) { n = referrers.length; referrers.push(url); referrerIndex.set(url, n); }
   return n;
 }
+
+// What a rewritten `import.meta` is: the module's URL, and `resolve()` as the loader keys it.
+const metas = new Map(); // referrer index -> its import.meta
+guestImport.meta = function meta(n) {
+  let m = metas.get(n);
+  if (m === undefined) {
+    const url = referrers[n] ?? "file:///main.js";
+    m = Object.freeze({ __proto__: null, url, main: false, resolve: (specifier) => keyOf(String(specifier), url) });
+    metas.set(n, m);
+  }
+  return m;
+};
 
 // What a rewritten `import(specifier, options)` calls.
 async function guestImport(n, specifier, options = undefined) {

@@ -87,6 +87,24 @@ async def test_static_dynamic_relative_json_imports(conn: client.Connection) -> 
     await rt.dispose()
 
 
+async def test_import_meta_names_the_module_not_its_blob(conn: client.Connection) -> None:
+    resolver = Recorder(
+        {
+            "lib/a.js": "export const here = import.meta.url, sib = import.meta.resolve('./b.js');\n"
+            "export const load = () => import(new URL('./b.js', import.meta.url).href);",
+            "lib/b.js": "export default 'b';",
+        }
+    )
+    rt = await conn.create_runtime(modules=resolver)
+    value = await rt.eval(
+        "import { here, sib, load } from '../lib/a.js';\n"
+        "export default [import.meta.url, here, sib, (await load()).default];",
+        filename="app/main.ts",
+    )
+    assert value == ["file:///app/main.ts", "file:///lib/a.js", "file:///lib/b.js", "b"]
+    await rt.dispose()
+
+
 async def test_each_url_is_asked_once_and_is_one_instance(conn: client.Connection) -> None:
     resolver = Recorder(
         {
