@@ -311,7 +311,28 @@ function kindOf(value) {
   return bytes ? `${what} (send a Uint8Array of its bytes)` : what;
 }
 
-function packValue(value, where = "the value") {
+// `where` and the path below it, for an error message; a long path keeps its last steps
+function at(where, path) {
+  if (path.length <= 120) return `${where}${path}`;
+  let i = path.length - 120;
+  while (i < path.length && charCodeAt(path, i) !== 46 && charCodeAt(path, i) !== 91) i++; // "." or "["
+  return `${where}…${sliceString(path, i)}`;
+}
+
+// `replace(v, what)`, if given, is asked for a stand-in (a string, number, boolean or null, e.g. the
+// value's inspect() text) instead of throwing for something that cannot be sent (`what` says what
+// it is and where); bounds still throw. For callers that must not fail on any value (console).
+function packValue(value, where = "the value", replace = undefined) {
+  const refuse = (v, path, what) => {
+    const text = `${at(where, path)} is ${what}`;
+    if (replace === undefined) throw new TypeError(what === "a cycle: it contains itself" ? text : `${text}: ${SENDABLE}`);
+    const stand = replace(v, text);
+    const type = typeof stand;
+    if (stand !== null && type !== "string" && type !== "number" && type !== "boolean") {
+      throw new TypeError(`the stand-in for ${text} must be a string, number, boolean or null`);
+    }
+    return walk(stand, path, 0);
+  };
   const blobs = [];
   let nblobs = 0;
   let offset = 0; // bytes of blobs so far
@@ -338,7 +359,7 @@ function packValue(value, where = "the value") {
         return { $: "n", v: hex };
       }
       case "object": break;
-      default: throw new TypeError(`${where}${path} is ${kindOf(v)}: ${SENDABLE}`);
+      default: return refuse(v, path, kindOf(v));
     }
     if (v === null) return null;
     if (typedArrayTag(v) === "Uint8Array") {
@@ -351,18 +372,18 @@ function packValue(value, where = "the value") {
     if (isDate(v)) {
       const t = dateTime(v);
       if (!(t >= FIRST_DATE && t <= LAST_DATE)) {
-        throw new TypeError(`${where}${path} is ${t !== t ? "an invalid Date" : "a Date outside years 1..9999"}`);
+        return refuse(v, path, t !== t ? "an invalid Date" : "a Date outside years 1..9999");
       }
       return { $: "d", v: t };
     }
     const array = isArray(v);
     if (!array) {
       const proto = getPrototypeOf(v);
-      if (proto !== objectPrototype && proto !== null) throw new TypeError(`${where}${path} is ${kindOf(v)}: ${SENDABLE}`);
+      if (proto !== objectPrototype && proto !== null) return refuse(v, path, kindOf(v));
     }
-    if (setHas(ancestors, v)) throw new TypeError(`${where}${path} is a cycle: it contains itself`);
+    if (setHas(ancestors, v)) return refuse(v, path, "a cycle: it contains itself");
     if (depth >= MAX_VALUE_DEPTH) {
-      throw new NativeRangeError(`${where}${path} nests arrays and objects more than ${MAX_VALUE_DEPTH} levels deep`);
+      throw new NativeRangeError(`${where} is nested more than ${MAX_VALUE_DEPTH} levels deep (arrays and objects)`);
     }
     setAdd(ancestors, v);
     let out;

@@ -24,7 +24,7 @@ from typing import Any
 
 from wire import guest as G
 from wire import values as V
-from wire.values import TooDeep, TooLarge
+from wire.values import TooLarge
 
 #: UTF-8 bytes of text per console entry: what the bootstrap's MAX_CONSOLE UTF-16 units take at most.
 MAX_CONSOLE_BYTES = 3 * G.MAX_CONSOLE
@@ -105,14 +105,14 @@ def from_guest(tree: Any, body: Any, where: str = "the value") -> Any:
             try:
                 return V.EPOCH + timedelta(milliseconds=x)
             except OverflowError:
-                raise ValueError(f"{where}{path} is a date outside years 1..9999") from None
+                raise ValueError(f"{V.at(where, path)} is a date outside years 1..9999") from None
         if tag == "o" and isinstance(x, dict):
             return plain(x, path, depth)
-        raise ValueError(f"{where}{path} is not a value: {json.dumps(v)[:100]}")
+        raise ValueError(f"{V.at(where, path)} is not a value: {json.dumps(v)[:100]}")
 
     def plain(v: dict[str, Any], path: str, depth: int) -> dict[str, Any]:
         if depth >= V.MAX_VALUE_DEPTH:
-            raise TooDeep(f"{where}{path} nests more than {V.MAX_VALUE_DEPTH} levels deep")
+            raise V.too_deep(where)
         out = {}
         for k, item in v.items():
             key = V.well_formed(k)
@@ -128,11 +128,11 @@ def from_guest(tree: Any, body: Any, where: str = "the value") -> Any:
             return V.well_formed(v)
         if isinstance(v, list):
             if depth >= V.MAX_VALUE_DEPTH:
-                raise TooDeep(f"{where}{path} nests more than {V.MAX_VALUE_DEPTH} levels deep")
+                raise V.too_deep(where)
             return [walk(item, f"{path}[{i}]", depth + 1) for i, item in enumerate(v)]
         if isinstance(v, dict):
             return tagged(v, path, depth) if "$" in v else plain(v, path, depth)
-        raise ValueError(f"{where}{path} is not a value")
+        raise ValueError(f"{V.at(where, path)} is not a value")
 
     return walk(tree, "", 0)
 

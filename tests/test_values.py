@@ -94,6 +94,12 @@ REFUSED: list[tuple[str, str, str]] = [
     ("{ s: new Set() }", "TypeError", "the default export.s is a Set"),
     ("{ 'odd key': new (class Point {})() }", "TypeError", 'the default export["odd key"] is a Point'),
     ("(() => { const o = { x: {} }; o.x.back = o; return o; })()", "TypeError", "the default export.x.back is a cycle"),
+    # a long path keeps its end
+    (
+        "(() => { let v = [() => 1]; for (let i = 0; i < 99; i++) v = { k: v }; return v; })()",
+        "TypeError",
+        "the default export…" + ".k" * 58 + "[0] is a function",
+    ),
     ("new Float32Array(2)", "TypeError", "is a Float32Array (send a Uint8Array of its bytes)"),
     ("new ArrayBuffer(2)", "TypeError", "is an ArrayBuffer (send a Uint8Array of its bytes)"),
     ("new DataView(new ArrayBuffer(2))", "TypeError", "is a DataView (send a Uint8Array of its bytes)"),
@@ -105,7 +111,11 @@ REFUSED: list[tuple[str, str, str]] = [
     ("[Promise.resolve(1)]", "TypeError", "the default export[0] is a Promise"),
     ("'x'.repeat(50000)", "RangeError", "too large to send"),
     ("new Uint8Array(50000)", "RangeError", "too large to send"),
-    ("(() => { let v = []; for (let i = 0; i < 129; i++) v = [v]; return v; })()", "RangeError", "levels deep"),
+    (
+        "(() => { let v = []; for (let i = 0; i < 129; i++) v = [v]; return v; })()",
+        "RangeError",
+        "the default export is nested more than 128 levels deep",
+    ),
     # shared references are copied (as JSON would): a DAG that doubles at every level stops at the bound
     ("(() => { let v = [1]; for (let i = 0; i < 60; i++) v = [v, v]; return v; })()", "RangeError", "too large"),
     ("new Array(1e9)", "RangeError", "too large"),
@@ -203,6 +213,10 @@ const shape = (x) => {
   return Object.fromEntries(Object.keys(x).map((k) => [k, shape(x[k])]));
 };
 const out = [];
+// a caller that must not fail (console) gets stand-ins for what cannot be sent, and still the bounds
+const replaced = packValue({ f() {}, m: new Map(), ok: [1n] }, "arg 0", (v, what) => `<${typeof v}> ${what}`);
+const big = (() => { try { packValue([() => 1, "x".repeat(%d)], "x", () => "f"); return "sent"; } catch (e) { return e.name; } })();
+out.push({ shape: replaced.v, v: big, body: [] });
 for (const [tree, body] of JSON.parse(%s)) { // as the read loop does: JSON, not a JS literal
   const x = unpackValue(tree, new Uint8Array(body));
   const { v, blobs } = packValue(x, "back");
@@ -220,7 +234,9 @@ def run_values_in_deno(tmp_path: Path, cases: list[tuple[Any, bytes]]) -> list[d
     assert source.endswith(tail), "bootstrap.js no longer ends by starting its read loop"
     payload = json.dumps([[tree, list(body)] for tree, body in cases])
     script = tmp_path / "values_harness.js"
-    script.write_text(source[: -len(tail)] + HARNESS % (V.MAX_VALUE, V.MAX_VALUE_DEPTH, json.dumps(payload)))
+    script.write_text(
+        source[: -len(tail)] + HARNESS % (V.MAX_VALUE, V.MAX_VALUE_DEPTH, V.MAX_VALUE, json.dumps(payload))
+    )
     argv = [deno.find_deno_bin(), "run", "--no-remote", "--no-npm", "--no-config", "--no-lock", "--quiet", str(script)]
     env = {"DENO_DIR": str(tmp_path / "deno"), "NO_COLOR": "1", "DENO_NO_UPDATE_CHECK": "1", "PATH": "/usr/bin:/bin"}
     done = subprocess.run(argv, capture_output=True, timeout=60, env=env, stdin=subprocess.DEVNULL, check=False)
@@ -231,7 +247,13 @@ def run_values_in_deno(tmp_path: Path, cases: list[tuple[Any, bytes]]) -> list[d
 def test_every_host_value_reaches_the_guest_by_the_rules_and_comes_back(tmp_path: Path) -> None:
     # the last tree did not come from to_guest: the guest's packValue makes its lone surrogate U+FFFD
     cases = [DV.to_guest(value) for value, _, _ in HOST_TO_GUEST] + [(["a\ud800b"], b"")]
-    *results, raw = run_values_in_deno(tmp_path, cases)
+    replaced, *results, raw = run_values_in_deno(tmp_path, cases)
+    assert replaced["shape"] == {
+        "f": "<function> arg 0.f is a function",
+        "m": "<object> arg 0.m is a Map",
+        "ok": [{"$": "n", "v": "1"}],
+    }
+    assert replaced["v"] == "RangeError"
     assert raw["v"] == ["a\ufffdb"]
     for (value, seen, back), result in zip(HOST_TO_GUEST, results, strict=True):
         assert result["shape"] == seen, f"{value!r}: the guest sees {result['shape']!r}"
@@ -244,6 +266,18 @@ def test_every_host_value_reaches_the_guest_by_the_rules_and_comes_back(tmp_path
 
 class Thing:
     pass
+
+
+def wrap(inner: Any, levels: int) -> Any:
+    """``inner`` inside ``levels`` lists."""
+    for _ in range(levels):
+        inner = [inner]
+    return inner
+
+
+def nest(levels: int) -> list[Any]:
+    """Lists nested ``levels`` deep."""
+    return wrap([], levels - 1)  # type: ignore[no-any-return]
 
 
 PYTHON_VALUES: list[Any] = [
@@ -314,6 +348,7 @@ HOST_REFUSALS: list[tuple[Any, type[Exception], str]] = [
     ({"odd key": datetime(2020, 1, 1)}, TypeError, 'argument 0["odd key"] is a naive datetime (give it a tzinfo'),
     ([print], TypeError, "argument 0[0] is a builtin_function_or_method"),
     (complex(1, 2), TypeError, "argument 0 is a complex"),
+    (wrap({"k": {1}}, 99), TypeError, "argument 0…" + "[0]" * 39 + ".k is a set"),  # a long path: its last steps
 ]
 
 
@@ -327,17 +362,10 @@ def test_what_the_host_cannot_send_is_a_type_error_naming_the_path() -> None:
         M.EvalOk(id=1, value=Thing()).frames()  # a record never carries an unmarshallable value
 
 
-def nest(levels: int) -> list[Any]:
-    v: list[Any] = []
-    for _ in range(levels - 1):
-        v = [v]
-    return v
-
-
 def test_the_bounds_hold_on_the_host_side_both_ways() -> None:
     assert V.check(nest(V.MAX_VALUE_DEPTH)) > 0
     for send in (V.check, V.encode, lambda v: DV.to_guest(v)):
-        with pytest.raises(V.TooDeep, match="more than 128 levels"):
+        with pytest.raises(V.TooDeep, match="the value is nested more than 128 levels deep"):
             send(nest(V.MAX_VALUE_DEPTH + 1))
     assert V.check(b"x" * (V.MAX_VALUE - 3)) == V.MAX_VALUE  # bin 16: 3 bytes of header
     with pytest.raises(V.TooLarge, match="the value takes 49153 bytes marshalled; the limit is 49152"):
@@ -378,7 +406,7 @@ FROM_GUEST_REFUSED: list[tuple[Any, bytes, str]] = [
     ({"$": "d", "v": 8.64e15}, b"", "the value is a date outside years 1..9999"),
     ({"$": "d", "v": "2020-01-01"}, b"", "is not a value"),
     ({"$": "o", "v": [1]}, b"", "is not a value"),
-    (nest(V.MAX_VALUE_DEPTH + 1), b"", "nests more than 128 levels deep"),
+    (nest(V.MAX_VALUE_DEPTH + 1), b"", "the value is nested more than 128 levels deep"),
     ([], bytes(V.MAX_VALUE + 1), "49153 bytes of blobs; the limit is 49152"),
 ]
 

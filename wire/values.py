@@ -59,6 +59,20 @@ def well_formed(text: str) -> str:
         return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
+def too_deep(where: str) -> TooDeep:
+    """The one refusal of a value past MAX_VALUE_DEPTH (its path would be MAX_VALUE_DEPTH steps long)."""
+    return TooDeep(f"{where} is nested more than {MAX_VALUE_DEPTH} levels deep (lists and dicts)")
+
+
+def at(where: str, path: str) -> str:
+    """``where`` and the path below it, for an error message; a long path keeps its last steps."""
+    if len(path) <= 120:
+        return f"{where}{path}"
+    tail = path[-120:]
+    step = min((i for i in (tail.find("."), tail.find("[")) if i >= 0), default=0)
+    return f"{where}…{tail[step:]}"
+
+
 def path_key(key: str) -> str:
     """One step of a path as JavaScript would write it: ``.name`` or ``["odd key"]``."""
     return f".{key}" if key.isidentifier() else f"[{json.dumps(key)}]"
@@ -103,17 +117,17 @@ def marshal(value: Any, leaves: Leaves, where: str = "the value") -> Any:
             return leaves.datetime(v)
         if isinstance(v, (list, tuple, dict)):
             if depth >= MAX_VALUE_DEPTH:
-                raise TooDeep(f"{where}{path} nests lists and dicts more than {MAX_VALUE_DEPTH} levels deep")
+                raise too_deep(where)
             if not isinstance(v, dict):
                 return [walk(item, f"{path}[{i}]", depth + 1) for i, item in enumerate(v)]
             out = {}
             for k, item in v.items():
                 if not isinstance(k, str):
-                    raise TypeError(f"{where}{path} has a key that is {describe(k)}: dict keys must be str")
+                    raise TypeError(f"{at(where, path)} has a key that is {describe(k)}: dict keys must be str")
                 key = well_formed(str(k))
                 out[key] = walk(item, path + path_key(key), depth + 1)
             return leaves.dict(out)
-        raise TypeError(f"{where}{path} is {describe(v)}: {SENDABLE}")
+        raise TypeError(f"{at(where, path)} is {describe(v)}: {SENDABLE}")
 
     return walk(value, "", 0)
 
@@ -180,21 +194,21 @@ def decode(tree: Any, where: str = "the value") -> Any:
             try:
                 return v.to_datetime()
             except (OverflowError, ValueError) as exc:
-                raise ValueError(f"{where}{path} is a timestamp out of datetime's range: {exc}") from None
+                raise ValueError(f"{at(where, path)} is a timestamp out of datetime's range: {exc}") from None
         if isinstance(v, msgpack.ExtType):
             return ext_hook(v.code, v.data)
         if isinstance(v, (list, dict)):
             if depth >= MAX_VALUE_DEPTH:
-                raise TooDeep(f"{where}{path} nests more than {MAX_VALUE_DEPTH} levels deep")
+                raise too_deep(where)
             if isinstance(v, list):
                 return [walk(item, f"{path}[{i}]", depth + 1) for i, item in enumerate(v)]
             out = {}
             for k, item in v.items():
                 if not isinstance(k, str):
-                    raise ValueError(f"{where}{path} has a map key of type {type(k).__name__}")
+                    raise ValueError(f"{at(where, path)} has a map key of type {type(k).__name__}")
                 out[well_formed(k)] = walk(item, path + path_key(k), depth + 1)
             return out
-        raise ValueError(f"{where}{path} is {describe(v)}")
+        raise ValueError(f"{at(where, path)} is {describe(v)}")
 
     return walk(tree, "", 0)
 
