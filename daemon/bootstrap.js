@@ -613,6 +613,7 @@ const BLOB_TYPES = { javascript: "text/javascript", typescript: "application/typ
 const TS_NAME = /\.(ts|mts|cts)$/i;
 const TSX_NAME = /\.tsx$/i; // JSX too (React.createElement, the classic runtime)
 const BLOB_URL = /blob:null\/[0-9a-f-]{36}/g;
+const MAY_IMPORT = /import|from/;
 const NAMES_KEPT = 10000; // eval Blobs remembered by name (each eval is a module of its own)
 const blobNames = new Map(); // Blob URL -> the filename or module URL stacks show
 const replaceText = uncurry(String.prototype.replace);
@@ -667,28 +668,37 @@ function moduleKind(kind, url) {
 // An eval's source as a Blob URL module, its imports loaded first when the host resolves them.
 async function evalModule(code, filename) {
   const kind = moduleKind("javascript", filename || "");
-  if (!config.modules) return blobModule(code, kind, filename);
-  await loaderReady;
+  // a source that cannot import (no `import`, no `from`) needs no lexer: it need not wait for it
+  if (!config.modules || !MAY_IMPORT.test(code)) return blobModule(code, kind, filename);
+  await loadLexer();
   let base = "file:///main.js";
   if (filename) { try { base = new URL(filename, "file:///").href; } catch { /* stays main.js */ } }
   return await locked(() => rewrite(code, base, kind, filename || base, [base]).then((src) => blobModule(src, kind, filename)));
 }
 
 let parseImports = null; // the lexer's parse(), once loaded
-let loaderReady = null;
+let lexerSource = "";
+let lexerLoad = null;
 
-function startLoader(source) {
-  loaderReady = (async () => {
-    const url = URL.createObjectURL(new Blob([source], { type: "text/javascript" }));
+// The lexer is compiled when the first source that may import needs it (~40 ms of this process's
+// only thread: an eval that imports nothing must not wait for it).
+function loadLexer() {
+  lexerLoad ??= (async () => {
+    const url = URL.createObjectURL(new Blob([lexerSource], { type: "text/javascript" }));
     try {
       const lexer = await import(url);
       await lexer.init();
       parseImports = lexer.parse;
+      lexerSource = "";
     } finally {
       URL.revokeObjectURL(url);
     }
   })();
-  loaderReady.catch((e) => fatal(`the module lexer did not load: ${e?.stack ?? e}`));
+  return lexerLoad;
+}
+
+function startLoader(source) {
+  lexerSource = String(source ?? "");
   defineProperty(globalThis, "__sandbox_import__", { value: Object.freeze(guestImport), writable: false, enumerable: false,
     configurable: false });
 }
@@ -810,6 +820,8 @@ function position(source, at) {
 
 // `source` (of the module at `url`) with every specifier replaced by the Blob URL of its module.
 async function rewrite(source, url, kind, name, chain) {
+  if (!MAY_IMPORT.test(source)) return source;
+  await loadLexer();
   let imports;
   try { [imports] = parseImports(source, name); } catch { return source; } // Deno reports the syntax error
   const ts = kind === "typescript" || kind === "tsx";
