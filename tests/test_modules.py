@@ -18,7 +18,7 @@ import pytest
 import client
 from client.modules import Module, directory, from_dict
 from daemon import modules as daemon_modules
-from tests.conftest import Broker
+from tests.conftest import Broker, await_until
 
 
 class Recorder:
@@ -327,4 +327,32 @@ async def test_a_resumed_named_runtime_takes_the_new_connections_resolver(broker
             "from the second",
         ]
         assert second_resolver.specifiers() == ["file:///b.js"]
+        await again.dispose()
+
+
+async def test_an_import_pending_when_its_owner_leaves_is_answered(broker: Broker) -> None:
+    """The connection whose resolver was asked goes away: the guest's import fails at once (the
+    broker answers the callback for the gone owner), and the runtime lives on for its session."""
+    asked = asyncio.Event()
+
+    async def stuck(specifier: str, referrer: str | None) -> Module | None:
+        asked.set()
+        await asyncio.Event().wait()  # never answers: cancelled when its connection closes
+        return None
+
+    async with client.connect(broker.frontend) as first:
+        rt = await first.create_runtime(name="left-behind", keep_alive=30, modules=stuck)
+        await rt.eval(
+            "globalThis.outcome = import('./never.js').then(() => 'loaded', (e) => e.message);"
+            "globalThis.outcome.then((m) => { globalThis.done = m; });"
+        )
+        await asyncio.wait_for(asked.wait(), 30)
+        session = first.session
+    async with client.connect(broker.frontend, session=session) as second:
+        again = await second.runtime("left-behind")
+        message = await await_until(
+            lambda: again.eval("export default globalThis.done ?? null"), "the pending import was answered"
+        )
+        assert 'Module not found "./never.js"' in message, message
+        assert (await again.stats())["daemon"]["modules"] == 0
         await again.dispose()
