@@ -11,6 +11,8 @@ import asyncio
 import hashlib
 import logging
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +20,7 @@ import pytest
 import client
 from client.modules import Module, directory, from_dict
 from daemon import modules as daemon_modules
-from tests.conftest import Broker, await_until
+from tests.conftest import ROOT, Broker, await_until
 
 
 class Recorder:
@@ -356,3 +358,16 @@ async def test_an_import_pending_when_its_owner_leaves_is_answered(broker: Broke
         assert 'Module not found "./never.js"' in message, message
         assert (await again.stats())["daemon"]["modules"] == 0
         await again.dispose()
+
+
+def test_the_figures_script_runs() -> None:
+    """scripts/module_figures.py (the loader's costs, quoted in docs/design.md 2.3a) at a small size."""
+    run = subprocess.run(
+        [sys.executable, "-m", "scripts.module_figures", "--rounds", "2", "--chain", "4", "--fan", "3"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "a chain of 4 modules" in run.stdout and "2 TypeScript modules" in run.stdout, run.stdout
