@@ -135,6 +135,8 @@ async def test_none_raise_and_timeout_give_module_not_found(
             raise RuntimeError("database password is hunter2")
         if specifier.endswith("slow.js"):
             await gate.wait()
+        if specifier.endswith("wrong.js"):
+            return "export default 1"  # type: ignore[return-value]  # not a client.Module
         return None
 
     rt = await conn.create_runtime(modules=resolver, module_timeout=0.5)
@@ -148,6 +150,8 @@ async def test_none_raise_and_timeout_give_module_not_found(
     assert 'Module not found "./boom.js"' in err.message and "resolver failed" in err.message
     assert "hunter2" not in str(err) and "RuntimeError" not in str(err)  # host text never reaches the guest
     assert "hunter2" in caplog.text and "Traceback" in caplog.text  # it is logged on the host
+    err = await guest_error(rt, "import './wrong.js';")
+    assert "resolver failed" in err.message  # (logged too, counted: at most one line a second per runtime)
     err = await guest_error(rt, "export default await import('./slow.js');")
     assert 'Module not found "./slow.js"' in err.message and "did not answer within 0.5s" in err.message
     gate.set()

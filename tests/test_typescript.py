@@ -7,6 +7,8 @@ column, so stacks point into the source as written; the bootstrap names each Blo
 
 from __future__ import annotations
 
+import pytest
+
 import client
 from client.modules import Module, from_dict
 from tests.conftest import await_until
@@ -29,6 +31,9 @@ async def test_typescript_eval_runs_with_types_stripped(conn: client.Connection)
     assert await rt.eval("const n: number = 'not a number' as any;\nexport default n;", filename="loose.mts") == (
         "not a number"
     )
+    for bad in ("", "x" * 1025, 7):
+        with pytest.raises(TypeError, match="filename"):
+            await rt.eval("export default 1", filename=bad)  # type: ignore[arg-type]
     jsx = "const React = { createElement: (t: string, _p: unknown, ...c: unknown[]) => [t, ...c] };\n"
     assert await rt.eval(jsx + "export default <b>{1 + 1}</b>;", filename="view.tsx") == ["b", 2]
     await rt.dispose()
