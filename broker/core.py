@@ -380,7 +380,7 @@ class Core:
             exc.message,
             now=self._now,
         )
-        if r.t not in ("ok", "error", "tool_result"):
+        if r.t not in ("ok", "error", "tool_result", "module_ok"):
             self._send(CLIENT, ident, error(exc.code, exc.message, r.id))
             return
         rt = self.runtimes.get(r.rt) if r.rt is not None else None
@@ -683,7 +683,7 @@ class Core:
             if not pending.orphan:
                 why = f"the daemon's reply was refused: {exc.message}"
                 self._send(CLIENT, pending.client, error(exc.code, why, r.id))
-        elif r.t in ("fetch", "tool") and r.id is not None:
+        elif r.t in ("fetch", "tool", "module") and r.id is not None:
             self._send(DAEMON, ident, error(exc.code, exc.message, r.id))
 
     def _daemon_lost(self, ident: bytes, why: str) -> None:

@@ -8,6 +8,7 @@ async with client.connect("tcp://127.0.0.1:5555") as conn:
 The package is typed (py.typed): callbacks are ``FetchCallback`` and ``ConsoleCallback``.
 """
 
+from client import modules
 from client.bodies import Body
 from client.connection import Connecting, Connection, connect
 from client.errors import (
@@ -31,6 +32,7 @@ from client.errors import (
 )
 from client.glue import aiohttp_handler, forward_fetch
 from client.http import Request, Response
+from client.modules import Module, Resolver
 from client.runtime import ConsoleCallback, ConsoleEntry, FetchCallback, Runtime
 from client.tools import Tool, ToolError, tool
 from wire.auth import KeyPair, load_keypair, load_public_key
@@ -51,10 +53,12 @@ __all__ = [
     "InvalidEndpoint",
     "KeyPair",
     "MemoryLimitExceeded",
+    "Module",
     "NoCapacity",
     "NoHandler",
     "Request",
     "RequestRejected",
+    "Resolver",
     "Response",
     "Runtime",
     "RuntimeLost",
@@ -70,5 +74,6 @@ __all__ = [
     "forward_fetch",
     "load_keypair",
     "load_public_key",
+    "modules",
     "tool",
 ]

@@ -23,6 +23,7 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable, Generator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import zmq
@@ -41,7 +42,8 @@ from client.errors import (
     Unreachable,
     from_reply,
 )
-from client.runtime import ConsoleCallback, FetchCallback, Runtime, check_callbacks, to_ms
+from client.modules import Resolver
+from client.runtime import MODULE_TIMEOUT, ConsoleCallback, FetchCallback, Runtime, check_callbacks, to_ms
 from client.tools import Tool, check_tools
 from wire import liveness, sockets
 from wire import messages as M
@@ -67,6 +69,17 @@ _PIPES = PipeCount(lambda why: RequestRejected(f"this client {why}; retry later"
 
 R = TypeVar("R", bound=M.Record)
 Answer = M.Record | M.Reply
+
+
+@dataclass(frozen=True, slots=True)
+class _Handlers:
+    """What this connection serves a runtime's guest besides fetch and console: its tools (and
+    their default timeout) and its module resolver (and its timeout)."""
+
+    tools: dict[str, Tool]
+    tool_timeout: float | None
+    modules: Resolver | None
+    module_timeout: float
 
 
 class Connection:
@@ -329,7 +342,7 @@ class Connection:
         if isinstance(msg, (M.Reply, M.Welcome, M.ErrorReply)):
             self._answer(msg)
             return
-        assert isinstance(msg, (M.Fetch, M.Console, M.RuntimeLost, M.Tool))
+        assert isinstance(msg, (M.Fetch, M.Console, M.RuntimeLost, M.Tool, M.Module))
         runtime = self.runtimes.get(msg.rt)
         if runtime is None:
             if isinstance(msg, M.CALLBACKS):
@@ -341,6 +354,8 @@ class Connection:
             runtime.on_tool(msg)
         elif isinstance(msg, M.Console):
             runtime.on_console(msg)
+        elif isinstance(msg, M.Module):
+            runtime.on_module(msg)
         else:
             runtime.on_lost(msg.code, msg.message)
 
@@ -402,6 +417,8 @@ class Connection:
         timeout: float | None = None,
         tools: Mapping[str, Any] | None = None,
         tool_timeout: float | None = None,
+        modules: Resolver | None = None,
+        module_timeout: float = MODULE_TIMEOUT,
     ) -> Runtime:
         """A new sandboxed runtime on the least loaded daemon. ``cpu_limit``: CPU seconds one turn
         of its event loop may take; ``request_cpu``: CPU seconds a dispatch may use before its
@@ -411,13 +428,18 @@ class Connection:
         network goes) when the broker has not heard from it for its liveness timeout plus the
         reclaim grace. A ``name``d one outlives its session by ``keep_alive`` seconds (default 60,
         at most the broker's --max-keep-alive): ``runtime(name)`` on a connection that resumes the
-        session (``connect(session=...)``) gets it back, state and all."""
+        session (``connect(session=...)``) gets it back, state and all.
+
+        ``modules``: ``async def resolver(specifier, referrer) -> client.Module | None`` answers the
+        guest's imports (client/modules.py; ``client.modules.from_dict``, ``.directory``), each within
+        ``module_timeout`` seconds (the daemon gives up after 60 s whatever this says). Without it,
+        imports are Deno's own: only ``data:`` and the ``node:`` built-ins that reach no I/O."""
         mem = None if memory_limit_mb is None else int(memory_limit_mb)
         eval_ms = None if eval_timeout is None else to_ms(eval_timeout)
         cpu_ms = None if cpu_limit is None else to_ms(cpu_limit)
         request_ms = None if request_cpu is None else to_ms(request_cpu)
         keep_ms = None if keep_alive is None else to_ms(keep_alive)
-        check_callbacks(fetch, console)  # a wrong callback is refused here, not at the guest's first fetch
+        check_callbacks(fetch, console, modules)  # a wrong callback is refused here, not at the guest's first fetch
         served = check_tools(tools)  # so are tools, before anything is sent
         plain = tuple(n for n, t in served.items() if not t.stream)
         streamed = tuple(n for n, t in served.items() if t.stream)
@@ -425,12 +447,13 @@ class Connection:
             lambda id_: M.CreateRuntime(
                 id=id_, fetch=fetch is not None, console=console is not None, memory_limit_mb=mem,
                 eval_timeout_ms=eval_ms, cpu_limit_ms=cpu_ms, request_cpu_ms=request_ms, name=name,
-                keep_alive_ms=keep_ms, tools=plain, stream_tools=streamed,
+                keep_alive_ms=keep_ms, tools=plain, stream_tools=streamed, modules=modules is not None,
             ),
             M.CreateOk,
             timeout=timeout,
         )  # fmt: skip
-        return await self._hold(created, name, fetch, console, eval_timeout, (served, tool_timeout), new=True)
+        handlers = _Handlers(served, tool_timeout, modules, module_timeout)
+        return await self._hold(created, name, fetch, console, eval_timeout, handlers, new=True)
 
     async def runtime(
         self,
@@ -442,19 +465,23 @@ class Connection:
         timeout: float | None = None,
         tools: Mapping[str, Any] | None = None,
         tool_timeout: float | None = None,
+        modules: Resolver | None = None,
+        module_timeout: float = MODULE_TIMEOUT,
     ) -> Runtime:
         """This session's runtime named ``name`` (``create_runtime(name=...)``), e.g. from a new
         connection made with ``session=`` the old one's ``session``. Its state is as it was left;
-        ``fetch``, ``console`` and ``tools`` are this connection's handlers for it (the guest's
-        ``tools`` object keeps the names given at its creation). UnknownRuntime if the
-        session has none by that name (never created, disposed, or reclaimed after its keep_alive)."""
-        check_callbacks(fetch, console)
+        ``fetch``, ``console``, ``tools`` and ``modules`` are this connection's handlers for it (the
+        guest's ``tools`` object keeps the names given at its creation; the guest asks the resolver
+        only if the runtime was created with one). UnknownRuntime if the session has none by that
+        name (never created, disposed, or reclaimed after its keep_alive)."""
+        check_callbacks(fetch, console, modules)
         served = check_tools(tools)
         for runtime in self.runtimes.values():
             if runtime.name == name and runtime.lost is None:
                 return runtime
         found = await self.call(lambda id_: M.Acquire(id=id_, name=name), M.CreateOk, timeout=timeout)
-        return await self._hold(found, name, fetch, console, eval_timeout, (served, tool_timeout), new=False)
+        handlers = _Handlers(served, tool_timeout, modules, module_timeout)
+        return await self._hold(found, name, fetch, console, eval_timeout, handlers, new=False)
 
     async def _hold(
         self,
@@ -463,7 +490,7 @@ class Connection:
         fetch: FetchCallback | None,
         console: ConsoleCallback | None,
         eval_timeout: float | None,
-        tools: tuple[dict[str, Tool], float | None],
+        handlers: _Handlers,
         *,
         new: bool,
     ) -> Runtime:
@@ -478,7 +505,10 @@ class Connection:
                     await self.call(lambda id_: M.Dispose(id=id_, rt=created.rt), M.DisposeOk)
             why = f"this client cannot open a control link ({exc.strerror}); retry later"
             raise RequestRejected(why, P.E_BUSY) from None
-        runtime = Runtime(self, control, created, fetch, console, eval_timeout, *tools)
+        runtime = Runtime(
+            self, control, created, fetch, console, eval_timeout, handlers.tools, handlers.tool_timeout,
+            handlers.modules, handlers.module_timeout,
+        )  # fmt: skip
         runtime.name = name
         self.runtimes[runtime.id] = runtime
         return runtime

@@ -29,6 +29,7 @@ from client.bodies import Body, Inbound, aclose_quietly, send_body
 from client.control import ControlLink
 from client.errors import Error, RequestRejected, RuntimeLost, lost
 from client.http import BodyType, Request, Response
+from client.modules import Module, Resolver
 from client.tools import TOOL_TIMEOUT, Tool, ToolError
 from wire import http as H
 from wire import messages as M
@@ -52,12 +53,15 @@ R = TypeVar("R", bound=M.Record)
 #: is logged with its traceback and rejects the guest's fetch with ``TypeError: fetch failed`` (a
 #: ``FetchDenied`` policy refusal with its own text): host exception texts never reach the guest.
 FetchCallback: TypeAlias = Callable[[Request], Awaitable[Response]]
+#: How long the client waits for the resolver's answer to one import, by default (seconds).
+MODULE_TIMEOUT = 30.0
+
 #: The console callback: called with each ``console.*`` call of the guest, as a ``ConsoleEntry``
 #: whose str() is its text (so ``console=print`` works); a plain function or an ``async def``.
 ConsoleCallback: TypeAlias = Callable[["ConsoleEntry"], object]
 
 
-def check_callbacks(fetch: object, console: object) -> None:
+def check_callbacks(fetch: object, console: object, modules: object = None) -> None:
     """Refuse callbacks that cannot work at the call that passes them (TypeError), not at the guest's
     first fetch: ``fetch`` must be an ``async def`` (or an object whose ``__call__`` is one, like
     forward_fetch()), since the daemon's fetch waits for a Response that a plain function cannot stream."""
@@ -70,6 +74,13 @@ def check_callbacks(fetch: object, console: object) -> None:
         )
     if console is not None and not callable(console):
         raise TypeError(f"console must be a function taking a client.ConsoleEntry, not {console!r}")
+    if modules is not None and not (
+        inspect.iscoroutinefunction(modules) or inspect.iscoroutinefunction(getattr(modules, "__call__", None))  # noqa: B004
+    ):
+        raise TypeError(
+            f"modules must be an async function, async def resolver(specifier: str, referrer: str | None) -> "
+            f"client.Module | None, not {modules!r} (client.modules.from_dict and .directory make one)"
+        )
 
 
 class Host(Protocol):
@@ -132,6 +143,8 @@ class Runtime:
         eval_timeout: float | None,
         tools: dict[str, Tool] | None = None,
         tool_timeout: float | None = None,
+        modules: Resolver | None = None,
+        module_timeout: float = MODULE_TIMEOUT,
     ) -> None:
         self._host = host
         self._control = control
@@ -142,6 +155,8 @@ class Runtime:
         self.daemon_key: bytes | None = created.daemon_key.encode() if created.daemon_key else None
         self._fetch = fetch
         self._console = console
+        self._modules = modules
+        self.module_timeout = module_timeout
         self.eval_timeout = eval_timeout
         self._tools = tools or {}
         self.tool_timeout = TOOL_TIMEOUT if tool_timeout is None else tool_timeout
@@ -173,12 +188,19 @@ class Runtime:
         if self.lost is not None:
             raise self.lost
 
-    async def eval(self, source: str, *, timeout: float | None = None) -> Any:
-        """Evaluate ``source`` as an ES module; returns its JSON-able default export, if any.
+    async def eval(self, source: str, *, timeout: float | None = None, filename: str | None = None) -> Any:
+        """Evaluate ``source`` as an ES module; returns its default export (marshalled), if any.
+
+        ``filename`` names the source in stack traces and syntax errors (with the original line and
+        column); one ending in .ts, .tsx or .mts is TypeScript, run with its types stripped (not
+        checked). The eval's URL, which its relative imports resolve against, is ``file:///`` +
+        ``filename`` (``file:///main.js`` without one).
 
         Cancelling the task awaiting it stops the guest's work at once: the runtime is stopped (as
         when the eval times out) and later calls raise RuntimeLost."""
         self._check()
+        if filename is not None and (not isinstance(filename, str) or not filename or len(filename) > 1024):
+            raise TypeError("filename must be a non-empty str of at most 1024 characters")
         code = source.encode()
         if len(code) > P.MAX_SOURCE:
             raise RequestRejected(f"source of {len(code)} bytes exceeds {P.MAX_SOURCE}", P.E_TOO_LARGE)
@@ -188,7 +210,9 @@ class Runtime:
         wait = (limit or 30.0) + self._host.timeout
         try:
             reply = await self._host.call(
-                lambda id_: M.Eval(id=id_, rt=self.id, source=code, timeout_ms=ms), M.EvalOk, timeout=wait
+                lambda id_: M.Eval(id=id_, rt=self.id, source=code, timeout_ms=ms, filename=filename),
+                M.EvalOk,
+                timeout=wait,
             )
         except asyncio.CancelledError:
             self._stop_cancelled()
@@ -526,6 +550,44 @@ class Runtime:
 
     def _reply_tool_error(self, fid: int, name: str, message: str) -> None:
         self._send(M.error(P.E_TOOL_FAILED, message, fid, rt=self.id, name=name))
+
+    def on_module(self, msg: M.Module) -> None:
+        if self.lost is not None or self._modules is None:
+            why = "this runtime has no module resolver" if self.lost is None else "the runtime is gone"
+            self._send(M.error(P.E_MODULE_NOT_FOUND, why, msg.id, rt=self.id))
+            return
+        self._scope.spawn(self._resolve(msg), name="client-module")
+
+    async def _resolve(self, msg: M.Module) -> None:
+        """Answer one ``module`` callback. What the guest reads on failure is our text, never the
+        resolver's exception (logged here with its traceback): untrusted code learns nothing of the host."""
+        assert self._modules is not None
+        what = f" on import {msg.specifier!r} from {msg.referrer or 'an eval'}"
+        try:
+            async with asyncio.timeout(self.module_timeout):
+                module = await self._modules(msg.specifier, msg.referrer)
+            if module is not None and not isinstance(module, Module):
+                raise TypeError(f"the resolver returned {type(module).__name__}, not client.Module or None")
+        except TimeoutError:
+            log.warning(
+                "runtime %s: the module resolver did not answer%s within %gs", self.id, what, self.module_timeout
+            )
+            why = f"the host's resolver did not answer within {self.module_timeout:g}s"
+            self._send(M.error(P.E_MODULE_NOT_FOUND, why, msg.id, rt=self.id))
+            return
+        except Exception as exc:
+            self._callback_failed("module resolver", exc, what)
+            self._send(M.error(P.E_MODULE_NOT_FOUND, "the host's resolver failed", msg.id, rt=self.id))
+            return
+        except asyncio.CancelledError:
+            self._send(M.error(P.E_MODULE_NOT_FOUND, "the import was cancelled", msg.id, rt=self.id))
+            raise
+        if module is None:
+            self._send(M.error(P.E_MODULE_NOT_FOUND, "the host's resolver has no such module", msg.id, rt=self.id))
+            return
+        source = module.source.encode()
+        assert module.kind is not None  # Module fills it in
+        self._send(M.ModuleOk(id=msg.id, rt=self.id, url=module.url, kind=module.kind, source=source))
 
     def _reply_fetch_error(self, fid: int, message: str) -> None:
         self._send(M.error(P.E_FETCH_FAILED, message, fid, rt=self.id))

@@ -32,7 +32,8 @@ let WINDOW, MAX_CHUNK, INLINE_MAX, MAX_VALUE, MAX_CONSOLE, MAX_CONSOLE_ARGS, CON
 let MAX_PENDING_FETCHES, MAX_STREAMS; // what this runtime may have pending (checked in fetch())
 let MAX_VALUE_DEPTH; // nesting of an eval's value (the daemon's JSON parser must never recurse deeper)
 let MAX_CONSOLE_VALUE; // bytes of a console entry's marshalled arguments
-let config = null; // { fetch, console } once `init` has arrived
+let MAX_PENDING_MODULES, MAX_SPECIFIER; // the module loader's (section "modules")
+let config = null; // { fetch, console, modules } once `init` has arrived
 
 function init(h) {
   if (config !== null) fatal("a second init");
@@ -46,8 +47,11 @@ function init(h) {
     MAX_PENDING_TOOLS, MAX_CONSOLE_VALUE]) {
     if (typeof v !== "number" || !(v > 0)) fatal(`init without its limits: ${stringify(h)}`);
   }
-  config = { fetch: !!h.fetch, console: !!h.console };
+  ({ max_pending_modules: MAX_PENDING_MODULES, max_specifier: MAX_SPECIFIER } = h);
+  if (!(MAX_PENDING_MODULES > 0) || !(MAX_SPECIFIER > 0)) fatal(`init without its limits: ${stringify(h)}`);
+  config = { fetch: !!h.fetch, console: !!h.console, modules: !!h.modules };
   setupTools(h);
+  if (config.modules) startLoader(h.lexer);
   send({ op: "init_ok" });
 }
 
@@ -219,8 +223,8 @@ function describe(e) {
   // bounded, so that an error with a huge message cannot make a frame the daemon must refuse
   const cut = (text) => (text.length > MAX_ERROR_TEXT ? text.slice(0, MAX_ERROR_TEXT) + "…[truncated]" : text);
   if (e instanceof Error || (e && typeof e === "object" && "message" in e)) {
-    return { name: cut(String(e.name ?? "Error")).slice(0, MAX_ERROR_NAME), message: cut(String(e.message ?? "")),
-      stack: cut(String(e.stack ?? "")) };
+    return { name: cut(String(e.name ?? "Error")).slice(0, MAX_ERROR_NAME), message: cut(nameBlobs(String(e.message ?? ""))),
+      stack: cut(nameBlobs(String(e.stack ?? ""))) };
   }
   let text;
   try { text = typeof e === "string" ? e : inspect(e); } catch { text = "<uninspectable value>"; }
@@ -604,23 +608,317 @@ function onInbound(h, body) {
   }
 }
 
+// ---- modules ----------------------------------------------------------------------------------
+// Each eval, and with a resolver (`config.modules`) each module the host hands out, becomes a Blob
+// URL module: Deno has no loader hook, so the loader rewrites every import specifier of a source
+// to the Blob URL of the module it names, loaded first through the host's resolver (protocol.md
+// 7.3, Modules). The vendored es-module-lexer (daemon/es-module-lexer.js, sent in `init`) finds
+// the specifiers: static imports, re-exports and `import(...)` calls, which become calls of
+// `__sandbox_import__(referrer, specifier, options)`. TypeScript becomes a Blob of type
+// application/typescript, which Deno strips keeping every line and column; `import type` is
+// erased by Deno and never asks the resolver. Stacks name each Blob by its filename or module URL
+// (`nameBlobs`, used by Error.prepareStackTrace and for what the host reads).
+
+const BLOB_TYPES = { javascript: "text/javascript", typescript: "application/typescript", tsx: "text/tsx",
+  json: "application/json" };
+const TS_NAME = /\.(ts|mts|cts)$/i;
+const TSX_NAME = /\.tsx$/i; // JSX too (React.createElement, the classic runtime)
+const BLOB_URL = /blob:null\/[0-9a-f-]{36}/g;
+const MAY_IMPORT = /import|from/;
+const NAMES_KEPT = 10000; // eval Blobs remembered by name (each eval is a module of its own)
+const blobNames = new Map(); // Blob URL -> the filename or module URL stacks show
+const replaceText = uncurry(String.prototype.replace);
+const errorToString = uncurry(Error.prototype.toString);
+
+function nameBlobs(text) {
+  return blobNames.size === 0 ? text : replaceText(text, BLOB_URL, (u) => blobNames.get(u) ?? u);
+}
+
+function blobModule(source, kind, name) {
+  const url = URL.createObjectURL(new Blob([source], { type: BLOB_TYPES[kind] ?? BLOB_TYPES.javascript }));
+  if (name) {
+    if (blobNames.size >= NAMES_KEPT) blobNames.delete(blobNames.keys().next().value);
+    blobNames.set(url, name.length > 256 ? name.slice(0, 256) + "…" : name); // a data: URL can be long
+  }
+  return url;
+}
+
+// V8 asks this for `error.stack`: the default text, with each Blob named (a guest may replace it)
+Error.prepareStackTrace = function prepareStackTrace(error, sites) {
+  let text;
+  try { text = errorToString(error); } catch { text = "Error"; }
+  for (const site of sites) text += "\n    at " + nameBlobs(String(site));
+  return text;
+};
+
+// Deno reports a module that fails to parse as a TypeError wrapping the SyntaxError, with a code
+// frame and the position last: the parts of a proper SyntaxError naming the line and column.
+// V8's own early errors (a redeclared name) are SyntaxErrors whose message ends in " at <where>".
+function syntaxError(name, message) {
+  const early = name === "SyntaxError" ? /^([^\n]*) at (\S+:\d+:\d+)$/.exec(message) : null;
+  if (early !== null) {
+    const text = `${early[1]} (${early[2]})`;
+    return { name, message: text, stack: `SyntaxError: ${text}\n    at ${early[2]}` };
+  }
+  if (name !== "TypeError" || !message.startsWith("SyntaxError: ")) return null;
+  const lines = message.slice("SyntaxError: ".length).split("\n");
+  const last = lines[lines.length - 1].trim();
+  const where = lines.length > 1 && last.startsWith("at ") ? last.slice(3) : "";
+  const text = where ? `${lines[0]} (${where})` : lines[0];
+  return { name: "SyntaxError", message: text, stack: ["SyntaxError: " + text, ...lines.slice(1)].join("\n") };
+}
+
+function moduleKind(kind, url) {
+  if (kind === "json") return "json";
+  let path = url;
+  try { path = new URL(url).pathname; } catch { /* not a URL: the name itself */ }
+  if (TSX_NAME.test(path)) return "tsx";
+  return kind === "typescript" || TS_NAME.test(path) ? "typescript" : "javascript";
+}
+
+// An eval's source as a Blob URL module, its imports loaded first when the host resolves them.
+async function evalModule(code, filename) {
+  const kind = moduleKind("javascript", filename || "");
+  // a source that cannot import (no `import`, no `from`) needs no lexer: it need not wait for it
+  if (!config.modules || !MAY_IMPORT.test(code)) return blobModule(code, kind, filename);
+  await loadLexer();
+  let base = "file:///main.js";
+  if (filename) { try { base = new URL(filename, "file:///").href; } catch { /* stays main.js */ } }
+  return await locked(() => rewrite(code, base, kind, filename || base, [base]).then((src) => blobModule(src, kind, filename)));
+}
+
+let parseImports = null; // the lexer's parse(), once loaded
+let lexerSource = "";
+let lexerLoad = null;
+
+// The lexer is compiled when the first source that may import needs it (~40 ms of this process's
+// only thread: an eval that imports nothing must not wait for it).
+function loadLexer() {
+  lexerLoad ??= (async () => {
+    const url = URL.createObjectURL(new Blob([lexerSource], { type: "text/javascript" }));
+    try {
+      const lexer = await import(url);
+      await lexer.init();
+      parseImports = lexer.parse;
+      lexerSource = "";
+    } finally {
+      URL.revokeObjectURL(url);
+    }
+  })();
+  return lexerLoad;
+}
+
+function startLoader(source) {
+  lexerSource = String(source ?? "");
+  defineProperty(globalThis, "__sandbox_import__", { value: Object.freeze(guestImport), writable: false, enumerable: false,
+    configurable: false });
+}
+
+const resolved = new Map(); // request key -> promise of its module record (failures are asked again)
+const byUrl = new Map(); // canonical URL -> {url, kind, source, blob, building}
+const referrers = []; // index -> a module's URL, for its rewritten import() calls
+const referrerIndex = new Map();
+let lockTail = Promise.resolve();
+
+// One graph is built at a time: a module being built is then always an ancestor of the one that
+// meets it again, which is an import cycle (not supported: Blob URLs need their imports' URLs).
+function locked(fn) {
+  const run = lockTail.then(fn);
+  lockTail = run.then(() => {}, () => {});
+  return run;
+}
+
+function keyOf(specifier, referrer) {
+  if (specifier.startsWith("./") || specifier.startsWith("../") || specifier.startsWith("/")) {
+    try { return new URL(specifier, referrer).href; } catch { /* a referrer that is no base (data:) */ }
+  }
+  return specifier;
+}
+
+const isBuiltin = (specifier) => specifier.startsWith("node:");
+
+function notFound(specifier, referrer, why, at = "") {
+  const e = new TypeError(`Module not found "${specifier}" imported from ${referrer}: ${why}`);
+  if (at) e.stack = `TypeError: ${e.message}\n    at ${at}`;
+  return e;
+}
+
+function request(key, referrer) {
+  let p = resolved.get(key);
+  if (p === undefined) {
+    p = key.startsWith("data:") ? Promise.resolve(dataModule(key)) : askHost(key, referrer);
+    p = p.then(({ url, kind, source }) => {
+      let rec = byUrl.get(url);
+      if (rec === undefined) byUrl.set(url, rec = { url, kind: moduleKind(kind, url), source, blob: null, building: false });
+      return rec;
+    });
+    resolved.set(key, p);
+    p.catch(() => { if (resolved.get(key) === p) resolved.delete(key); });
+  }
+  return p;
+}
+
+// A data: URL is its own source: its imports go through the resolver like any other module's.
+function dataModule(url) {
+  const comma = url.indexOf(",");
+  if (comma < 0) throw new TypeError(`invalid data: URL module ${url.slice(0, 80)}`);
+  const meta = url.slice(5, comma).toLowerCase();
+  const data = url.slice(comma + 1);
+  const source = meta.endsWith(";base64") ? dec.decode(Uint8Array.from(atob(data), (c) => c.charCodeAt(0)))
+    : decodeURIComponent(data);
+  const kind = meta.startsWith("application/json") ? "json"
+    : meta.includes("typescript") ? "typescript" : "javascript";
+  return { url, kind, source };
+}
+
+const moduleQueue = [];
+const moduleWaiters = new Map(); // id -> {specifier, referrer, resolve, reject}
+let nextModule = 1;
+
+function askHost(specifier, referrer) {
+  if (specifier.length + referrer.length > MAX_SPECIFIER) {
+    return Promise.reject(new TypeError(`the specifier is longer than ${MAX_SPECIFIER} characters`));
+  }
+  return new Promise((resolve, reject) => {
+    moduleQueue.push({ specifier, referrer, resolve, reject });
+    pumpModules();
+  });
+}
+
+function pumpModules() {
+  while (moduleWaiters.size < MAX_PENDING_MODULES && moduleQueue.length > 0) {
+    const q = moduleQueue.shift();
+    const id = nextModule++;
+    moduleWaiters.set(id, q);
+    send({ op: "module", id, specifier: q.specifier, referrer: q.referrer });
+  }
+}
+
+function onModuleAnswer(h, body) {
+  const q = moduleWaiters.get(h.id);
+  if (q === undefined) return;
+  moduleWaiters.delete(h.id);
+  if (h.op === "module_error") q.reject(new TypeError(String(h.message)));
+  else q.resolve({ url: String(h.url), kind: String(h.kind), source: decodeText(dec, body) });
+  pumpModules();
+}
+
+// The Blob URL of `rec`, built (its imports first) if it is not yet.
+async function build(rec, chain) {
+  if (rec.blob !== null) return rec.blob;
+  if (rec.building) {
+    const at = chain.indexOf(rec.url);
+    const cycle = [...chain.slice(at < 0 ? 0 : at), rec.url].join(" -> ");
+    throw new TypeError(`Import cycle: ${cycle}; this sandbox's loader does not support cycles of static imports `
+      + `(import one side dynamically, with import())`);
+  }
+  rec.building = true;
+  try {
+    const source = rec.kind === "json" ? rec.source : await rewrite(rec.source, rec.url, rec.kind, rec.url, [...chain, rec.url]);
+    rec.blob = blobModule(source, rec.kind, rec.url);
+    rec.source = null;
+    return rec.blob;
+  } finally {
+    rec.building = false;
+  }
+}
+
+function position(source, at) {
+  let line = 1, start = 0;
+  for (let i = source.indexOf("\n"); i >= 0 && i < at; i = source.indexOf("\n", i + 1)) { line++; start = i + 1; }
+  return `${line}:${at - start + 1}`;
+}
+
+// `source` (of the module at `url`) with every specifier replaced by the Blob URL of its module.
+async function rewrite(source, url, kind, name, chain) {
+  if (!MAY_IMPORT.test(source)) return source;
+  await loadLexer();
+  let imports;
+  try { [imports] = parseImports(source, name); } catch { return source; } // Deno reports the syntax error
+  const ts = kind === "typescript" || kind === "tsx";
+  const statics = new Set(imports.filter((i) => (i.type === "static" || i.type === "reexport-star") && !i.typeOnly
+    && typeof i.specifier === "string" && !isBuiltin(i.specifier)));
+  // every module this one imports is asked for at once; each is then built in order
+  const records = [...statics].map((i) => request(keyOf(i.specifier, url), url).catch((e) => {
+    throw notFound(i.specifier, name, e.message, `${name}:${position(source, i.start)}`);
+  }));
+  records.forEach((p) => p.catch(() => {})); // the first failure is thrown below; the rest are settled
+  let out = "";
+  let at = 0;
+  let n = 0;
+  for (const i of imports) {
+    if (statics.has(i)) {
+      const blob = await build(await records[n++], chain);
+      out += source.slice(at, i.start) + blob;
+      at = i.end;
+    } else if (i.type === "import-meta") { // its `url` is the module's own, not its Blob's
+      out += source.slice(at, i.start) + `__sandbox_import__.meta(${referrerOf(url)})`;
+      at = i.end;
+    } else if (i.type === "dynamic" && !(ts && i.probablyTypeOnly)) {
+      const paren = source.indexOf("(", i.importStart + 6);
+      if (paren < 0) continue;
+      out += source.slice(at, i.importStart) + `__sandbox_import__(${referrerOf(url)}, `;
+      at = paren + 1;
+    }
+  }
+  return out + source.slice(at);
+}
+
+function referrerOf(url) {
+  let n = referrerIndex.get(url);
+  if (n === undefined) { n = referrers.length; referrers.push(url); referrerIndex.set(url, n); }
+  return n;
+}
+
+// What a rewritten `import.meta` is: the module's URL, and `resolve()` as the loader keys it.
+const metas = new Map(); // referrer index -> its import.meta
+guestImport.meta = function meta(n) {
+  let m = metas.get(n);
+  if (m === undefined) {
+    const url = referrers[n] ?? "file:///main.js";
+    m = Object.freeze({ __proto__: null, url, main: false, resolve: (specifier) => keyOf(String(specifier), url) });
+    metas.set(n, m);
+  }
+  return m;
+};
+
+// What a rewritten `import(specifier, options)` calls.
+async function guestImport(n, specifier, options = undefined) {
+  const referrer = referrers[n] ?? "file:///main.js";
+  specifier = String(specifier);
+  if (isBuiltin(specifier)) return await import(specifier);
+  let rec;
+  try {
+    rec = await request(keyOf(specifier, referrer), referrer);
+  } catch (e) {
+    throw notFound(specifier, referrer, e.message);
+  }
+  const blob = await locked(() => build(rec, []));
+  try {
+    return await (options === undefined ? import(blob) : import(blob, options));
+  } catch (e) {
+    const syntax = e instanceof Error ? syntaxError(e.name, nameBlobs(String(e.message))) : null;
+    if (syntax === null) throw e;
+    const err = new SyntaxError(syntax.message);
+    err.stack = syntax.stack;
+    throw err;
+  }
+}
+
 // ---- eval ----------------------------------------------------------------------------------------
 async function runEval(h) {
-  const url = URL.createObjectURL(new Blob([h.code], { type: "text/javascript" }));
+  let url = null;
   try {
+    url = await evalModule(h.code, h.filename);
     const mod = await import(url);
     const { v, blobs } = packValue(mod.default, "the default export");
     send({ op: "eval_ok", id: h.id, v }, blobsBody(blobs));
   } catch (e) {
     const err = describe(e);
-    // Deno reports a module that fails to parse as a TypeError wrapping the SyntaxError
-    if (err.name === "TypeError" && err.message.startsWith("SyntaxError: ")) {
-      err.name = "SyntaxError";
-      err.message = err.message.slice("SyntaxError: ".length);
-    }
-    send({ op: "eval_error", id: h.id, error: err });
+    const syntax = syntaxError(err.name, err.message);
+    send({ op: "eval_error", id: h.id, error: syntax ? { ...err, ...syntax } : err });
   } finally {
-    URL.revokeObjectURL(url);
+    if (url !== null) URL.revokeObjectURL(url);
   }
 }
 
@@ -844,6 +1142,9 @@ const LEVELS = { __proto__: null, 0: "debug", 1: "log", 2: "warn", 3: "error", 4
 // the level of an entry Deno did not print (a report whose formatting failed)
 const METHOD_LEVELS = { __proto__: null, debug: "debug", info: "info", warn: "warn", error: "error", trace: "trace" };
 const BOOTSTRAP_URL = import.meta.url;
+// how a frame of this file reads: Deno's default stack text has the URL, a CallSite (what
+// Error.prepareStackTrace, section modules, prints) has the path
+const BOOTSTRAP_PATH = new URL(import.meta.url).pathname + ":";
 const stringIncludes = uncurry(String.prototype.includes);
 const stringIndexOf = uncurry(String.prototype.indexOf);
 const stringEndsWith = uncurry(String.prototype.endsWith);
@@ -893,7 +1194,9 @@ function withoutBootstrapFrames(text) {
     let end = stringIndexOf(text, "\n", start);
     if (end < 0) end = text.length;
     const line = sliceString(text, start, end);
-    if (!stringIncludes(line, BOOTSTRAP_URL)) out += (out === "" ? "" : "\n") + line;
+    if (!stringIncludes(line, BOOTSTRAP_URL) && !stringIncludes(line, `(${BOOTSTRAP_PATH}`)) {
+      out += (out === "" ? "" : "\n") + line;
+    }
     start = end + 1;
   }
   return out;
@@ -1002,6 +1305,7 @@ function handle(h, body) {
     case "tool_result": case "tool_error": onToolAnswer(h, body); break;
     case "chunk": case "end": case "error": onInbound(h, body); break;
     case "ack": onAck(h); break;
+    case "module_source": case "module_error": onModuleAnswer(h, body); break;
     case "cancel": onOutCancel(h); break;
     case "stats":
       send({ op: "stats", id: h.id, inbound: inStreams.size, outbound: outStreams.size, fetches: fetches.size,

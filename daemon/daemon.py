@@ -28,6 +28,7 @@ import zmq
 from daemon import memory as heap
 from daemon import spawner
 from daemon.limits import CPU_EVERY, WATCH_INTERVAL, MemoryCgroups, MemoryWatch, TurnWatch
+from daemon.modules import GuestModule
 from daemon.pool import MAX_STARTING, START_QUEUE_TIMEOUT, WarmPool, write_import_map
 from daemon.ports import OkReply
 from daemon.registry import Registry, Seat
@@ -447,8 +448,15 @@ class Daemon:
 
     def _on_fetch_answer(self, msg: M.FetchOk | M.ToolResult) -> None:
         waiter = self.registry.take_callback(msg.id)
-        if waiter is not None:
+        if isinstance(waiter, GuestModule):  # a module's answer is a module_ok
+            waiter.refuse("the host answered the import with something else than a module")
+        elif waiter is not None:
             waiter.answer(msg)
+
+    def _on_module_answer(self, msg: M.ModuleOk) -> None:
+        waiter = self.registry.take_callback(msg.id)
+        if waiter is not None:
+            waiter.answer(msg)  # a fetch waiting under this id refuses it (not a FetchOk)
 
     def _on_error(self, msg: M.ErrorReply) -> None:
         """Without an id: the broker does not know this daemon; else it refused a fetch callback."""
@@ -507,6 +515,7 @@ class Daemon:
         M.Heartbeat.T: _on_heartbeat,
         M.FetchOk.T: _on_fetch_answer,
         M.ToolResult.T: _on_fetch_answer,  # a callback's answer, each waiter checks it is its own
+        M.ModuleOk.T: _on_module_answer,
         M.ErrorReply.T: _on_error,
         M.CreateRuntime.T: _on_create,
         M.Eval.T: _on_eval,
@@ -564,7 +573,14 @@ class Daemon:
         guest.on_pong = turns.pong
         eval_timeout = self.eval_timeout if msg.eval_timeout_ms is None else msg.eval_timeout_ms / 1000
         runtime = Runtime(
-            seat, rt_id, guest, eval_timeout, fetch=msg.fetch, console=msg.console, tools=(msg.tools, msg.stream_tools)
+            seat,
+            rt_id,
+            guest,
+            eval_timeout,
+            fetch=msg.fetch,
+            console=msg.console,
+            tools=(msg.tools, msg.stream_tools),
+            modules=msg.modules,
         )
         try:
             self.scope.spawn(self._host(runtime, seat), name=f"runtime-{rt_id}")

@@ -19,6 +19,7 @@ from daemon import values
 from daemon.dispatches import Dispatches
 from daemon.fetches import Fetches
 from daemon.guest import GuestProcess
+from daemon.modules import Modules, lexer_source
 from daemon.pending import Call, Pending
 from daemon.ports import RuntimeHost
 from daemon.streams import StreamTable
@@ -50,6 +51,7 @@ class Runtime:
         fetch: bool,
         console: bool,
         tools: tuple[tuple[str, ...], tuple[str, ...]] = ((), ()),
+        modules: bool = False,
     ) -> None:
         self.host = host
         self.rt = rt
@@ -62,6 +64,7 @@ class Runtime:
         self.dispatches = Dispatches(host, guest, self.streams, self._gid)
         self.fetches = Fetches(host, guest, self.streams, self._gid, rt)
         self.tools = Tools(host, guest, self.streams, self._gid, rt, frozenset(tools[0] + tools[1]))
+        self.modules = Modules(host, guest, rt)
         self._console_window = 0.0
         self._console_count = 0
         self._console_dropped = 0
@@ -75,7 +78,10 @@ class Runtime:
         guest.on_stop = self.stop
         if guest.exit_reason is not None:  # it stopped between its claim and now
             self.stop(guest.exit_reason)
-        guest.send(G.Init(fetch=fetch, console=console, tools=tools[0], stream_tools=tools[1]))
+        lexer = lexer_source() if modules else ""  # the guest's import lexer, only where it loads modules
+        guest.send(
+            G.Init(fetch=fetch, console=console, tools=tools[0], stream_tools=tools[1], modules=modules, lexer=lexer)
+        )
 
     def _gid(self) -> int:
         """The next id of an exchange or inbound stream (one counter: protocol.md 7.3)."""
@@ -118,7 +124,7 @@ class Runtime:
         limit = self.eval_timeout if msg.timeout_ms is None else msg.timeout_ms / 1000
         gid = self._gid()
         self.evals.add(gid, Call(route, msg.id), limit, lambda call: self._eval_timed_out(call, limit))
-        self.guest.send(G.Eval(id=gid, code=code))
+        self.guest.send(G.Eval(id=gid, code=code, filename=values.clean(msg.filename or "")))
 
     def _eval_timed_out(self, call: Call, limit: float) -> None:
         message = f"eval did not finish within {limit:g}s; the runtime was stopped"
@@ -144,6 +150,7 @@ class Runtime:
         counts = self.streams.counts()
         counts |= {"fetches": len(self.fetches), "dispatches": len(self.dispatches), "evals": len(self.evals)}
         counts["tools"] = len(self.tools)
+        counts["modules"] = len(self.modules)
         counts["stdin_queued"] = self.guest.queued()
         return counts | self.host.held()
 
@@ -254,6 +261,7 @@ class Runtime:
         "fetch_abort": lambda self, msg: self.fetches.on_abort(msg),
         "tool": lambda self, msg: self.tools.on_tool(msg),
         "tool_abort": lambda self, msg: self.tools.on_abort(msg),
+        "module": lambda self, msg: self.modules.on_query(msg),
         "console": _on_console,
         "stats": _on_stats,
         "init_ok": lambda self, msg: None,
@@ -296,6 +304,7 @@ class Runtime:
                 self.stat_calls.fail_all(lambda call: self.host.to_broker(call.error(code, message)))
                 self.fetches.fail_all(code, message)
                 self.tools.fail_all()
+                self.modules.fail_all()
                 if not self.disposing:  # before its bodies fail: the owner hears why first, if it can
                     self.host.to_broker(M.RuntimeLost(rt=self.rt, code=code, message=message))
                 await self.streams.close(message)

@@ -88,7 +88,7 @@ def test_bootstrap_takes_every_limit_from_init() -> None:
     assert init["window"] == G.WINDOW and init["max_chunk"] == G.MAX_CHUNK and init["fetch"] is True
     source = BOOTSTRAP.read_text()
     for field in init:
-        if field not in ("op", "fetch", "console", "tools", "stream_tools"):  # the rest are limits
+        if field not in ("op", "fetch", "console", "tools", "stream_tools", "modules", "lexer"):  # the rest are limits
             assert re.search(rf"\b{field}: [A-Z_]+", source), f"bootstrap.js does not read {field!r} from init"
     # no limit is spelled out in the bootstrap itself any more (MAX_FRAME is its own read limit)
     assert re.findall(r"const (?:MAX|WINDOW|INLINE|CONSOLE)\w*", source) == ["const MAX_FRAME"]
@@ -262,7 +262,7 @@ async def test_runtime_routes_guest_ops_and_releases_everything_at_its_end() -> 
     life = asyncio.get_running_loop().create_task(rt.run())  # owner: this test (awaited below)
     assert guest.sent[0]["op"] == "init" and guest.sent[0]["window"] == G.WINDOW
     rt.eval(M.Eval(id=7, rt="r1", source=b"export default 1", c=b"c"), b"c")
-    assert guest.sent[-1] == {"op": "eval", "id": 1, "code": "export default 1"}
+    assert guest.sent[-1] == {"op": "eval", "id": 1, "code": "export default 1", "filename": ""}
     guest.frame(op="eval_ok", id=1, v={"x": "\ud800"})
     assert host.out[-1] == M.EvalOk(id=7, c=b"c", value={"x": "\ufffd"})
     # a dispatch the client cancels before its head: the guest's request is aborted, the client answered

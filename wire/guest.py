@@ -73,6 +73,10 @@ MAX_STATUS_TEXT = 1024
 MAX_PENDING_FETCHES = 32
 #: tools.*() calls of one runtime waiting for their result (or an async generator's first answer).
 MAX_PENDING_TOOLS = 64
+#: `module` callbacks of one runtime waiting for the host's resolver (the bootstrap queues the rest).
+MAX_PENDING_MODULES = 16
+#: UTF-16 units of an import's specifier plus its referrer (the daemon forwards both in a header).
+MAX_SPECIFIER = 8192
 #: Bodies one runtime has open at once, both directions (each holds a pipe socket in the daemon).
 MAX_STREAMS = 256
 #: Calls into one runtime (eval, dispatch, stats) waiting for the guest; more get `busy`.
@@ -209,6 +213,10 @@ class Init(Record):
     tools: tuple[str, ...] = F(LIST, (), "names of the host's async-function tools (the `tools` object)")
     stream_tools: tuple[str, ...] = F(LIST, (), "names of the host's async-generator tools")
     max_pending_tools: int = F(INT, MAX_PENDING_TOOLS, "tools.*() calls waiting for their result")
+    modules: bool = F(BOOL, False, "the host resolves imports (`module`)")
+    max_pending_modules: int = F(INT, MAX_PENDING_MODULES, "`module` calls waiting for their answer")
+    max_specifier: int = F(INT, MAX_SPECIFIER, "characters of an import's specifier plus its referrer")
+    lexer: str = F(STR, "", "with `modules`: the import lexer's source")
 
 
 @record("eval")
@@ -217,6 +225,7 @@ class Eval(Record):
 
     id: int = F(U64, doc=_ID)
     code: str = F(STR, doc="the module source")
+    filename: str = F(STR, "", "as `eval.filename`")
 
 
 @record("request")
@@ -277,6 +286,24 @@ class ToolError(Record):
     id: int = F(U64, doc="the guest's tool call id")
     name: str = F(STR, "Error", "the Error's name")
     message: str = F(STR, doc="the Error's message")
+
+
+@record("module_source")
+class ModuleSource(Record):
+    """Answer the guest's `module` `id`: the resolver's module (its source is the frame's body)."""
+
+    id: int = F(U64, doc="the guest's module id")
+    url: str = F(STR, doc="as `module_ok`'s")
+    kind: str = F(STR, doc="as `module_ok`'s")
+    source: Any = payload_frame("UTF-8")
+
+
+@record("module_error")
+class ModuleError(Record):
+    """Answer the guest's `module` `id`: no module (the import fails with TypeError(message))."""
+
+    id: int = F(U64, doc="the guest's module id")
+    message: str = F(STR, doc="why")
 
 
 @record("chunk")
@@ -426,6 +453,15 @@ class ToolAbort(Record):
     id: int = F(U64, doc="the tool call id")
 
 
+@record("module")
+class ModuleQuery(Record):
+    """The guest imports `specifier` (not yet in its cache): ask the host's resolver."""
+
+    id: int = F(U64, doc="a new module id")
+    specifier: str = F(STR, doc="the import's key")
+    referrer: str = F(STR, "", "the importer's URL")
+
+
 @record("read")
 class InboundRead(Record):
     """Credit for `n` more chunks of an inbound stream (outstanding credit at most WINDOW)."""
@@ -500,12 +536,13 @@ class Pong(Record):
 DAEMON_TO_GUEST: dict[str, type[Record]] = {
     c.T: c
     for c in (Init, Eval, Request, Abort, FetchResponse, FetchError, InboundChunk, InboundEnd, InboundError,
-              OutboundAck, OutboundCancel, StatsQuery, Ping, ToolResult, ToolError)
+              OutboundAck, OutboundCancel, StatsQuery, Ping, ToolResult, ToolError, ModuleSource, ModuleError)
 }  # fmt: skip
 GUEST_TO_DAEMON: dict[str, type[Record]] = {
     c.T: c
     for c in (Ready, Fatal, InitOk, EvalOk, EvalError, Response, ResponseError, Fetch, FetchAbort, InboundRead,
-              InboundCancel, OutboundChunk, OutboundEnd, OutboundError, Console, StatsAnswer, Pong, Tool, ToolAbort)
+              InboundCancel, OutboundChunk, OutboundEnd, OutboundError, Console, StatsAnswer, Pong, Tool, ToolAbort,
+              ModuleQuery)
 }  # fmt: skip
 
 

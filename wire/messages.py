@@ -172,6 +172,7 @@ class CreateRuntime(Record):
     keep_alive_ms: int | None = F(INT, None, "how long it outlives its session (ms)")
     tools: tuple[str, ...] = F(STRS, (), "the client's tools: async functions (wire/tools.py names)")
     stream_tools: tuple[str, ...] = F(STRS, (), "the client's tools that are async generators")
+    modules: bool = F(BOOL, False, "the client answers `module` callbacks")
 
 
 @record("acquire")
@@ -191,6 +192,7 @@ class Eval(Record):
     source: Any = payload_frame("the source, UTF-8, as the one payload frame")
     timeout_ms: int | None = F(INT, None, "timeout of this evaluation (ms, > 0); default: the runtime's")
     c: bytes | None = F(BIN, None, _C)
+    filename: str | None = F(STR, None, "names the source in stacks; *.ts: TypeScript (7.3)")
 
 
 @record("dispatch")
@@ -320,6 +322,18 @@ class ToolResult(Record):
     items: bool = F(BOOL, False, "an async generator: its items stream on `resp_sid` (pipe in `pipe_ready`)")
 
 
+@record("module_ok")
+class ModuleOk(Record):
+    """Client -> broker -> daemon: the resolver's module for a `module` callback (none: `error`
+    `module_not_found`)."""
+
+    id: int = F(U64, doc="the `module`'s id")
+    rt: str | None = F(STR, None, "client -> broker: the `module`'s runtime")
+    url: str = F(STR, doc="its canonical URL (7.3)")
+    kind: str = F(STR, "javascript", "javascript, typescript or json")
+    source: Any = payload_frame("UTF-8, at most MAX_SOURCE bytes")
+
+
 # ---- guest callbacks and notices (daemon -> broker -> client) ------------------------------------
 
 
@@ -351,6 +365,16 @@ class Tool(Record):
     body: Body = F(BODY, None, "a ReadableStream argument: {sid, ep} (connect a PULL)")
     at: int = F(INT, 0, "with `body`: its argument's position")
     resp_sid: bytes = F(BIN16, doc="an async generator's items stream; cancelling it abandons the call")
+
+
+@record("module")
+class Module(Record):
+    """Daemon -> broker -> client: the guest imports a module; answer with `module_ok` or `error`."""
+
+    id: int = F(U64, doc="callback id, as `fetch`'s")
+    rt: str = F(STR, doc="the runtime whose guest imports")
+    specifier: str = F(STR, doc="the import's key (7.3)")
+    referrer: str | None = F(STR, None, "the importer's URL")
 
 
 @record("console")
@@ -413,28 +437,28 @@ class StatusOk(Record):
 CLIENT_TO_BROKER = on(
     "client -> broker",
     Hello, Heartbeat, Bye, Status, CreateRuntime, Acquire, Eval, Dispatch, Stats, (Dispose, ("id",)),
-    (FetchOk, ("rt",)), (ErrorReply, ("id", "rt")), (ToolResult, ("rt",)),
+    (FetchOk, ("rt",)), (ErrorReply, ("id", "rt")), (ToolResult, ("rt",)), (ModuleOk, ("rt",)),
 )  # fmt: skip
 BROKER_TO_CLIENT = on(
     "broker -> client",
-    (Welcome, ("token",)), Heartbeat, ErrorReply, Fetch, Console, RuntimeLost, Tool,
+    (Welcome, ("token",)), Heartbeat, ErrorReply, Fetch, Console, RuntimeLost, Tool, Module,
     replies=("id",),
 )  # fmt: skip
 DAEMON_TO_BROKER = on(
     "daemon -> broker",
-    Ready, Heartbeat, (ErrorReply, ("id", "c")), Fetch, Console, RuntimeLost, Tool,
+    Ready, Heartbeat, (ErrorReply, ("id", "c")), Fetch, Console, RuntimeLost, Tool, Module,
     replies=("id", "c"),
 )  # fmt: skip
 BROKER_TO_DAEMON = on(
     "broker -> daemon",
     Welcome, Heartbeat, (CreateRuntime, ("c", "rt", "owner")), (Eval, ("c",)), (Dispatch, ("c",)),
-    (Stats, ("c",)), Dispose, FetchOk, ErrorReply, ToolResult,
+    (Stats, ("c",)), Dispose, FetchOk, ErrorReply, ToolResult, ModuleOk,
 )  # fmt: skip
 CONTROL_TO_DAEMON = on("control client -> daemon", Hello, Cancel)
 CONTROL_TO_CLIENT = on("control daemon -> client", Cancel, PipeReady)
 
 #: Daemon -> client callbacks the client answers (the broker holds them until it does).
-CALLBACKS = (Fetch, Tool)
+CALLBACKS = (Fetch, Tool, Module)
 
 #: Requests on the client link that name a runtime the client must own.
 RUNTIME_REQUESTS = (Eval, Dispatch, Stats, Dispose)

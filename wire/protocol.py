@@ -64,6 +64,7 @@ E_BUSY = "busy"
 E_UNAVAILABLE = "unavailable"
 E_UNKNOWN_DAEMON = "unknown_daemon"
 E_TOOL_FAILED = "tool_failed"
+E_MODULE_NOT_FOUND = "module_not_found"
 
 #: The codes a stopped runtime keeps in every later answer about it (others become runtime_lost).
 LIMIT_CODES = frozenset({E_MEMORY_LIMIT, E_CPU_LIMIT})

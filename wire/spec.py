@@ -111,6 +111,7 @@ ERRORS: dict[str, str] = {
     "unavailable": "the broker or the runtime's owner is (for now) unreachable; the call did not complete; retry",
     "unknown_daemon": "broker -> daemon, without id: no registration of the sender; send `ready` again",
     "tool_failed": "client: a tool call failed; `name` and `message` are what the guest's Error says",
+    "module_not_found": "client: the resolver has no such module (or failed, or timed out)",
 }
 
 
@@ -175,6 +176,10 @@ LIMITS: tuple[Limit, ...] = (
           "default `--start-queue-timeout` (`busy` after)"),
     Limit("STATS_TIMEOUT", 10.0, "s", ("daemon.runtime.STATS_TIMEOUT",), "guest answer to `stats`"),
     Limit("FETCH_REPLY_TIMEOUT", 300.0, "s", ("daemon.fetches.FETCH_REPLY_TIMEOUT",), "answer to a `fetch`"),
+    Limit("MODULE_REPLY_TIMEOUT", 60.0, "s", ("daemon.modules.MODULE_REPLY_TIMEOUT",), "answer to a `module`"),
+    Limit("MAX_PENDING_MODULES", 16, "modules", ("wire.guest.MAX_PENDING_MODULES",),
+          "a runtime's pending `module`s"),
+    Limit("MAX_SPECIFIER", 8192, "characters", ("wire.guest.MAX_SPECIFIER",), "an import's specifier + referrer"),
     Limit("MIN_MEMORY_MB", 16, "MiB", ("daemon.daemon.MIN_MEMORY_MB",), "`memory_limit_mb`"),
     Limit("MAX_MEMORY_MB", 16384, "MiB", ("daemon.daemon.MAX_MEMORY_MB",), "`memory_limit_mb`"),
     Limit("MAX_PENDING_FETCHES", 32, "fetches", ("wire.guest.MAX_PENDING_FETCHES",),
