@@ -32,13 +32,18 @@ import pytest
 import client
 from broker import core as broker_core
 from client import glue
+from client import modules as client_modules
 from client import runtime as client_runtime
+from client import tools as client_tools
 from daemon import daemon as D
 from daemon import fetches, guest, pool
+from daemon import modules as daemon_modules
+from daemon import tools as daemon_tools
 from scripts import llm_stream_demo as demo
 from tests.conftest import ROOT, Broker, await_until
 from wire import guest as G
 from wire import protocol as P
+from wire import tools as wire_tools
 
 README = ROOT / "README.md"
 OPERATING = ROOT / "docs" / "operating.md"
@@ -93,7 +98,7 @@ def table(text: str) -> dict[str, list[str]]:
 
 def limits_table() -> dict[str, list[str]]:
     """The README's table of guest limits and defaults."""
-    text = section(readme(), "The guest environment")
+    text = section(readme(), "What the guest can do")
     return table(text[text.index("**Limits and defaults**") :])
 
 
@@ -158,6 +163,29 @@ async def test_callback_examples_work(conn: client.Connection, caplog: pytest.Lo
         await rt.dispose()
 
 
+async def test_tools_example_runs(conn: client.Connection) -> None:
+    """The host-tools example of "What the guest can do", against a real runtime (its assert is the check)."""
+    blocks = code_blocks(section(readme(), "What the guest can do"), "python")
+    assert len(blocks) == 1, "one tools example expected"
+    line, code = blocks[0]
+    ns: dict[str, Any] = {"conn": conn}
+    compiled = compile(code, f"README.md:{line}", "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
+    await eval(compiled, ns)  # the README's own code
+    await ns["rt"].dispose()
+    assert ns["found"]["got"] == [0, 1, 2]
+
+
+def test_the_marshalling_table_has_every_row() -> None:
+    """The README's value table names each kind wire/values.py accepts, and refuses what it refuses."""
+    text = section(readme(), "What the guest can do")
+    rows = table(text[text.index("**Values**") :])
+    hosts = " ".join(cells[0] for cells in rows.values())
+    for kind in ("`None`", "`bool`", "`int`", "`float`", "`str`", "`bytes`", "`datetime`", "`list`", "`dict`"):
+        assert kind in hosts, f"the marshalling table has no row for {kind}"
+    refused = next(cells for label, cells in rows.items() if label.startswith("anything else"))
+    assert "TypeError" in refused[0] and "TypeError" in refused[1]
+
+
 # ---- what the docs say about the guest ----------------------------------------------------------
 
 
@@ -185,8 +213,23 @@ def test_documented_limits_are_the_codes() -> None:
         "`fetch()` calls pending": [f"{G.MAX_PENDING_FETCHES};"],
         "bodies open at once, both directions": [str(G.MAX_STREAMS)],
         "eval source": [f"{P.MAX_SOURCE} bytes"],
-        "eval value": [f"{G.MAX_VALUE} characters of JSON, {G.MAX_VALUE_DEPTH} levels deep"],
-        "console": [f"{G.CONSOLE_RATE} entries/s", f"{G.MAX_CONSOLE} characters and {G.MAX_CONSOLE_ARGS} arguments"],
+        "eval value, tool argument/result/item": [f"{G.MAX_VALUE} bytes marshalled, {G.MAX_VALUE_DEPTH} levels deep"],
+        "console": [
+            f"{G.CONSOLE_RATE} entries/s",
+            f"{G.MAX_CONSOLE} characters and {G.MAX_CONSOLE_ARGS} arguments",
+            f"{G.MAX_CONSOLE_VALUE} bytes of marshalled arguments",
+        ],
+        "tool call": [f"{g(client_tools.TOOL_TIMEOUT)} s", f"gives up at {g(daemon_tools.TOOL_REPLY_TIMEOUT)} s"],
+        "tool calls pending": [f"{G.MAX_PENDING_TOOLS};"],
+        "tools per runtime": [f"{wire_tools.MAX_TOOLS}, names of at most {wire_tools.MAX_TOOL_NAME} characters"],
+        "resolver's answer": [
+            f"{g(client_runtime.MODULE_TIMEOUT)} s;",
+            f"gives up at {g(daemon_modules.MODULE_REPLY_TIMEOUT)} s",
+        ],
+        "module queries in flight": [f"{G.MAX_PENDING_MODULES} per runtime"],
+        "module source, URL, specifier": [
+            f"{P.MAX_SOURCE} bytes, {client_modules.MAX_URL} characters, {G.MAX_SPECIFIER} characters"
+        ],
         "request or response head": [f"{G.MAX_HEAD} characters"],
         "runtimes per client": [f"{broker_core.MAX_RUNTIMES_PER_CLIENT} (", "`quota`"],
         "`forward_fetch`": [
@@ -203,7 +246,7 @@ def test_documented_limits_are_the_codes() -> None:
 
 async def test_documented_guest_environment_is_real(conn: client.Connection) -> None:
     """The README's lists against the code that defines them, and then inside a real runtime."""
-    text = section(readme(), "The guest environment")
+    text = section(readme(), "What the guest can do")
     hidden = identifiers(paragraph(text, "**Hidden.**").split("and WebGPU")[0])
     bootstrap = (ROOT / "daemon" / "bootstrap.js").read_text()
     found = re.search(r"const HIDDEN = \[(.*?)\];", bootstrap, re.DOTALL)
