@@ -21,7 +21,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 from aiohttp import ClientSession, web
@@ -163,8 +163,9 @@ async def run(broker: str) -> None:
         await rt.dispose()
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def demo_main(doc: str | None, run: Callable[[str], Awaitable[None]]) -> None:
+    """A demo's command line: ``run`` against ``--broker``, or against a broker of its own."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--broker", help="frontend endpoint of a running broker (default: start one)")
     args = p.parse_args()
     if args.broker:
@@ -172,6 +173,10 @@ def main() -> None:
     else:
         with own_broker() as endpoint:
             asyncio.run(run(endpoint))
+
+
+def main() -> None:
+    demo_main(__doc__, run)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ they are produced, ~50 ms apart.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import sys
 import time
@@ -26,7 +25,7 @@ from aiohttp import ClientSession, web
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import client
-from scripts.llm_stream_demo import own_broker, site
+from scripts.llm_stream_demo import demo_main, site
 
 GUEST = """
 serve({ async fetch(req) {
@@ -103,14 +102,7 @@ async def run(broker: str) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--broker", help="frontend endpoint of a running broker (default: start one)")
-    args = p.parse_args()
-    if args.broker:
-        asyncio.run(run(args.broker))
-    else:
-        with own_broker() as endpoint:
-            asyncio.run(run(endpoint))
+    demo_main(__doc__, run)
 
 
 if __name__ == "__main__":
