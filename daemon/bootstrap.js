@@ -372,9 +372,13 @@ function packValue(value, where = "the value", replace = undefined) {
     }
     if (v === null) return null;
     if (typedArrayTag(v) === "Uint8Array") {
+      // its bytes now: a getter met later in the walk may resize or detach its buffer, and the
+      // offsets in the tree must name the bytes the body carries (a detached one has none)
       const n = byteLengthOf(v);
       grow(n);
-      put(blobs, nblobs++, v);
+      const bytes = new Uint8Array(n);
+      if (n > 0) copyInto(bytes, v);
+      put(blobs, nblobs++, bytes);
       offset += n;
       return { $: "b", o: offset - n, n };
     }
@@ -1075,11 +1079,12 @@ function callTool(name, args) {
     }
   }
   const { v, blobs } = packValue(plain, `tools.${name}: arguments`);
+  const body = blobsBody(blobs) ?? new Uint8Array(0); // before the call is counted: nothing after may throw
   const id = nextTool++;
   const done = new Promise((resolve, reject) => {
     toolCalls.set(id, { resolve, reject });
     const head = { op: "tool", id, name, v, at };
-    sendWithBody(head, stream, blobsBody(blobs) ?? new Uint8Array(0)).catch((e) => {
+    sendWithBody(head, stream, body).catch((e) => {
       if (toolCalls.delete(id)) { send({ op: "tool_abort", id }); reject(e); }
     });
   });
