@@ -605,6 +605,12 @@ class Runtime:
         # the counts of failures not logged one by one, now (the summary may say up to a second more)
         self._failures.flush(time.monotonic() + self._failures.interval)
         self.lost = lost(code, message)
+        # the runtime may live on without us (a named one kept for its session, when this
+        # connection closes or is lost): the daemon must stop waiting for the bodies we produce and
+        # stop sending those we read (the link delivers these cancels after it closes, see
+        # ControlLink.close; a runtime really gone ignores them)
+        for sid in [*self._outbound, *self._inbound]:
+            self._control.cancel(sid)
         for stream in list(self._inbound.values()):
             stream.fail(message)
         self._scope.cancel()

@@ -361,3 +361,55 @@ async def test_a_named_runtime_resumed_elsewhere_gets_that_connections_tools(
             await third.dispose()
         finally:
             await bare.close()
+
+
+async def test_a_connection_that_closes_mid_stream_ends_its_streams_in_the_kept_runtime(broker: Any) -> None:
+    """A named runtime outlives its connection: a tool's item stream (and a fetch callback's
+    response body) that connection was producing must end for the guest when it closes (an error
+    after the items sent), not leave the guest's read, the daemon's pipe and the stats waiting for
+    bytes that will never come."""
+    closed: list[str] = []
+
+    async def rows() -> AsyncIterator[int]:
+        try:
+            for i in range(10**6):
+                yield i
+        finally:
+            closed.append("rows")
+
+    async def fetch(request: client.Request) -> client.Response:
+        async def body() -> AsyncIterator[bytes]:
+            try:
+                while True:
+                    yield b"x" * 1024
+            finally:
+                closed.append("fetch")
+
+        return client.Response(200, body=body())
+
+    async with client.connect(broker.frontend) as first:
+        rt = await first.create_runtime(name="kept", keep_alive=30, tools={"rows": rows}, fetch=fetch)
+        await rt.eval("""
+            const drain = async (it) => { try { for (;;) { if ((await it.next()).done) return "done"; } }
+              catch (e) { return `${e.name}: ${e.message}`; } };
+            const items = tools.rows()[Symbol.asyncIterator]();
+            await items.next();
+            const body = (await fetch("http://upstream/")).body[Symbol.asyncIterator]();
+            await body.next();
+            globalThis.ends = { items: null, body: null };
+            drain(items).then((e) => { ends.items = e; });
+            drain(body).then((e) => { ends.body = e; });
+        """)
+        session = first.session
+    assert sorted(closed) == ["fetch", "rows"]
+    async with client.connect(broker.frontend, session=session) as second:
+        again = await second.runtime("kept")
+        ends = await await_until(
+            lambda: again.eval("export default ends.items && ends.body ? ends : null"),
+            "the guest's reads of the gone connection's streams ended",
+            timeout=10,
+        )
+        assert ends == {"items": "TypeError: the body was cancelled", "body": "TypeError: the body was cancelled"}
+        s = await idle(again)
+        assert s["daemon"]["open_pipes"] == 0
+        await again.dispose()
