@@ -387,7 +387,8 @@ class Runtime:
         writer = PipeWriter(sock, sid, self._host.timeout)
         task = self._outbound[sid]  # the daemon's cancel: an acknowledged END, or stop producing
         self._control.watch(sid, lambda: streams.consumer_done(writer, task.cancel))
-        await send_body(writer, body, lambda: self._cancel_remote(sid))
+        failed = lambda exc: self._callback_failed("body", exc, " while it streamed to the guest")  # noqa: E731
+        await send_body(writer, body, lambda: self._cancel_remote(sid), failed)
         return None
 
     # ---- callbacks from the guest (the connection routes them here) ------------------------------

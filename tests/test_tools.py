@@ -309,6 +309,38 @@ async def test_a_failing_fetch_callback_shows_the_guest_a_generic_error(conn: cl
     assert "ConnectionError" not in repr(got) and SECRET not in repr(got) and "127.0.0.1:1" not in got["message"]
 
 
+async def test_a_host_body_failing_midway_shows_the_guest_a_generic_error(
+    conn: client.Connection, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The same rule for the bodies the host produces: a fetch callback's response body, and a
+    dispatched request's body, that fail after some chunks give the guest those chunks, then an
+    error that names no host exception (it is logged on the host with its traceback)."""
+
+    async def failing() -> AsyncIterator[bytes]:
+        yield b"first "
+        raise HostBug(f"disk on fire at {SECRET}")
+
+    async def fetch(request: client.Request) -> client.Response:
+        return client.Response(200, body=failing())
+
+    caplog.set_level(logging.ERROR, logger="sandbox_mesh.client.runtime")
+    async with await conn.create_runtime(fetch=fetch) as rt:
+        got = await rt.eval("""
+            const read = async (body) => { const reader = body.getReader(); let text = "";
+              try { for (;;) { const r = await reader.read(); if (r.done) return text; text += new TextDecoder().decode(r.value); } }
+              catch (e) { return [text, e.name, e.message, String(e.stack)]; } };
+            serve(async (req) => Response.json(await read(req.body)));
+            export default await read((await fetch("http://upstream/")).body);
+        """)
+        response = await rt.dispatch_request(client.Request("POST", "http://in/", [], failing()))
+        dispatched = json.loads(await response.read())
+    for text, name, message, stack in (got, dispatched):
+        assert text == "first " and name == "TypeError" and message == "the host's body failed", (text, message)
+        assert "HostBug" not in stack and SECRET not in stack
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert logged.count("HostBug") >= 1 and SECRET in logged and "Traceback" in logged
+
+
 def test_check_tools_accepts_async_callables_and_tool_wrappers() -> None:
     class Search:
         async def __call__(self, q: str) -> str:
