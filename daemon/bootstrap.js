@@ -1102,27 +1102,34 @@ function onToolAnswer(h, body) {
   }
 }
 
+// the items' own stream is read through methods captured here: a guest that patched
+// ReadableStream.prototype.getReader (or the reader's read) would otherwise fail the stream it
+// sees and leave the items' stream, unreachable, holding the host's generator for the runtime's life
+const getReaderOf = uncurry(ReadableStream.prototype.getReader);
+const readFrom = uncurry(ReadableStreamDefaultReader.prototype.read);
+const cancelReader = uncurry(ReadableStreamDefaultReader.prototype.cancel);
+
 function toolItems(name, args) {
   const { id, done } = callTool(name, args); // a TypeError for what cannot be sent: thrown here, at the call
   done.catch(() => {}); // a stream never read must not report its call's failure as unhandled
   let reader = null;
   return new ReadableStream({
     async pull(controller) {
-      if (reader === null) reader = (await done).getReader();
-      const r = await reader.read();
+      if (reader === null) reader = getReaderOf(await done);
+      const r = await readFrom(reader);
       if (r.done) { controller.close(); return; }
       const chunk = r.value;
       const n = byteLengthOf(chunk);
       const hlen = ((chunk[0] << 24) | (chunk[1] << 16) | (chunk[2] << 8) | chunk[3]) >>> 0;
       const header = parseJSON(decodeText(dec, sliceView(chunk, 4, hlen)));
       if (header.error) {
-        reader.cancel().catch(() => {});
+        cancelReader(reader).catch(() => {});
         throw toolError(String(header.error.name), String(header.error.message));
       }
       controller.enqueue(unpackValue(header.v, sliceView(chunk, 4 + hlen, n - 4 - hlen)));
     },
     cancel(reason) {
-      if (reader !== null) return reader.cancel(reason);
+      if (reader !== null) return cancelReader(reader, reason);
       if (toolCalls.delete(id)) send({ op: "tool_abort", id }); // no answer yet: the host stops the call
       done.catch(() => {});
     },

@@ -275,6 +275,27 @@ async def test_stream_tool_backpressure_and_break_closes_the_generator(conn: cli
         await idle(rt)
 
 
+async def test_a_guest_that_patches_stream_readers_still_gets_every_item(conn: client.Connection) -> None:
+    """The bootstrap reads a streamed tool's items through methods it captured: a guest's patched
+    getReader/read cannot fail the stream it iterates, which left the items' own stream (and the
+    host's generator) open, out of the guest's reach, for the runtime's life."""
+
+    async def rows(n: int) -> AsyncIterator[int]:
+        for i in range(n):
+            yield i
+
+    async with await conn.create_runtime(tools={"rows": rows}) as rt:
+        got = await rt.eval("""
+            ReadableStream.prototype.getReader = () => { throw new Error("patched getReader"); };
+            ReadableStreamDefaultReader.prototype.read = () => { throw new Error("patched read"); };
+            const seen = [];
+            for await (const i of tools.rows(5)) seen.push(i);
+            export default seen;
+        """)
+        assert got == [0, 1, 2, 3, 4]
+        await idle(rt)
+
+
 async def test_stream_argument_reaches_the_tool_as_a_body(conn: client.Connection) -> None:
     async def count(label: str, body: client.Body, extra: bytes) -> Any:
         total = 0
