@@ -219,12 +219,17 @@ function fatal(message) {
 }
 
 // ---- helpers ------------------------------------------------------------------------------------
+// Never throws: what the guest threw may have getters, proxy traps or a toString that throw, and
+// an error that cannot be described would leave its eval unanswered or its stream never ended.
 function describe(e) {
   // bounded, so that an error with a huge message cannot make a frame the daemon must refuse
   const cut = (text) => (text.length > MAX_ERROR_TEXT ? text.slice(0, MAX_ERROR_TEXT) + "…[truncated]" : text);
-  if (e instanceof Error || (e && typeof e === "object" && "message" in e)) {
-    return { name: cut(String(e.name ?? "Error")).slice(0, MAX_ERROR_NAME), message: cut(nameBlobs(String(e.message ?? ""))),
-      stack: cut(nameBlobs(String(e.stack ?? ""))) };
+  const read = (get, otherwise) => { try { return String(get() ?? otherwise); } catch { return otherwise; } };
+  let errorLike = false;
+  try { errorLike = e instanceof Error || (e !== null && typeof e === "object" && "message" in e); } catch { /* a proxy */ }
+  if (errorLike) {
+    return { name: cut(read(() => e.name, "Error")).slice(0, MAX_ERROR_NAME),
+      message: cut(nameBlobs(read(() => e.message, ""))), stack: cut(nameBlobs(read(() => e.stack, ""))) };
   }
   let text;
   try { text = typeof e === "string" ? e : inspect(e); } catch { text = "<uninspectable value>"; }
