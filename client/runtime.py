@@ -199,8 +199,12 @@ class Runtime:
         Cancelling the task awaiting it stops the guest's work at once: the runtime is stopped (as
         when the eval times out) and later calls raise RuntimeLost."""
         self._check()
-        if filename is not None and (not isinstance(filename, str) or not filename or len(filename) > 1024):
-            raise TypeError("filename must be a non-empty str of at most 1024 characters")
+        # printable: a lone surrogate cannot be encoded (UnicodeEncodeError deep in the send), and
+        # a newline or other control character would break the stack lines that name the file
+        if filename is not None and (
+            not isinstance(filename, str) or not filename or len(filename) > 1024 or not filename.isprintable()
+        ):
+            raise TypeError("filename must be a non-empty str of at most 1024 printable characters")
         code = source.encode()
         if len(code) > P.MAX_SOURCE:
             raise RequestRejected(f"source of {len(code)} bytes exceeds {P.MAX_SOURCE}", P.E_TOO_LARGE)
