@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import weakref
-from collections.abc import AsyncIterable, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable
 from typing import Any
 
 from client.errors import StreamError
@@ -144,20 +144,42 @@ class Body:
         self._stream.fail(reason)
 
 
-async def send_body(writer: PipeWriter, body: BodyType, on_cancel: Callable[[], None]) -> None:
-    """Write ``body`` to ``writer`` and END (a failing source: ERROR); the source is closed after.
+#: What the guest reads when a body the host produces fails: the host's exception (logged by
+#: ``on_fail``) never reaches untrusted code, as for a tool or the fetch callback.
+BODY_FAILED = "the host's body failed"
+
+
+async def send_body(
+    writer: PipeWriter,
+    body: BodyType,
+    on_cancel: Callable[[], None],
+    on_fail: Callable[[BaseException], None],
+) -> None:
+    """Write ``body`` to ``writer`` and END (a failing source: ``on_fail`` is told why, the
+    consumer gets ERROR ``BODY_FAILED``); the source is closed after.
 
     Cancelling drops the pipe and calls ``on_cancel`` (the consumer must not wait for bytes that
     will never come)."""
+    chunks = _told(_chunks(body), on_fail)
     try:
-        life = await streams.produce(writer, _chunks(body))
+        life = await streams.produce(writer, chunks)
         if streams.untold(life, writer):
             on_cancel()
     except asyncio.CancelledError:
         on_cancel()
         raise
     finally:
+        await chunks.aclose()
         await aclose_quietly(body)
+
+
+async def _told(chunks: AsyncIterable[Any], on_fail: Callable[[BaseException], None]) -> AsyncGenerator[Any]:
+    try:
+        async for chunk in chunks:
+            yield chunk
+    except Exception as exc:
+        on_fail(exc)
+        raise streams.SourceFailed(BODY_FAILED) from None
 
 
 def _chunks(body: BodyType) -> AsyncIterable[Any]:

@@ -25,6 +25,9 @@ log = logging.getLogger("sandbox_mesh.client")
 
 #: Cancels of unknown streams remembered (most are acknowledgements of ended ones: harmless).
 UNCLAIMED = 256
+#: How long a closed link keeps trying to deliver what was queued on it (the cancels a closing
+#: runtime sends for its streams); closing never waits for it (the context is never terminated).
+_LINGER_MS = 1000
 
 
 class ControlLink:
@@ -114,4 +117,4 @@ class ControlLink:
         if not self.closed:
             self.closed = True
             self._reader.cancel()
-            self.sock.close(0)
+            self.sock.close(linger=_LINGER_MS)

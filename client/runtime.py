@@ -199,8 +199,12 @@ class Runtime:
         Cancelling the task awaiting it stops the guest's work at once: the runtime is stopped (as
         when the eval times out) and later calls raise RuntimeLost."""
         self._check()
-        if filename is not None and (not isinstance(filename, str) or not filename or len(filename) > 1024):
-            raise TypeError("filename must be a non-empty str of at most 1024 characters")
+        # printable: a lone surrogate cannot be encoded (UnicodeEncodeError deep in the send), and
+        # a newline or other control character would break the stack lines that name the file
+        if filename is not None and (
+            not isinstance(filename, str) or not filename or len(filename) > 1024 or not filename.isprintable()
+        ):
+            raise TypeError("filename must be a non-empty str of at most 1024 printable characters")
         code = source.encode()
         if len(code) > P.MAX_SOURCE:
             raise RequestRejected(f"source of {len(code)} bytes exceeds {P.MAX_SOURCE}", P.E_TOO_LARGE)
@@ -387,7 +391,8 @@ class Runtime:
         writer = PipeWriter(sock, sid, self._host.timeout)
         task = self._outbound[sid]  # the daemon's cancel: an acknowledged END, or stop producing
         self._control.watch(sid, lambda: streams.consumer_done(writer, task.cancel))
-        await send_body(writer, body, lambda: self._cancel_remote(sid))
+        failed = lambda exc: self._callback_failed("body", exc, " while it streamed to the guest")  # noqa: E731
+        await send_body(writer, body, lambda: self._cancel_remote(sid), failed)
         return None
 
     # ---- callbacks from the guest (the connection routes them here) ------------------------------
@@ -605,6 +610,12 @@ class Runtime:
         # the counts of failures not logged one by one, now (the summary may say up to a second more)
         self._failures.flush(time.monotonic() + self._failures.interval)
         self.lost = lost(code, message)
+        # the runtime may live on without us (a named one kept for its session, when this
+        # connection closes or is lost): the daemon must stop waiting for the bodies we produce and
+        # stop sending those we read (the link delivers these cancels after it closes, see
+        # ControlLink.close; a runtime really gone ignores them)
+        for sid in [*self._outbound, *self._inbound]:
+            self._control.cancel(sid)
         for stream in list(self._inbound.values()):
             stream.fail(message)
         self._scope.cancel()

@@ -219,12 +219,17 @@ function fatal(message) {
 }
 
 // ---- helpers ------------------------------------------------------------------------------------
+// Never throws: what the guest threw may have getters, proxy traps or a toString that throw, and
+// an error that cannot be described would leave its eval unanswered or its stream never ended.
 function describe(e) {
   // bounded, so that an error with a huge message cannot make a frame the daemon must refuse
   const cut = (text) => (text.length > MAX_ERROR_TEXT ? text.slice(0, MAX_ERROR_TEXT) + "…[truncated]" : text);
-  if (e instanceof Error || (e && typeof e === "object" && "message" in e)) {
-    return { name: cut(String(e.name ?? "Error")).slice(0, MAX_ERROR_NAME), message: cut(nameBlobs(String(e.message ?? ""))),
-      stack: cut(nameBlobs(String(e.stack ?? ""))) };
+  const read = (get, otherwise) => { try { return String(get() ?? otherwise); } catch { return otherwise; } };
+  let errorLike = false;
+  try { errorLike = e instanceof Error || (e !== null && typeof e === "object" && "message" in e); } catch { /* a proxy */ }
+  if (errorLike) {
+    return { name: cut(read(() => e.name, "Error")).slice(0, MAX_ERROR_NAME),
+      message: cut(nameBlobs(read(() => e.message, ""))), stack: cut(nameBlobs(read(() => e.stack, ""))) };
   }
   let text;
   try { text = typeof e === "string" ? e : inspect(e); } catch { text = "<uninspectable value>"; }
@@ -372,9 +377,13 @@ function packValue(value, where = "the value", replace = undefined) {
     }
     if (v === null) return null;
     if (typedArrayTag(v) === "Uint8Array") {
+      // its bytes now: a getter met later in the walk may resize or detach its buffer, and the
+      // offsets in the tree must name the bytes the body carries (a detached one has none)
       const n = byteLengthOf(v);
       grow(n);
-      put(blobs, nblobs++, v);
+      const bytes = new Uint8Array(n);
+      if (n > 0) copyInto(bytes, v);
+      put(blobs, nblobs++, bytes);
       offset += n;
       return { $: "b", o: offset - n, n };
     }
@@ -1075,11 +1084,12 @@ function callTool(name, args) {
     }
   }
   const { v, blobs } = packValue(plain, `tools.${name}: arguments`);
+  const body = blobsBody(blobs) ?? new Uint8Array(0); // before the call is counted: nothing after may throw
   const id = nextTool++;
   const done = new Promise((resolve, reject) => {
     toolCalls.set(id, { resolve, reject });
     const head = { op: "tool", id, name, v, at };
-    sendWithBody(head, stream, blobsBody(blobs) ?? new Uint8Array(0)).catch((e) => {
+    sendWithBody(head, stream, body).catch((e) => {
       if (toolCalls.delete(id)) { send({ op: "tool_abort", id }); reject(e); }
     });
   });
@@ -1097,27 +1107,34 @@ function onToolAnswer(h, body) {
   }
 }
 
+// the items' own stream is read through methods captured here: a guest that patched
+// ReadableStream.prototype.getReader (or the reader's read) would otherwise fail the stream it
+// sees and leave the items' stream, unreachable, holding the host's generator for the runtime's life
+const getReaderOf = uncurry(ReadableStream.prototype.getReader);
+const readFrom = uncurry(ReadableStreamDefaultReader.prototype.read);
+const cancelReader = uncurry(ReadableStreamDefaultReader.prototype.cancel);
+
 function toolItems(name, args) {
   const { id, done } = callTool(name, args); // a TypeError for what cannot be sent: thrown here, at the call
   done.catch(() => {}); // a stream never read must not report its call's failure as unhandled
   let reader = null;
   return new ReadableStream({
     async pull(controller) {
-      if (reader === null) reader = (await done).getReader();
-      const r = await reader.read();
+      if (reader === null) reader = getReaderOf(await done);
+      const r = await readFrom(reader);
       if (r.done) { controller.close(); return; }
       const chunk = r.value;
       const n = byteLengthOf(chunk);
       const hlen = ((chunk[0] << 24) | (chunk[1] << 16) | (chunk[2] << 8) | chunk[3]) >>> 0;
       const header = parseJSON(decodeText(dec, sliceView(chunk, 4, hlen)));
       if (header.error) {
-        reader.cancel().catch(() => {});
+        cancelReader(reader).catch(() => {});
         throw toolError(String(header.error.name), String(header.error.message));
       }
       controller.enqueue(unpackValue(header.v, sliceView(chunk, 4 + hlen, n - 4 - hlen)));
     },
     cancel(reason) {
-      if (reader !== null) return reader.cancel(reason);
+      if (reader !== null) return cancelReader(reader, reason);
       if (toolCalls.delete(id)) send({ op: "tool_abort", id }); // no answer yet: the host stops the call
       done.catch(() => {});
     },

@@ -39,6 +39,36 @@ async def test_chunks_before_an_early_error_reach_the_client_then_the_error(conn
     await rt.dispose()
 
 
+#: Thrown values the bootstrap cannot read without an exception: each must still be reported.
+HOSTILE_THROWN = {
+    "getters": "({ get name() { throw 1; }, get message() { throw 2; }, get stack() { throw 3; } })",
+    "proxy": "new Proxy(new Error('x'), { get() { throw 1; }, getPrototypeOf() { throw 2; }, has() { throw 3; } })",
+    "string": "({ name: { toString() { throw 1; } }, message: Symbol('m') })",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(HOSTILE_THROWN))
+async def test_a_thrown_value_that_throws_when_read_is_still_reported(conn: client.Connection, kind: str) -> None:
+    """The bootstrap reads what the guest threw (name, message, stack) to report it: a value whose
+    getters, proxy traps or toString throw left the eval unanswered (until its timeout stopped the
+    runtime), and a guest body errored with it never ended for its consumer."""
+    thrown = HOSTILE_THROWN[kind]
+    async with await conn.create_runtime() as rt:
+        with pytest.raises(client.GuestError):
+            await asyncio.wait_for(rt.eval(f"throw {thrown};"), 10)
+        await rt.eval(
+            f"serve(() => new Response(new ReadableStream({{ start(c) {{ c.enqueue(new Uint8Array(1)); }}, "
+            f"pull(c) {{ c.error({thrown}); }} }})));"
+        )
+        resp = await rt.dispatch_request(client.Request("GET", "http://x/"))
+        with pytest.raises(client.StreamError):
+            async with asyncio.timeout(10):
+                async for _ in resp.body:
+                    pass
+        assert await rt.eval("export default 'alive'") == "alive"
+        await assert_nothing_left(rt)
+
+
 async def test_chunks_before_an_early_upload_error_reach_the_fetch_callback(conn: client.Connection) -> None:
     seen: dict[str, object] = {}
 

@@ -275,6 +275,27 @@ async def test_stream_tool_backpressure_and_break_closes_the_generator(conn: cli
         await idle(rt)
 
 
+async def test_a_guest_that_patches_stream_readers_still_gets_every_item(conn: client.Connection) -> None:
+    """The bootstrap reads a streamed tool's items through methods it captured: a guest's patched
+    getReader/read cannot fail the stream it iterates, which left the items' own stream (and the
+    host's generator) open, out of the guest's reach, for the runtime's life."""
+
+    async def rows(n: int) -> AsyncIterator[int]:
+        for i in range(n):
+            yield i
+
+    async with await conn.create_runtime(tools={"rows": rows}) as rt:
+        got = await rt.eval("""
+            ReadableStream.prototype.getReader = () => { throw new Error("patched getReader"); };
+            ReadableStreamDefaultReader.prototype.read = () => { throw new Error("patched read"); };
+            const seen = [];
+            for await (const i of tools.rows(5)) seen.push(i);
+            export default seen;
+        """)
+        assert got == [0, 1, 2, 3, 4]
+        await idle(rt)
+
+
 async def test_stream_argument_reaches_the_tool_as_a_body(conn: client.Connection) -> None:
     async def count(label: str, body: client.Body, extra: bytes) -> Any:
         total = 0
@@ -307,6 +328,38 @@ async def test_a_failing_fetch_callback_shows_the_guest_a_generic_error(conn: cl
         """)
     assert got["name"] == "TypeError" and got["message"] == "fetch failed"
     assert "ConnectionError" not in repr(got) and SECRET not in repr(got) and "127.0.0.1:1" not in got["message"]
+
+
+async def test_a_host_body_failing_midway_shows_the_guest_a_generic_error(
+    conn: client.Connection, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The same rule for the bodies the host produces: a fetch callback's response body, and a
+    dispatched request's body, that fail after some chunks give the guest those chunks, then an
+    error that names no host exception (it is logged on the host with its traceback)."""
+
+    async def failing() -> AsyncIterator[bytes]:
+        yield b"first "
+        raise HostBug(f"disk on fire at {SECRET}")
+
+    async def fetch(request: client.Request) -> client.Response:
+        return client.Response(200, body=failing())
+
+    caplog.set_level(logging.ERROR, logger="sandbox_mesh.client.runtime")
+    async with await conn.create_runtime(fetch=fetch) as rt:
+        got = await rt.eval("""
+            const read = async (body) => { const reader = body.getReader(); let text = "";
+              try { for (;;) { const r = await reader.read(); if (r.done) return text; text += new TextDecoder().decode(r.value); } }
+              catch (e) { return [text, e.name, e.message, String(e.stack)]; } };
+            serve(async (req) => Response.json(await read(req.body)));
+            export default await read((await fetch("http://upstream/")).body);
+        """)
+        response = await rt.dispatch_request(client.Request("POST", "http://in/", [], failing()))
+        dispatched = json.loads(await response.read())
+    for text, name, message, stack in (got, dispatched):
+        assert text == "first " and name == "TypeError" and message == "the host's body failed", (text, message)
+        assert "HostBug" not in stack and SECRET not in stack
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert logged.count("HostBug") >= 1 and SECRET in logged and "Traceback" in logged
 
 
 def test_check_tools_accepts_async_callables_and_tool_wrappers() -> None:
@@ -361,3 +414,55 @@ async def test_a_named_runtime_resumed_elsewhere_gets_that_connections_tools(
             await third.dispose()
         finally:
             await bare.close()
+
+
+async def test_a_connection_that_closes_mid_stream_ends_its_streams_in_the_kept_runtime(broker: Any) -> None:
+    """A named runtime outlives its connection: a tool's item stream (and a fetch callback's
+    response body) that connection was producing must end for the guest when it closes (an error
+    after the items sent), not leave the guest's read, the daemon's pipe and the stats waiting for
+    bytes that will never come."""
+    closed: list[str] = []
+
+    async def rows() -> AsyncIterator[int]:
+        try:
+            for i in range(10**6):
+                yield i
+        finally:
+            closed.append("rows")
+
+    async def fetch(request: client.Request) -> client.Response:
+        async def body() -> AsyncIterator[bytes]:
+            try:
+                while True:
+                    yield b"x" * 1024
+            finally:
+                closed.append("fetch")
+
+        return client.Response(200, body=body())
+
+    async with client.connect(broker.frontend) as first:
+        rt = await first.create_runtime(name="kept", keep_alive=30, tools={"rows": rows}, fetch=fetch)
+        await rt.eval("""
+            const drain = async (it) => { try { for (;;) { if ((await it.next()).done) return "done"; } }
+              catch (e) { return `${e.name}: ${e.message}`; } };
+            const items = tools.rows()[Symbol.asyncIterator]();
+            await items.next();
+            const body = (await fetch("http://upstream/")).body[Symbol.asyncIterator]();
+            await body.next();
+            globalThis.ends = { items: null, body: null };
+            drain(items).then((e) => { ends.items = e; });
+            drain(body).then((e) => { ends.body = e; });
+        """)
+        session = first.session
+    assert sorted(closed) == ["fetch", "rows"]
+    async with client.connect(broker.frontend, session=session) as second:
+        again = await second.runtime("kept")
+        ends = await await_until(
+            lambda: again.eval("export default ends.items && ends.body ? ends : null"),
+            "the guest's reads of the gone connection's streams ended",
+            timeout=10,
+        )
+        assert ends == {"items": "TypeError: the body was cancelled", "body": "TypeError: the body was cancelled"}
+        s = await idle(again)
+        assert s["daemon"]["open_pipes"] == 0
+        await again.dispose()

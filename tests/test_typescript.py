@@ -31,7 +31,7 @@ async def test_typescript_eval_runs_with_types_stripped(conn: client.Connection)
     assert await rt.eval("const n: number = 'not a number' as any;\nexport default n;", filename="loose.mts") == (
         "not a number"
     )
-    for bad in ("", "x" * 1025, 7):
+    for bad in ("", "x" * 1025, 7, "\ud800.ts", "two\nlines.js", "nul\0.js"):
         with pytest.raises(TypeError, match="filename"):
             await rt.eval("export default 1", filename=bad)  # type: ignore[arg-type]
     jsx = "const React = { createElement: (t: string, _p: unknown, ...c: unknown[]) => [t, ...c] };\n"

@@ -142,6 +142,42 @@ async def test_what_breaks_the_rules_is_a_clear_error_and_the_runtime_lives(conn
         await rt.dispose()
 
 
+async def test_bytes_are_taken_when_met_though_a_getter_resizes_or_detaches_them(conn: client.Connection) -> None:
+    """packValue copies a Uint8Array when the walk meets it: a getter met later that grows, shrinks
+    or detaches its buffer cannot shift the bytes of the blobs after it (which then arrived as
+    another array's bytes), and a detached one is empty bytes, not a failure after the tool call
+    was counted (that call then stayed pending in the guest for the runtime's life)."""
+
+    async def echo(value: Any) -> Any:
+        return value
+
+    async with await conn.create_runtime(tools={"echo": echo}) as rt:
+        source = """
+            const detach = (bytes) => structuredClone(bytes.buffer, { transfer: [bytes.buffer] });
+            const value = () => {
+              const ab = new ArrayBuffer(2, { maxByteLength: 16 });
+              const grown = new Uint8Array(ab); grown.set([1, 2]);
+              const gone = new Uint8Array([5, 6, 7]);
+              const dead = new Uint8Array(4); detach(dead);
+              return { grown, get x() { ab.resize(6); return 0; }, nine: new Uint8Array([9, 9]),
+                gone, get y() { detach(gone); return 0; }, eight: new Uint8Array([8]), dead };
+            };
+            export default [value(), await tools.echo(value())];
+        """
+        want = {
+            "grown": b"\x01\x02",
+            "x": 0,
+            "nine": b"\t\t",
+            "gone": b"\x05\x06\x07",
+            "y": 0,
+            "eight": b"\x08",
+            "dead": b"",
+        }
+        as_result, through_tool = await rt.eval(source)
+        assert as_result == want and through_tool == want
+        assert (await rt.stats())["guest"]["tools"] == 0
+
+
 async def test_a_guest_that_patches_intrinsics_cannot_change_what_its_value_says(conn: client.Connection) -> None:
     """packValue reads values only through intrinsics it captured before guest code ran."""
     rt = await conn.create_runtime()
