@@ -653,10 +653,18 @@ function blobModule(source, kind, name) {
 }
 
 // V8 asks this for `error.stack`: the default text, with each Blob named (a guest may replace it)
+// The bootstrap's own frames are left out: the guest's stack shows the guest's code (an error
+// thrown inside fetch() or tools.x() points at the guest's call). An index loop: a guest may
+// have replaced Array.prototype[Symbol.iterator].
+const SELF_FILES = new Set([import.meta.url, new URL(import.meta.url).pathname]);
 Error.prepareStackTrace = function prepareStackTrace(error, sites) {
   let text;
   try { text = errorToString(error); } catch { text = "Error"; }
-  for (const site of sites) text += "\n    at " + nameBlobs(String(site));
+  for (let i = 0; i < sites.length; i++) {
+    let file = null;
+    try { file = sites[i].getFileName(); } catch { /* a patched CallSite: keep the frame */ }
+    if (!SELF_FILES.has(file)) text += "\n    at " + nameBlobs(String(sites[i]));
+  }
   return text;
 };
 

@@ -245,3 +245,23 @@ async def test_cancelling_a_dispatch_aborts_the_guest_signal_and_its_body(conn: 
     await assert_nothing_left(rt)
     assert await rt.eval("export default 2") == 2
     await rt.dispose()
+
+
+async def test_guest_stacks_show_the_guests_code_not_the_bootstrap(conn: client.Connection) -> None:
+    """An error thrown inside a sandbox global (fetch() without a callback) points at the guest's
+    call, with no frame of bootstrap.js; a guest that replaced the array iterator still gets its stack."""
+    rt = await conn.create_runtime()
+    try:
+        stack = await rt.eval(
+            "let s; try { await fetch('http://x/'); } catch (e) { s = e.stack; } export default s;", filename="app.js"
+        )
+        assert stack.startswith("TypeError: fetch() is unavailable") and "/dev/fd/" not in stack, stack
+        assert stack.splitlines()[1].strip() == "at app.js:1:20", stack
+        stack = await rt.eval(
+            "Array.prototype[Symbol.iterator] = function* () {};\n"
+            "let s; try { null.x; } catch (e) { s = e.stack; } export default s;",
+            filename="iter.js",
+        )
+        assert stack.splitlines()[1:] == ["    at iter.js:2:19"], stack
+    finally:
+        await rt.dispose()
