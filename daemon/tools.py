@@ -31,6 +31,7 @@ from wire import guest as G
 from wire import messages as M
 from wire import protocol as P
 from wire import tools as T
+from wire import values as V
 from wire.channel import GuestProtocolError
 from wire.pipes import StreamError
 from wire.schema import StreamRef
@@ -113,7 +114,8 @@ class Tools:
                 body = StreamRef(wire_sid, ep)
         callback = None
         if not refusal:
-            callback = M.Tool(id=0, rt=self.rt, name=msg.name, args=args, body=body, at=msg.at, resp_sid=P.new_id())
+            packed = V.Marshalled(V.encode(args))  # walked once, though packed twice below
+            callback = M.Tool(id=0, rt=self.rt, name=msg.name, args=packed, body=body, at=msg.at, resp_sid=P.new_id())
             size = len(callback.frames()[0])
             if size > P.MAX_HEADER:
                 refusal = (

@@ -142,7 +142,7 @@ def _value(v: Any, _p: Payload) -> Any:
 
 
 def _dump_value(v: Any, _payload: list[Any]) -> Any:
-    return _values.encode(v)
+    return v.tree if isinstance(v, _values.Marshalled) else _values.encode(v)
 
 
 # ---- bodies: a descriptor in the header, the bytes of an inline body in a payload frame -----------
