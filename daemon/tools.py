@@ -221,11 +221,11 @@ def item_chunk(name: str, data: Any) -> bytes:
     try:
         ok, got = T.unpack(data)
         if ok:
-            tree, blobs = values.to_guest(got)
-            header: dict[str, Any] = {"v": tree}
+            _, tree, blobs = values.guest_tree(got)
+            head = b'{"v":' + tree + b"}"  # the JSON the size check wrote, not written again
         else:
-            header, blobs = {"error": {"name": values.clean(got[0])[:256], "message": values.clean(got[1])}}, b""
-        head = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
+            error = {"error": {"name": values.clean(got[0])[:256], "message": values.clean(got[1])}}
+            head, blobs = json.dumps(error, separators=(",", ":"), allow_nan=False).encode(), b""
     except (TypeError, ValueError):
         raise StreamError(f"tools.{name}: the host sent an item the guest cannot read") from None
     return b"".join((_U32.pack(len(head)), head, blobs))
