@@ -213,8 +213,7 @@ class Reader:
         if self._full:
             await asyncio.sleep(FLOOD_PAUSE if self._flooded else 0)
         self._flooded = False
-        first = recv_now(self._now, self.sock, self.copy)
-        got = [first if first is not None else await self.sock.recv_multipart(copy=self.copy)]
+        got = [await self.sock.recv_multipart(copy=self.copy)]
         while len(got) < self.size and not self.sock.closed:
             try:
                 got.append(self._now.recv_multipart(zmq.NOBLOCK, copy=self.copy))
@@ -228,7 +227,7 @@ def recv_now(shadow: zmq.Socket, sock: zmq.asyncio.Socket, copy: bool) -> list[A
     """A message already queued on ``sock``, taken through its synchronous ``shadow``, or None
     (then await the asyncio receive, which re-reads the socket's events: no wake-up is lost).
     An asyncio receive of a queued message costs a future, its bookkeeping and several enum
-    operations in pyzmq: this is a fifth of it, and streams and busy links mostly find one queued."""
+    operations in pyzmq: this is a fifth of it, and a stream's reader mostly finds one queued."""
     if sock.closed:  # the asyncio receive raises what a closed socket should
         return None
     try:
