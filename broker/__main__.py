@@ -121,7 +121,7 @@ async def serve(args: argparse.Namespace) -> None:
             from daemon.daemon import Daemon
 
             local = Daemon(
-                broker.backend_endpoint,
+                broker.local_endpoint,
                 heartbeat=args.heartbeat,
                 liveness=args.liveness,
                 name="local",

@@ -19,6 +19,7 @@ import zmq
 from broker.core import CLIENT, MAX_INFLIGHT_PER_CLIENT, MAX_KEEP_ALIVE, MAX_RUNTIMES_PER_CLIENT, Core, Out
 from broker.metrics import BrokerMetrics
 from wire import liveness, sockets
+from wire import protocol as P
 from wire.auth import Gate, KeyPair, user_key
 from wire.protocol import MAX_FRAME
 from wire.ratelog import RateLog
@@ -50,6 +51,10 @@ class Broker:
     ) -> None:
         self.frontend_endpoint = frontend
         self.backend_endpoint = backend
+        #: Where a daemon in this process connects: the backend itself over ``inproc://`` (no TCP
+        #: stack and no I/O-thread hop each way: a tool call's round trip crosses this link twice;
+        #: docs/design.md 2.16), or the TCP backend when CURVE is on (inproc has no security mechanism).
+        self.local_endpoint = backend
         self.heartbeat = heartbeat
         self.keys = keys
         self.authorized = authorized or set()  # client keys (and daemon keys, unless daemon_keys)
@@ -94,6 +99,9 @@ class Broker:
                     raise Fatal(f"cannot bind {flag} {endpoint}: {exc.strerror}") from None
             self.frontend_endpoint = self.front.getsockopt(zmq.LAST_ENDPOINT).decode()
             self.backend_endpoint = self.back.getsockopt(zmq.LAST_ENDPOINT).decode()
+            if self.keys is None:  # with CURVE the embedded daemon authenticates like any other, over TCP
+                self.local_endpoint = f"inproc://sandbox-mesh-backend-{P.new_id().hex()}"
+                self.back.bind(self.local_endpoint)
             self.ready.set()
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._read(self.front, self.core.from_client), name="broker-frontend")

@@ -362,13 +362,13 @@ class Core:
             if (client.session, msg.id) in self.down:
                 raise ProtocolError(E_BAD_MESSAGE, f"request id {msg.id} is already in flight")
             self._pend(client, msg.id, Pending(rt.daemon, rt.rt, type(msg)))
-            self._send(DAEMON, rt.daemon, msg.replace(c=client.session))
+            self._send(DAEMON, rt.daemon, env.forward(c=client.session))  # checked: packed as received
             return
         pending = self.up.get((rt.daemon, msg.id))  # ok / error answering a daemon's fetch callback
         if pending is None or pending.peer != ident:
             raise ProtocolError(E_BAD_MESSAGE, f"no callback {msg.id} is waiting for an answer")
         del self.up[(rt.daemon, msg.id)]
-        self._send(DAEMON, rt.daemon, msg.replace(rt=None))
+        self._send(DAEMON, rt.daemon, env.forward(rt=None))
 
     def _refuse_client(self, ident: bytes, r: Route, exc: ProtocolError) -> None:
         """Answer a refused client message. A refused answer to a daemon's callback fails that

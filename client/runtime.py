@@ -39,7 +39,7 @@ from wire import tools as T
 from wire.pipes import PipeReader, PipeWriter
 from wire.ratelog import RateLog
 from wire.scope import Scope
-from wire.values import check as check_value
+from wire.values import marshalled
 
 log = logging.getLogger("sandbox_mesh.client.runtime")
 
@@ -527,8 +527,8 @@ class Runtime:
                 if not clock.expired():
                     raise
                 raise _TimedOut(msg.name, limit) from None
-            check_value(value, f"tools.{msg.name}: its result")  # within MAX_VALUE, so within a header
-            self._send(M.ToolResult(id=msg.id, rt=self.id, value=value))
+            result = marshalled(value, f"tools.{msg.name}: its result")  # within MAX_VALUE, so within a header
+            self._send(M.ToolResult(id=msg.id, rt=self.id, value=result))  # packed as checked, not walked again
         except ToolError as exc:
             if not answered:
                 self._reply_tool_error(msg.id, exc.name, exc.message)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from wire import tools as T
@@ -43,11 +43,12 @@ class Tool:
 
     fn: Callable[..., Any]
     timeout: float | None = None
+    #: An async generator function: its items stream to the guest (found once, not per call).
+    stream: bool = field(init=False, default=False)
 
-    @property
-    def stream(self) -> bool:
-        """An async generator function: its items stream to the guest."""
-        return inspect.isasyncgenfunction(self.fn) or inspect.isasyncgenfunction(getattr(self.fn, "__call__", None))  # noqa: B004
+    def __post_init__(self) -> None:
+        call = getattr(self.fn, "__call__", None)  # noqa: B004
+        object.__setattr__(self, "stream", inspect.isasyncgenfunction(self.fn) or inspect.isasyncgenfunction(call))
 
 
 def tool(fn: Callable[..., Any], *, timeout: float | None = None) -> Tool:

@@ -31,6 +31,7 @@ from wire import guest as G
 from wire import messages as M
 from wire import protocol as P
 from wire import tools as T
+from wire import values as V
 from wire.channel import GuestProtocolError
 from wire.pipes import StreamError
 from wire.schema import StreamRef
@@ -113,7 +114,8 @@ class Tools:
                 body = StreamRef(wire_sid, ep)
         callback = None
         if not refusal:
-            callback = M.Tool(id=0, rt=self.rt, name=msg.name, args=args, body=body, at=msg.at, resp_sid=P.new_id())
+            packed = V.Marshalled(V.encode(args))  # walked once, though packed twice below
+            callback = M.Tool(id=0, rt=self.rt, name=msg.name, args=packed, body=body, at=msg.at, resp_sid=P.new_id())
             size = len(callback.frames()[0])
             if size > P.MAX_HEADER:
                 refusal = (
@@ -219,11 +221,11 @@ def item_chunk(name: str, data: Any) -> bytes:
     try:
         ok, got = T.unpack(data)
         if ok:
-            tree, blobs = values.to_guest(got)
-            header: dict[str, Any] = {"v": tree}
+            _, tree, blobs = values.guest_tree(got)
+            head = b'{"v":' + tree + b"}"  # the JSON the size check wrote, not written again
         else:
-            header, blobs = {"error": {"name": values.clean(got[0])[:256], "message": values.clean(got[1])}}, b""
-        head = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
+            error = {"error": {"name": values.clean(got[0])[:256], "message": values.clean(got[1])}}
+            head, blobs = json.dumps(error, separators=(",", ":"), allow_nan=False).encode(), b""
     except (TypeError, ValueError):
         raise StreamError(f"tools.{name}: the host sent an item the guest cannot read") from None
     return b"".join((_U32.pack(len(head)), head, blobs))

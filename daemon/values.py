@@ -54,6 +54,13 @@ def to_guest(value: Any, where: str = "the value") -> tuple[Any, bytes]:
     """(tree, body) of a Python value for the guest: the tree goes in the frame's header as ``v``,
     the body holds the bytes it refers to. TypeError naming the path of what cannot be sent,
     TooDeep/TooLarge past the bounds (the tree's JSON plus the body, MAX_VALUE bytes)."""
+    tree, _, body = guest_tree(value, where)
+    return tree, body
+
+
+def guest_tree(value: Any, where: str = "the value") -> tuple[Any, bytes, bytes]:
+    """(tree, its JSON as UTF-8, body): ``to_guest`` with the JSON its size check wrote, for a
+    header that embeds the tree as it is (a streamed tool's items) instead of writing it again."""
     blobs: list[bytes] = []
     offset = 0
 
@@ -76,10 +83,10 @@ def to_guest(value: Any, where: str = "the value") -> tuple[Any, bytes]:
         dict=lambda d: {"$": "o", "v": d} if "$" in d else d,
     )
     tree = V.marshal(value, leaves, where)
-    size = len(json.dumps(tree, separators=(",", ":"), ensure_ascii=False).encode()) + offset
-    if size > V.MAX_VALUE:
-        raise TooLarge(f"{where} takes {size} bytes marshalled; the limit is {V.MAX_VALUE}")
-    return tree, b"".join(blobs)
+    text = json.dumps(tree, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+    if len(text) + offset > V.MAX_VALUE:
+        raise TooLarge(f"{where} takes {len(text) + offset} bytes marshalled; the limit is {V.MAX_VALUE}")
+    return tree, text, b"".join(blobs)
 
 
 def from_guest(tree: Any, body: Any, where: str = "the value") -> Any:

@@ -180,3 +180,17 @@ def test_peek_reads_what_it_can_of_a_refused_message() -> None:
     assert M.peek(_raw(t="eval", id=7, rt=5)) == ("eval", 7, {"v": 1, "t": "eval", "id": 7, "rt": 5})
     assert M.peek([b"\xc1"]) == (None, None, {})
     assert M.peek(_raw(t=3, id=-2))[:2] == (None, None)
+
+
+def test_a_forwarded_message_reads_as_the_replaced_record() -> None:
+    """The broker forwards a checked client message by patching its header (Envelope.forward): the
+    daemon reads what ``parse().replace(...)`` would have sent; fields no record has are dropped."""
+    value = {"big": 2**70, "xs": [1.5, None, "é"], "b": b"\x01\x02"}
+    sent = M.ToolResult(id=7, rt="r1", value=value).frames()
+    header = msgpack.unpackb(sent[0], raw=False)
+    header["junk"] = "x" * 100
+    env = M.CLIENT_TO_BROKER.open([msgpack.packb(header, use_bin_type=True)])
+    msg = env.parse()
+    forwarded = env.forward(rt=None)
+    assert "junk" not in msgpack.unpackb(forwarded[0], raw=False)
+    assert M.BROKER_TO_DAEMON.parse(forwarded) == M.BROKER_TO_DAEMON.parse(msg.replace(rt=None).frames())

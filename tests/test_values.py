@@ -467,3 +467,18 @@ def test_to_guest_and_from_guest_are_inverse(value: Any) -> None:
     if isinstance(value, datetime):  # a JS Date holds milliseconds
         value = value.replace(microsecond=value.microsecond // 1000 * 1000)
     assert same(back, value), f"{value!r} came back as {back!r}"
+
+
+def test_a_marshalled_value_packs_as_the_value_itself() -> None:
+    """A checked value (wire.values.marshalled) is packed as it is: the same frames as the value,
+    the same bounds and messages as ``check``."""
+    value = {"a": [1, 2**70, -0.0, b"\x00", datetime(2020, 1, 1, tzinfo=UTC)], "s": "x"}
+    done = V.marshalled(value, "the result")
+    assert done.size == V.check(value, "the result")
+    plain = M.ToolResult(id=1, rt="r", value=value).frames()
+    assert M.ToolResult(id=1, rt="r", value=done).frames() == plain
+    assert M.ToolResult(id=1, rt="r", value=V.Marshalled(V.encode(value))).frames() == plain
+    with pytest.raises(TypeError, match=r"the result\.a\[1\] is a set"):
+        V.marshalled({"a": [1, {2}]}, "the result")
+    with pytest.raises(V.TooLarge, match="the result takes"):
+        V.marshalled("x" * V.MAX_VALUE, "the result")

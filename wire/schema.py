@@ -142,7 +142,7 @@ def _value(v: Any, _p: Payload) -> Any:
 
 
 def _dump_value(v: Any, _payload: list[Any]) -> Any:
-    return _values.encode(v)
+    return v.tree if isinstance(v, _values.Marshalled) else _values.encode(v)
 
 
 # ---- bodies: a descriptor in the header, the bytes of an inline body in a payload frame -----------
@@ -447,6 +447,21 @@ class Envelope:
     def parse(self) -> Record | Reply:
         """The message as its record (an ``ok`` on a reply link: a ``Reply``); raises ProtocolError."""
         return self._link._fields(self._header, self.frames)
+
+    def forward(self, **changes: Any) -> list[Any]:
+        """The frames of this message, ``parse``d already, with ``changes`` to its header fields (None
+        removes one): what ``parse().replace(**changes).frames()`` gives a receiver, without decoding
+        and packing the record's values again. Only the record's own fields are kept."""
+        t = self._header["t"]
+        entry = self._link.types.get(t)
+        names = {spec.name for spec in entry[0].FIELDS} if entry is not None else None
+        header = {k: v for k, v in self._header.items() if names is None or k in names or k in ("v", "t")}
+        for k, v in changes.items():
+            if v is None:
+                header.pop(k, None)
+            else:
+                header[k] = v
+        return [msgpack.packb(header, use_bin_type=True), *self.frames[1:]]
 
 
 @dataclass(frozen=True, slots=True)

@@ -171,13 +171,29 @@ def encode(value: Any, where: str = "the value") -> Any:
     return marshal(value, _MSGPACK, where)
 
 
-def check(value: Any, where: str = "the value") -> int:
-    """The bytes ``value`` takes as msgpack; TypeError naming the path of what cannot be sent,
+@dataclass(frozen=True, slots=True)
+class Marshalled:
+    """A value already checked and in its msgpack form (``tree``, ``size`` bytes packed; -1 if not
+    measured): a record field holding it is packed as it is, so a value is walked once per hop
+    however often its record is packed."""
+
+    tree: Any
+    size: int = -1
+
+
+def marshalled(value: Any, where: str = "the value") -> Marshalled:
+    """``value`` checked and marshalled once; TypeError naming the path of what cannot be sent,
     TooDeep or TooLarge past the bounds. What a host-side sender calls before it sends."""
-    size = len(msgpack.packb(encode(value, where), use_bin_type=True))
+    tree = encode(value, where)
+    size = len(msgpack.packb(tree, use_bin_type=True))
     if size > MAX_VALUE:
         raise TooLarge(f"{where} takes {size} bytes marshalled; the limit is {MAX_VALUE}")
-    return size
+    return Marshalled(tree, size)
+
+
+def check(value: Any, where: str = "the value") -> int:
+    """The bytes ``value`` takes as msgpack (see ``marshalled``)."""
+    return marshalled(value, where).size
 
 
 def decode(tree: Any, where: str = "the value") -> Any:
