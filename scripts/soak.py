@@ -162,6 +162,11 @@ class Bounds:
     max_fd_growth: int = 16
     max_socket_growth: int = 8
     max_rss_growth_mib: float = 64.0
+    #: RSS from the idle sample before any operation to the idle one after: it includes each
+    #: process's first use of everything (lazy imports, pools, allocator arenas of its threads),
+    #: 25-39 MiB for the client in 40 s runs of this and earlier commits; fds and sockets, the leak
+    #: signals, keep their tight bounds, and RSS under load (after warm-up) keeps max_rss_growth_mib.
+    max_idle_rss_growth_mib: float = 96.0
 
 
 # ---- the run --------------------------------------------------------------------------------------
@@ -778,8 +783,9 @@ def verdict(rep: dict[str, Any], bounds: Bounds) -> list[str]:
                 fail.append(f"{role}: open fds grew by {g['fds']} {when} (bound {bounds.max_fd_growth})")
             if g["sockets"] > bounds.max_socket_growth:
                 fail.append(f"{role}: sockets grew by {g['sockets']} {when} (bound {bounds.max_socket_growth})")
-            if g["rss_mib"] > bounds.max_rss_growth_mib:
-                fail.append(f"{role}: RSS grew by {g['rss_mib']} MiB {when} (bound {bounds.max_rss_growth_mib:g})")
+            rss_bound = bounds.max_rss_growth_mib if growth is rep["growth"] else bounds.max_idle_rss_growth_mib
+            if g["rss_mib"] > rss_bound:
+                fail.append(f"{role}: RSS grew by {g['rss_mib']} MiB {when} (bound {rss_bound:g})")
     end = rep["end"]
     if end.get("deno_left"):
         fail.append(f"Deno processes outlived their daemons: {end['deno_left']}")

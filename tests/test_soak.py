@@ -96,6 +96,11 @@ def test_verdict_fails_on_leaks_corruption_and_leftovers() -> None:
     assert "d1: open fds grew by 17 under load" in failures
     assert "client: sockets grew by 9 idle before -> idle after" in failures
     assert "broker: RSS grew by 65" in failures
+    idle = _report()
+    idle["idle_growth"]["client"]["rss_mib"] = BOUNDS.max_rss_growth_mib + 1  # first use counts idle to idle
+    assert verdict(idle, BOUNDS) == []
+    idle["idle_growth"]["client"]["rss_mib"] = BOUNDS.max_idle_rss_growth_mib + 1
+    assert "client: RSS grew by 97 MiB idle before -> idle after (bound 96)" in " | ".join(verdict(idle, BOUNDS))
     cases = {
         "corrupt errors": _report(corrupt={"echo": 1}),
         "unexpected errors": _report(unexpected={"echo: Timeout": 1}),
