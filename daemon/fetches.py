@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from daemon import values
-from daemon.pending import Pending
+from daemon.pending import GuestCalls
 from daemon.ports import GuestPort, RuntimeHost
 from daemon.streams import OutboundStream, StreamTable
 from wire import guest as G
@@ -50,27 +50,21 @@ class GuestFetch:
         self.fetches.refused(self, message)
 
 
-class Fetches:
+class Fetches(GuestCalls[GuestFetch]):
     def __init__(
         self, host: RuntimeHost, port: GuestPort, streams: StreamTable, next_gid: Callable[[], int], rt: str
     ) -> None:
+        super().__init__("fetch", G.MAX_PENDING_FETCHES)
         self.host = host
         self.port = port
         self.streams = streams
         self.next_gid = next_gid
         self.rt = rt
-        self.pending: Pending[int, GuestFetch] = Pending("fetch")
-
-    def __len__(self) -> int:
-        return len(self.pending)
 
     # ---- the guest
 
     def on_fetch(self, msg: G.Fetch) -> None:
-        if msg.id in self.pending:
-            raise GuestProtocolError(f"fetch id {msg.id} reused")
-        if len(self.pending) >= G.MAX_PENDING_FETCHES:  # the bootstrap refuses first: this guest went around it
-            raise GuestProtocolError(f"more than {G.MAX_PENDING_FETCHES} fetches pending")
+        self.admit(msg.id)
         try:  # a forged head (a patched Headers iterator...) never reaches the client
             H.check_request_head(msg.method, msg.url, msg.headers)
         except H.HeadError as exc:

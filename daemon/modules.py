@@ -17,11 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from daemon import values
-from daemon.pending import Pending
+from daemon.pending import GuestCalls
 from daemon.ports import GuestPort, RuntimeHost
 from wire import guest as G
 from wire import messages as M
-from wire.channel import GuestProtocolError
 
 #: How long the daemon waits for a client's resolver (the client's own bound is shorter).
 MODULE_REPLY_TIMEOUT = 60.0
@@ -60,21 +59,15 @@ class GuestModule:
         self.modules.refused(self, message)  # the client's error text is the reason (never the resolver's)
 
 
-class Modules:
+class Modules(GuestCalls[GuestModule]):
     def __init__(self, host: RuntimeHost, port: GuestPort, rt: str) -> None:
+        super().__init__("module", G.MAX_PENDING_MODULES)  # the bootstrap queues the rest
         self.host = host
         self.port = port
         self.rt = rt
-        self.pending: Pending[int, GuestModule] = Pending("module")
-
-    def __len__(self) -> int:
-        return len(self.pending)
 
     def on_query(self, msg: G.ModuleQuery) -> None:
-        if msg.id in self.pending:
-            raise GuestProtocolError(f"module id {msg.id} reused")
-        if len(self.pending) >= G.MAX_PENDING_MODULES:  # the bootstrap queues first: this guest went around it
-            raise GuestProtocolError(f"more than {G.MAX_PENDING_MODULES} module queries pending")
+        self.admit(msg.id)
         if len(msg.specifier) + len(msg.referrer) > G.MAX_SPECIFIER:  # the bootstrap refuses first
             self.port.send(G.ModuleError(id=msg.id, message=f"the specifier is longer than {G.MAX_SPECIFIER}"))
             return

@@ -12,6 +12,7 @@ from typing import Generic, TypeVar
 from daemon import values
 from wire import guest as G
 from wire import messages as M
+from wire.channel import GuestProtocolError
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -63,6 +64,27 @@ class Pending(Generic[K, V]):
 
     def __iter__(self) -> Iterator[V]:
         return iter([item for item, _ in self._entries.values()])
+
+
+class GuestCalls(Generic[V]):
+    """The guest's calls of one kind to its host (``fetch()``, ``tools.x()``, ``import``) waiting for
+    the client, by the id the guest chose. The bootstrap never reuses an id nor goes past ``limit``:
+    a guest that does went around it, a channel violation that ends the runtime."""
+
+    def __init__(self, kind: str, limit: int) -> None:
+        self.kind = kind
+        self.limit = limit
+        self.pending: Pending[int, V] = Pending(kind)
+
+    def __len__(self) -> int:
+        return len(self.pending)
+
+    def admit(self, gid: int) -> None:
+        """Check a new call's id against those pending, and the count against the limit."""
+        if gid in self.pending:
+            raise GuestProtocolError(f"{self.kind} id {gid} reused")
+        if len(self.pending) >= self.limit:
+            raise GuestProtocolError(f"more than {self.limit} {self.kind} calls pending")
 
 
 @dataclass(slots=True, eq=False)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from daemon import values
-from daemon.pending import Pending
+from daemon.pending import GuestCalls
 from daemon.ports import GuestPort, RuntimeHost
 from daemon.streams import OutboundStream, StreamTable
 from wire import guest as G
@@ -59,7 +59,7 @@ class ToolCall:
         self.tools.refused(self, error)
 
 
-class Tools:
+class Tools(GuestCalls[ToolCall]):
     def __init__(
         self,
         host: RuntimeHost,
@@ -69,24 +69,18 @@ class Tools:
         rt: str,
         names: frozenset[str],
     ) -> None:
+        super().__init__("tool", G.MAX_PENDING_TOOLS)
         self.host = host
         self.port = port
         self.streams = streams
         self.next_gid = next_gid
         self.rt = rt
         self.names = names
-        self.pending: Pending[int, ToolCall] = Pending("tool")
-
-    def __len__(self) -> int:
-        return len(self.pending)
 
     # ---- the guest
 
     def on_tool(self, msg: G.Tool) -> None:
-        if msg.id in self.pending:
-            raise GuestProtocolError(f"tool call id {msg.id} reused")
-        if len(self.pending) >= G.MAX_PENDING_TOOLS:  # the bootstrap refuses first: this guest went around it
-            raise GuestProtocolError(f"more than {G.MAX_PENDING_TOOLS} tool calls pending")
+        self.admit(msg.id)
         sid = msg.body.sid if isinstance(msg.body, G.GuestStream) else None
         if sid is not None and sid in self.streams.outbound:
             raise GuestProtocolError(f"stream id {sid} reused")
