@@ -100,7 +100,7 @@ def test_verdict_fails_on_leaks_corruption_and_leftovers() -> None:
     idle["idle_growth"]["client"]["rss_mib"] = BOUNDS.max_rss_growth_mib + 1  # first use counts idle to idle
     assert verdict(idle, BOUNDS) == []
     idle["idle_growth"]["client"]["rss_mib"] = BOUNDS.max_idle_rss_growth_mib + 1
-    assert "client: RSS grew by 97 MiB idle before -> idle after (bound 96)" in " | ".join(verdict(idle, BOUNDS))
+    assert "client: RSS grew by 97.0 MiB idle before -> idle after (bound 96)" in " | ".join(verdict(idle, BOUNDS))
     cases = {
         "corrupt errors": _report(corrupt={"echo": 1}),
         "unexpected errors": _report(unexpected={"echo: Timeout": 1}),
