@@ -61,7 +61,6 @@ class PipeReader:
         self._abort_reason: BaseException | None = None
         self._count = 0
         self._seq = 0  # messages received: the sequence number the next one must carry
-        self._now = zmq.Socket.shadow(sock.underlying)  # takes a queued chunk without a future
 
     async def read_frame(self) -> zmq.Frame | None:
         """The next chunk as a zmq.Frame (zero-copy), or None at the end of the stream."""
@@ -98,9 +97,6 @@ class PipeReader:
         if self._count % YIELD_EVERY == 0:
             await asyncio.sleep(0)
         while True:
-            frames = sockets.recv_now(self._now, self.sock, copy=False)
-            if frames is not None:
-                return frames
             try:
                 return await self.sock.recv_multipart(copy=False)
             except zmq.Again:

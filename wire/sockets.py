@@ -223,19 +223,6 @@ class Reader:
         return got
 
 
-def recv_now(shadow: zmq.Socket, sock: zmq.asyncio.Socket, copy: bool) -> list[Any] | None:
-    """A message already queued on ``sock``, taken through its synchronous ``shadow``, or None
-    (then await the asyncio receive, which re-reads the socket's events: no wake-up is lost).
-    An asyncio receive of a queued message costs a future, its bookkeeping and several enum
-    operations in pyzmq: this is a fifth of it, and a stream's reader mostly finds one queued."""
-    if sock.closed:  # the asyncio receive raises what a closed socket should
-        return None
-    try:
-        return shadow.recv_multipart(zmq.NOBLOCK, copy=copy)  # type: ignore[no-any-return]
-    except zmq.Again:
-        return None
-
-
 def has_input(sock: zmq.asyncio.Socket) -> bool:
     """A message is waiting that the reader has not taken yet: the peer is not silent, we were slow.
 
