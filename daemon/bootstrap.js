@@ -66,25 +66,10 @@ const dec = new TextDecoder();
 
 // ---- hide the channel -----------------------------------------------------------------------
 // `process` must go before `Deno`: Deno's node layer reads Deno lazily when `process` is touched.
-//
-// The global setTimeout/setInterval are node's timers. Given a negative, NaN or too large delay
-// they warn, and the warning loads node's `process` module lazily, whose start reads the `Deno`
-// global: with Deno hidden, setTimeout(fn, -100) threw "Deno is not defined". Loading `process`
-// before hiding Deno instead costs every runtime ~30 ms of start and memory, so the delay is made
-// valid first, as the HTML standard says (NaN or negative: 0) and as node does for an overflow
-// (past 2^31 - 1 ms: 1 ms), and no warning is ever due.
-const TIMEOUT_MAX = 2 ** 31 - 1;
-function timerDelay(delay) {
-  const n = +delay; // ToNumber once (a guest's valueOf runs once, and may throw, as in the platform)
-  if (!(n > 0)) return 0;
-  return n > TIMEOUT_MAX ? 1 : n;
-}
-for (const name of ["setTimeout", "setInterval"]) {
-  const timer = globalThis[name]; // Deno defines both as accessors; the guest gets a plain writable property
-  // a method: no [[Construct]], like the original
-  const value = { [name](callback, delay = 0, ...args) { return apply(timer, globalThis, [callback, timerDelay(delay), ...args]); } }[name];
-  defineProperty(globalThis, name, { value, writable: true, enumerable: true, configurable: true });
-}
+// Node's timers (the global setTimeout) emit a process warning for a negative or too large delay,
+// and the warning's default listener reads the `Deno` global: with Deno hidden, setTimeout(fn, -1)
+// threw "Deno is not defined". The warnings went to stderr, which nobody reads: no listener at all.
+globalThis.process.removeAllListeners("warning");
 const HIDDEN = ["process", "Deno", "Worker", "alert", "confirm", "prompt", "close", "localStorage",
   "sessionStorage", "caches", "Buffer", "global", "setImmediate", "clearImmediate", "require"];
 for (const name of HIDDEN) {
