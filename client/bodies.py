@@ -169,7 +169,9 @@ async def send_body(
         on_cancel()
         raise
     finally:
-        await chunks.aclose()
+        # quietly, both: an aclose that raises (e.g. a generator still running) must never keep the
+        # source, an upstream connection, open (the soak's abort check found one left open)
+        await aclose_quietly(chunks)
         await aclose_quietly(body)
 
 
