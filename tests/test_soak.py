@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import zmq
 
 from scripts.kit.launch import free_port
