@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import faulthandler
 import contextlib
 import gc
 import inspect
@@ -893,6 +894,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # a native crash of the client (seen once: exit -11 after the load, no report) prints the
+    # Python stacks of every thread to stderr, which the test shows
+    faulthandler.enable(all_threads=True)
     args = parse(argv)
     log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="soak-logs-"))
     log_dir.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import zmq
 
 from scripts.kit.launch import free_port
