@@ -31,8 +31,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import faulthandler
 import contextlib
+import faulthandler
 import gc
 import inspect
 import itertools
