@@ -79,7 +79,7 @@ class Fetches(GuestCalls[GuestFetch]):
                 raise GuestProtocolError(f"stream id {msg.body.sid} reused")
             wire_sid = P.new_id()
             try:
-                refusal = self._bodies_full()
+                refusal = self.streams.full()
                 if not refusal:
                     writer, ep = self.host.bind_writer(wire_sid)
             except P.ProtocolError as exc:  # the daemon's stream cap, or no descriptor left
@@ -136,7 +136,7 @@ class Fetches(GuestCalls[GuestFetch]):
                 return
             case StreamRef():
                 try:
-                    refusal = self._bodies_full()
+                    refusal = self.streams.full()
                     if not refusal:  # only now: a streamed answer needs a pipe
                         reader, ep = self.host.bind_reader(f.resp_sid)
                 except P.ProtocolError as exc:  # the daemon's stream cap, or no descriptor left
@@ -166,12 +166,6 @@ class Fetches(GuestCalls[GuestFetch]):
             self._failed(f, message)
 
     # ---- ends
-
-    def _bodies_full(self) -> str:
-        """Why no more bodies may open now ("" if they may)."""
-        if len(self.streams.inbound) + len(self.streams.outbound) < G.MAX_STREAMS:
-            return ""
-        return f"the runtime has {G.MAX_STREAMS} open bodies, the limit; close or read some first"
 
     def _failed(self, f: GuestFetch, message: str) -> None:
         if f.upload is not None:

@@ -238,6 +238,13 @@ class StreamTable:
         self.inbound: dict[int, InboundStream] = {}
         self.outbound: dict[int, OutboundStream] = {}
 
+    def full(self) -> str:
+        """Why no more bodies may open now ("" if they may): the guest's fetch() and tools.x() bodies
+        and streamed results all count against MAX_STREAMS."""
+        if len(self.inbound) + len(self.outbound) < G.MAX_STREAMS:
+            return ""
+        return f"the runtime has {G.MAX_STREAMS} open bodies, the limit; close or read some first"
+
     def open_inbound(self, gsid: int, reader: PipeReader, convert: Callable[[Any], Any] | None = None) -> InboundStream:
         stream = InboundStream(self, self.port, self.scope, gsid, reader, convert)
         self.inbound[gsid] = stream

@@ -98,7 +98,7 @@ class Tools(GuestCalls[ToolCall]):
         if not refusal and sid is not None:
             wire_sid = P.new_id()
             try:
-                refusal = self._bodies_full()
+                refusal = self.streams.full()
                 if not refusal:
                     writer, ep = self.host.bind_writer(wire_sid)
             except P.ProtocolError as exc:  # the daemon's stream cap, or no descriptor left
@@ -154,7 +154,7 @@ class Tools(GuestCalls[ToolCall]):
             self.port.send(G.ToolResult(id=call.gid, v=tree, items=None, blobs=blobs))
             return
         try:
-            refusal = self._bodies_full()
+            refusal = self.streams.full()
             if not refusal:
                 reader, ep = self.host.bind_reader(call.resp_sid)
         except P.ProtocolError as exc:
@@ -180,11 +180,6 @@ class Tools(GuestCalls[ToolCall]):
             self._failed(call, "Error", f"tools.{call.name} failed: the host did not answer")
 
     # ---- ends
-
-    def _bodies_full(self) -> str:
-        if len(self.streams.inbound) + len(self.streams.outbound) < G.MAX_STREAMS:
-            return ""
-        return f"the runtime has {G.MAX_STREAMS} open bodies, the limit; close or read some first"
 
     def _failed(self, call: ToolCall, name: str, message: str) -> None:
         if call.upload is not None:
